@@ -1,0 +1,5 @@
+//! `code-submit` binary: see the library for arguments and behaviour.
+
+fn main() -> std::process::ExitCode {
+    labrelay::cli::run_main(code_submit::run)
+}

@@ -1,0 +1,5 @@
+//! `delivery-upload` binary: see the library for arguments and behaviour.
+
+fn main() -> std::process::ExitCode {
+    labrelay::cli::run_main(delivery_upload::run)
+}

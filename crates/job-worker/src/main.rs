@@ -1,0 +1,5 @@
+//! `job-worker` binary: see the library for arguments and behaviour.
+
+fn main() -> std::process::ExitCode {
+    labrelay::cli::run_main(job_worker::run)
+}

@@ -1,0 +1,26 @@
+//! Command-line contract of `job-worker`: help text, usage and configuration errors.
+
+const BIN: &str = env!("CARGO_BIN_EXE_job-worker");
+const VALID: &[&str] = &["--once"];
+
+#[test]
+fn help_is_stable() {
+    insta::assert_snapshot!(test_support::cli::help(BIN));
+}
+
+#[test]
+fn usage_and_config_errors_have_their_exit_codes() {
+    test_support::cli::assert_common_contract(BIN, VALID);
+}
+
+#[test]
+fn unbuilt_command_says_so_with_exit_2() {
+    let home = test_support::tempdir();
+    let mut args = vec!["--no-config"];
+    args.extend_from_slice(VALID);
+    let out = test_support::cli::run(BIN, home.path(), &args);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not implemented yet"), "{err}");
+    assert!(out.stdout.is_empty());
+}

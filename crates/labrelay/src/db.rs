@@ -1,0 +1,416 @@
+//! Databases: open PostgreSQL, MariaDB/MySQL or SQLite from a URL, with connect and
+//! statement timeouts, and create labrelay's own state tables by migration.
+//!
+//! One pool type ([`sqlx::AnyPool`]) serves all three engines so a tool's code does not
+//! branch on the engine except for SQL dialect, which [`Db::engine`] exposes. Each
+//! migration exists once per engine under `migrations/<engine>/`, with the same number
+//! and name, so the three schemas stay in step (a test checks they list the same files).
+//! This module does not know any tool's tables beyond running their migrations.
+
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, Executor, Row};
+
+use crate::config::DatabaseConfig;
+use crate::exit::Exit;
+use crate::secret::RedactedUrl;
+
+/// Database errors. Messages name the database by its redacted URL.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The server could not be reached in time (exit 75).
+    #[error("cannot connect to database {url}: {message}")]
+    Connect {
+        /// Redacted URL.
+        url: String,
+        /// Why.
+        message: String,
+    },
+    /// The server refused our credentials or the URL is unusable (exit 78).
+    #[error("database {url} refused the configuration: {message}")]
+    Config {
+        /// Redacted URL.
+        url: String,
+        /// Why.
+        message: String,
+    },
+    /// A migration failed (exit 1).
+    #[error("migrating database {url}: {message}")]
+    Migrate {
+        /// Redacted URL.
+        url: String,
+        /// Why.
+        message: String,
+    },
+    /// A statement failed (exit 1, or 75 when the connection dropped).
+    #[error("database {url}: {source}")]
+    Query {
+        /// Redacted URL.
+        url: String,
+        /// The driver error.
+        #[source]
+        source: sqlx::Error,
+    },
+}
+
+impl DbError {
+    /// Exit status.
+    pub fn exit(&self) -> Exit {
+        match self {
+            DbError::Connect { .. } => Exit::TempFail,
+            DbError::Config { .. } => Exit::Config,
+            DbError::Migrate { .. } => Exit::Failed,
+            DbError::Query { source, .. } => match source {
+                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
+                    Exit::TempFail
+                }
+                _ => Exit::Failed,
+            },
+        }
+    }
+}
+
+/// The database engine behind a URL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// PostgreSQL.
+    Postgres,
+    /// MariaDB or MySQL.
+    Mysql,
+    /// SQLite.
+    Sqlite,
+}
+
+impl Engine {
+    /// The engine for a URL scheme.
+    pub fn from_url(url: &url::Url) -> Option<Engine> {
+        match url.scheme() {
+            "postgres" | "postgresql" => Some(Engine::Postgres),
+            "mysql" | "mariadb" => Some(Engine::Mysql),
+            "sqlite" => Some(Engine::Sqlite),
+            _ => None,
+        }
+    }
+
+    /// Bind placeholder number `n` (1-based) in this engine's dialect.
+    pub fn placeholder(self, n: usize) -> String {
+        match self {
+            Engine::Postgres => format!("${n}"),
+            Engine::Mysql | Engine::Sqlite => "?".to_owned(),
+        }
+    }
+}
+
+/// An open connection pool.
+#[derive(Debug, Clone)]
+pub struct Db {
+    pool: AnyPool,
+    engine: Engine,
+    url: RedactedUrl,
+}
+
+static MIGRATE_SQLITE: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static MIGRATE_POSTGRES: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+static MIGRATE_MYSQL: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/mysql");
+
+impl Db {
+    /// Open a pool for a `[databases.NAME]` section. The password may come from the
+    /// section's `password` secret instead of the URL.
+    pub async fn connect(cfg: &DatabaseConfig) -> Result<Db, DbError> {
+        sqlx::any::install_default_drivers();
+        let mut url = cfg.url.clone();
+        if let Some(spec) = &cfg.password {
+            let pw = spec.resolve().map_err(|e| DbError::Config {
+                url: cfg.url.to_string(),
+                message: e.to_string(),
+            })?;
+            url = url.with_password(&pw);
+        }
+        let shown = url.to_string();
+        let engine = Engine::from_url(url.expose()).ok_or_else(|| DbError::Config {
+            url: shown.clone(),
+            message: "unsupported scheme; use postgres://, mysql://, mariadb:// or sqlite://"
+                .into(),
+        })?;
+        let mut raw = url.expose().clone();
+        if raw.scheme() == "mariadb" {
+            // sqlx knows MariaDB as mysql; the scheme is the only difference.
+            let s = raw.as_str().replacen("mariadb://", "mysql://", 1);
+            raw = url::Url::parse(&s).map_err(|e| DbError::Config {
+                url: shown.clone(),
+                message: e.to_string(),
+            })?;
+        }
+        if engine == Engine::Sqlite {
+            prepare_sqlite_path(&raw, cfg.read_only).map_err(|message| DbError::Config {
+                url: shown.clone(),
+                message,
+            })?;
+            if cfg.read_only && !raw.query_pairs().any(|(k, _)| k == "mode") {
+                raw.query_pairs_mut().append_pair("mode", "ro");
+            }
+        }
+        let opts: AnyConnectOptions = raw.as_str().parse().map_err(|e: sqlx::Error| DbError::Config {
+            url: shown.clone(),
+            message: crate::secret::scrub(&e.to_string()).into_owned(),
+        })?;
+        let statement_timeout = cfg.statement_timeout_secs;
+        let read_only = cfg.read_only;
+        let pool_opts = AnyPoolOptions::new()
+            .max_connections(cfg.max_connections.max(1))
+            .acquire_timeout(Duration::from_secs(cfg.connect_timeout_secs.max(1)))
+            .after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    session_setup(conn, engine, statement_timeout, read_only).await
+                })
+            });
+        let connect = pool_opts.connect_with(opts);
+        let pool = tokio::time::timeout(Duration::from_secs(cfg.connect_timeout_secs.max(1)), connect)
+            .await
+            .map_err(|_| DbError::Connect {
+                url: shown.clone(),
+                message: format!("no answer within {} s", cfg.connect_timeout_secs),
+            })?
+            .map_err(|e| classify_connect_error(&shown, &e))?;
+        Ok(Db {
+            pool,
+            engine,
+            url: cfg.url.clone(),
+        })
+    }
+
+    /// Open the state database and bring its schema up to date.
+    pub async fn open_state(config: &crate::config::Config) -> Result<Db, anyhow::Error> {
+        let cfg = config.state_database()?;
+        let db = Db::connect(&cfg).await?;
+        db.migrate().await?;
+        Ok(db)
+    }
+
+    /// Apply labrelay's migrations for this engine (idempotent).
+    pub async fn migrate(&self) -> Result<(), DbError> {
+        let m = match self.engine {
+            Engine::Sqlite => &MIGRATE_SQLITE,
+            Engine::Postgres => &MIGRATE_POSTGRES,
+            Engine::Mysql => &MIGRATE_MYSQL,
+        };
+        m.run(&self.pool).await.map_err(|e| DbError::Migrate {
+            url: self.url.to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> Engine {
+        self.engine
+    }
+
+    /// The URL, for messages (Display is redacted).
+    pub fn url(&self) -> &RedactedUrl {
+        &self.url
+    }
+
+    /// Wrap a driver error with this database's name.
+    pub fn err(&self, source: sqlx::Error) -> DbError {
+        DbError::Query {
+            url: self.url.to_string(),
+            source,
+        }
+    }
+
+    /// Read a value from the `labrelay_kv` state table.
+    pub async fn kv_get(&self, scope: &str, name: &str) -> Result<Option<String>, DbError> {
+        let sql = format!(
+            "SELECT value FROM labrelay_kv WHERE scope = {} AND name = {}",
+            self.engine.placeholder(1),
+            self.engine.placeholder(2)
+        );
+        let row = sqlx::query(&sql)
+            .bind(scope)
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        row.map(|r| r.try_get::<String, _>(0))
+            .transpose()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Insert or replace a value in the `labrelay_kv` state table.
+    pub async fn kv_set(&self, scope: &str, name: &str, value: &str) -> Result<(), DbError> {
+        let p = |n| self.engine.placeholder(n);
+        let sql = match self.engine {
+            Engine::Postgres | Engine::Sqlite => format!(
+                "INSERT INTO labrelay_kv (scope, name, value, updated_at) VALUES ({}, {}, {}, {}) \
+                 ON CONFLICT (scope, name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                p(1), p(2), p(3), p(4)
+            ),
+            Engine::Mysql => format!(
+                "INSERT INTO labrelay_kv (scope, name, value, updated_at) VALUES ({}, {}, {}, {}) \
+                 ON DUPLICATE KEY UPDATE value = VALUES(value), updated_at = VALUES(updated_at)",
+                p(1), p(2), p(3), p(4)
+            ),
+        };
+        sqlx::query(&sql)
+            .bind(scope)
+            .bind(name)
+            .bind(value)
+            .bind(chrono::Utc::now().to_rfc3339())
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Close the pool, waiting for connections to finish.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn prepare_sqlite_path(url: &url::Url, read_only: bool) -> Result<(), String> {
+    let rest = url.as_str().trim_start_matches("sqlite:").trim_start_matches("//");
+    let path = rest.split('?').next().unwrap_or("");
+    if path.is_empty() || path.starts_with(':') || read_only {
+        return Ok(());
+    }
+    let path = std::path::Path::new(path);
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| format!("cannot create directory {}: {e}", parent.display()))?;
+    }
+    Ok(())
+}
+
+async fn session_setup(
+    conn: &mut sqlx::AnyConnection,
+    engine: Engine,
+    statement_timeout: u64,
+    read_only: bool,
+) -> Result<(), sqlx::Error> {
+    match engine {
+        Engine::Postgres => {
+            if statement_timeout > 0 {
+                conn.execute(format!("SET statement_timeout = '{statement_timeout}s'").as_str())
+                    .await?;
+            }
+            if read_only {
+                conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+                    .await?;
+            }
+        }
+        Engine::Mysql => {
+            if statement_timeout > 0 {
+                // MariaDB calls it max_statement_time (seconds); MySQL max_execution_time
+                // (milliseconds, SELECT only).
+                let mariadb = conn
+                    .execute(format!("SET SESSION max_statement_time = {statement_timeout}").as_str())
+                    .await;
+                if mariadb.is_err() {
+                    conn.execute(
+                        format!("SET SESSION max_execution_time = {}", statement_timeout * 1000)
+                            .as_str(),
+                    )
+                    .await?;
+                }
+            }
+            if read_only {
+                conn.execute("SET SESSION TRANSACTION READ ONLY").await?;
+            }
+            conn.execute("SET NAMES utf8mb4").await?;
+        }
+        Engine::Sqlite => {
+            // Several labrelay processes share one state file; wait for a lock rather
+            // than fail at once, and let readers proceed during writes.
+            let wait_ms = if statement_timeout > 0 { statement_timeout.min(30) * 1000 } else { 30_000 };
+            conn.execute(format!("PRAGMA busy_timeout = {wait_ms}").as_str())
+                .await?;
+            if read_only {
+                conn.execute("PRAGMA query_only = 1").await?;
+            } else {
+                // In-memory databases answer "memory" and cannot use WAL; that is fine.
+                let _ = conn.execute("PRAGMA journal_mode = WAL").await;
+                conn.execute("PRAGMA synchronous = NORMAL").await?;
+            }
+            conn.execute("PRAGMA foreign_keys = ON").await?;
+        }
+    }
+    Ok(())
+}
+
+fn classify_connect_error(url: &str, e: &sqlx::Error) -> DbError {
+    let message = crate::secret::scrub(&e.to_string()).into_owned();
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_) => DbError::Connect {
+            url: url.to_owned(),
+            message,
+        },
+        _ => DbError::Config {
+            url: url.to_owned(),
+            message,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sqlite_memory() -> DatabaseConfig {
+        DatabaseConfig::from_url(RedactedUrl::parse("sqlite::memory:").unwrap())
+    }
+
+    #[tokio::test]
+    async fn sqlite_memory_migrates_and_stores_state() {
+        let mut cfg = sqlite_memory();
+        cfg.max_connections = 1;
+        let db = Db::connect(&cfg).await.unwrap();
+        db.migrate().await.unwrap();
+        db.migrate().await.unwrap();
+        assert_eq!(db.kv_get("imap", "last_uid").await.unwrap(), None);
+        db.kv_set("imap", "last_uid", "41").await.unwrap();
+        db.kv_set("imap", "last_uid", "42").await.unwrap();
+        assert_eq!(db.kv_get("imap", "last_uid").await.unwrap().as_deref(), Some("42"));
+    }
+
+    #[test]
+    fn every_migration_exists_for_every_engine() {
+        let list = |engine: &str| -> Vec<String> {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations").join(engine);
+            let mut v: Vec<String> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        let sqlite = list("sqlite");
+        assert!(!sqlite.is_empty());
+        assert_eq!(sqlite, list("postgres"));
+        assert_eq!(sqlite, list("mysql"));
+    }
+
+    #[tokio::test]
+    async fn unreachable_server_is_a_temporary_failure_without_password() {
+        let mut cfg = DatabaseConfig::from_url(
+            RedactedUrl::parse("postgres://u:pw-never-shown@127.0.0.1:1/x").unwrap(),
+        );
+        cfg.connect_timeout_secs = 2;
+        let err = Db::connect(&cfg).await.unwrap_err();
+        assert_eq!(err.exit(), Exit::TempFail, "{err}");
+        assert!(!err.to_string().contains("pw-never-shown"), "{err}");
+    }
+
+    #[test]
+    fn placeholders_follow_the_dialect() {
+        assert_eq!(Engine::Postgres.placeholder(2), "$2");
+        assert_eq!(Engine::Mysql.placeholder(2), "?");
+    }
+}

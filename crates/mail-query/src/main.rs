@@ -1,0 +1,5 @@
+//! `mail-query` binary: see the library for arguments and behaviour.
+
+fn main() -> std::process::ExitCode {
+    labrelay::cli::run_main(mail_query::run)
+}

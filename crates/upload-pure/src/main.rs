@@ -1,0 +1,5 @@
+//! `upload-pure` binary: see the library for arguments and behaviour.
+
+fn main() -> std::process::ExitCode {
+    labrelay::cli::run_main(upload_pure::run)
+}
