@@ -443,7 +443,7 @@ impl Config {
         let config = Config::deserialize(toml::Value::Table(merged)).map_err(|e| {
             ConfigError::Parse {
                 path: files.last().cloned().unwrap_or_else(|| PathBuf::from("environment")),
-                message: e.to_string().trim().to_owned(),
+                message: e.message().trim().to_owned(),
             }
         })?;
         config.validate()?;
@@ -461,7 +461,7 @@ impl Config {
         let config = Config::deserialize(toml::Value::Table(table)).map_err(|e| {
             ConfigError::Parse {
                 path,
-                message: e.to_string(),
+                message: e.message().trim().to_owned(),
             }
         })?;
         config.validate()?;
@@ -583,16 +583,26 @@ fn decode_text(bytes: &[u8]) -> String {
 }
 
 fn parse_file(path: &Path, text: &str) -> Result<toml::Table, ConfigError> {
-    let table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
-        path: path.to_owned(),
-        message: e.to_string().trim().to_owned(),
-    })?;
-    // Check each file on its own so an unknown key is reported with its file.
-    Config::deserialize(toml::Value::Table(table.clone())).map_err(|e| ConfigError::Parse {
-        path: path.to_owned(),
-        message: e.to_string().trim().to_owned(),
-    })?;
+    let table: toml::Table = toml::from_str(text).map_err(|e| toml_error(path, text, &e))?;
+    // Check each file on its own so an unknown key is reported with its file and line.
+    // Deserializing from the text (not the table) keeps the spans.
+    toml::from_str::<Config>(text).map_err(|e| toml_error(path, text, &e))?;
     Ok(table)
+}
+
+/// The parser's message with a line and column, but without the quoted source line
+/// that toml's Display adds: that line may hold a password.
+fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let at = e.span().map(|span| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        format!("line {line}, column {col}: ")
+    });
+    ConfigError::Parse {
+        path: path.to_owned(),
+        message: format!("{}{}", at.unwrap_or_default(), e.message().trim()),
+    }
 }
 
 const SECRET_KEYS: &[&str] = &[
@@ -669,6 +679,20 @@ mod tests {
         assert_eq!(err.exit(), Exit::Config);
         let err = Config::from_toml("colour = 1\n").unwrap_err().to_string();
         assert!(err.contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn parse_errors_give_the_line_but_never_echo_a_password() {
+        let err = Config::from_toml("[databases.x]\nurl = \"mysql://root:topsecret@db:99999999/x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("topsecret"), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+        let err = Config::from_toml("[smtp]\nhost = \"h\"\npassword = \"hunter22\"\nbogus = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 4") && err.contains("bogus"), "{err}");
+        assert!(!err.contains("hunter22"), "{err}");
     }
 
     #[test]

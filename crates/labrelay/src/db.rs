@@ -238,7 +238,7 @@ impl Db {
             .fetch_optional(&self.pool)
             .await
             .map_err(|e| self.err(e))?;
-        row.map(|r| r.try_get::<String, _>(0))
+        row.map(|r| text(&r, 0))
             .transpose()
             .map_err(|e| self.err(e))
     }
@@ -272,6 +272,28 @@ impl Db {
     /// Close the pool, waiting for connections to finish.
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+/// Read a text column from any engine. Through the `Any` driver, MariaDB/MySQL report
+/// `TEXT`/`LONGTEXT` columns as `BLOB`; this accepts both and requires valid UTF-8.
+pub fn text<I: sqlx::ColumnIndex<sqlx::any::AnyRow>>(
+    row: &sqlx::any::AnyRow,
+    index: I,
+) -> Result<String, sqlx::Error>
+where
+    I: Copy + std::fmt::Debug,
+{
+    match row.try_get::<String, _>(index) {
+        Ok(s) => Ok(s),
+        Err(sqlx::Error::ColumnDecode { .. }) => {
+            let bytes: Vec<u8> = row.try_get(index)?;
+            String::from_utf8(bytes).map_err(|e| sqlx::Error::ColumnDecode {
+                index: format!("{index:?}"),
+                source: Box::new(e),
+            })
+        }
+        Err(e) => Err(e),
     }
 }
 

@@ -119,17 +119,29 @@ impl Printer {
         if !self.json {
             return Ok(());
         }
-        let mut v = serde_json::to_value(value).map_err(io::Error::other)?;
-        let obj = match v {
-            serde_json::Value::Object(ref mut m) => {
-                let mut out = serde_json::Map::new();
-                out.insert("type".into(), serde_json::Value::String(kind.to_owned()));
-                out.extend(std::mem::take(m));
-                serde_json::Value::Object(out)
+        let v = serde_json::to_value(value).map_err(io::Error::other)?;
+        // "type" first, so `grep '^{"type":"file"'` and humans find records easily.
+        let mut line = String::from("{\"type\":");
+        line.push_str(&serde_json::Value::String(kind.to_owned()).to_string());
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, val) in m {
+                    if k == "type" {
+                        continue;
+                    }
+                    line.push(',');
+                    line.push_str(&serde_json::Value::String(k).to_string());
+                    line.push(':');
+                    line.push_str(&val.to_string());
+                }
             }
-            other => serde_json::json!({ "type": kind, "value": other }),
-        };
-        self.write_line(&obj.to_string())
+            other => {
+                line.push_str(",\"value\":");
+                line.push_str(&other.to_string());
+            }
+        }
+        line.push('}');
+        self.write_line(&line)
     }
 
     /// Both: a record in JSON mode, the text line otherwise.

@@ -184,7 +184,9 @@ pub mod cli {
         assert!(err.contains("config.toml"), "error must name the file: {err}");
         assert!(out.stdout.is_empty(), "errors go to stderr, not stdout");
 
-        let out = run(bin, home.path(), &["--config", "/nonexistent/labrelay.toml"]);
+        let mut args = vec!["--config", "/nonexistent/labrelay.toml"];
+        args.extend_from_slice(valid_args);
+        let out = run(bin, home.path(), &args);
         assert_eq!(out.status.code(), Some(78), "{out:?}");
     }
 }

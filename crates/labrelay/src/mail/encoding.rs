@@ -18,22 +18,24 @@ pub(crate) fn encoding_for_label(label: &str) -> Option<&'static Encoding> {
     let label = label.trim().trim_matches('"');
     // RFC 2231 section 5: a language may follow the charset (`GBK*zh-cn`).
     let label = label.split('*').next().unwrap_or(label);
-    Encoding::for_label(label.as_bytes()).or_else(|| {
-        match label.to_ascii_lowercase().as_str() {
-            "cp936" | "ms936" | "windows-936" | "936" => Some(encoding_rs::GBK),
-            "cp950" | "ms950" | "windows-950" | "950" | "big5hkscs" => Some(encoding_rs::BIG5),
-            "cp54936" | "windows-54936" => Some(encoding_rs::GB18030),
-            "cp932" | "ms932" | "windows-932" => Some(encoding_rs::SHIFT_JIS),
-            "cp949" | "ms949" | "windows-949" => Some(encoding_rs::EUC_KR),
-            "utf8" => Some(encoding_rs::UTF_8),
-            _ => None,
-        }
+    Encoding::for_label(label.as_bytes()).or_else(|| match label.to_ascii_lowercase().as_str() {
+        "cp936" | "ms936" | "windows-936" | "936" => Some(encoding_rs::GBK),
+        "cp950" | "ms950" | "windows-950" | "950" | "big5hkscs" => Some(encoding_rs::BIG5),
+        "cp54936" | "windows-54936" => Some(encoding_rs::GB18030),
+        "cp932" | "ms932" | "windows-932" => Some(encoding_rs::SHIFT_JIS),
+        "cp949" | "ms949" | "windows-949" => Some(encoding_rs::EUC_KR),
+        "utf8" => Some(encoding_rs::UTF_8),
+        _ => None,
     })
 }
 
 /// Decode bytes in a declared charset. An unknown or absent charset means UTF-8 when the
 /// bytes are valid UTF-8 and `fallback` otherwise.
-pub(crate) fn decode_bytes(bytes: &[u8], charset: Option<&str>, fallback: &'static Encoding) -> String {
+pub(crate) fn decode_bytes(
+    bytes: &[u8],
+    charset: Option<&str>,
+    fallback: &'static Encoding,
+) -> String {
     if let Some(enc) = charset.and_then(encoding_for_label) {
         return enc.decode_without_bom_handling(bytes).0.into_owned();
     }
@@ -50,19 +52,8 @@ pub(crate) fn decode_undeclared(bytes: &[u8], fallback: &'static Encoding) -> St
 
 /// Remove header folding (CRLF followed by white space) and surrounding white space.
 pub(crate) fn unfold(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    let mut chars = value.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '\r' => {}
-            '\n' => {
-                if chars.peek().is_some_and(|n| *n == ' ' || *n == '\t') {
-                    continue;
-                }
-            }
-            c => out.push(c),
-        }
-    }
+    // Dropping every CR and LF unfolds: the white space that continues a line stays.
+    let out: String = value.chars().filter(|c| *c != '\r' && *c != '\n').collect();
     out.trim().to_owned()
 }
 
@@ -166,21 +157,21 @@ pub(crate) fn decode_rfc2047(text: &str, fallback: &'static Encoding) -> String 
     let mut i = 0;
     while i < text.len() {
         let rest = &text[i..];
-        if rest.starts_with("=?") {
-            if let Some(word) = encoded_word(rest) {
-                match &mut pending {
-                    Some((cs, bytes)) if cs.eq_ignore_ascii_case(word.charset) => {
-                        bytes.extend_from_slice(&word.bytes);
-                    }
-                    _ => {
-                        flush(&mut pending, &mut out);
-                        pending = Some((word.charset.to_owned(), word.bytes));
-                    }
+        if rest.starts_with("=?")
+            && let Some(word) = encoded_word(rest)
+        {
+            match &mut pending {
+                Some((cs, bytes)) if cs.eq_ignore_ascii_case(word.charset) => {
+                    bytes.extend_from_slice(&word.bytes);
                 }
-                gap.clear();
-                i += word.len;
-                continue;
+                _ => {
+                    flush(&mut pending, &mut out);
+                    pending = Some((word.charset.to_owned(), word.bytes));
+                }
             }
+            gap.clear();
+            i += word.len;
+            continue;
         }
         let Some(c) = rest.chars().next() else { break };
         if pending.is_some() && (c == ' ' || c == '\t') {
@@ -265,7 +256,8 @@ fn params(value: &str) -> Vec<Param> {
                 }
                 val.push(c);
             }
-            val = val.trim().to_owned();
+            // Leading white space was skipped above.
+            val.truncate(val.trim_end().len());
         }
         out.push(Param { key, value: val });
         if chars.peek().is_none() {
@@ -280,15 +272,15 @@ fn percent_decode(s: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' {
-            if let (Some(h), Some(l)) = (
+        if b[i] == b'%'
+            && let (Some(h), Some(l)) = (
                 b.get(i + 1).copied().and_then(hex_val),
                 b.get(i + 2).copied().and_then(hex_val),
-            ) {
-                out.push(h << 4 | l);
-                i += 3;
-                continue;
-            }
+            )
+        {
+            out.push(h << 4 | l);
+            i += 3;
+            continue;
         }
         out.push(b[i]);
         i += 1;
@@ -373,7 +365,7 @@ pub(crate) fn main_value(header_value: &str) -> String {
 }
 
 /// Re-apply a part's Content-Transfer-Encoding to its raw body bytes.
-pub(crate) fn transfer_decode<'a>(raw: &'a [u8], encoding: mail_parser::Encoding) -> Cow<'a, [u8]> {
+pub(crate) fn transfer_decode(raw: &[u8], encoding: mail_parser::Encoding) -> Cow<'_, [u8]> {
     match encoding {
         mail_parser::Encoding::Base64 => {
             let cleaned: Vec<u8> = raw
@@ -393,6 +385,7 @@ pub(crate) fn transfer_decode<'a>(raw: &'a [u8], encoding: mail_parser::Encoding
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly on purpose
 mod tests {
     use super::*;
 
@@ -401,7 +394,10 @@ mod tests {
     }
 
     fn pct(bytes: &[u8]) -> String {
-        bytes.iter().map(|b| format!("%{b:02X}")).collect()
+        bytes.iter().fold(String::new(), |mut s, b| {
+            let _ = std::fmt::Write::write_fmt(&mut s, format_args!("%{b:02X}"));
+            s
+        })
     }
 
     #[test]
@@ -440,7 +436,10 @@ mod tests {
     fn rfc2231_extended_and_continued_filenames() {
         let name = "查询结果 报表.sql";
         let v = format!("attachment; filename*=GBK''{}", pct(&gbk(name)));
-        assert_eq!(decoded_param(&v, "filename", DEFAULT_FALLBACK).as_deref(), Some(name));
+        assert_eq!(
+            decoded_param(&v, "filename", DEFAULT_FALLBACK).as_deref(),
+            Some(name)
+        );
 
         // Continuations split in the middle of a GBK character; only segment 0 names the
         // charset, and segment 2 is not percent-encoded.
@@ -463,7 +462,10 @@ mod tests {
             decoded_param(v, "filename", DEFAULT_FALLBACK).as_deref(),
             Some("报表.sql")
         );
-        assert_eq!(decoded_param(v, "size", DEFAULT_FALLBACK).as_deref(), Some("3"));
+        assert_eq!(
+            decoded_param(v, "size", DEFAULT_FALLBACK).as_deref(),
+            Some("3")
+        );
         assert_eq!(decoded_param(v, "nothere", DEFAULT_FALLBACK), None);
     }
 
@@ -474,14 +476,20 @@ mod tests {
             decoded_param(v, "name", DEFAULT_FALLBACK).as_deref(),
             Some(r#"a;b "c".txt"#)
         );
-        assert_eq!(decoded_param(v, "charset", DEFAULT_FALLBACK).as_deref(), Some("gbk"));
+        assert_eq!(
+            decoded_param(v, "charset", DEFAULT_FALLBACK).as_deref(),
+            Some("gbk")
+        );
         assert_eq!(main_value(v), "text/plain");
     }
 
     #[test]
     fn undeclared_8bit_falls_back() {
         assert_eq!(decode_undeclared(&gbk("报表"), DEFAULT_FALLBACK), "报表");
-        assert_eq!(decode_undeclared("报表".as_bytes(), DEFAULT_FALLBACK), "报表");
+        assert_eq!(
+            decode_undeclared("报表".as_bytes(), DEFAULT_FALLBACK),
+            "报表"
+        );
         assert_eq!(header_text(b" a\r\n b\r\n", DEFAULT_FALLBACK), "a b");
     }
 }

@@ -155,8 +155,8 @@ fn new_message_id(from: &str) -> String {
 }
 
 fn hostname_fallback() -> String {
-    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+    let raw = fs_err::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| fs_err::read_to_string("/etc/hostname"))
         .unwrap_or_default();
     raw.trim()
         .chars()
@@ -405,21 +405,26 @@ fn attachment_part(a: &Attachment) -> Result<SinglePart, MailError> {
     })?;
     // Base64 whatever the content: 7bit or quoted-printable would let relays rewrite
     // line endings of text files, and the recipient must get the bytes we have.
-    let body = Body::new_with_encoding(a.data.clone(), ContentTransferEncoding::Base64)
-        .map_err(|_| {
+    let body =
+        Body::new_with_encoding(a.data.clone(), ContentTransferEncoding::Base64).map_err(|_| {
             MailError::InvalidMessage(format!("attachment {:?} cannot be encoded", a.name))
         })?;
     Ok(lettre::message::Attachment::new(a.name.clone()).body(body, content_type))
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly on purpose
 mod tests {
     use super::*;
 
     #[test]
     fn message_id_uses_the_from_domain_and_is_stable() {
         let m = OutgoingMail::new("Lab 实验室 <lab@seq.example.org>");
-        assert!(m.id().starts_with('<') && m.id().ends_with("@seq.example.org>"), "{}", m.id());
+        assert!(
+            m.id().starts_with('<') && m.id().ends_with("@seq.example.org>"),
+            "{}",
+            m.id()
+        );
         let again = m.clone().to("a@b.example");
         assert_eq!(m.id(), again.id());
         assert_ne!(m.id(), OutgoingMail::new("lab@seq.example.org").id());
@@ -494,7 +499,10 @@ mod tests {
             .build()
             .unwrap();
         let raw = String::from_utf8(msg.formatted()).unwrap();
-        assert!(raw.contains("Content-Type: text/plain; charset=utf-8"), "{raw}");
+        assert!(
+            raw.contains("Content-Type: text/plain; charset=utf-8"),
+            "{raw}"
+        );
         assert!(!raw.contains("multipart"));
     }
 }

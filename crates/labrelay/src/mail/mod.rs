@@ -31,7 +31,7 @@ pub use self::imap::{Flag, ImapClient, MailboxInfo, MoveMethod, encode_mailbox_n
 pub use self::message::{Attachment, OutgoingMail, guess_content_type};
 pub use self::outbox::{ENVELOPE_FROM_HEADER, ENVELOPE_TO_HEADER};
 pub use self::parse::{IncomingAttachment, IncomingMail, MailAddress, parse, parse_with_fallback};
-pub use self::send::{Mailer, SentMail};
+pub use self::send::{Mailer, SentMail, SmtpMailer};
 
 /// Mail errors. None of them contains a password.
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +128,7 @@ impl MailError {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly on purpose
 mod tests {
     use super::*;
 

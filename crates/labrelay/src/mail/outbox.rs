@@ -102,6 +102,7 @@ pub(crate) fn write(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly on purpose
 mod tests {
     use super::*;
 
@@ -117,10 +118,22 @@ mod tests {
     fn write_is_atomic_and_names_sort_by_time() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("outbox");
-        let a = write(&out, "<1@x>", Some("a@x"), &["b@y".into()], b"Subject: a\r\n\r\nA\r\n")
-            .unwrap();
-        let b = write(&out, "<1@x>", Some("a@x"), &["b@y".into()], b"Subject: b\r\n\r\nB\r\n")
-            .unwrap();
+        let a = write(
+            &out,
+            "<1@x>",
+            Some("a@x"),
+            &["b@y".into()],
+            b"Subject: a\r\n\r\nA\r\n",
+        )
+        .unwrap();
+        let b = write(
+            &out,
+            "<1@x>",
+            Some("a@x"),
+            &["b@y".into()],
+            b"Subject: b\r\n\r\nB\r\n",
+        )
+        .unwrap();
         assert_ne!(a, b);
         let names: Vec<_> = fs_err::read_dir(&out)
             .unwrap()
@@ -129,7 +142,13 @@ mod tests {
         assert_eq!(names.len(), 2, "no temporary file is left: {names:?}");
         assert!(names.iter().all(|n| n.ends_with("-1@x.eml")), "{names:?}");
         let text = fs_err::read_to_string(&a).unwrap();
-        assert!(text.starts_with("X-Labrelay-Envelope-From: <a@x>\r\nX-Labrelay-Envelope-To: <b@y>\r\n"));
-        assert!(a.file_name() < b.file_name() || a.to_string_lossy().len() < b.to_string_lossy().len());
+        assert!(
+            text.starts_with(
+                "X-Labrelay-Envelope-From: <a@x>\r\nX-Labrelay-Envelope-To: <b@y>\r\n"
+            )
+        );
+        assert!(
+            a.file_name() < b.file_name() || a.to_string_lossy().len() < b.to_string_lossy().len()
+        );
     }
 }

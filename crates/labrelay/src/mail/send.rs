@@ -21,8 +21,11 @@ use crate::config::{SmtpConfig, TlsMode};
 #[derive(Clone)]
 pub enum Mailer {
     /// Send through an SMTP server.
-    Smtp(SmtpMailer),
-    /// Write `.eml` files into this directory (see [`outbox`](super::ENVELOPE_TO_HEADER)).
+    Smtp(Box<SmtpMailer>),
+    /// Write `.eml` files into this directory: each is the message as SMTP would have
+    /// carried it, preceded by [`ENVELOPE_FROM_HEADER`](super::ENVELOPE_FROM_HEADER) and
+    /// [`ENVELOPE_TO_HEADER`](super::ENVELOPE_TO_HEADER) (Bcc recipients appear only
+    /// there), named `<UTC timestamp>-<Message-ID>.eml` and created atomically.
     Outbox(PathBuf),
 }
 
@@ -79,7 +82,7 @@ impl Mailer {
     /// [`Config::outbox_dir`](crate::config::Config::outbox_dir)).
     pub fn from_config(smtp: Option<&SmtpConfig>, outbox_dir: &Path) -> Result<Mailer, MailError> {
         match smtp {
-            Some(cfg) => Ok(Mailer::Smtp(SmtpMailer::new(cfg)?)),
+            Some(cfg) => Ok(Mailer::Smtp(Box::new(SmtpMailer::new(cfg)?))),
             None => Ok(Mailer::Outbox(outbox_dir.to_owned())),
         }
     }
@@ -197,9 +200,8 @@ impl SmtpMailer {
         let port = cfg.port.unwrap_or_else(|| default_port(cfg.security));
         let server = format!("{}:{port}", cfg.host);
         let tls_params = || {
-            TlsParameters::new(cfg.host.clone()).map_err(|e| {
-                MailError::Config(format!("TLS for SMTP server {server}: {e}"))
-            })
+            TlsParameters::new(cfg.host.clone())
+                .map_err(|e| MailError::Config(format!("TLS for SMTP server {server}: {e}")))
         };
         let tls = match cfg.security {
             TlsMode::None => Tls::None,
@@ -279,6 +281,7 @@ impl SmtpMailer {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly on purpose
 mod tests {
     use super::*;
     use crate::secret::SecretSpec;
@@ -304,7 +307,10 @@ mod tests {
         cfg.password = Some(SecretSpec::parse("env:LABRELAY_TEST_SURELY_UNSET_SMTP_PW"));
         let err = Mailer::from_config(Some(&cfg), Path::new("/x")).unwrap_err();
         assert_eq!(err.exit(), crate::exit::Exit::Config);
-        assert!(err.to_string().contains("LABRELAY_TEST_SURELY_UNSET_SMTP_PW"));
+        assert!(
+            err.to_string()
+                .contains("LABRELAY_TEST_SURELY_UNSET_SMTP_PW")
+        );
     }
 
     #[test]

@@ -1,1 +1,847 @@
-//! storage tests.
+//! Storage contract tests: one set of test bodies, run against every backend — a local
+//! temp directory, Garage (S3) and OpenSSH (SFTP), both started by scripts/services —
+//! plus backend-specific tests (the 3 GiB multipart upload, the multipart API,
+//! `remote_md5`, error classes).
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use labrelay::Exit;
+use labrelay::config::Config;
+use labrelay::ssh::{SshParams, SshSession, shell_quote};
+use labrelay::storage::{AnyStorage, ObjectStorage, PutOptions, StorageError};
+use md5::{Digest, Md5};
+
+const MIB: u64 = 1024 * 1024;
+
+/// Which backend a fixture is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Local,
+    S3,
+    Sftp,
+}
+
+/// A fresh, empty target for one test.
+struct Fixture {
+    kind: Kind,
+    storage: AnyStorage,
+    /// Local: the root directory.
+    local_root: Option<tempfile::TempDir>,
+    /// SFTP: the remote base directory and a session to inspect/clean it.
+    sftp_base: Option<(String, SshParams)>,
+}
+
+fn open(toml: &str) -> AnyStorage {
+    let config = Config::from_toml(toml).unwrap();
+    AnyStorage::open(&config.storage["t"]).unwrap()
+}
+
+fn s3_toml(prefix: &str) -> Option<String> {
+    Some(format!(
+        r#"
+        [storage.t]
+        url = "s3://{bucket}/{prefix}"
+        endpoint = "{endpoint}"
+        region = "{region}"
+        path_style = true
+        allow_http = true
+        access_key_id = "{key_id}"
+        secret_access_key = "{secret}"
+        timeout_secs = 20
+        "#,
+        bucket = test_support::require("S3_BUCKET")?,
+        endpoint = test_support::require("S3_ENDPOINT")?,
+        region = test_support::require("S3_REGION")?,
+        key_id = test_support::require("S3_ACCESS_KEY_ID")?,
+        secret = test_support::require("S3_SECRET_ACCESS_KEY")?,
+    ))
+}
+
+fn sftp_params() -> Option<SshParams> {
+    Some(SshParams {
+        host: test_support::require("SFTP_HOST")?,
+        port: test_support::require("SFTP_PORT")?.parse().ok()?,
+        user: test_support::require("SFTP_USER")?,
+        key_file: Some(PathBuf::from(test_support::require("SFTP_KEY")?)),
+        key_passphrase: None,
+        password: None,
+        known_hosts: PathBuf::from(test_support::require("SFTP_KNOWN_HOSTS")?),
+        host_key_policy: labrelay::ssh::HostKeyPolicy::Strict,
+        timeout: Duration::from_secs(20),
+    })
+}
+
+async fn run_remote(p: &SshParams, command: &str) -> String {
+    let mut s = SshSession::connect(p).await.unwrap();
+    let out = s.exec(command, Duration::from_mins(1)).await.unwrap();
+    assert!(out.success(), "{command}: {}", out.stderr_text());
+    out.stdout_text()
+}
+
+impl Fixture {
+    async fn new(kind: Kind) -> Option<Fixture> {
+        match kind {
+            Kind::Local => {
+                let dir = test_support::tempdir();
+                let storage = open(&format!(
+                    "[storage.t]\nurl = \"{}\"\n",
+                    dir.path().display()
+                ));
+                Some(Fixture {
+                    kind,
+                    storage,
+                    local_root: Some(dir),
+                    sftp_base: None,
+                })
+            }
+            Kind::S3 => {
+                let prefix = test_support::unique("storage");
+                let storage = open(&s3_toml(&prefix)?);
+                Some(Fixture {
+                    kind,
+                    storage,
+                    local_root: None,
+                    sftp_base: None,
+                })
+            }
+            Kind::Sftp => {
+                let params = sftp_params()?;
+                let root = test_support::require("SFTP_ROOT")?;
+                let base = format!("{root}/{}", test_support::unique("storage"));
+                // The base must exist (the backend creates directories only below it).
+                run_remote(&params, &format!("mkdir -p {}", shell_quote(&base))).await;
+                let storage = open(&format!(
+                    r#"
+                    [storage.t]
+                    url = "sftp://{user}@{host}:{port}{base}"
+                    key_file = "{key}"
+                    known_hosts = "{known_hosts}"
+                    timeout_secs = 20
+                    "#,
+                    user = params.user,
+                    host = params.host,
+                    port = params.port,
+                    key = params.key_file.as_ref()?.display(),
+                    known_hosts = params.known_hosts.display(),
+                ));
+                Some(Fixture {
+                    kind,
+                    storage,
+                    local_root: None,
+                    sftp_base: Some((base, params)),
+                })
+            }
+        }
+    }
+
+    /// Every file name physically present in `dir` (relative to the base), including
+    /// temp and partial files the backend hides; `None` for S3, which has no such files.
+    async fn raw_names(&self, dir: &str) -> Option<Vec<String>> {
+        match self.kind {
+            Kind::S3 => None,
+            Kind::Local => {
+                let p = self.local_root.as_ref()?.path().join(dir);
+                let mut names: Vec<String> = match std::fs::read_dir(&p) {
+                    Ok(rd) => rd
+                        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                        .collect(),
+                    Err(_) => Vec::new(),
+                };
+                names.sort();
+                Some(names)
+            }
+            Kind::Sftp => {
+                let (base, params) = self.sftp_base.as_ref()?;
+                let path = format!("{base}/{dir}");
+                let out = run_remote(
+                    params,
+                    &format!("ls -A {} 2>/dev/null || true", shell_quote(&path)),
+                )
+                .await;
+                let mut names: Vec<String> = out.lines().map(str::to_owned).collect();
+                names.sort();
+                Some(names)
+            }
+        }
+    }
+
+    /// Remove what the test stored (S3 objects, the SFTP directory).
+    async fn cleanup(self) {
+        match self.kind {
+            Kind::Local => {}
+            Kind::S3 => {
+                for o in self.storage.list("").await.unwrap() {
+                    self.storage.delete(&o.key).await.unwrap();
+                }
+            }
+            Kind::Sftp => {
+                if let Some((base, params)) = &self.sftp_base {
+                    run_remote(params, &format!("rm -rf {}", shell_quote(base))).await;
+                }
+            }
+        }
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn md5_hex(data: &[u8]) -> String {
+    hex::encode(Md5::digest(data))
+}
+
+fn md5_of_file(path: &Path) -> String {
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut h = Md5::new();
+    let mut buf = vec![0u8; 4 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    hex::encode(h.finalize())
+}
+
+fn keys(list: &[labrelay::storage::ObjectInfo]) -> Vec<&str> {
+    list.iter().map(|o| o.key.as_str()).collect()
+}
+
+/// Run each contract test body against every backend.
+macro_rules! contract {
+    ($($test:ident),* $(,)?) => {
+        mod local {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    let Some(fx) = super::Fixture::new(super::Kind::Local).await else { return };
+                    super::$test(&fx).await;
+                    fx.cleanup().await;
+                }
+            )*
+        }
+        mod s3 {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    let Some(fx) = super::Fixture::new(super::Kind::S3).await else { return };
+                    super::$test(&fx).await;
+                    fx.cleanup().await;
+                }
+            )*
+        }
+        mod sftp {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    let Some(fx) = super::Fixture::new(super::Kind::Sftp).await else { return };
+                    super::$test(&fx).await;
+                    fx.cleanup().await;
+                }
+            )*
+        }
+    };
+}
+
+contract!(
+    round_trip_with_nested_keys,
+    empty_object,
+    non_ascii_key,
+    put_returns_the_md5_of_the_file,
+    overwrite_replaces_the_object,
+    invalid_keys_are_refused,
+    failing_reader_leaves_nothing_under_the_final_name,
+    aborted_upload_leaves_nothing_under_the_final_name,
+    file_larger_than_one_part,
+    presigned_url,
+);
+
+async fn round_trip_with_nested_keys(fx: &Fixture) {
+    let s = &fx.storage;
+    let objects = [
+        ("a/b/c.txt", "c"),
+        ("a/b/d.txt", "dd"),
+        ("a/e.txt", "eee"),
+        ("top.txt", "tttt"),
+        ("a/bc/f.txt", "f"),
+    ];
+    for (k, v) in objects {
+        let o = s.put_bytes(k, Bytes::from(v)).await.unwrap();
+        assert_eq!(o.size, v.len() as u64);
+        assert_eq!(o.md5_hex, md5_hex(v.as_bytes()));
+    }
+    for (k, v) in objects {
+        let info = s.head(k).await.unwrap().unwrap();
+        assert_eq!(info.key, k);
+        assert_eq!(info.size, v.len() as u64);
+        assert!(info.last_modified.is_some());
+        assert_eq!(s.get_bytes(k).await.unwrap(), v.as_bytes());
+    }
+    assert_eq!(s.head("a/b/nope.txt").await.unwrap(), None);
+    assert_eq!(
+        s.head("a/b").await.unwrap(),
+        None,
+        "a directory is not an object"
+    );
+
+    let all = s.list("").await.unwrap();
+    assert_eq!(
+        keys(&all),
+        ["a/b/c.txt", "a/b/d.txt", "a/bc/f.txt", "a/e.txt", "top.txt"]
+    );
+    // Prefixes end at a `/`: `a/b` does not list `a/bc/…`.
+    assert_eq!(
+        keys(&s.list("a/b").await.unwrap()),
+        ["a/b/c.txt", "a/b/d.txt"]
+    );
+    assert_eq!(
+        keys(&s.list("a/b/").await.unwrap()),
+        ["a/b/c.txt", "a/b/d.txt"]
+    );
+    assert!(s.list("a/x").await.unwrap().is_empty());
+
+    let got = s.get_into("a/e.txt", Vec::new()).await.unwrap();
+    assert_eq!(got.size, 3);
+    assert_eq!(got.md5_hex, md5_hex(b"eee"));
+    let dir = test_support::tempdir();
+    let dest = dir.path().join("sub").join("e.txt");
+    let got = s.get_to_file("a/e.txt", &dest).await.unwrap();
+    assert_eq!(got.size, 3);
+    assert_eq!(std::fs::read(&dest).unwrap(), b"eee");
+
+    s.delete("a/b/c.txt").await.unwrap();
+    assert_eq!(s.head("a/b/c.txt").await.unwrap(), None);
+    assert_eq!(keys(&s.list("a/b").await.unwrap()), ["a/b/d.txt"]);
+    // Deleting what is not there is fine; reading it is a per-item failure.
+    s.delete("a/b/c.txt").await.unwrap();
+    let err = s.get_bytes("a/b/c.txt").await.unwrap_err();
+    assert!(matches!(err, StorageError::NotFound { .. }), "{err:?}");
+    assert_eq!(err.exit(), Exit::Failed);
+    let err = s.get_into("a/b/c.txt", std::io::sink()).await.unwrap_err();
+    assert!(matches!(err, StorageError::NotFound { .. }), "{err:?}");
+}
+
+async fn empty_object(fx: &Fixture) {
+    let s = &fx.storage;
+    let o = s.put_bytes("empty/bytes", Bytes::new()).await.unwrap();
+    assert_eq!(o.size, 0);
+    assert_eq!(o.md5_hex, "d41d8cd98f00b204e9800998ecf8427e");
+    let dir = test_support::tempdir();
+    let f = dir.path().join("zero");
+    std::fs::write(&f, b"").unwrap();
+    let o = s
+        .put_file(&f, "empty/file", &PutOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(o.size, 0);
+    assert_eq!(o.md5_hex, "d41d8cd98f00b204e9800998ecf8427e");
+    if fx.kind == Kind::S3 {
+        assert_eq!(o.etag.as_deref(), Some(o.md5_hex.as_str()));
+    }
+    for k in ["empty/bytes", "empty/file"] {
+        assert_eq!(s.head(k).await.unwrap().unwrap().size, 0);
+        assert!(s.get_bytes(k).await.unwrap().is_empty());
+    }
+    assert_eq!(s.list("empty").await.unwrap().len(), 2);
+}
+
+async fn non_ascii_key(fx: &Fixture) {
+    let s = &fx.storage;
+    let key = "报告/样本 1 (最终版)/résumé ü.txt";
+    let data = "测序结果 ✓".as_bytes();
+    s.put_bytes(key, Bytes::copy_from_slice(data))
+        .await
+        .unwrap();
+    let info = s.head(key).await.unwrap().unwrap();
+    assert_eq!(info.key, key);
+    assert_eq!(info.size, data.len() as u64);
+    assert_eq!(keys(&s.list("报告").await.unwrap()), [key]);
+    assert_eq!(s.get_bytes(key).await.unwrap(), data);
+    s.delete(key).await.unwrap();
+    assert!(s.list("").await.unwrap().is_empty());
+}
+
+async fn put_returns_the_md5_of_the_file(fx: &Fixture) {
+    let s = &fx.storage;
+    let dir = test_support::tempdir();
+    let f = dir.path().join("data.bin");
+    let data = pattern(3 * MIB as usize + 17, 7);
+    std::fs::write(&f, &data).unwrap();
+    let o = s
+        .put_file(&f, "md5/data.bin", &PutOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(o.size, data.len() as u64);
+    assert_eq!(o.md5_hex, md5_of_file(&f));
+    assert_eq!(o.parts, 0, "smaller than a part: one request");
+    let info = s.head("md5/data.bin").await.unwrap().unwrap();
+    assert_eq!(info.size, data.len() as u64);
+    if fx.kind == Kind::S3 {
+        assert_eq!(o.etag.as_deref(), Some(o.md5_hex.as_str()));
+        assert_eq!(info.etag.as_deref(), Some(o.md5_hex.as_str()));
+        assert_eq!(o.expected_etag(), o.md5_hex);
+    } else {
+        assert_eq!(info.etag, None);
+    }
+    let got = s.get_into("md5/data.bin", std::io::sink()).await.unwrap();
+    assert_eq!(got.md5_hex, o.md5_hex);
+}
+
+async fn overwrite_replaces_the_object(fx: &Fixture) {
+    let s = &fx.storage;
+    s.put_bytes("ow/k.txt", Bytes::from("first")).await.unwrap();
+    s.put_bytes("ow/k.txt", Bytes::from("second version"))
+        .await
+        .unwrap();
+    assert_eq!(s.get_bytes("ow/k.txt").await.unwrap(), "second version");
+    let dir = test_support::tempdir();
+    let f = dir.path().join("third");
+    std::fs::write(&f, "third, from a file").unwrap();
+    s.put_file(&f, "ow/k.txt", &PutOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(s.get_bytes("ow/k.txt").await.unwrap(), "third, from a file");
+    let list = s.list("ow").await.unwrap();
+    assert_eq!(keys(&list), ["ow/k.txt"]);
+    assert_eq!(list[0].size, 18);
+    if let Some(names) = fx.raw_names("ow").await {
+        assert_eq!(names, ["k.txt"], "no temp or partial files left");
+    }
+}
+
+async fn invalid_keys_are_refused(fx: &Fixture) {
+    let s = &fx.storage;
+    for key in [
+        "",
+        "/abs",
+        "a//b",
+        "a/",
+        "../escape",
+        "a/../b",
+        "x.partial",
+        "a\nb",
+    ] {
+        let err = s.put_bytes(key, Bytes::from("x")).await.unwrap_err();
+        assert!(
+            matches!(err, StorageError::InvalidKey { .. }),
+            "{key:?}: {err:?}"
+        );
+        assert!(s.head(key).await.is_err(), "{key:?}");
+    }
+    assert!(s.list("../").await.is_err());
+    assert!(s.list("").await.unwrap().is_empty());
+}
+
+/// Yields `limit` bytes, then fails.
+struct FailingReader {
+    data: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for FailingReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos >= self.data.len() {
+            return Err(std::io::Error::other("disk on fire"));
+        }
+        let n = buf.len().min(self.data.len() - self.pos);
+        buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+async fn failing_reader_leaves_nothing_under_the_final_name(fx: &Fixture) {
+    let s = &fx.storage;
+    // 20 MiB with 8 MiB parts: on S3 two parts are uploaded before the failure.
+    let reader = FailingReader {
+        data: pattern(20 * MIB as usize, 3),
+        pos: 0,
+    };
+    let opts = PutOptions {
+        part_size: Some(8 * MIB),
+        ..PutOptions::default()
+    };
+    let err = s
+        .put_reader(reader, "fail/big.bin", &opts)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StorageError::Source { .. }), "{err:?}");
+    assert!(err.to_string().contains("disk on fire"), "{err}");
+    assert_eq!(s.head("fail/big.bin").await.unwrap(), None);
+    assert!(s.list("").await.unwrap().is_empty());
+    if let Some(names) = fx.raw_names("fail").await {
+        assert!(names.is_empty(), "left behind: {names:?}");
+    }
+}
+
+/// Yields `limit` bytes, reports that, then blocks until released (and fails).
+struct StallingReader {
+    sent: u64,
+    limit: u64,
+    reached: Option<tokio::sync::oneshot::Sender<()>>,
+    release: mpsc::Receiver<()>,
+    dropped: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Read for StallingReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.sent < self.limit {
+            let n = buf.len().min((self.limit - self.sent) as usize);
+            buf[..n].fill(0x5a);
+            self.sent += n as u64;
+            return Ok(n);
+        }
+        if let Some(tx) = self.reached.take() {
+            let _ = tx.send(());
+        }
+        // Returns Err once the test drops the sender.
+        let _ = self.release.recv();
+        Err(std::io::Error::other("released"))
+    }
+}
+
+impl Drop for StallingReader {
+    fn drop(&mut self) {
+        if let Some(tx) = self.dropped.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+async fn aborted_upload_leaves_nothing_under_the_final_name(fx: &Fixture) {
+    let (reached_tx, reached_rx) = tokio::sync::oneshot::channel();
+    let (dropped_tx, dropped_rx) = tokio::sync::oneshot::channel();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let reader = StallingReader {
+        sent: 0,
+        // 12 MiB with 8 MiB parts: S3 has started a multipart upload and sent part 1.
+        limit: 12 * MIB,
+        reached: Some(reached_tx),
+        release: release_rx,
+        dropped: Some(dropped_tx),
+    };
+    let storage = fx.storage.clone();
+    let task = tokio::spawn(async move {
+        let opts = PutOptions {
+            part_size: Some(8 * MIB),
+            ..PutOptions::default()
+        };
+        storage.put_reader(reader, "abort/big.bin", &opts).await
+    });
+    reached_rx.await.unwrap();
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    assert_eq!(fx.storage.head("abort/big.bin").await.unwrap(), None);
+    // Let the blocking side run to its end, then check again: the cancelled upload
+    // must not publish anything late either.
+    drop(release_tx);
+    dropped_rx.await.unwrap();
+    assert_eq!(fx.storage.head("abort/big.bin").await.unwrap(), None);
+    assert!(fx.storage.list("").await.unwrap().is_empty());
+    if let Some(names) = fx.raw_names("abort").await {
+        assert!(names.is_empty(), "left behind: {names:?}");
+    }
+}
+
+async fn file_larger_than_one_part(fx: &Fixture) {
+    let s = &fx.storage;
+    let dir = test_support::tempdir();
+    let f = dir.path().join("forty.bin");
+    let data = pattern(40 * MIB as usize + 5, 11);
+    std::fs::write(&f, &data).unwrap();
+    let want_md5 = md5_hex(&data);
+    drop(data);
+    let opts = PutOptions {
+        part_size: Some(8 * MIB),
+        part_concurrency: Some(3),
+        ..PutOptions::default()
+    };
+    let o = s.put_file(&f, "mp/forty.bin", &opts).await.unwrap();
+    assert_eq!(o.size, 40 * MIB + 5);
+    assert_eq!(o.md5_hex, want_md5);
+    let info = s.head("mp/forty.bin").await.unwrap().unwrap();
+    assert_eq!(info.size, 40 * MIB + 5);
+    if fx.kind == Kind::S3 {
+        assert_eq!(o.parts, 6);
+        assert_eq!(o.part_size, 8 * MIB);
+        assert_eq!(o.part_md5_hex.len(), 6);
+        assert_eq!(
+            o.part_md5_hex[0],
+            md5_hex(&pattern(40 * MIB as usize + 5, 11)[..8 << 20])
+        );
+        assert!(o.expected_etag().ends_with("-6"));
+        assert_eq!(o.etag.as_deref(), Some(o.expected_etag().as_str()));
+        assert_eq!(info.etag.as_deref(), Some(o.expected_etag().as_str()));
+    } else {
+        assert_eq!(o.parts, 0);
+    }
+    let got = s.get_into("mp/forty.bin", std::io::sink()).await.unwrap();
+    assert_eq!(got.size, 40 * MIB + 5);
+    assert_eq!(got.md5_hex, want_md5);
+    let back = dir.path().join("back.bin");
+    s.get_to_file("mp/forty.bin", &back).await.unwrap();
+    assert_eq!(md5_of_file(&back), want_md5);
+}
+
+async fn presigned_url(fx: &Fixture) {
+    let s = &fx.storage;
+    let data = pattern(100_000, 5);
+    s.put_bytes("share/报告 1.bin", Bytes::from(data.clone()))
+        .await
+        .unwrap();
+    let url = s
+        .presign_get("share/报告 1.bin", Duration::from_mins(5))
+        .await
+        .unwrap();
+    if fx.kind != Kind::S3 {
+        assert_eq!(url, None);
+        return;
+    }
+    let url = url.unwrap();
+    assert!(
+        url.query().unwrap_or("").contains("X-Amz-Signature"),
+        "{url}"
+    );
+    let resp = reqwest::get(url.clone()).await.unwrap();
+    assert_eq!(resp.status(), 200, "{url}");
+    assert_eq!(resp.bytes().await.unwrap(), data);
+    // Tampering with the signature is refused: the URL really is signed.
+    let forged = url
+        .as_str()
+        .replace("X-Amz-Expires=300", "X-Amz-Expires=301");
+    assert_eq!(reqwest::get(forged).await.unwrap().status(), 403);
+}
+
+// ----------------------------------------------------------------------------------
+// Backend-specific tests.
+
+/// The required one: a 3 GiB sparse file through multipart to Garage, read back
+/// streamed, with the same MD5 and the expected multipart ETag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_three_gib_sparse_file_through_multipart() {
+    let Some(fx) = Fixture::new(Kind::S3).await else {
+        return;
+    };
+    let dir = test_support::tempdir();
+    let path = dir.path().join("sparse.bin");
+    let len = 3 * 1024 * MIB;
+    {
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.set_len(len).unwrap();
+        // A few marks (start, across a part boundary, the last byte) so the parts differ.
+        for (at, mark) in [
+            (0, &b"start"[..]),
+            (8 * MIB - 2, b"boundary"),
+            (len / 2, b"middle"),
+            (len - 1, b"!"),
+        ] {
+            f.seek(SeekFrom::Start(at)).unwrap();
+            f.write_all(mark).unwrap();
+        }
+    }
+    let started = Instant::now();
+    let want_md5 = md5_of_file(&path);
+    let hashed = started.elapsed();
+
+    let started = Instant::now();
+    let o = fx
+        .storage
+        .put_file(&path, "big/sparse.bin", &PutOptions::default())
+        .await
+        .unwrap();
+    let uploaded = started.elapsed();
+    assert_eq!(o.size, len);
+    assert_eq!(o.md5_hex, want_md5);
+    assert_eq!(o.part_size, 8 * MIB, "derived from the size");
+    assert_eq!(o.parts, 384);
+    assert_eq!(
+        o.etag.as_deref(),
+        Some(o.expected_etag().as_str()),
+        "server ETag is md5(part md5s)-N"
+    );
+    let info = fx.storage.head("big/sparse.bin").await.unwrap().unwrap();
+    assert_eq!(info.size, len);
+    assert_eq!(info.etag.as_deref(), Some(o.expected_etag().as_str()));
+
+    let started = Instant::now();
+    let got = fx
+        .storage
+        .get_into("big/sparse.bin", std::io::sink())
+        .await
+        .unwrap();
+    let downloaded = started.elapsed();
+    assert_eq!(got.size, len);
+    assert_eq!(got.md5_hex, want_md5);
+    eprintln!(
+        "3 GiB sparse file: local md5 {hashed:?}, upload {uploaded:?}, streamed read-back {downloaded:?}"
+    );
+    fx.cleanup().await;
+}
+
+/// The low-level multipart API the delivery tool journals and resumes with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_multipart_api_completes_and_aborts() {
+    let Some(fx) = Fixture::new(Kind::S3).await else {
+        return;
+    };
+    let AnyStorage::S3(s3) = &fx.storage else {
+        panic!("not S3")
+    };
+    let p1 = Bytes::from(pattern(5 * MIB as usize, 1));
+    let p2 = Bytes::from(pattern(1000, 2));
+    let upload = s3.create_multipart("api/two-parts.bin").await.unwrap();
+    assert!(!upload.upload_id.is_empty());
+    // Out of order, as a resumed upload would send them.
+    let second = s3.put_part(&upload, 1, p2.clone()).await.unwrap();
+    let first = s3.put_part(&upload, 0, p1.clone()).await.unwrap();
+    assert_eq!(first.etag.trim_matches('"'), md5_hex(&p1));
+    assert_eq!(
+        s3.head("api/two-parts.bin").await.unwrap(),
+        None,
+        "not visible before completion"
+    );
+    assert!(s3.list("api").await.unwrap().is_empty());
+    let etag = s3
+        .complete_multipart(&upload, vec![first, second])
+        .await
+        .unwrap();
+    let want = labrelay::storage::multipart_etag(&[md5_hex(&p1), md5_hex(&p2)]).unwrap();
+    assert_eq!(etag.as_deref(), Some(want.as_str()));
+    let mut whole = p1.to_vec();
+    whole.extend_from_slice(&p2);
+    assert_eq!(s3.get_bytes("api/two-parts.bin").await.unwrap(), whole);
+
+    let upload = s3.create_multipart("api/aborted.bin").await.unwrap();
+    s3.put_part(&upload, 0, p1).await.unwrap();
+    s3.abort_multipart(&upload).await.unwrap();
+    assert_eq!(s3.head("api/aborted.bin").await.unwrap(), None);
+    assert_eq!(keys(&s3.list("api").await.unwrap()), ["api/two-parts.bin"]);
+    fx.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_wrong_secret_is_a_config_error_without_the_secret() {
+    let Some(toml) = s3_toml(&test_support::unique("storage")) else {
+        return;
+    };
+    let real = test_support::require("S3_SECRET_ACCESS_KEY").unwrap_or_default();
+    let wrong = "0".repeat(real.len());
+    let s = open(&toml.replace(&real, &wrong));
+    let err = s.put_bytes("x", Bytes::from("x")).await.unwrap_err();
+    assert!(matches!(err, StorageError::Auth { .. }), "{err:?}");
+    assert_eq!(err.exit(), Exit::Config);
+    assert!(!err.to_string().contains(&wrong) && !err.to_string().contains(&real));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_unreachable_endpoint_is_a_temporary_failure() {
+    let Some(toml) = s3_toml("x") else { return };
+    let endpoint = test_support::require("S3_ENDPOINT").unwrap_or_default();
+    let s = open(&toml.replace(&endpoint, "http://127.0.0.1:1"));
+    let err = s.head("x").await.unwrap_err();
+    assert!(matches!(err, StorageError::Connect { .. }), "{err:?}");
+    assert_eq!(err.exit(), Exit::TempFail);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sftp_remote_md5_matches_the_streamed_md5() {
+    let Some(fx) = Fixture::new(Kind::Sftp).await else {
+        return;
+    };
+    let AnyStorage::Sftp(sftp) = &fx.storage else {
+        panic!("not SFTP")
+    };
+    let o = sftp
+        .put_bytes("v/it's here.bin", Bytes::from(pattern(1_000_003, 9)))
+        .await
+        .unwrap();
+    assert_eq!(sftp.remote_md5("v/it's here.bin").await.unwrap(), o.md5_hex);
+    let err = sftp.remote_md5("v/missing").await.unwrap_err();
+    assert!(matches!(err, StorageError::NotFound { .. }), "{err:?}");
+    fx.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sftp_wrong_password_is_a_config_error_without_the_password() {
+    let Some(p) = sftp_params() else { return };
+    let Some(root) = test_support::require("SFTP_ROOT") else {
+        return;
+    };
+    let wrong = "wrong-pw-Kx7";
+    let s = open(&format!(
+        r#"
+        [storage.t]
+        url = "sftp://{}@{}:{}{root}"
+        password = "{wrong}"
+        known_hosts = "{}"
+        "#,
+        p.user,
+        p.host,
+        p.port,
+        p.known_hosts.display()
+    ));
+    let err = s.head("x").await.unwrap_err();
+    assert!(matches!(err, StorageError::Ssh(_)), "{err:?}");
+    assert_eq!(err.exit(), Exit::Config);
+    assert!(!err.to_string().contains(wrong), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sftp_password_login_and_missing_base_directory() {
+    let Some(p) = sftp_params() else { return };
+    let Some(root) = test_support::require("SFTP_ROOT") else {
+        return;
+    };
+    let Some(password) = test_support::require("SFTP_PASSWORD") else {
+        return;
+    };
+    let missing = format!("{root}/{}", test_support::unique("missing"));
+    let s = open(&format!(
+        r#"
+        [storage.t]
+        url = "sftp://{}@{}:{}{missing}"
+        password = "{password}"
+        known_hosts = "{}"
+        "#,
+        p.user,
+        p.host,
+        p.port,
+        p.known_hosts.display()
+    ));
+    assert_eq!(s.head("x").await.unwrap(), None);
+    let err = s.put_bytes("x", Bytes::from("x")).await.unwrap_err();
+    assert!(matches!(err, StorageError::Config { .. }), "{err:?}");
+    let err = s.put_bytes("a/x", Bytes::from("x")).await.unwrap_err();
+    assert!(matches!(err, StorageError::Config { .. }), "{err:?}");
+    assert!(err.to_string().contains("base directory"), "{err}");
+}
+
+#[tokio::test]
+async fn local_root_must_exist() {
+    let dir = test_support::tempdir();
+    let config = Config::from_toml(&format!(
+        "[storage.t]\nurl = \"{}/nope\"\n",
+        dir.path().display()
+    ))
+    .unwrap();
+    let err = AnyStorage::open(&config.storage["t"]).unwrap_err();
+    assert!(matches!(err, StorageError::Config { .. }), "{err:?}");
+    assert_eq!(err.exit(), Exit::Config);
+}

@@ -1,0 +1,322 @@
+//! The local-directory backend: a key is a file below the root directory.
+//!
+//! A put writes `dir/.name.partial-<random>`, fsyncs it and renames it over the final
+//! name, so readers see the old file or the complete new one, never a partial one. The
+//! root must exist (a missing mount point must not silently fill the local disk); the
+//! directories inside it are created as needed. Empty directories left by `delete` are
+//! kept: removing them would race with a concurrent put into the same directory.
+
+use std::io::{ErrorKind, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+
+use super::{
+    CancelOnDrop, CopyError, GetOutcome, ObjectInfo, ObjectStorage, PutOptions, PutOutcome,
+    StorageError, TempPath, copy_hashing, is_local_temp_name, local_io, validate_key,
+    validate_prefix,
+};
+
+/// A directory on a local (or mounted) filesystem.
+#[derive(Debug, Clone)]
+pub struct LocalStorage {
+    root: Arc<PathBuf>,
+}
+
+impl LocalStorage {
+    /// Use `root`, which must be an existing directory.
+    pub fn open(root: &Path) -> Result<LocalStorage, StorageError> {
+        match std::fs::metadata(root) {
+            Ok(m) if m.is_dir() => Ok(LocalStorage {
+                root: Arc::new(root.to_owned()),
+            }),
+            Ok(_) => Err(StorageError::Config {
+                target: root.display().to_string(),
+                message: "not a directory".into(),
+            }),
+            Err(e) if e.kind() == ErrorKind::NotFound => Err(StorageError::Config {
+                target: root.display().to_string(),
+                message: "the directory does not exist; create it (or mount it) first".into(),
+            }),
+            Err(e) => Err(local_io("cannot open storage directory", root, &e)),
+        }
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The file that holds `key`.
+    pub fn path_of(&self, key: &str) -> Result<PathBuf, StorageError> {
+        validate_key(key)?;
+        Ok(self.root.join(key))
+    }
+
+    async fn put_from(
+        &self,
+        reader: Box<dyn Read + Send>,
+        key: &str,
+        source_file: Option<(PathBuf, u64)>,
+    ) -> Result<PutOutcome, StorageError> {
+        let dest = self.path_of(key)?;
+        let key = key.to_owned();
+        let (_cancel_guard, cancel) = CancelOnDrop::new();
+        blocking(move || put_blocking(reader, &key, &dest, source_file, &cancel)).await
+    }
+
+    fn not_found(&self, key: &str) -> StorageError {
+        StorageError::NotFound {
+            target: self.describe(),
+            key: key.to_owned(),
+        }
+    }
+}
+
+fn put_blocking(
+    mut reader: Box<dyn Read + Send>,
+    key: &str,
+    dest: &Path,
+    source_file: Option<(PathBuf, u64)>,
+    cancel: &AtomicBool,
+) -> Result<PutOutcome, StorageError> {
+    let temp = TempPath::beside(dest)?;
+    let mut file = fs_err::File::create(temp.path()).map_err(StorageError::Local)?;
+    let (size, md5) = match copy_hashing(&mut reader, &mut file, Some(cancel)) {
+        Ok(r) => r,
+        Err(CopyError::Read(e)) if source_file.is_some() => return Err(StorageError::Local(e)),
+        Err(CopyError::Read(source)) => {
+            return Err(StorageError::Source {
+                key: key.to_owned(),
+                source,
+            });
+        }
+        Err(CopyError::Write(e)) => return Err(StorageError::Local(e)),
+        Err(CopyError::Cancelled) => return Err(cancelled(key, dest)),
+    };
+    if let Some((path, expected)) = source_file
+        && expected != size
+    {
+        return Err(StorageError::Changed {
+            path,
+            expected,
+            actual: size,
+        });
+    }
+    file.sync_all().map_err(StorageError::Local)?;
+    drop(file);
+    // The last chance to honour a cancellation: after the rename the object is public.
+    if cancel.load(Ordering::SeqCst) {
+        return Err(cancelled(key, dest));
+    }
+    temp.persist(dest)?;
+    if let Some(dir) = dest.parent() {
+        // Make the rename itself durable; not every filesystem supports fsync on a
+        // directory, and the data is already safe, so a failure is only logged.
+        if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+            tracing::debug!(dir = %dir.display(), "fsync of directory failed: {e}");
+        }
+    }
+    Ok(PutOutcome {
+        size,
+        md5_hex: hex::encode(md5),
+        etag: None,
+        parts: 0,
+        part_size: 0,
+        part_md5_hex: Vec::new(),
+    })
+}
+
+fn cancelled(key: &str, dest: &Path) -> StorageError {
+    StorageError::Backend {
+        target: dest.display().to_string(),
+        op: "put",
+        key: key.to_owned(),
+        message: "cancelled".into(),
+        temporary: false,
+    }
+}
+
+/// Run blocking filesystem work off the async threads.
+pub(super) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, StorageError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        StorageError::Local(std::io::Error::other(format!("storage worker failed: {e}")))
+    })?
+}
+
+fn info(key: String, meta: &std::fs::Metadata) -> ObjectInfo {
+    ObjectInfo {
+        key,
+        size: meta.len(),
+        etag: None,
+        last_modified: meta.modified().ok().map(DateTime::<Utc>::from),
+    }
+}
+
+fn walk(dir: &Path, key_prefix: &str, out: &mut Vec<ObjectInfo>) -> Result<(), StorageError> {
+    let entries = match fs_err::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => {
+            return Ok(());
+        }
+        Err(e) => return Err(StorageError::Local(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(StorageError::Local)?;
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            tracing::warn!(path = %entry.path().display(), "skipping a file whose name is not UTF-8");
+            continue;
+        };
+        let key = if key_prefix.is_empty() {
+            name.clone()
+        } else {
+            format!("{key_prefix}/{name}")
+        };
+        let file_type = entry.file_type().map_err(StorageError::Local)?;
+        if file_type.is_dir() {
+            walk(&entry.path(), &key, out)?;
+        } else if is_local_temp_name(&name) {
+            // An upload in progress (or one killed before it could clean up).
+        } else {
+            // Follows symlinks to files; symlinked directories are not entered (loops).
+            match fs_err::metadata(entry.path()) {
+                Ok(m) if m.is_file() => out.push(info(key, &m)),
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(StorageError::Local(e)),
+            }
+        }
+    }
+    Ok(())
+}
+
+impl ObjectStorage for LocalStorage {
+    fn describe(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    async fn put_file(
+        &self,
+        local: &Path,
+        key: &str,
+        _opts: &PutOptions,
+    ) -> Result<PutOutcome, StorageError> {
+        validate_key(key)?;
+        let file = fs_err::File::open(local).map_err(StorageError::Local)?;
+        let len = file.metadata().map_err(StorageError::Local)?.len();
+        self.put_from(Box::new(file), key, Some((local.to_owned(), len)))
+            .await
+    }
+
+    async fn put_reader<R: Read + Send + 'static>(
+        &self,
+        reader: R,
+        key: &str,
+        _opts: &PutOptions,
+    ) -> Result<PutOutcome, StorageError> {
+        self.put_from(Box::new(reader), key, None).await
+    }
+
+    async fn put_bytes(&self, key: &str, data: Bytes) -> Result<PutOutcome, StorageError> {
+        self.put_from(Box::new(std::io::Cursor::new(data)), key, None)
+            .await
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StorageError> {
+        let path = self.path_of(key)?;
+        let key = key.to_owned();
+        blocking(move || match fs_err::metadata(&path) {
+            Ok(m) if m.is_file() => Ok(Some(info(key, &m))),
+            Ok(_) => Ok(None),
+            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => {
+                Ok(None)
+            }
+            Err(e) => Err(StorageError::Local(e)),
+        })
+        .await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
+        let prefix = validate_prefix(prefix)?;
+        let dir = if prefix.is_empty() {
+            self.root.as_ref().clone()
+        } else {
+            self.root.join(&prefix)
+        };
+        blocking(move || {
+            let mut out = Vec::new();
+            walk(&dir, &prefix, &mut out)?;
+            out.sort_by(|a, b| a.key.cmp(&b.key));
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn get_into<W: Write + Send + 'static>(
+        &self,
+        key: &str,
+        mut writer: W,
+    ) -> Result<GetOutcome, StorageError> {
+        let path = self.path_of(key)?;
+        let not_found = self.not_found(key);
+        blocking(move || {
+            let mut file = match fs_err::File::open(&path) {
+                Ok(f) => f,
+                Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => {
+                    return Err(not_found);
+                }
+                Err(e) => return Err(StorageError::Local(e)),
+            };
+            let (size, md5) = copy_hashing(&mut file, &mut writer, None).map_err(|e| match e {
+                CopyError::Read(e) => StorageError::Local(e),
+                CopyError::Write(e) => local_io("writing the download of", &path, &e),
+                CopyError::Cancelled => {
+                    StorageError::Local(std::io::Error::other("download cancelled"))
+                }
+            })?;
+            Ok(GetOutcome {
+                size,
+                md5_hex: hex::encode(md5),
+            })
+        })
+        .await
+    }
+
+    async fn get_bytes(&self, key: &str) -> Result<Bytes, StorageError> {
+        let path = self.path_of(key)?;
+        let not_found = self.not_found(key);
+        blocking(move || match fs_err::read(&path) {
+            Ok(b) => Ok(Bytes::from(b)),
+            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => {
+                Err(not_found)
+            }
+            Err(e) => Err(StorageError::Local(e)),
+        })
+        .await
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        let path = self.path_of(key)?;
+        blocking(move || match fs_err::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => Ok(()),
+            Err(e) => Err(StorageError::Local(e)),
+        })
+        .await
+    }
+
+    async fn presign_get(
+        &self,
+        key: &str,
+        _expires_in: Duration,
+    ) -> Result<Option<url::Url>, StorageError> {
+        validate_key(key)?;
+        Ok(None)
+    }
+}

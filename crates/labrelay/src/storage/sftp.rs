@@ -1,0 +1,669 @@
+//! The SFTP backend, over sessions from [`crate::ssh`] (so host keys and
+//! authentication follow the same rules as remote commands).
+//!
+//! A put writes `name.partial` (the usual convention, which customers' sync scripts
+//! skip), then renames it over `name`. OpenSSH speaks SFTP version 3, whose RENAME
+//! refuses to replace an existing file; an overwrite therefore falls back to an atomic
+//! `mv -f` over the same SSH connection, and only on servers without a shell to
+//! remove-then-rename (a moment without the file, never a partial one under its name).
+//! The MD5 is computed locally while streaming; [`SftpStorage::remote_md5`] recomputes
+//! it on the server with `md5sum` for verification.
+//!
+//! URL paths follow curl: `sftp://u@h/data` is `/data`, `sftp://u@h/~/data` is `data`
+//! below the login directory, `sftp://u@h` is the login directory. The base directory
+//! must exist; directories below it are created as needed.
+//!
+//! ssh2 is blocking, so every operation runs on a blocking thread with a connection
+//! taken from a small pool (one SSH connection per concurrent operation).
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::DateTime;
+use ssh2::{ErrorCode, OpenFlags, OpenType, RenameFlags, Sftp};
+
+use super::local::blocking;
+use super::{
+    CancelOnDrop, CopyError, GetOutcome, ObjectInfo, ObjectStorage, PARTIAL_SUFFIX, PutOptions,
+    PutOutcome, StorageError, copy_hashing, percent_decode, validate_key, validate_prefix,
+};
+use crate::config::StorageConfig;
+use crate::secret::SecretSpec;
+use crate::ssh::{SshParams, SshSession, default_known_hosts, shell_quote};
+
+/// Idle connections kept for reuse.
+const POOL_MAX_IDLE: usize = 16;
+
+// SFTP status codes (draft-ietf-secsh-filexfer-02).
+const FX_NO_SUCH_FILE: i32 = 2;
+const FX_PERMISSION_DENIED: i32 = 3;
+const FX_NO_SUCH_PATH: i32 = 10;
+
+/// A directory on an SFTP server.
+#[derive(Debug, Clone)]
+pub struct SftpStorage {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    params: SshParams,
+    /// Remote base directory: `""` is the login directory, otherwise a path without a
+    /// trailing `/` (`/` itself stays `/`).
+    base: String,
+    target: String,
+    pool: Mutex<Vec<Conn>>,
+}
+
+struct Conn {
+    // Field order: the SFTP channel closes before its session.
+    sftp: Sftp,
+    ssh: SshSession,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("ssh", &self.ssh)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SftpStorage {
+    /// Settings for `sftp://user@host:port/path`; resolves the password and passphrase.
+    pub fn open(
+        user: &str,
+        host: &str,
+        port: u16,
+        path: &str,
+        config: &StorageConfig,
+    ) -> Result<SftpStorage, StorageError> {
+        let path = percent_decode(path);
+        let target = format!("sftp://{user}@{host}:{port}{path}");
+        let resolve = |s: &Option<SecretSpec>| {
+            s.as_ref()
+                .map(SecretSpec::resolve)
+                .transpose()
+                .map_err(StorageError::Secret)
+        };
+        let server = format!("{host}:{port}");
+        let params = SshParams {
+            host: host.to_owned(),
+            port,
+            user: user.to_owned(),
+            key_file: config.key_file.clone(),
+            key_passphrase: resolve(&config.key_passphrase)?,
+            password: resolve(&config.password)?,
+            known_hosts: match &config.known_hosts {
+                Some(p) => p.clone(),
+                None => default_known_hosts(&server)?,
+            },
+            host_key_policy: config.host_key_policy,
+            timeout: Duration::from_secs(config.timeout_secs.unwrap_or(30).max(1)),
+        };
+        if params.key_file.is_none() && params.password.is_none() {
+            return Err(StorageError::Config {
+                target,
+                message: "set key_file or password".into(),
+            });
+        }
+        Ok(SftpStorage {
+            inner: Arc::new(Inner {
+                params,
+                base: base_dir(&path),
+                target,
+                pool: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// The remote path of `key`.
+    pub fn remote_path(&self, key: &str) -> Result<String, StorageError> {
+        validate_key(key)?;
+        Ok(join(&self.inner.base, key))
+    }
+
+    /// The MD5 of the stored object, computed on the server with `md5sum` (needs a
+    /// shell account). The timeout grows with the size (60 s + 1 s per 20 MiB).
+    pub async fn remote_md5(&self, key: &str) -> Result<String, StorageError> {
+        let path = self.remote_path(key)?;
+        let key = key.to_owned();
+        self.with_conn(move |inner, conn| {
+            let stat = conn
+                .sftp
+                .stat(Path::new(&path))
+                .map_err(|e| inner.sftp_error("md5", &key, &e))?;
+            let size = stat.size.unwrap_or(0);
+            let timeout = Duration::from_secs(60 + size / (20 * 1024 * 1024));
+            let out = conn
+                .ssh
+                .exec_blocking(&format!("md5sum -- {}", shell_quote(&path)), timeout)?;
+            let text = out.stdout_text();
+            let hash = text.split_whitespace().next().unwrap_or("");
+            if !out.success() || hash.len() != 32 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(StorageError::Backend {
+                    target: inner.target.clone(),
+                    op: "md5",
+                    key: key.clone(),
+                    message: format!(
+                        "md5sum failed (status {}): {}",
+                        out.status,
+                        out.stderr_text().trim()
+                    ),
+                    temporary: false,
+                });
+            }
+            Ok(hash.to_ascii_lowercase())
+        })
+        .await
+    }
+
+    /// Run `f` with a pooled connection on a blocking thread. The connection goes back
+    /// to the pool unless the operation failed in a way that may have broken it.
+    async fn with_conn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner, &Conn) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        let inner = Arc::clone(&self.inner);
+        blocking(move || {
+            let conn = inner.checkout()?;
+            let result = f(&inner, &conn);
+            let reusable = match &result {
+                Ok(_) => true,
+                // Errors that say nothing about the connection; anything else may
+                // have left the session in an unknown state, so it is dropped.
+                Err(e) => matches!(
+                    e,
+                    StorageError::NotFound { .. }
+                        | StorageError::InvalidKey { .. }
+                        | StorageError::Source { .. }
+                        | StorageError::Local(_)
+                        | StorageError::Changed { .. }
+                ),
+            };
+            if reusable {
+                inner.checkin(conn);
+            }
+            result
+        })
+        .await
+    }
+
+    async fn put_from(
+        &self,
+        reader: Box<dyn Read + Send>,
+        key: &str,
+        source_file: Option<(PathBuf, u64)>,
+    ) -> Result<PutOutcome, StorageError> {
+        let dest = self.remote_path(key)?;
+        let key = key.to_owned();
+        let (_cancel_guard, cancel) = CancelOnDrop::new();
+        self.with_conn(move |inner, conn| {
+            inner.put_blocking(conn, reader, &key, &dest, source_file, &cancel)
+        })
+        .await
+    }
+}
+
+/// The base directory from a URL path (already percent-decoded).
+fn base_dir(path: &str) -> String {
+    if path.is_empty() || path == "/~" {
+        return String::new();
+    }
+    if let Some(rel) = path.strip_prefix("/~/") {
+        return rel.trim_end_matches('/').to_owned();
+    }
+    let trimmed = path.trim_end_matches('/');
+    if trimmed.is_empty() {
+        "/".to_owned()
+    } else {
+        trimmed.to_owned()
+    }
+}
+
+fn join(base: &str, rel: &str) -> String {
+    match base {
+        "" => rel.to_owned(),
+        "/" => format!("/{rel}"),
+        b => format!("{b}/{rel}"),
+    }
+}
+
+fn is_not_found(e: &ssh2::Error) -> bool {
+    matches!(e.code(), ErrorCode::SFTP(FX_NO_SUCH_FILE | FX_NO_SUCH_PATH))
+}
+
+impl Inner {
+    fn checkout(&self) -> Result<Conn, StorageError> {
+        let idle = self
+            .pool
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        if let Some(c) = idle {
+            return Ok(c);
+        }
+        let ssh = SshSession::connect_blocking(&self.params)?;
+        let sftp = ssh.sftp()?;
+        Ok(Conn { sftp, ssh })
+    }
+
+    fn checkin(&self, conn: Conn) {
+        let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        if pool.len() < POOL_MAX_IDLE {
+            pool.push(conn);
+        }
+    }
+
+    fn sftp_error(&self, op: &'static str, key: &str, e: &ssh2::Error) -> StorageError {
+        let target = self.target.clone();
+        match e.code() {
+            ErrorCode::SFTP(FX_NO_SUCH_FILE | FX_NO_SUCH_PATH) => StorageError::NotFound {
+                target,
+                key: key.to_owned(),
+            },
+            ErrorCode::SFTP(FX_PERMISSION_DENIED) => StorageError::Backend {
+                target,
+                op,
+                key: key.to_owned(),
+                message: "permission denied".into(),
+                temporary: false,
+            },
+            ErrorCode::SFTP(_) => StorageError::Backend {
+                target,
+                op,
+                key: key.to_owned(),
+                message: e.message().to_owned(),
+                temporary: false,
+            },
+            ErrorCode::Session(_) if crate::ssh::is_timeout(e) => StorageError::Connect {
+                target,
+                message: format!("timed out after {:?}", self.params.timeout),
+            },
+            // Transport trouble (connection lost, protocol error): retry later.
+            ErrorCode::Session(_) => StorageError::Backend {
+                target,
+                op,
+                key: key.to_owned(),
+                message: e.message().to_owned(),
+                temporary: true,
+            },
+        }
+    }
+
+    fn io_error(&self, op: &'static str, key: &str, e: &std::io::Error) -> StorageError {
+        StorageError::Backend {
+            target: self.target.clone(),
+            op,
+            key: key.to_owned(),
+            message: e.to_string(),
+            temporary: matches!(
+                e.kind(),
+                std::io::ErrorKind::TimedOut | std::io::ErrorKind::Other
+            ),
+        }
+    }
+
+    /// Create the directories of `key`'s parent below the base, one level at a time.
+    fn mkdir_p(&self, sftp: &Sftp, key: &str) -> Result<(), StorageError> {
+        let base_missing = || StorageError::Config {
+            target: self.target.clone(),
+            message: "the base directory does not exist on the server".into(),
+        };
+        let Some((rel_dir, _)) = key.rsplit_once('/') else {
+            // The file goes straight into the base, which is not there.
+            return Err(base_missing());
+        };
+        let mut current = self.base.clone();
+        for (depth, segment) in rel_dir.split('/').enumerate() {
+            current = join(&current, segment);
+            let p = Path::new(&current);
+            if let Err(e) = sftp.mkdir(p, 0o755) {
+                match sftp.stat(p) {
+                    Ok(st) if st.is_dir() => {}
+                    Ok(_) => {
+                        return Err(StorageError::Backend {
+                            target: self.target.clone(),
+                            op: "put",
+                            key: key.to_owned(),
+                            message: format!("{current} exists and is not a directory"),
+                            temporary: false,
+                        });
+                    }
+                    Err(_) if depth == 0 && is_not_found(&e) => return Err(base_missing()),
+                    Err(_) => return Err(self.sftp_error("put", key, &e)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn open_partial(sftp: &Sftp, partial: &str) -> Result<ssh2::File, ssh2::Error> {
+        sftp.open_mode(
+            Path::new(partial),
+            OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::TRUNCATE,
+            0o644,
+            OpenType::File,
+        )
+    }
+
+    fn put_blocking(
+        &self,
+        conn: &Conn,
+        mut reader: Box<dyn Read + Send>,
+        key: &str,
+        dest: &str,
+        source_file: Option<(PathBuf, u64)>,
+        cancel: &AtomicBool,
+    ) -> Result<PutOutcome, StorageError> {
+        let sftp = &conn.sftp;
+        let partial = format!("{dest}{PARTIAL_SUFFIX}");
+        let mut file = match Self::open_partial(sftp, &partial) {
+            Ok(f) => f,
+            Err(e) if is_not_found(&e) => {
+                self.mkdir_p(sftp, key)?;
+                Self::open_partial(sftp, &partial).map_err(|e| self.sftp_error("put", key, &e))?
+            }
+            Err(e) => return Err(self.sftp_error("put", key, &e)),
+        };
+        let remove_partial = || {
+            let _ = sftp.unlink(Path::new(&partial));
+        };
+        let copied = copy_hashing(&mut reader, &mut file, Some(cancel));
+        let (size, md5) = match copied {
+            Ok(r) => r,
+            Err(e) => {
+                drop(file);
+                remove_partial();
+                return Err(match e {
+                    CopyError::Read(e) if source_file.is_some() => StorageError::Local(e),
+                    CopyError::Read(source) => StorageError::Source {
+                        key: key.to_owned(),
+                        source,
+                    },
+                    CopyError::Write(e) => self.io_error("put", key, &e),
+                    CopyError::Cancelled => self.cancelled(key),
+                });
+            }
+        };
+        if let Some((path, expected)) = source_file
+            && expected != size
+        {
+            drop(file);
+            remove_partial();
+            return Err(StorageError::Changed {
+                path,
+                expected,
+                actual: size,
+            });
+        }
+        // fsync@openssh.com; servers without the extension just skip it.
+        if let Err(e) = file.fsync() {
+            tracing::debug!(key, "sftp fsync not available: {}", e.message());
+        }
+        if let Err(e) = file.close() {
+            remove_partial();
+            return Err(self.sftp_error("put", key, &e));
+        }
+        // The last chance to honour a cancellation: after the rename the file is public.
+        if cancel.load(Ordering::SeqCst) {
+            remove_partial();
+            return Err(self.cancelled(key));
+        }
+        if let Err(e) = self.rename_over(conn, &partial, dest, key) {
+            remove_partial();
+            return Err(e);
+        }
+        Ok(PutOutcome {
+            size,
+            md5_hex: hex::encode(md5),
+            etag: None,
+            parts: 0,
+            part_size: 0,
+            part_md5_hex: Vec::new(),
+        })
+    }
+
+    fn cancelled(&self, key: &str) -> StorageError {
+        StorageError::Backend {
+            target: self.target.clone(),
+            op: "put",
+            key: key.to_owned(),
+            message: "cancelled".into(),
+            temporary: false,
+        }
+    }
+
+    fn rename_over(
+        &self,
+        conn: &Conn,
+        partial: &str,
+        dest: &str,
+        key: &str,
+    ) -> Result<(), StorageError> {
+        let sftp = &conn.sftp;
+        let flags = RenameFlags::OVERWRITE | RenameFlags::ATOMIC | RenameFlags::NATIVE;
+        let Err(first) = sftp.rename(Path::new(partial), Path::new(dest), Some(flags)) else {
+            return Ok(());
+        };
+        match sftp.stat(Path::new(dest)) {
+            Err(_) => return Err(self.sftp_error("put", key, &first)),
+            Ok(st) if st.is_dir() => {
+                return Err(StorageError::Backend {
+                    target: self.target.clone(),
+                    op: "put",
+                    key: key.to_owned(),
+                    message: format!("{dest} is a directory"),
+                    temporary: false,
+                });
+            }
+            Ok(_) => {}
+        }
+        // The destination exists and SFTP v3 will not replace it: rename(2) via the shell.
+        let mv = format!("mv -f -- {} {}", shell_quote(partial), shell_quote(dest));
+        match conn.ssh.exec_blocking(&mv, self.params.timeout) {
+            Ok(out) if out.success() => return Ok(()),
+            Ok(out) => tracing::debug!(
+                key,
+                status = out.status,
+                "mv -f failed; replacing in two steps"
+            ),
+            Err(e) => tracing::debug!(key, "no shell for mv -f ({e}); replacing in two steps"),
+        }
+        sftp.unlink(Path::new(dest))
+            .map_err(|e| self.sftp_error("put", key, &e))?;
+        sftp.rename(Path::new(partial), Path::new(dest), Some(flags))
+            .map_err(|e| self.sftp_error("put", key, &e))
+    }
+
+    fn walk(
+        &self,
+        sftp: &Sftp,
+        dir: &str,
+        key_prefix: &str,
+        out: &mut Vec<ObjectInfo>,
+    ) -> Result<(), StorageError> {
+        let listing_dir = if dir.is_empty() { "." } else { dir };
+        let entries = match sftp.readdir(Path::new(listing_dir)) {
+            Ok(e) => e,
+            Err(e) if is_not_found(&e) => return Ok(()),
+            Err(e) => return Err(self.sftp_error("list", key_prefix, &e)),
+        };
+        for (path, stat) in entries {
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+                tracing::warn!(path = %path.display(), "skipping a remote file whose name is not UTF-8");
+                continue;
+            };
+            let key = if key_prefix.is_empty() {
+                name.to_owned()
+            } else {
+                format!("{key_prefix}/{name}")
+            };
+            if stat.is_dir() {
+                self.walk(sftp, &join(dir, name), &key, out)?;
+            } else if stat.is_file() && !name.ends_with(PARTIAL_SUFFIX) {
+                out.push(stat_info(key, &stat));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn stat_info(key: String, stat: &ssh2::FileStat) -> ObjectInfo {
+    ObjectInfo {
+        key,
+        size: stat.size.unwrap_or(0),
+        etag: None,
+        last_modified: stat
+            .mtime
+            .and_then(|t| DateTime::from_timestamp(i64::try_from(t).ok()?, 0)),
+    }
+}
+
+impl ObjectStorage for SftpStorage {
+    fn describe(&self) -> String {
+        self.inner.target.clone()
+    }
+
+    async fn put_file(
+        &self,
+        local: &Path,
+        key: &str,
+        _opts: &PutOptions,
+    ) -> Result<PutOutcome, StorageError> {
+        validate_key(key)?;
+        let file = fs_err::File::open(local).map_err(StorageError::Local)?;
+        let len = file.metadata().map_err(StorageError::Local)?.len();
+        self.put_from(Box::new(file), key, Some((local.to_owned(), len)))
+            .await
+    }
+
+    async fn put_reader<R: Read + Send + 'static>(
+        &self,
+        reader: R,
+        key: &str,
+        _opts: &PutOptions,
+    ) -> Result<PutOutcome, StorageError> {
+        self.put_from(Box::new(reader), key, None).await
+    }
+
+    async fn put_bytes(&self, key: &str, data: Bytes) -> Result<PutOutcome, StorageError> {
+        self.put_from(Box::new(std::io::Cursor::new(data)), key, None)
+            .await
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StorageError> {
+        let path = self.remote_path(key)?;
+        let key = key.to_owned();
+        self.with_conn(move |inner, conn| match conn.sftp.stat(Path::new(&path)) {
+            Ok(st) if st.is_file() => Ok(Some(stat_info(key, &st))),
+            Ok(_) => Ok(None),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(inner.sftp_error("head", &key, &e)),
+        })
+        .await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
+        let prefix = validate_prefix(prefix)?;
+        let dir = if prefix.is_empty() {
+            self.inner.base.clone()
+        } else {
+            join(&self.inner.base, &prefix)
+        };
+        self.with_conn(move |inner, conn| {
+            let mut out = Vec::new();
+            inner.walk(&conn.sftp, &dir, &prefix, &mut out)?;
+            out.sort_by(|a, b| a.key.cmp(&b.key));
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn get_into<W: Write + Send + 'static>(
+        &self,
+        key: &str,
+        mut writer: W,
+    ) -> Result<GetOutcome, StorageError> {
+        let path = self.remote_path(key)?;
+        let key = key.to_owned();
+        self.with_conn(move |inner, conn| {
+            let mut file = conn
+                .sftp
+                .open(Path::new(&path))
+                .map_err(|e| inner.sftp_error("get", &key, &e))?;
+            let (size, md5) = copy_hashing(&mut file, &mut writer, None).map_err(|e| match e {
+                CopyError::Read(e) => inner.io_error("get", &key, &e),
+                CopyError::Write(e) => StorageError::Local(std::io::Error::new(
+                    e.kind(),
+                    format!("writing the download of {key}: {e}"),
+                )),
+                CopyError::Cancelled => inner.cancelled(&key),
+            })?;
+            Ok(GetOutcome {
+                size,
+                md5_hex: hex::encode(md5),
+            })
+        })
+        .await
+    }
+
+    async fn get_bytes(&self, key: &str) -> Result<Bytes, StorageError> {
+        let path = self.remote_path(key)?;
+        let key = key.to_owned();
+        self.with_conn(move |inner, conn| {
+            let mut file = conn
+                .sftp
+                .open(Path::new(&path))
+                .map_err(|e| inner.sftp_error("get", &key, &e))?;
+            let mut data = Vec::new();
+            file.read_to_end(&mut data)
+                .map_err(|e| inner.io_error("get", &key, &e))?;
+            Ok(Bytes::from(data))
+        })
+        .await
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        let path = self.remote_path(key)?;
+        let key = key.to_owned();
+        self.with_conn(
+            move |inner, conn| match conn.sftp.unlink(Path::new(&path)) {
+                Ok(()) => Ok(()),
+                Err(e) if is_not_found(&e) => Ok(()),
+                Err(e) => Err(inner.sftp_error("delete", &key, &e)),
+            },
+        )
+        .await
+    }
+
+    async fn presign_get(
+        &self,
+        key: &str,
+        _expires_in: Duration,
+    ) -> Result<Option<url::Url>, StorageError> {
+        validate_key(key)?;
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_directories_follow_curl() {
+        assert_eq!(base_dir(""), "");
+        assert_eq!(base_dir("/~"), "");
+        assert_eq!(base_dir("/~/out/"), "out");
+        assert_eq!(base_dir("/data/"), "/data");
+        assert_eq!(base_dir("/"), "/");
+        assert_eq!(join("", "a/b"), "a/b");
+        assert_eq!(join("/", "a"), "/a");
+        assert_eq!(join("/data", "a"), "/data/a");
+    }
+}
