@@ -23,7 +23,12 @@ use labrelay::exit::Exit;
   delivery-upload --listen --json >> /var/log/labrelay/delivery.jsonl"))]
 pub struct Args {
     /// Analysis (plan) id to deliver
-    #[arg(long, short = 's', value_name = "ID", required_unless_present = "listen")]
+    #[arg(
+        long,
+        short = 's',
+        value_name = "ID",
+        required_unless_present = "listen"
+    )]
     pub analysis_id: Option<String>,
     /// Storage target: the name of a [storage.NAME] config section
     #[arg(long, value_name = "NAME")]

@@ -165,15 +165,22 @@ pub async fn shutdown_signal() {
 }
 
 /// The standard `after_help` block: the tool's examples followed by EXIT STATUS.
+/// Write the examples one per line after a `"\` continuation, which strips the first
+/// line's indent; the macro puts it back.
 #[macro_export]
 macro_rules! after_help {
     ($examples:expr) => {
-        concat!("EXAMPLES:\n", $examples, "\n\n", "EXIT STATUS:
+        concat!(
+            "EXAMPLES:\n  ",
+            $examples,
+            "\n\n",
+            "EXIT STATUS:
   0   success
   1   finished, but some items failed (each is reported)
   2   usage error: bad arguments or input
   75  temporary failure: a server was unreachable or busy; retry later
-  78  configuration error")
+  78  configuration error"
+        )
     };
 }
 
@@ -186,7 +193,7 @@ pub fn not_implemented(what: &str) -> anyhow::Error {
 mod tests {
     #[test]
     fn after_help_block_matches_the_exit_table() {
-        let s = after_help!("  tool --x");
+        let s = after_help!("tool --x");
         assert!(s.ends_with(crate::exit::EXIT_STATUS_HELP), "{s}");
         assert!(s.starts_with("EXAMPLES:\n  tool --x"));
     }

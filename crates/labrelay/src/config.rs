@@ -1,9 +1,10 @@
 //! Configuration: the file format, where files are found, and the order in which
 //! sources override each other.
 //!
-//! Precedence, highest first: command-line flags (applied by each tool after loading) >
-//! `LABRELAY_*` environment variables > `--config FILE` > `$XDG_CONFIG_HOME/labrelay/config.toml`
-//! > `/etc/labrelay/config.toml` > built-in defaults. Files are merged key by key, so a
+//! Precedence, highest first: command-line flags (applied by each tool after loading),
+//! `LABRELAY_*` environment variables, `--config FILE`,
+//! `$XDG_CONFIG_HOME/labrelay/config.toml`, `/etc/labrelay/config.toml`, built-in
+//! defaults. Files are merged key by key, so a
 //! user file can override one `[databases.lims]` key of the system file. `--no-config`
 //! loads no file at all (reproducible cron runs).
 //!
@@ -439,13 +440,15 @@ impl Config {
                 files.push(path);
             }
         }
-        apply_env(&mut merged)?;
-        let config = Config::deserialize(toml::Value::Table(merged)).map_err(|e| {
-            ConfigError::Parse {
-                path: files.last().cloned().unwrap_or_else(|| PathBuf::from("environment")),
+        apply_env(&mut merged);
+        let config =
+            Config::deserialize(toml::Value::Table(merged)).map_err(|e| ConfigError::Parse {
+                path: files
+                    .last()
+                    .cloned()
+                    .unwrap_or_else(|| PathBuf::from("environment")),
                 message: e.message().trim().to_owned(),
-            }
-        })?;
+            })?;
         config.validate()?;
         Ok(Loaded {
             config,
@@ -458,12 +461,11 @@ impl Config {
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         let path = PathBuf::from("<string>");
         let table = parse_file(&path, text)?;
-        let config = Config::deserialize(toml::Value::Table(table)).map_err(|e| {
-            ConfigError::Parse {
+        let config =
+            Config::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Parse {
                 path,
                 message: e.message().trim().to_owned(),
-            }
-        })?;
+            })?;
         config.validate()?;
         Ok(config)
     }
@@ -481,13 +483,13 @@ impl Config {
                 message,
             })?;
         }
-        if let Some(db) = &self.state.database {
-            if !self.databases.contains_key(db) {
-                return Err(ConfigError::Invalid {
-                    key: "state.database".into(),
-                    message: format!("no [databases.{db}] section"),
-                });
-            }
+        if let Some(db) = &self.state.database
+            && !self.databases.contains_key(db)
+        {
+            return Err(ConfigError::Invalid {
+                key: "state.database".into(),
+                message: format!("no [databases.{db}] section"),
+            });
         }
         Ok(())
     }
@@ -527,12 +529,13 @@ impl Config {
             return self.database(name).cloned();
         }
         let path = self.data_dir().join("state.db");
-        let url = url::Url::parse(&format!("sqlite://{}?mode=rwc", path.display())).map_err(|e| {
-            ConfigError::Invalid {
-                key: "paths.data_dir".into(),
-                message: e.to_string(),
-            }
-        })?;
+        let url =
+            url::Url::parse(&format!("sqlite://{}?mode=rwc", path.display())).map_err(|e| {
+                ConfigError::Invalid {
+                    key: "paths.data_dir".into(),
+                    message: e.to_string(),
+                }
+            })?;
         Ok(DatabaseConfig::from_url(RedactedUrl::new(url)))
     }
 
@@ -654,7 +657,7 @@ fn set(table: &mut toml::Table, path: &[&str], value: String) {
     t.insert((*last).to_owned(), toml::Value::String(value));
 }
 
-fn apply_env(table: &mut toml::Table) -> Result<(), ConfigError> {
+fn apply_env(table: &mut toml::Table) {
     if let Some(v) = env::get(env::LABRELAY_DATA_DIR) {
         set(table, &["paths", "data_dir"], v);
     }
@@ -664,7 +667,6 @@ fn apply_env(table: &mut toml::Table) -> Result<(), ConfigError> {
     if let Some(v) = env::get(env::LABRELAY_STATE_URL) {
         set(table, &["state", "url"], v);
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -683,9 +685,10 @@ mod tests {
 
     #[test]
     fn parse_errors_give_the_line_but_never_echo_a_password() {
-        let err = Config::from_toml("[databases.x]\nurl = \"mysql://root:topsecret@db:99999999/x\"\n")
-            .unwrap_err()
-            .to_string();
+        let err =
+            Config::from_toml("[databases.x]\nurl = \"mysql://root:topsecret@db:99999999/x\"\n")
+                .unwrap_err()
+                .to_string();
         assert!(!err.contains("topsecret"), "{err}");
         assert!(err.contains("line 2"), "{err}");
         let err = Config::from_toml("[smtp]\nhost = \"h\"\npassword = \"hunter22\"\nbogus = 1\n")
@@ -719,10 +722,19 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.data_dir(), PathBuf::from("/srv/labrelay"));
-        assert!(matches!(c.databases["lims"].password, Some(SecretSpec::Env(_))));
+        assert!(matches!(
+            c.databases["lims"].password,
+            Some(SecretSpec::Env(_))
+        ));
         assert!(c.storage["customer"].path_style);
         assert_eq!(c.outbox_dir(), PathBuf::from("/srv/labrelay/outbox"));
-        assert!(c.state_database().unwrap().url.to_string().contains("/srv/labrelay/state.db"));
+        assert!(
+            c.state_database()
+                .unwrap()
+                .url
+                .to_string()
+                .contains("/srv/labrelay/state.db")
+        );
     }
 
     #[test]
@@ -736,7 +748,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sys = dir.path().join("system.toml");
         let mine = dir.path().join("mine.toml");
-        std::fs::write(&sys, "[paths]\ndata_dir = \"/a\"\n[mail]\nfrom = \"sys@x\"\n").unwrap();
+        std::fs::write(
+            &sys,
+            "[paths]\ndata_dir = \"/a\"\n[mail]\nfrom = \"sys@x\"\n",
+        )
+        .unwrap();
         std::fs::write(&mine, "[paths]\ndata_dir = \"/b\"\n").unwrap();
         // SAFETY of env mutation: this test module is the only one touching these
         // variables, and the test binary for unit tests runs them in one process; we use
@@ -744,7 +760,10 @@ mod tests {
         let cfg = with_env(
             &[
                 (env::LABRELAY_SYSTEM_CONFIG, sys.to_str().unwrap()),
-                (env::XDG_CONFIG_HOME, dir.path().join("none").to_str().unwrap()),
+                (
+                    env::XDG_CONFIG_HOME,
+                    dir.path().join("none").to_str().unwrap(),
+                ),
             ],
             || {
                 Config::load(&LoadOptions {
@@ -781,7 +800,10 @@ mod tests {
         let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/configuration.md");
         let doc = std::fs::read_to_string(doc).unwrap();
         for var in env::ALL {
-            assert!(doc.contains(&format!("`{var}`")), "{var} missing from docs/configuration.md");
+            assert!(
+                doc.contains(&format!("`{var}`")),
+                "{var} missing from docs/configuration.md"
+            );
         }
     }
 
@@ -797,7 +819,10 @@ mod tests {
     fn with_env<T>(vars: &[(&str, &str)], f: impl FnOnce() -> T) -> T {
         static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let _g = LOCK.lock().unwrap();
-        let old: Vec<_> = vars.iter().map(|(k, _)| (*k, std::env::var_os(k))).collect();
+        let old: Vec<_> = vars
+            .iter()
+            .map(|(k, _)| (*k, std::env::var_os(k)))
+            .collect();
         for (k, v) in vars {
             // SAFETY: serialised by LOCK; no other thread of this test reads these.
             unsafe { std::env::set_var(k, v) };

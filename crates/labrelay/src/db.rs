@@ -152,28 +152,35 @@ impl Db {
                 raw.query_pairs_mut().append_pair("mode", "ro");
             }
         }
-        let opts: AnyConnectOptions = raw.as_str().parse().map_err(|e: sqlx::Error| DbError::Config {
-            url: shown.clone(),
-            message: crate::secret::scrub(&e.to_string()).into_owned(),
-        })?;
+        let opts: AnyConnectOptions =
+            raw.as_str()
+                .parse()
+                .map_err(|e: sqlx::Error| DbError::Config {
+                    url: shown.clone(),
+                    message: crate::secret::scrub(&e.to_string()).into_owned(),
+                })?;
         let statement_timeout = cfg.statement_timeout_secs;
         let read_only = cfg.read_only;
         let pool_opts = AnyPoolOptions::new()
             .max_connections(cfg.max_connections.max(1))
             .acquire_timeout(Duration::from_secs(cfg.connect_timeout_secs.max(1)))
             .after_connect(move |conn, _meta| {
-                Box::pin(async move {
-                    session_setup(conn, engine, statement_timeout, read_only).await
-                })
+                Box::pin(
+                    async move { session_setup(conn, engine, statement_timeout, read_only).await },
+                )
             });
         let connect = pool_opts.connect_with(opts);
-        let pool = tokio::time::timeout(Duration::from_secs(cfg.connect_timeout_secs.max(1)), connect)
-            .await
-            .map_err(|_| DbError::Connect {
-                url: shown.clone(),
-                message: format!("no answer within {} s", cfg.connect_timeout_secs),
-            })?
-            .map_err(|e| classify_connect_error(&shown, &e))?;
+        let pool = tokio::time::timeout(
+            Duration::from_secs(cfg.connect_timeout_secs.max(1)),
+            connect,
+        )
+        .await
+        .map_err(|_| DbError::Connect {
+            url: shown.clone(),
+            message: format!("no answer within {} s", cfg.connect_timeout_secs),
+        })?
+        .map_err(|e| classify_connect_error(&shown, &e))?;
+        tracing::debug!(url = %shown, ?engine, read_only, "connected to database");
         Ok(Db {
             pool,
             engine,
@@ -199,7 +206,9 @@ impl Db {
         m.run(&self.pool).await.map_err(|e| DbError::Migrate {
             url: self.url.to_string(),
             message: e.to_string(),
-        })
+        })?;
+        tracing::debug!(url = %self.url, migrations = m.iter().count(), "schema up to date");
+        Ok(())
     }
 
     /// The pool.
@@ -250,12 +259,18 @@ impl Db {
             Engine::Postgres | Engine::Sqlite => format!(
                 "INSERT INTO labrelay_kv (scope, name, value, updated_at) VALUES ({}, {}, {}, {}) \
                  ON CONFLICT (scope, name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-                p(1), p(2), p(3), p(4)
+                p(1),
+                p(2),
+                p(3),
+                p(4)
             ),
             Engine::Mysql => format!(
                 "INSERT INTO labrelay_kv (scope, name, value, updated_at) VALUES ({}, {}, {}, {}) \
                  ON DUPLICATE KEY UPDATE value = VALUES(value), updated_at = VALUES(updated_at)",
-                p(1), p(2), p(3), p(4)
+                p(1),
+                p(2),
+                p(3),
+                p(4)
             ),
         };
         sqlx::query(&sql)
@@ -277,12 +292,9 @@ impl Db {
 
 /// Read a text column from any engine. Through the `Any` driver, MariaDB/MySQL report
 /// `TEXT`/`LONGTEXT` columns as `BLOB`; this accepts both and requires valid UTF-8.
-pub fn text<I: sqlx::ColumnIndex<sqlx::any::AnyRow>>(
-    row: &sqlx::any::AnyRow,
-    index: I,
-) -> Result<String, sqlx::Error>
+pub fn text<I>(row: &sqlx::any::AnyRow, index: I) -> Result<String, sqlx::Error>
 where
-    I: Copy + std::fmt::Debug,
+    I: sqlx::ColumnIndex<sqlx::any::AnyRow> + Copy + std::fmt::Debug,
 {
     match row.try_get::<String, _>(index) {
         Ok(s) => Ok(s),
@@ -298,7 +310,10 @@ where
 }
 
 fn prepare_sqlite_path(url: &url::Url, read_only: bool) -> Result<(), String> {
-    let rest = url.as_str().trim_start_matches("sqlite:").trim_start_matches("//");
+    let rest = url
+        .as_str()
+        .trim_start_matches("sqlite:")
+        .trim_start_matches("//");
     let path = rest.split('?').next().unwrap_or("");
     if path.is_empty() || path.starts_with(':') || read_only {
         return Ok(());
@@ -333,12 +348,17 @@ async fn session_setup(
                 // MariaDB calls it max_statement_time (seconds); MySQL max_execution_time
                 // (milliseconds, SELECT only).
                 let mariadb = conn
-                    .execute(format!("SET SESSION max_statement_time = {statement_timeout}").as_str())
+                    .execute(
+                        format!("SET SESSION max_statement_time = {statement_timeout}").as_str(),
+                    )
                     .await;
                 if mariadb.is_err() {
                     conn.execute(
-                        format!("SET SESSION max_execution_time = {}", statement_timeout * 1000)
-                            .as_str(),
+                        format!(
+                            "SET SESSION max_execution_time = {}",
+                            statement_timeout * 1000
+                        )
+                        .as_str(),
                     )
                     .await?;
                 }
@@ -351,7 +371,11 @@ async fn session_setup(
         Engine::Sqlite => {
             // Several labrelay processes share one state file; wait for a lock rather
             // than fail at once, and let readers proceed during writes.
-            let wait_ms = if statement_timeout > 0 { statement_timeout.min(30) * 1000 } else { 30_000 };
+            let wait_ms = if statement_timeout > 0 {
+                statement_timeout.min(30) * 1000
+            } else {
+                30_000
+            };
             conn.execute(format!("PRAGMA busy_timeout = {wait_ms}").as_str())
                 .await?;
             if read_only {
@@ -399,13 +423,18 @@ mod tests {
         assert_eq!(db.kv_get("imap", "last_uid").await.unwrap(), None);
         db.kv_set("imap", "last_uid", "41").await.unwrap();
         db.kv_set("imap", "last_uid", "42").await.unwrap();
-        assert_eq!(db.kv_get("imap", "last_uid").await.unwrap().as_deref(), Some("42"));
+        assert_eq!(
+            db.kv_get("imap", "last_uid").await.unwrap().as_deref(),
+            Some("42")
+        );
     }
 
     #[test]
     fn every_migration_exists_for_every_engine() {
         let list = |engine: &str| -> Vec<String> {
-            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations").join(engine);
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("migrations")
+                .join(engine);
             let mut v: Vec<String> = std::fs::read_dir(dir)
                 .unwrap()
                 .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -53,5 +53,6 @@ pub fn get(name: &str) -> Option<String> {
 
 /// Read a variable as a boolean flag (`1`, `true`, `yes`, `on`).
 pub fn flag(name: &str) -> bool {
-    get(name).is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+    get(name)
+        .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
 }

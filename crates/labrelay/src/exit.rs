@@ -46,7 +46,11 @@ impl Exit {
                 Exit::Config => 4,
             }
         }
-        if rank(other) > rank(self) { other } else { self }
+        if rank(other) > rank(self) {
+            other
+        } else {
+            self
+        }
     }
 }
 
@@ -136,12 +140,16 @@ pub fn classify(err: &anyhow::Error) -> Exit {
             return e.exit();
         }
         if let Some(e) = cause.downcast_ref::<clap::Error>() {
-            return if e.use_stderr() { Exit::Usage } else { Exit::Ok };
+            return if e.use_stderr() {
+                Exit::Usage
+            } else {
+                Exit::Ok
+            };
         }
-        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
-            if is_temporary_io(io.kind()) {
-                return Exit::TempFail;
-            }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>()
+            && is_temporary_io(io.kind())
+        {
+            return Exit::TempFail;
         }
     }
     Exit::Failed

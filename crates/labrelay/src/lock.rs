@@ -77,7 +77,11 @@ impl InstanceLock {
                 let pid = pid.trim();
                 return Err(LockError::Held {
                     name: name.to_owned(),
-                    pid: if pid.is_empty() { "unknown".into() } else { pid.to_owned() },
+                    pid: if pid.is_empty() {
+                        "unknown".into()
+                    } else {
+                        pid.to_owned()
+                    },
                     path,
                 });
             }

@@ -61,7 +61,10 @@ pub fn filter_for(verbosity: i8) -> String {
     };
     let mut f = deps.to_owned();
     for c in OWN_CRATES {
-        f.push_str(&format!(",{c}={own}"));
+        f.push(',');
+        f.push_str(c);
+        f.push('=');
+        f.push_str(own);
     }
     f
 }

@@ -39,8 +39,13 @@ pub struct Captured(Arc<Mutex<Vec<u8>>>);
 impl Captured {
     /// Everything written so far, as UTF-8 (lossy).
     pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
-            .into_owned()
+        String::from_utf8_lossy(
+            &self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+        .into_owned()
     }
 
     /// Every JSON Lines record written so far.

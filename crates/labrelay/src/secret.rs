@@ -243,11 +243,9 @@ impl RedactedUrl {
 
     /// The password in the URL, if any.
     pub fn password(&self) -> Option<Secret> {
-        self.0.password().map(|p| {
-            Secret::new(
-                percent_decode(p).unwrap_or_else(|| p.to_owned()),
-            )
-        })
+        self.0
+            .password()
+            .map(|p| Secret::new(percent_decode(p).unwrap_or_else(|| p.to_owned())))
     }
 
     /// The URL as it may be shown.
@@ -258,15 +256,26 @@ impl RedactedUrl {
         }
         let sensitive = |k: &str| {
             let k = k.to_ascii_lowercase();
-            ["password", "secret", "token", "key", "signature", "credential"]
-                .iter()
-                .any(|s| k.contains(s))
+            [
+                "password",
+                "secret",
+                "token",
+                "key",
+                "signature",
+                "credential",
+            ]
+            .iter()
+            .any(|s| k.contains(s))
         };
         if u.query().is_some() {
             let pairs: Vec<(String, String)> = u
                 .query_pairs()
                 .map(|(k, v)| {
-                    let v = if sensitive(&k) { MASK.to_owned() } else { v.into_owned() };
+                    let v = if sensitive(&k) {
+                        MASK.to_owned()
+                    } else {
+                        v.into_owned()
+                    };
                     (k.into_owned(), v)
                 })
                 .collect();
@@ -309,10 +318,7 @@ impl<'de> serde::Deserialize<'de> for RedactedUrl {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         RedactedUrl::parse(&s).map_err(|e| {
-            serde::de::Error::custom(format!(
-                "invalid URL ({e}): {}",
-                redact_unparsed(&s)
-            ))
+            serde::de::Error::custom(format!("invalid URL ({e}): {}", redact_unparsed(&s)))
         })
     }
 }
@@ -322,15 +328,15 @@ impl<'de> serde::Deserialize<'de> for RedactedUrl {
 pub fn redact_unparsed(s: &str) -> String {
     if let Some(scheme_end) = s.find("://") {
         let rest = &s[scheme_end + 3..];
-        if let Some(at) = rest.rfind('@') {
-            if let Some(colon) = rest[..at].find(':') {
-                return format!(
-                    "{}{}:{MASK}{}",
-                    &s[..scheme_end + 3],
-                    &rest[..colon],
-                    &rest[at..]
-                );
-            }
+        if let Some(at) = rest.rfind('@')
+            && let Some(colon) = rest[..at].find(':')
+        {
+            return format!(
+                "{}{}:{MASK}{}",
+                &s[..scheme_end + 3],
+                &rest[..colon],
+                &rest[at..]
+            );
         }
     }
     s.to_owned()
@@ -362,7 +368,10 @@ mod tests {
     fn url_password_and_sensitive_query_are_masked() {
         let u = RedactedUrl::parse("amqp://guest:p%40ss@127.0.0.1:5672/%2f?token=abc&x=1").unwrap();
         let shown = u.to_string();
-        assert!(!shown.contains("p%40ss") && !shown.contains("abc"), "{shown}");
+        assert!(
+            !shown.contains("p%40ss") && !shown.contains("abc"),
+            "{shown}"
+        );
         assert!(shown.contains("guest:****@127.0.0.1"), "{shown}");
         assert!(shown.contains("x=1"));
         assert_eq!(u.password().unwrap().expose(), "p@ss");

@@ -320,6 +320,7 @@ impl SshSession {
         })?;
         check_host_key(&session, p, &server)?;
         authenticate(&session, p, &server)?;
+        tracing::debug!(%server, user = %p.user, "SSH session established");
         Ok(SshSession {
             session,
             tcp,

@@ -147,7 +147,10 @@ pub mod cli {
 
     /// Run and collect output.
     pub fn run(bin: &str, home: &Path, args: &[&str]) -> Output {
-        command(bin, home).args(args).output().expect("running the tool binary")
+        command(bin, home)
+            .args(args)
+            .output()
+            .expect("running the tool binary")
     }
 
     /// `--help` output, for snapshot tests.
@@ -179,9 +182,16 @@ pub mod cli {
         args.extend_from_slice(valid_args);
         let out = run(bin, home.path(), &args);
         let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(78), "unknown key must exit 78: {err}");
+        assert_eq!(
+            out.status.code(),
+            Some(78),
+            "unknown key must exit 78: {err}"
+        );
         assert!(err.contains("pasword"), "error must name the key: {err}");
-        assert!(err.contains("config.toml"), "error must name the file: {err}");
+        assert!(
+            err.contains("config.toml"),
+            "error must name the file: {err}"
+        );
         assert!(out.stdout.is_empty(), "errors go to stderr, not stdout");
 
         let mut args = vec!["--config", "/nonexistent/labrelay.toml"];

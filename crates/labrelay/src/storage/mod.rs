@@ -517,7 +517,7 @@ impl AnyStorage {
             target: crate::secret::redact_unparsed(&config.url),
             message,
         })?;
-        Ok(match target {
+        let storage = match target {
             Target::Local(dir) => AnyStorage::Local(LocalStorage::open(&dir)?),
             Target::S3 { bucket, prefix } => {
                 AnyStorage::S3(S3Storage::open(&bucket, &prefix, config)?)
@@ -528,7 +528,9 @@ impl AnyStorage {
                 port,
                 path,
             } => AnyStorage::Sftp(SftpStorage::open(&user, &host, port, &path, config)?),
-        })
+        };
+        tracing::debug!(target_ = %storage.describe(), "storage opened");
+        Ok(storage)
     }
 }
 
@@ -553,7 +555,9 @@ impl ObjectStorage for AnyStorage {
         key: &str,
         opts: &PutOptions,
     ) -> Result<PutOutcome, StorageError> {
-        dispatch!(self, s => s.put_file(local, key, opts).await)
+        let out = dispatch!(self, s => s.put_file(local, key, opts).await)?;
+        tracing::debug!(key, size = out.size, md5 = %out.md5_hex, parts = out.parts, "stored file");
+        Ok(out)
     }
 
     async fn put_reader<R: Read + Send + 'static>(
@@ -566,7 +570,9 @@ impl ObjectStorage for AnyStorage {
     }
 
     async fn put_bytes(&self, key: &str, data: Bytes) -> Result<PutOutcome, StorageError> {
-        dispatch!(self, s => s.put_bytes(key, data).await)
+        let out = dispatch!(self, s => s.put_bytes(key, data).await)?;
+        tracing::debug!(key, size = out.size, md5 = %out.md5_hex, "stored bytes");
+        Ok(out)
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StorageError> {
@@ -590,7 +596,9 @@ impl ObjectStorage for AnyStorage {
     }
 
     async fn delete(&self, key: &str) -> Result<(), StorageError> {
-        dispatch!(self, s => s.delete(key).await)
+        dispatch!(self, s => s.delete(key).await)?;
+        tracing::debug!(key, "deleted");
+        Ok(())
     }
 
     async fn presign_get(

@@ -16,9 +16,11 @@ struct TempDb {
 
 impl TempDb {
     async fn create(admin_url: &str) -> TempDb {
-        let admin = Db::connect(&DatabaseConfig::from_url(RedactedUrl::parse(admin_url).unwrap()))
-            .await
-            .unwrap();
+        let admin = Db::connect(&DatabaseConfig::from_url(
+            RedactedUrl::parse(admin_url).unwrap(),
+        ))
+        .await
+        .unwrap();
         let name = test_support::unique("lr").replace('-', "_");
         sqlx::query(&format!("CREATE DATABASE {name}"))
             .execute(admin.pool())
@@ -34,7 +36,11 @@ impl TempDb {
     }
 
     async fn cleanup(self) {
-        let force = if self.admin.engine() == Engine::Postgres { " WITH (FORCE)" } else { "" };
+        let force = if self.admin.engine() == Engine::Postgres {
+            " WITH (FORCE)"
+        } else {
+            ""
+        };
         sqlx::query(&format!("DROP DATABASE IF EXISTS {}{force}", self.name))
             .execute(self.admin.pool())
             .await
@@ -60,7 +66,9 @@ async fn contract(url: RedactedUrl, engine: Engine) {
     // A statement running past the statement timeout is stopped.
     let slow = match engine {
         Engine::Postgres => "SELECT pg_sleep(5)",
-        Engine::Mysql => "SELECT COUNT(*) FROM information_schema.columns a, information_schema.columns b, information_schema.columns c",
+        Engine::Mysql => {
+            "SELECT COUNT(*) FROM information_schema.columns a, information_schema.columns b, information_schema.columns c"
+        }
         Engine::Sqlite => return,
     };
     let started = std::time::Instant::now();

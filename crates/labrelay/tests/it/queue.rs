@@ -8,6 +8,10 @@
 //! `LRQ_CHILD` set) and SIGKILL them. The RabbitMQ restart test starts a throwaway node
 //! of its own, because other tests use the shared one concurrently.
 
+// clippy.toml's allow-unwrap-in-tests covers `#[test]` functions only, not the helpers
+// of an integration test crate.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -659,7 +663,9 @@ async fn classic_queue_redelivers_and_dead_letters(fx: &Fixture) {
         .await
         .unwrap_err();
     assert!(matches!(err, QueueError::Invalid(_)), "{err}");
-    b.declare_queue(&QueueSpec::new(&q).classic()).await.unwrap();
+    b.declare_queue(&QueueSpec::new(&q).classic())
+        .await
+        .unwrap();
     b.publish("", &q, b"c", &id("c-1")).await.unwrap();
     let mut c = b.consume(&q, 1).await.unwrap();
     let d = next(&mut c).await;
