@@ -95,6 +95,14 @@ pub struct Config {
     /// When tools may start new work.
     #[serde(default)]
     pub schedule: ScheduleConfig,
+    /// `[delivery]`: owned and typed by the `delivery` crate (see [`Config::section`]).
+    pub delivery: Option<toml::Value>,
+    /// `[mail_query]`: owned and typed by the `mail-query` tool.
+    pub mail_query: Option<toml::Value>,
+    /// `[sync]`: owned and typed by the `sync-publish` tool.
+    pub sync: Option<toml::Value>,
+    /// `[jobs]`: owned and typed by the `jobs` crate.
+    pub jobs: Option<toml::Value>,
 }
 
 /// `[paths]`.
@@ -494,6 +502,34 @@ impl Config {
         Ok(())
     }
 
+    /// A tool's own section, typed by the tool. The shared crate only knows the
+    /// section's name; the tool's type should `deny_unknown_fields`, and a bad key is
+    /// reported as `NAME.key`. `None` when the section is absent.
+    pub fn section<T: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> Result<Option<T>, ConfigError> {
+        let raw = match name {
+            "delivery" => &self.delivery,
+            "mail_query" => &self.mail_query,
+            "sync" => &self.sync,
+            "jobs" => &self.jobs,
+            other => {
+                return Err(ConfigError::Missing(format!(
+                    "no tool section named [{other}] is known"
+                )));
+            }
+        };
+        raw.clone()
+            .map(|v| {
+                T::deserialize(v).map_err(|e| ConfigError::Invalid {
+                    key: name.to_owned(),
+                    message: e.message().trim().to_owned(),
+                })
+            })
+            .transpose()
+    }
+
     /// The data directory.
     pub fn data_dir(&self) -> PathBuf {
         self.paths.data_dir.clone().unwrap_or_else(default_data_dir)
@@ -734,6 +770,27 @@ mod tests {
                 .url
                 .to_string()
                 .contains("/srv/labrelay/state.db")
+        );
+    }
+
+    #[test]
+    fn tool_sections_are_typed_by_their_owner() {
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Delivery {
+            target: String,
+        }
+        let c = Config::from_toml("[delivery]\ntarget = \"oss\"\n").unwrap();
+        let d: Delivery = c.section("delivery").unwrap().unwrap();
+        assert_eq!(d.target, "oss");
+        let c = Config::from_toml("[delivery]\ntarget = \"oss\"\ntargte = 1\n").unwrap();
+        let err = c.section::<Delivery>("delivery").unwrap_err();
+        assert!(err.to_string().contains("targte") && err.to_string().contains("delivery"));
+        assert!(
+            Config::default()
+                .section::<Delivery>("delivery")
+                .unwrap()
+                .is_none()
         );
     }
 

@@ -59,7 +59,9 @@ pub fn filter_for(verbosity: i8) -> String {
         2 => ("debug", "warn"),
         _ => ("trace", "info"),
     };
-    let mut f = deps.to_owned();
+    // lapin logs a returned (unroutable) message with its body at WARN; bodies may be
+    // confidential and the publisher reports the failure itself.
+    let mut f = format!("{deps},lapin::returned_messages=error");
     for c in OWN_CRATES {
         f.push(',');
         f.push_str(c);
@@ -122,6 +124,7 @@ mod tests {
     #[test]
     fn dependencies_stay_quiet_below_trace() {
         assert!(filter_for(2).starts_with("warn,"));
+        assert!(filter_for(3).contains("lapin::returned_messages=error"));
         assert!(filter_for(2).contains("labrelay=debug"));
         assert!(filter_for(3).starts_with("info,"));
         assert!(filter_for(-1).contains("labrelay=error"));

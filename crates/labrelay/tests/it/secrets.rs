@@ -100,6 +100,10 @@ async fn every_client_logs_in_with_a_password() {
     let mut consumer = broker.consume(&queue, 1).await.unwrap();
     consumer.next().await.unwrap().ack().await.unwrap();
     broker.delete_queue(&queue).await.unwrap();
+    broker
+        .delete_queue(&labrelay::queue::dead_letter_name(&queue))
+        .await
+        .unwrap();
 
     // SMTP, then IMAP with the right and a wrong password.
     let domain = test_support::setting("MAIL_DOMAIN").unwrap();
