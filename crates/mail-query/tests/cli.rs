@@ -15,12 +15,5 @@ fn usage_and_config_errors_have_their_exit_codes() {
 
 #[test]
 fn unbuilt_command_says_so_with_exit_2() {
-    let home = test_support::tempdir();
-    let mut args = vec!["--no-config"];
-    args.extend_from_slice(VALID);
-    let out = test_support::cli::run(BIN, home.path(), &args);
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("not implemented yet"), "{err}");
-    assert!(out.stdout.is_empty());
+    test_support::cli::assert_not_implemented_yet(BIN, VALID);
 }

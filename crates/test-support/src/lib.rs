@@ -199,4 +199,17 @@ pub mod cli {
         let out = run(bin, home.path(), &args);
         assert_eq!(out.status.code(), Some(78), "{out:?}");
     }
+
+    /// A tool whose behaviour a later issue builds: valid arguments give a clear
+    /// "not implemented yet" error on stderr, exit 2, and nothing on stdout.
+    pub fn assert_not_implemented_yet(bin: &str, valid_args: &[&str]) {
+        let home = crate::tempdir();
+        let mut args = vec!["--no-config"];
+        args.extend_from_slice(valid_args);
+        let out = run(bin, home.path(), &args);
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("not implemented yet"), "{err}");
+        assert!(out.stdout.is_empty());
+    }
 }
