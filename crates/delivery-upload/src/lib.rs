@@ -2,11 +2,15 @@
 //! LIMS, upload its folder to the configured target, create expiring customer access,
 //! mail the customer with staff in copy, and record the delivery.
 //!
-//! Only the command line exists so far; the delivery engine lands with its own issue.
+//! The work is done by the `delivery` crate; this crate is the command line.
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use delivery::events::Events;
+use delivery::notify::DeliverySteps;
+use delivery::report::Tool;
+use delivery::run::{Env, Request};
 use labrelay::cli::{Context, GlobalArgs, ToolArgs};
 use labrelay::exit::Exit;
 
@@ -17,10 +21,11 @@ use labrelay::exit::Exit;
 /// the customer with staff in Cc, and records the delivery. With --listen, takes
 /// delivery requests from the queue instead.
 #[derive(Debug, Parser)]
-#[command(name = "delivery-upload", version, after_help = labrelay::after_help!("\
+#[command(name = "delivery-upload", version, subcommand_negates_reqs = true, after_help = labrelay::after_help!("\
   delivery-upload --analysis-id 6cLB4ma
   delivery-upload --analysis-id 6cLB4ma --target oss --dry-run
-  delivery-upload --listen --json >> /var/log/labrelay/delivery.jsonl"))]
+  delivery-upload --listen --json >> /var/log/labrelay/delivery.jsonl
+  delivery-upload renew --analysis-id 6cLB4ma"))]
 pub struct Args {
     /// Analysis (plan) id to deliver
     #[arg(
@@ -48,6 +53,23 @@ pub struct Args {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub global: GlobalArgs,
+    #[command(subcommand)]
+    #[allow(missing_docs)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Re-issue the expired presigned links of a delivered analysis and mail them again
+    Renew {
+        /// Analysis (plan) id whose links to renew
+        #[arg(long, short = 's', value_name = "ID")]
+        analysis_id: String,
+        /// Storage target the analysis was delivered to
+        #[arg(long, value_name = "NAME")]
+        target: Option<String>,
+    },
 }
 
 impl ToolArgs for Args {
@@ -57,15 +79,32 @@ impl ToolArgs for Args {
 }
 
 /// Run the tool.
-#[allow(clippy::unused_async, clippy::needless_pass_by_value)] // filled in by the delivery issue
-pub async fn run(args: Args, _ctx: Context) -> anyhow::Result<Exit> {
-    let what = if args.listen {
-        "delivery-upload --listen".to_owned()
-    } else {
-        format!(
-            "delivery-upload --analysis-id {}",
-            args.analysis_id.as_deref().unwrap_or_default()
-        )
+pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
+    let events = Events::new(ctx.out.clone());
+    let env = Env::open(&ctx.config, events).await?;
+    // Checks [delivery.access], [delivery.mail] and the templates now (exit 78 before
+    // any upload).
+    let steps = DeliverySteps::new(&ctx.config, &env.delivery)?;
+    if let Some(Command::Renew {
+        analysis_id,
+        target,
+    }) = &args.command
+    {
+        return delivery::run::renew(&env, &steps, analysis_id, target.as_deref()).await;
+    }
+    if args.listen {
+        return delivery::listen::listen(&env, &steps).await;
+    }
+    let req = Request {
+        tool: Tool::DeliveryUpload,
+        analysis_id: args.analysis_id.clone(),
+        project_id: None,
+        path: args.path_override.clone(),
+        name: None,
+        target: args.target.clone(),
+        dry_run: args.dry_run,
+        force: args.force,
+        request_id: None,
     };
-    Err(labrelay::cli::not_implemented(&what))
+    delivery::run::deliver_until_signalled(&env, &req, &steps).await
 }

@@ -850,6 +850,7 @@ mod tests {
         let c = Config::from_toml(&text).unwrap();
         assert!(c.smtp.is_some() && c.imap.is_some());
         assert_eq!(c.storage.len(), 3);
+        assert!(c.delivery.is_some());
     }
 
     #[test]

@@ -1,11 +1,15 @@
 //! `upload-pure`: the delivery engine with the folder given by hand — look up the
 //! project's contacts, upload, mail, record in labrelay's state (not in the LIMS).
 //!
-//! Only the command line exists so far; the delivery engine lands with its own issue.
+//! The work is done by the `delivery` crate; this crate is the command line.
 
 use std::path::PathBuf;
 
 use clap::Parser;
+use delivery::events::Events;
+use delivery::notify::DeliverySteps;
+use delivery::report::Tool;
+use delivery::run::{Env, Request};
 use labrelay::cli::{Context, GlobalArgs, ToolArgs};
 use labrelay::exit::Exit;
 
@@ -25,12 +29,18 @@ pub struct Args {
     /// Folder to deliver
     #[arg(long, short = 'a', value_name = "PATH")]
     pub analysis_path: PathBuf,
+    /// Name of the delivery folder on the target [default: the folder's own name]
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
     /// Storage target: the name of a [storage.NAME] config section
     #[arg(long, value_name = "NAME")]
     pub target: Option<String>,
     /// Show what would be uploaded and mailed; change nothing
     #[arg(long)]
     pub dry_run: bool,
+    /// Deliver again even if this folder was already delivered under this name
+    #[arg(long)]
+    pub force: bool,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub global: GlobalArgs,
@@ -43,10 +53,20 @@ impl ToolArgs for Args {
 }
 
 /// Run the tool.
-#[allow(clippy::unused_async, clippy::needless_pass_by_value)] // filled in by the delivery issue
-pub async fn run(args: Args, _ctx: Context) -> anyhow::Result<Exit> {
-    Err(labrelay::cli::not_implemented(&format!(
-        "upload-pure --project-id {}",
-        args.project_id
-    )))
+pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
+    let events = Events::new(ctx.out.clone());
+    let env = Env::open(&ctx.config, events).await?;
+    let steps = DeliverySteps::new(&ctx.config, &env.delivery)?;
+    let req = Request {
+        tool: Tool::UploadPure,
+        analysis_id: None,
+        project_id: Some(args.project_id.clone()),
+        path: Some(args.analysis_path.clone()),
+        name: args.name.clone(),
+        target: args.target.clone(),
+        dry_run: args.dry_run,
+        force: args.force,
+        request_id: None,
+    };
+    delivery::run::deliver_until_signalled(&env, &req, &steps).await
 }

@@ -395,7 +395,11 @@ impl S3Storage {
             whole: Md5::new(),
             total: 0,
         };
-        let (source, first) = next_chunk(source, part_size, key, is_file).await?;
+        // A file known to be smaller than a part needs a buffer of its size (+1 byte to
+        // notice growth), not a whole part: 16 small files in flight would otherwise
+        // hold 16 part-sized buffers, which the allocator keeps resident.
+        let first_len = len.map_or(part_size, |l| part_size.min(l.saturating_add(1)));
+        let (source, first) = next_chunk(source, first_len, key, is_file).await?;
         let outcome = if (first.data.len() as u64) < part_size {
             self.single_put(&path, key, first, opts.verify_etag).await?
         } else {

@@ -1,0 +1,11 @@
+//! Tests of `delivery-upload`, run as a binary against the real servers of
+//! scripts/services. One test binary for the crate keeps link time down.
+
+// The whole crate is tests: a panic with the value is the clearest failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod cli;
+mod common;
+mod deliver;
+mod listen;
+mod resume;

@@ -1,0 +1,33 @@
+//! The delivery engine shared by `delivery-upload` and `upload-pure`: look up an
+//! analysis and its contacts, build a manifest, upload with resume, verify, grant the
+//! customer access, mail, and record the delivery.
+//!
+//! Module map (data flows top to bottom):
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`config`] | the `[delivery]` section |
+//! | [`lookup`], [`sql`] | analysis id / project id → folder, project, contacts |
+//! | [`manifest`] | walking the folder: globs, symlinks, problems, keys, checksum lines |
+//! | [`upload`] | parallel upload, multipart with journal, verification |
+//! | [`state`] | status rows and the resume journal in the state database |
+//! | [`report`] | the types handed to customer access and mail, and their trait |
+//! | [`access`], [`notify`], [`vendor`] | customer access, the customer mail, vendor CLI targets |
+//! | [`run`] | one delivery end to end |
+//! | [`listen`] | the queue consumer |
+//! | [`events`] | JSON Lines records and progress |
+#![deny(missing_docs)]
+
+pub mod access;
+pub mod config;
+pub mod events;
+pub mod listen;
+pub mod lookup;
+pub mod manifest;
+pub mod notify;
+pub mod report;
+pub mod run;
+pub mod sql;
+pub mod state;
+pub mod upload;
+pub mod vendor;

@@ -1,0 +1,1191 @@
+//! One delivery, end to end: resolve the target, look the analysis up, build the
+//! manifest, upload with the journal, deliver `md5sum.txt`, grant access and mail the
+//! customer ([`CustomerSteps`]), write the LIMS status, and record every step in the
+//! delivery's status row.
+//!
+//! Order and idempotence: the status row goes `queued → uploading → uploaded →
+//! notified → delivered` (or `failed`, with the error). A re-run of an unfinished
+//! delivery reuses its row and journal: files already verified are not sent again, and
+//! a customer already told (`notified_at`) is not told again. A finished delivery is a
+//! no-op ("already delivered") unless `force`, which starts a new run.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use bytes::Bytes;
+use chrono::Utc;
+use indicatif::HumanBytes;
+use labrelay::config::{Config, StorageConfig};
+use labrelay::db::Db;
+use labrelay::exit::{Exit, classify, tagged};
+use labrelay::lock::InstanceLock;
+use labrelay::storage::{AnyStorage, ObjectStorage, Target};
+use serde::Serialize;
+
+use crate::config::DeliveryConfig;
+use crate::events::Events;
+use crate::lookup::{self, Key};
+use crate::manifest::{self, Filter, WalkOptions};
+use crate::report::{
+    Analysis, CustomerSteps, DeliveredFile, DeliveryReport, StepContext, TargetInfo, TargetKind,
+    Tool,
+};
+use crate::sql::{self, Value};
+use crate::state::{NewRun, State, Status, Update};
+use crate::upload::{self, Cancel, Interrupted, UploadOptions, UploadResult};
+use crate::vendor::{CommandError, VendorConfig, VendorTarget, VendorUpload};
+
+/// What to deliver.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The tool.
+    pub tool: Tool,
+    /// Analysis id (delivery-upload).
+    pub analysis_id: Option<String>,
+    /// Project id (upload-pure).
+    pub project_id: Option<String>,
+    /// The folder: upload-pure's `--analysis-path`, or delivery-upload's override of the
+    /// LIMS path.
+    pub path: Option<PathBuf>,
+    /// upload-pure: the delivery's name (default: the folder's name).
+    pub name: Option<String>,
+    /// `--target`.
+    pub target: Option<String>,
+    /// Change nothing; show the plan.
+    pub dry_run: bool,
+    /// Deliver again even if already delivered.
+    pub force: bool,
+    /// The queue message that asked for it.
+    pub request_id: Option<String>,
+}
+
+impl Request {
+    /// The delivery's name: the analysis id, else `name`, else the folder's name.
+    pub fn delivery_name(&self) -> anyhow::Result<String> {
+        if let Some(a) = &self.analysis_id {
+            return Ok(a.clone());
+        }
+        if let Some(n) = &self.name {
+            return Ok(n.clone());
+        }
+        self.path
+            .as_deref()
+            .and_then(|p| p.file_name())
+            .map(manifest::key_component)
+            .ok_or_else(|| labrelay::exit::usage("give an analysis id, a name or a folder"))
+    }
+}
+
+/// The final `summary` record.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    /// `delivered`, `already_delivered`, `dry_run`, `failed`, `interrupted`.
+    pub status: String,
+    /// The status row's id.
+    pub delivery_id: Option<String>,
+    /// Analysis id (or upload-pure's delivery name).
+    pub analysis_id: String,
+    /// Project id.
+    pub project_id: Option<String>,
+    /// Target name.
+    pub target: String,
+    /// Where that is.
+    pub target_url: String,
+    /// Key prefix of the delivered files.
+    pub key_prefix: String,
+    /// Files in the delivery (md5sum.txt not counted).
+    pub files: u64,
+    /// Bytes in the delivery.
+    pub bytes: u64,
+    /// Files sent by this run.
+    pub files_sent: u64,
+    /// Files finished by an earlier run.
+    pub files_resumed: u64,
+    /// Files that failed.
+    pub files_failed: u64,
+    /// Bytes sent by this run.
+    pub bytes_sent: u64,
+    /// Multipart parts sent by this run.
+    pub parts_sent: u64,
+    /// Multipart parts an earlier run had sent.
+    pub parts_resumed: u64,
+    /// Key of md5sum.txt.
+    pub md5sum_key: Option<String>,
+    /// Customer account.
+    pub account: Option<String>,
+    /// Access expiry.
+    pub expires_at: Option<String>,
+    /// Message-ID of the customer mail.
+    pub mail_message_id: Option<String>,
+    /// Seconds the run took.
+    pub seconds: f64,
+    /// The error, when it failed.
+    pub error: Option<String>,
+}
+
+/// The result of [`deliver`]: the summary and the exit status it implies.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The summary (already printed).
+    pub summary: Summary,
+    /// 0 delivered / already delivered / dry run; 1 some files failed; 75 interrupted.
+    pub exit: Exit,
+}
+
+/// Everything a delivery needs from its tool.
+#[derive(Debug)]
+pub struct Env<'a> {
+    /// The configuration.
+    pub config: &'a Config,
+    /// `[delivery]`.
+    pub delivery: DeliveryConfig,
+    /// The state database.
+    pub state: State,
+    /// Events and output.
+    pub events: Events,
+}
+
+impl<'a> Env<'a> {
+    /// Read `[delivery]` and open the state database.
+    pub async fn open(config: &'a Config, events: Events) -> anyhow::Result<Env<'a>> {
+        let delivery = DeliveryConfig::from_config(config)?;
+        let db = Db::open_state(config).await?;
+        Ok(Env {
+            config,
+            delivery,
+            state: State::new(db),
+            events,
+        })
+    }
+}
+
+/// The context of an error that stopped a delivery: what was known when it failed
+/// (the listener mails it to staff). Shown as `delivering ID to TARGET`.
+#[derive(Debug, Clone)]
+pub struct DeliveryFailed {
+    /// The analysis as far as it was looked up.
+    pub analysis: Analysis,
+    /// The summary at the time of failure.
+    pub summary: Summary,
+}
+
+impl std::fmt::Display for DeliveryFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "delivering {} to {}",
+            self.summary.analysis_id, self.summary.target
+        )
+    }
+}
+
+/// A resolved `--target`.
+#[derive(Debug, Clone)]
+pub struct ResolvedTarget {
+    /// What the report says about it.
+    pub info: TargetInfo,
+    /// The storage (not for vendor targets).
+    pub storage: Option<AnyStorage>,
+    /// Its `[storage.NAME]` section.
+    pub config: Option<StorageConfig>,
+    /// A `[delivery.vendors.NAME]` command target instead of a storage.
+    pub vendor: Option<VendorTarget>,
+}
+
+impl ResolvedTarget {
+    /// `--target`, else `[delivery] target`, else the only `[storage.*]` section.
+    pub fn resolve(
+        config: &Config,
+        delivery: &DeliveryConfig,
+        wanted: Option<&str>,
+    ) -> anyhow::Result<ResolvedTarget> {
+        let name = if let Some(n) = wanted.or(delivery.target.as_deref()) {
+            n.to_owned()
+        } else {
+            let mut names = config.storage.keys();
+            match (names.next(), names.next()) {
+                (Some(only), None) => only.clone(),
+                (None, _) => {
+                    return Err(tagged(
+                        Exit::Config,
+                        "no delivery target: add a [storage.NAME] section (a local directory, \
+                         s3:// or sftp:// url) and pass --target NAME",
+                    ));
+                }
+                (Some(_), Some(_)) => {
+                    return Err(tagged(
+                        Exit::Config,
+                        format!(
+                            "several [storage.*] sections ({}): pass --target NAME or set \
+                             [delivery] target",
+                            config
+                                .storage
+                                .keys()
+                                .cloned()
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    ));
+                }
+            }
+        };
+        if let Some(sc) = config.storage.get(&name) {
+            let storage = AnyStorage::open(sc)?;
+            let kind = match Target::parse(&sc.url) {
+                Ok(Target::S3 { .. }) => TargetKind::S3,
+                Ok(Target::Sftp { .. }) => TargetKind::Sftp,
+                _ => TargetKind::Local,
+            };
+            return Ok(ResolvedTarget {
+                info: TargetInfo {
+                    name,
+                    kind,
+                    describe: storage.describe(),
+                },
+                storage: Some(storage),
+                config: Some(sc.clone()),
+                vendor: None,
+            });
+        }
+        if let Some(raw) = delivery.vendors.get(&name) {
+            let vc = VendorConfig::from_value(&name, raw)?;
+            let vendor = VendorTarget::new(&format!("delivery.vendors.{name}"), &vc)
+                .map_err(CommandError::into_anyhow)?;
+            return Ok(ResolvedTarget {
+                info: TargetInfo {
+                    name,
+                    kind: TargetKind::Vendor,
+                    describe: vendor.describe(),
+                },
+                storage: None,
+                config: None,
+                vendor: Some(vendor),
+            });
+        }
+        Err(tagged(
+            Exit::Config,
+            format!("no [storage.{name}] section for target {name}"),
+        ))
+    }
+}
+
+fn lock_name(name: &str) -> String {
+    let safe: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("delivery-{safe}")
+}
+
+/// Deliver one analysis (or folder). Prints the `summary` record; returns the outcome,
+/// or the error that stopped the delivery (already recorded in the status row).
+pub async fn deliver(
+    env: &Env<'_>,
+    req: &Request,
+    steps: &dyn CustomerSteps,
+    cancel: &Cancel,
+) -> anyhow::Result<Outcome> {
+    let t0 = Instant::now();
+    let name = req.delivery_name()?;
+    let prefix = env.delivery.delivery_prefix(&name);
+    labrelay::storage::validate_prefix(&prefix)
+        .map_err(|e| labrelay::exit::usage(format!("{name:?} cannot name a delivery: {e}")))?;
+    let target = ResolvedTarget::resolve(env.config, &env.delivery, req.target.as_deref())?;
+    let mut summary = Summary {
+        analysis_id: name.clone(),
+        project_id: req.project_id.clone(),
+        target: target.info.name.clone(),
+        target_url: target.info.describe.clone(),
+        key_prefix: prefix.clone(),
+        ..Summary::default()
+    };
+    if req.tool == Tool::UploadPure {
+        // A folder given by hand that is not there is an error even for a name that
+        // was delivered before.
+        folder_of(req, &Analysis::default())?;
+    }
+    let _lock = InstanceLock::acquire(&env.config.data_dir(), &lock_name(&name))?;
+    let latest = env.state.latest(&name, &target.info.name).await?;
+    if let Some(l) = &latest
+        && l.status() == Status::Delivered
+        && !req.force
+    {
+        summary.status = "already_delivered".into();
+        summary.delivery_id = Some(l.id.clone());
+        summary.files = l.files as u64;
+        summary.bytes = l.bytes as u64;
+        summary.md5sum_key.clone_from(&l.md5sum_key);
+        summary.account.clone_from(&l.account);
+        summary.expires_at.clone_from(&l.expires_at);
+        summary.seconds = t0.elapsed().as_secs_f64();
+        let when = l.finished_at.as_deref().unwrap_or("earlier");
+        print_summary(&env.events, &summary, || {
+            format!(
+                "{name} was already delivered to {} on {when} ({} files, {}); use --force to deliver it again",
+                target.info.name,
+                l.files,
+                HumanBytes(l.bytes as u64)
+            )
+        });
+        return Ok(Outcome {
+            summary,
+            exit: Exit::Ok,
+        });
+    }
+    if req.dry_run {
+        return dry_run(env, req, &target, summary, t0).await;
+    }
+    let (run_id, notified, uploaded) = match &latest {
+        Some(l) if !req.force => (
+            l.id.clone(),
+            l.notified_at.is_some(),
+            l.md5sum_key.is_some(),
+        ),
+        _ => {
+            let id = env
+                .state
+                .create_run(&NewRun {
+                    tool: req.tool.as_str(),
+                    analysis_id: &name,
+                    project_id: req.project_id.as_deref(),
+                    target: &target.info.name,
+                    key_prefix: &prefix,
+                    request_id: req.request_id.as_deref(),
+                })
+                .await?;
+            (id, false, false)
+        }
+    };
+    if let Some(rid) = &req.request_id {
+        env.state
+            .update(
+                &run_id,
+                &Update {
+                    request_id: Some(rid),
+                    ..Update::default()
+                },
+            )
+            .await?;
+    }
+    summary.delivery_id = Some(run_id.clone());
+    let mut analysis = Analysis {
+        analysis_id: name.clone(),
+        project_id: req.project_id.clone(),
+        ..Analysis::default()
+    };
+    let started = Utc::now();
+    let result = steps_of(
+        env,
+        req,
+        &target,
+        &run_id,
+        (notified, uploaded),
+        steps,
+        cancel,
+        &mut analysis,
+        &mut summary,
+        started,
+    )
+    .await;
+    summary.seconds = t0.elapsed().as_secs_f64();
+    match result {
+        Ok(()) => {
+            summary.status = "delivered".into();
+            print_summary(&env.events, &summary, || delivered_text(&summary));
+            Ok(Outcome {
+                summary,
+                exit: Exit::Ok,
+            })
+        }
+        Err(e) if e.downcast_ref::<Interrupted>().is_some() => {
+            summary.status = "interrupted".into();
+            summary.error = Some(e.to_string());
+            print_summary(&env.events, &summary, || {
+                format!(
+                    "{name}: interrupted after {} of {} files; run again to resume",
+                    summary.files_sent + summary.files_resumed,
+                    summary.files
+                )
+            });
+            Ok(Outcome {
+                summary,
+                exit: Exit::TempFail,
+            })
+        }
+        Err(e) => {
+            let error = format!("{e:#}");
+            summary.status = "failed".into();
+            summary.error = Some(error.clone());
+            if let Err(re) = env
+                .state
+                .update(
+                    &run_id,
+                    &Update {
+                        status: Some(Status::Failed),
+                        error: Some(&error),
+                        failed_files: Some(summary.files_failed),
+                        ..Update::default()
+                    },
+                )
+                .await
+            {
+                tracing::error!("recording the failure of {name} failed: {re:#}");
+            }
+            if req.tool == Tool::DeliveryUpload
+                && let Some(st) = &env.delivery.status
+                && let Some(sql_text) = &st.on_failed
+                && let Err(le) = lims_status(
+                    env,
+                    &st.database,
+                    sql_text,
+                    "on_failed",
+                    &analysis,
+                    &summary,
+                    Status::Failed,
+                    &target,
+                )
+                .await
+            {
+                tracing::error!("writing the failure of {name} to the LIMS failed: {le:#}");
+            }
+            // In JSON mode the failure is a summary record too; text mode has the error line.
+            env.events.record("summary", &summary);
+            Err(e.context(DeliveryFailed { analysis, summary }))
+        }
+    }
+}
+
+fn delivered_text(s: &Summary) -> String {
+    use std::fmt::Write as _;
+    let mut t = format!(
+        "delivered {} to {} ({}/{}): {} files, {}",
+        s.analysis_id,
+        s.target,
+        s.target_url,
+        s.key_prefix,
+        s.files,
+        HumanBytes(s.bytes)
+    );
+    if s.files_resumed > 0 {
+        let _ = write!(
+            t,
+            " ({} sent now, {} already there)",
+            s.files_sent, s.files_resumed
+        );
+    }
+    if let Some(k) = &s.md5sum_key {
+        let _ = write!(t, "; checksums in {k}");
+    }
+    if let Some(a) = &s.account {
+        let _ = write!(t, "; account {a}");
+    }
+    if let Some(x) = &s.expires_at {
+        let _ = write!(t, " until {x}");
+    }
+    t
+}
+
+fn print_summary(events: &Events, summary: &Summary, text: impl FnOnce() -> String) {
+    if let Err(e) = events.printer().emit("summary", summary, text) {
+        tracing::debug!("writing the summary failed: {e}");
+    }
+}
+
+/// Look the analysis up: by analysis id (delivery-upload, `[delivery.lookup]`
+/// required) or by project id (upload-pure, `[delivery.project_lookup]` optional).
+async fn find(env: &Env<'_>, req: &Request, name: &str) -> anyhow::Result<Analysis> {
+    match (req.tool, &req.analysis_id, &req.project_id) {
+        (Tool::DeliveryUpload, Some(id), _) => {
+            let l = env.delivery.lookup.as_ref().ok_or_else(|| {
+                tagged(
+                    Exit::Config,
+                    "delivery-upload needs [delivery.lookup] (sql on a [databases.NAME], or a command)",
+                )
+            })?;
+            lookup::lookup(env.config, l, &Key::Analysis(id.clone())).await
+        }
+        (_, _, Some(project)) => {
+            let mut a = if let Some(l) = &env.delivery.project_lookup {
+                lookup::lookup(env.config, l, &Key::Project(project.clone())).await?
+            } else {
+                tracing::warn!(
+                    "no [delivery.project_lookup]: project {project} has no contacts, nobody will be mailed"
+                );
+                Analysis {
+                    project_id: Some(project.clone()),
+                    ..Analysis::default()
+                }
+            };
+            name.clone_into(&mut a.analysis_id);
+            Ok(a)
+        }
+        _ => Err(labrelay::exit::usage(
+            "give --analysis-id, or --project-id with --analysis-path",
+        )),
+    }
+}
+
+fn folder_of(req: &Request, analysis: &Analysis) -> anyhow::Result<PathBuf> {
+    let path = req
+        .path
+        .clone()
+        .or_else(|| analysis.path.clone())
+        .ok_or_else(|| {
+            tagged(
+                Exit::Failed,
+                format!(
+                    "analysis {} has no analysis_path in the LIMS",
+                    analysis.analysis_id
+                ),
+            )
+        })?;
+    match std::fs::metadata(&path) {
+        Ok(m) if m.is_dir() => Ok(path),
+        Ok(_) => Err(tagged(
+            Exit::Failed,
+            format!("analysis path {} is not a directory", path.display()),
+        )),
+        Err(e) => Err(tagged(
+            Exit::Failed,
+            format!("analysis path {} cannot be read: {e}", path.display()),
+        )),
+    }
+}
+
+fn walk_options(d: &DeliveryConfig) -> anyhow::Result<WalkOptions> {
+    let mut reserved = vec![d.md5sum_name.clone()];
+    if d.sha256 {
+        reserved.push(SHA256_NAME.to_owned());
+    }
+    Ok(WalkOptions {
+        filter: Filter::new(&d.include, &d.exclude).map_err(|m| tagged(Exit::Config, m))?,
+        follow_symlinks: d.follow_symlinks,
+        reserved,
+    })
+}
+
+const SHA256_NAME: &str = "sha256sum.txt";
+
+fn md5sum_text(files: &[DeliveredFile]) -> String {
+    files
+        .iter()
+        .map(|f| manifest::checksum_line(&f.md5, &f.rel))
+        .collect()
+}
+
+fn sha256sum_text(files: &[DeliveredFile]) -> String {
+    files
+        .iter()
+        .map(|f| manifest::checksum_line(f.sha256.as_deref().unwrap_or_default(), &f.rel))
+        .collect()
+}
+
+/// A vendor CLI target: the command uploads the whole folder itself, so the engine
+/// hashes every file locally (for md5sum.txt and the mail), writes md5sum.txt (and
+/// sha256sum.txt) to a scratch directory for the `upload_file` step, and runs the
+/// vendor's steps. Resume is per delivery: a run whose files were already handed to
+/// the vendor (`uploaded`) only hashes them again.
+#[allow(clippy::too_many_arguments)]
+async fn vendor_upload(
+    env: &Env<'_>,
+    vendor: &VendorTarget,
+    analysis: &Analysis,
+    path: &std::path::Path,
+    entries: Vec<manifest::Entry>,
+    run_id: &str,
+    uploaded: bool,
+    summary: &Summary,
+    events: &Events,
+) -> anyhow::Result<UploadResult> {
+    if env.delivery.include != ["**"] || !env.delivery.exclude.is_empty() {
+        tracing::warn!(
+            "[delivery] include/exclude are checked, but the vendor command uploads the whole folder {}",
+            path.display()
+        );
+    }
+    let files = upload::hash_files(
+        &summary.key_prefix,
+        entries,
+        env.delivery.sha256,
+        env.delivery.parallel_large_files,
+        events,
+    )
+    .await?;
+    let mut result = UploadResult {
+        delivered: files,
+        ..UploadResult::default()
+    };
+    if uploaded {
+        tracing::info!(analysis_id = %summary.analysis_id, "the vendor already has these files; not uploading again");
+        result.files_resumed = result.delivered.len() as u64;
+        return Ok(result);
+    }
+    let scratch = env.config.data_dir().join("tmp").join(run_id);
+    fs_err::create_dir_all(&scratch)?;
+    let md5sum_path = scratch.join(&env.delivery.md5sum_name);
+    fs_err::write(&md5sum_path, md5sum_text(&result.delivered))?;
+    let mut extra = vec![md5sum_path];
+    if env.delivery.sha256 {
+        let p = scratch.join(SHA256_NAME);
+        fs_err::write(&p, sha256sum_text(&result.delivered))?;
+        extra.push(p);
+    }
+    let project = analysis.project_id.clone().ok_or_else(|| {
+        tagged(
+            Exit::Failed,
+            format!(
+                "analysis {} has no project_id; the vendor target needs one",
+                analysis.analysis_id
+            ),
+        )
+    })?;
+    let req = VendorUpload {
+        analysis_id: summary.analysis_id.clone(),
+        project,
+        remote_dir: summary.key_prefix.clone(),
+        local_dir: path.to_owned(),
+        extra_files: extra,
+        customer_email: analysis
+            .customer_emails
+            .first()
+            .cloned()
+            .unwrap_or_default(),
+    };
+    let report = vendor
+        .deliver(&req)
+        .await
+        .map_err(CommandError::into_anyhow)?;
+    tracing::info!(steps = report.steps.len(), "vendor steps done");
+    let _ = fs_err::remove_dir_all(&scratch);
+    result.files_sent = result.delivered.len() as u64;
+    result.bytes_sent = result.delivered.iter().map(|f| f.size).sum();
+    Ok(result)
+}
+
+fn build_manifest(env: &Env<'_>, path: &std::path::Path) -> anyhow::Result<manifest::Manifest> {
+    let m = manifest::walk(path, &walk_options(&env.delivery)?)
+        .map_err(|p| tagged(Exit::Failed, format!("cannot read the delivery folder {p}")))?;
+    for s in &m.skipped {
+        tracing::warn!("skipped {s}");
+    }
+    for e in &m.entries {
+        if let Some(orig) = &e.renamed_from {
+            tracing::warn!("{orig} is not a UTF-8 name; delivered as {}", e.rel);
+        }
+    }
+    if !m.problems.is_empty() {
+        for p in &m.problems {
+            env.events.problem(p);
+        }
+        return Err(tagged(
+            Exit::Failed,
+            format!(
+                "{} file(s) in {} cannot be delivered, nothing was uploaded (first: {})",
+                m.problems.len(),
+                path.display(),
+                m.problems[0]
+            ),
+        ));
+    }
+    if m.entries.is_empty() {
+        return Err(tagged(
+            Exit::Failed,
+            format!(
+                "nothing to deliver in {} (check [delivery] include/exclude)",
+                path.display()
+            ),
+        ));
+    }
+    Ok(m)
+}
+
+async fn dry_run(
+    env: &Env<'_>,
+    req: &Request,
+    target: &ResolvedTarget,
+    mut summary: Summary,
+    t0: Instant,
+) -> anyhow::Result<Outcome> {
+    let analysis = find(env, req, &summary.analysis_id).await?;
+    let path = folder_of(req, &analysis)?;
+    let m = build_manifest(env, &path)?;
+    summary.project_id.clone_from(&analysis.project_id);
+    for e in &m.entries {
+        let key = upload::object_key(&summary.key_prefix, &e.rel);
+        let _ = env.events.printer().emit(
+            "planned",
+            &serde_json::json!({"rel": e.rel, "key": key, "size": e.size, "path": e.path.to_string_lossy()}),
+            || format!("{}\t{key}", e.size),
+        );
+    }
+    summary.status = "dry_run".into();
+    summary.files = m.entries.len() as u64;
+    summary.bytes = m.total_bytes();
+    summary.md5sum_key = Some(upload::object_key(
+        &summary.key_prefix,
+        &env.delivery.md5sum_name,
+    ));
+    summary.seconds = t0.elapsed().as_secs_f64();
+    let to: Vec<String> = analysis.customer_emails.clone();
+    print_summary(&env.events, &summary, || {
+        format!(
+            "dry run: would deliver {} files ({}) from {} to {} ({}/{}), mail {} with Cc {}",
+            summary.files,
+            HumanBytes(summary.bytes),
+            path.display(),
+            target.info.name,
+            target.info.describe,
+            summary.key_prefix,
+            if to.is_empty() {
+                "nobody".into()
+            } else {
+                to.join(", ")
+            },
+            analysis.staff.all().join(", ")
+        )
+    });
+    Ok(Outcome {
+        summary,
+        exit: Exit::Ok,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn steps_of(
+    env: &Env<'_>,
+    req: &Request,
+    target: &ResolvedTarget,
+    run_id: &str,
+    (notified, uploaded): (bool, bool),
+    steps: &dyn CustomerSteps,
+    cancel: &Cancel,
+    analysis: &mut Analysis,
+    summary: &mut Summary,
+    started: chrono::DateTime<Utc>,
+) -> anyhow::Result<()> {
+    let name = summary.analysis_id.clone();
+    env.events.stage("lookup", run_id, &name);
+    *analysis = find(env, req, &name).await?;
+    summary.project_id.clone_from(&analysis.project_id);
+    let path = folder_of(req, analysis)?;
+    env.events.stage("manifest", run_id, &name);
+    let m = build_manifest(env, &path)?;
+    summary.files = m.entries.len() as u64;
+    summary.bytes = m.total_bytes();
+    let path_text = path.display().to_string();
+    env.state
+        .update(
+            run_id,
+            &Update {
+                status: Some(Status::Uploading),
+                project_id: analysis.project_id.as_deref(),
+                source_path: Some(&path_text),
+                files: Some(summary.files),
+                bytes: Some(summary.bytes),
+                error: Some(""),
+                ..Update::default()
+            },
+        )
+        .await?;
+    if req.tool == Tool::DeliveryUpload
+        && let Some(st) = &env.delivery.status
+        && let Some(sql_text) = &st.on_started
+    {
+        lims_status(
+            env,
+            &st.database,
+            sql_text,
+            "on_started",
+            analysis,
+            summary,
+            Status::Uploading,
+            target,
+        )
+        .await?;
+    }
+    env.events.stage("upload", run_id, &name);
+    let mut events = env.events.clone();
+    events.start_progress(summary.files, summary.bytes);
+    let up = if let Some(vendor) = &target.vendor {
+        vendor_upload(
+            env, vendor, analysis, &path, m.entries, run_id, uploaded, summary, &events,
+        )
+        .await
+    } else if let Some(storage) = &target.storage {
+        let sc = target.config.as_ref();
+        let opts = UploadOptions {
+            parallel_small: env.delivery.parallel_files,
+            parallel_large: env.delivery.parallel_large_files,
+            large_bytes: env.delivery.large_file_mib.saturating_mul(1024 * 1024),
+            sha256: env.delivery.sha256,
+            attempts: env.delivery.attempts,
+            part_size_mib: sc.and_then(|c| c.part_size_mib),
+            part_concurrency: sc
+                .and_then(|c| c.part_concurrency)
+                .unwrap_or(labrelay::storage::DEFAULT_PART_CONCURRENCY),
+            force: false,
+        };
+        let job = upload::Job {
+            storage,
+            state: &env.state,
+            run_id,
+            prefix: &summary.key_prefix,
+            opts: &opts,
+            events: &events,
+            cancel,
+        };
+        upload::upload(&job, m.entries).await
+    } else {
+        Err(tagged(
+            Exit::Config,
+            "the target has neither storage nor command",
+        ))
+    };
+    events.finish_progress();
+    let up = up?;
+    summary.files_sent = up.files_sent;
+    summary.files_resumed = up.files_resumed;
+    summary.files_failed = up.failed.len() as u64;
+    summary.bytes_sent = up.bytes_sent;
+    summary.parts_sent = up.parts_sent;
+    summary.parts_resumed = up.parts_resumed;
+    if !up.failed.is_empty() {
+        let exit = up
+            .failed
+            .iter()
+            .map(|f| f.exit)
+            .fold(Exit::TempFail, |acc, e| {
+                if e == Exit::TempFail {
+                    acc
+                } else {
+                    Exit::Failed
+                }
+            });
+        return Err(tagged(
+            exit,
+            format!(
+                "{} of {} files failed (first: {}: {}); run again to retry them",
+                up.failed.len(),
+                summary.files,
+                up.failed[0].rel,
+                up.failed[0].error
+            ),
+        ));
+    }
+    if up.interrupted {
+        return Err(Interrupted.into());
+    }
+    env.events.stage("checksums", run_id, &name);
+    let mut files = up.delivered;
+    files.sort_by(|a, b| a.rel.cmp(&b.rel));
+    let md5sum_text = md5sum_text(&files);
+    let md5sum_key = upload::object_key(&summary.key_prefix, &env.delivery.md5sum_name);
+    let sha256sum_key = env
+        .delivery
+        .sha256
+        .then(|| upload::object_key(&summary.key_prefix, SHA256_NAME));
+    if let Some(storage) = &target.storage {
+        upload::put_generated(storage, &md5sum_key, Bytes::from(md5sum_text.clone())).await?;
+        if let Some(k) = &sha256sum_key {
+            upload::put_generated(storage, k, Bytes::from(sha256sum_text(&files))).await?;
+        }
+    }
+    summary.md5sum_key = Some(md5sum_key.clone());
+    env.state
+        .update(
+            run_id,
+            &Update {
+                status: Some(Status::Uploaded),
+                md5sum_key: Some(&md5sum_key),
+                failed_files: Some(0),
+                ..Update::default()
+            },
+        )
+        .await?;
+    let report = DeliveryReport {
+        delivery_id: run_id.to_owned(),
+        tool: req.tool,
+        analysis: analysis.clone(),
+        target: target.info.clone(),
+        key_prefix: summary.key_prefix.clone(),
+        total_files: files.len() as u64,
+        total_bytes: files.iter().map(|f| f.size).sum(),
+        files,
+        md5sum_key,
+        md5sum_text,
+        sha256sum_key,
+        started_at: started,
+        finished_at: Utc::now(),
+    };
+    if notified {
+        tracing::info!(analysis_id = %name, "customer already informed by an earlier run; not mailing again");
+        if let Some(row) = env.state.run(run_id).await? {
+            summary.account = row.account;
+            summary.expires_at = row.expires_at;
+        }
+    } else {
+        let ctx = StepContext {
+            config: env.config,
+            delivery: &env.delivery,
+            storage: target.storage.as_ref(),
+            state: env.state.db(),
+        };
+        env.events.stage("access", run_id, &name);
+        let access = steps
+            .grant(ctx, &report)
+            .await
+            .map_err(|e| e.context("granting customer access"))?;
+        env.events.stage("mail", run_id, &name);
+        let receipt = steps
+            .notify(ctx, &report, &access)
+            .await
+            .map_err(|e| e.context("mailing the customer"))?;
+        let record = access.record();
+        summary.account.clone_from(&record.account);
+        summary.expires_at = record.expires_at.map(|t| t.to_rfc3339());
+        summary.mail_message_id = receipt.map(|r| r.message_id);
+        let now = Utc::now().to_rfc3339();
+        env.state
+            .update(
+                run_id,
+                &Update {
+                    status: Some(Status::Notified),
+                    account: record.account.as_deref(),
+                    access_kind: Some(record.method.as_str()),
+                    expires_at: summary.expires_at.as_deref(),
+                    notified_at: Some(&now),
+                    ..Update::default()
+                },
+            )
+            .await?;
+    }
+    if req.tool == Tool::DeliveryUpload
+        && let Some(st) = &env.delivery.status
+        && let Some(sql_text) = &st.on_delivered
+    {
+        env.events.stage("lims_status", run_id, &name);
+        lims_status(
+            env,
+            &st.database,
+            sql_text,
+            "on_delivered",
+            analysis,
+            summary,
+            Status::Delivered,
+            target,
+        )
+        .await?;
+    }
+    env.events.stage("commit", run_id, &name);
+    env.state
+        .update(
+            run_id,
+            &Update {
+                status: Some(Status::Delivered),
+                error: Some(""),
+                ..Update::default()
+            },
+        )
+        .await?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn lims_status(
+    env: &Env<'_>,
+    database: &str,
+    sql_text: &str,
+    which: &str,
+    analysis: &Analysis,
+    summary: &Summary,
+    status: Status,
+    target: &ResolvedTarget,
+) -> anyhow::Result<()> {
+    let mut p: BTreeMap<&str, Value> = BTreeMap::new();
+    p.insert("analysis_id", Value::from(summary.analysis_id.as_str()));
+    p.insert("project_id", Value::from(analysis.project_id.clone()));
+    p.insert("status", Value::from(status.as_str()));
+    p.insert("target", Value::from(target.info.name.as_str()));
+    p.insert("key_prefix", Value::from(summary.key_prefix.as_str()));
+    p.insert(
+        "path",
+        Value::from(analysis.path.as_ref().map(|p| p.display().to_string())),
+    );
+    p.insert("files", Value::Int(summary.files as i64));
+    p.insert("bytes", Value::Int(summary.bytes as i64));
+    p.insert("account", Value::from(summary.account.clone()));
+    p.insert("expires_at", Value::from(summary.expires_at.clone()));
+    p.insert("error", Value::from(summary.error.clone()));
+    p.insert("delivered_at", Value::from(Utc::now().to_rfc3339()));
+    p.insert("delivery_id", Value::from(summary.delivery_id.clone()));
+    let what = format!("delivery.status.{which}");
+    let db = Db::connect(env.config.database(database)?).await?;
+    let r = sql::execute(&db, sql_text, &p, &what).await;
+    db.close().await;
+    r.map_err(|e| {
+        e.context(format!(
+            "writing the status to [databases.{database}] ({what})"
+        ))
+    })?;
+    Ok(())
+}
+
+/// The exit status of an error that stopped a delivery (for listeners deciding whether
+/// to retry).
+pub fn exit_of(e: &anyhow::Error) -> Exit {
+    classify(e)
+}
+
+/// [`deliver`] for a command-line run: the first SIGTERM/SIGINT stops new work and lets
+/// the files in flight finish and be journaled (exit 75, "run again to resume"); a
+/// second one stops at once (the journal still holds every finished file and part).
+pub async fn deliver_until_signalled(
+    env: &Env<'_>,
+    req: &Request,
+    steps: &dyn CustomerSteps,
+) -> anyhow::Result<Exit> {
+    let cancel = Cancel::new();
+    let watcher = {
+        let cancel = cancel.clone();
+        async move {
+            labrelay::cli::shutdown_signal().await;
+            tracing::warn!(
+                "stopping: finishing the files in flight (signal again to stop at once)"
+            );
+            cancel.cancel();
+            labrelay::cli::shutdown_signal().await;
+        }
+    };
+    tokio::select! {
+        r = deliver(env, req, steps, &cancel) => Ok(r?.exit),
+        () = watcher => Err(tagged(Exit::TempFail, "interrupted twice; stopped at once (run again to resume)")),
+    }
+}
+
+/// `delivery-upload renew`: re-issue the presigned links of the last finished delivery
+/// of `analysis_id` to its S3 target, valid `[delivery.access] expiry_days` from now,
+/// mail them to the customer again and record the new expiry. The files come from the
+/// journal; each is checked on the target before a link is made.
+pub async fn renew(
+    env: &Env<'_>,
+    steps: &crate::notify::DeliverySteps,
+    analysis_id: &str,
+    target_name: Option<&str>,
+) -> anyhow::Result<Exit> {
+    let target = ResolvedTarget::resolve(env.config, &env.delivery, target_name)?;
+    let Some(storage @ AnyStorage::S3(_)) = &target.storage else {
+        return Err(labrelay::exit::usage(format!(
+            "renew re-issues presigned links, which only S3 targets have; {} is {}",
+            target.info.name, target.info.describe
+        )));
+    };
+    let row = env
+        .state
+        .latest(analysis_id, &target.info.name)
+        .await?
+        .filter(|r| r.status() == Status::Delivered)
+        .ok_or_else(|| {
+            tagged(
+                Exit::Failed,
+                format!(
+                    "{analysis_id} has no finished delivery to {}; deliver it first",
+                    target.info.name
+                ),
+            )
+        })?;
+    let lookup = env.delivery.lookup.as_ref().ok_or_else(|| {
+        tagged(
+            Exit::Config,
+            "renew needs [delivery.lookup] for the contacts",
+        )
+    })?;
+    let mut analysis =
+        lookup::lookup(env.config, lookup, &Key::Analysis(analysis_id.to_owned())).await?;
+    analysis.project_id = analysis.project_id.or(row.project_id.clone());
+    let prefix = format!("{}/", row.key_prefix);
+    let mut files: Vec<DeliveredFile> = env
+        .state
+        .done_files(&row.id)
+        .await?
+        .into_values()
+        .map(|d| DeliveredFile {
+            rel: d.key.strip_prefix(&prefix).unwrap_or(&d.key).to_owned(),
+            key: d.key,
+            size: d.size,
+            md5: d.md5,
+            sha256: d.sha256,
+        })
+        .collect();
+    files.sort_by(|a, b| a.rel.cmp(&b.rel));
+    let now = Utc::now();
+    let report = DeliveryReport {
+        delivery_id: row.id.clone(),
+        tool: Tool::DeliveryUpload,
+        analysis,
+        target: target.info.clone(),
+        key_prefix: row.key_prefix.clone(),
+        total_files: files.len() as u64,
+        total_bytes: files.iter().map(|f| f.size).sum(),
+        md5sum_text: md5sum_text(&files),
+        files,
+        md5sum_key: row.md5sum_key.clone().unwrap_or_default(),
+        sha256sum_key: None,
+        started_at: now,
+        finished_at: now,
+    };
+    let req = crate::access::AccessRequest::from_report(&report);
+    let grant = crate::access::renew(storage, &req.files, steps.access().expiry_days(), now)
+        .await
+        .map_err(crate::access::AccessError::into_anyhow)?;
+    let ctx = StepContext {
+        config: env.config,
+        delivery: &env.delivery,
+        storage: Some(storage),
+        state: env.state.db(),
+    };
+    let receipt = steps
+        .notify(ctx, &report, &grant)
+        .await
+        .map_err(|e| e.context("mailing the renewed links"))?;
+    let expires_at = grant.expires_at.map(|t| t.to_rfc3339());
+    env.state
+        .update(
+            &row.id,
+            &Update {
+                expires_at: expires_at.as_deref(),
+                access_kind: Some(grant.method.as_str()),
+                ..Update::default()
+            },
+        )
+        .await?;
+    let summary = serde_json::json!({
+        "status": "renewed",
+        "delivery_id": row.id,
+        "analysis_id": analysis_id,
+        "target": target.info.name,
+        "links": grant.links.len(),
+        "expires_at": expires_at,
+        "mail_message_id": receipt.as_ref().map(|r| r.message_id.clone()),
+    });
+    let text = format!(
+        "renewed {} links of {analysis_id} until {}{}",
+        grant.links.len(),
+        expires_at.as_deref().unwrap_or("-"),
+        if receipt.is_some() {
+            "; customer mailed"
+        } else {
+            ""
+        }
+    );
+    if let Err(e) = env.events.printer().emit("summary", &summary, || text) {
+        tracing::debug!("writing the summary failed: {e}");
+    }
+    Ok(Exit::Ok)
+}

@@ -1,0 +1,967 @@
+//! The upload engine: many files at once, parts in parallel within a large file, every
+//! object verified, every finished file and part journaled so a re-run sends only what
+//! is missing.
+//!
+//! - Concurrency: files smaller than `large_bytes` share `parallel_small` slots, larger
+//!   ones `parallel_large` slots (default 16 / 4), so a few huge files never starve the
+//!   thousands of small ones and vice versa.
+//! - Each file is read once: the MD5 (and the optional SHA-256) is computed while the
+//!   bytes stream to the target.
+//! - S3 files of at least one part go up as multipart uploads driven from here (not by
+//!   the storage's own `put_file`), so the upload id and each finished part are journaled
+//!   in the state database. After a crash the re-run reads the file again (to hash it),
+//!   sends only the parts that are not journaled, and completes the same upload. Each
+//!   part's ETag must equal its MD5, and the completed object's ETag the multipart ETag.
+//! - Verification: S3 single PUTs by the ETag the server returns (= MD5 of what it
+//!   stored); multipart by the recomputed multipart ETag and a HEAD for the size; SFTP by
+//!   `md5sum` on the server (size when the account has no shell); local by size.
+//! - Temporary errors (75-class) are retried `attempts` times per file and per part.
+//! - [`Cancel`]: no new file or part starts; the ones in flight finish and are
+//!   journaled (SIGTERM under `--listen`, Ctrl-C on the command line).
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use labrelay::exit::{Exit, classify};
+use labrelay::storage::{
+    AnyStorage, MultipartUpload, ObjectStorage, PutOptions, S3Storage, StorageError, UploadedPart,
+    multipart_etag, part_size_for,
+};
+use md5::{Digest, Md5};
+use sha2::Sha256;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+
+use crate::events::{Events, FileEvent};
+use crate::manifest::Entry;
+use crate::report::DeliveredFile;
+use crate::state::{DoneFile, State};
+
+const MIB: u64 = 1024 * 1024;
+
+/// A stop request shared by everything of one run; cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel(Arc<AtomicBool>);
+
+impl Cancel {
+    /// A fresh, unset flag.
+    pub fn new() -> Cancel {
+        Cancel::default()
+    }
+    /// Ask everything to stop after the work in flight.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    /// Whether a stop was requested.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// The run stopped because of [`Cancel`]; what is journaled stays journaled.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted; run again to resume")]
+pub struct Interrupted;
+
+/// How to upload.
+#[derive(Debug, Clone)]
+pub struct UploadOptions {
+    /// Small files at once.
+    pub parallel_small: usize,
+    /// Large files at once.
+    pub parallel_large: usize,
+    /// Size from which a file is large.
+    pub large_bytes: u64,
+    /// Compute SHA-256 too.
+    pub sha256: bool,
+    /// Attempts per file / part on temporary errors.
+    pub attempts: u32,
+    /// `[storage.NAME] part_size_mib`.
+    pub part_size_mib: Option<u64>,
+    /// Parts of one file in flight.
+    pub part_concurrency: usize,
+    /// Ignore the journal of finished files.
+    pub force: bool,
+}
+
+impl UploadOptions {
+    /// The part size for a file of `len` bytes: the configured size (grown when the file
+    /// would need more than 10,000 parts), else the storage default.
+    pub fn part_size(&self, len: u64) -> u64 {
+        let needed = part_size_for(len);
+        match self.part_size_mib {
+            Some(mib) => (mib * MIB).max(needed),
+            None => needed,
+        }
+    }
+}
+
+/// A file that could not be delivered.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FailedFile {
+    /// Path relative to the folder.
+    pub rel: String,
+    /// Object key.
+    pub key: String,
+    /// Why.
+    pub error: String,
+    /// The exit class of the error (75 when retrying later may help).
+    pub exit: Exit,
+}
+
+/// What an upload did.
+#[derive(Debug, Clone, Default)]
+pub struct UploadResult {
+    /// Delivered files (sent now or finished by an earlier run), sorted by key.
+    pub delivered: Vec<DeliveredFile>,
+    /// Files that failed.
+    pub failed: Vec<FailedFile>,
+    /// Files sent by this run.
+    pub files_sent: u64,
+    /// Files finished by an earlier run (journal).
+    pub files_resumed: u64,
+    /// Bytes sent by this run.
+    pub bytes_sent: u64,
+    /// Multipart parts sent by this run.
+    pub parts_sent: u64,
+    /// Multipart parts finished by an earlier run and not sent again.
+    pub parts_resumed: u64,
+    /// Stopped by [`Cancel`] before every file was done.
+    pub interrupted: bool,
+}
+
+struct Ctx {
+    storage: AnyStorage,
+    state: State,
+    run_id: String,
+    opts: UploadOptions,
+    events: Events,
+    cancel: Cancel,
+    journal: mpsc::Sender<DoneFile>,
+    bytes_sent: AtomicU64,
+    parts_sent: AtomicU64,
+    parts_resumed: AtomicU64,
+    remote_md5_broken: AtomicBool,
+}
+
+/// The object key of a file: `<prefix>/<rel>`.
+pub fn object_key(prefix: &str, rel: &str) -> String {
+    if prefix.is_empty() {
+        rel.to_owned()
+    } else {
+        format!("{prefix}/{rel}")
+    }
+}
+
+/// Where and how an upload runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Job<'a> {
+    /// The target.
+    pub storage: &'a AnyStorage,
+    /// The state database (journal).
+    pub state: &'a State,
+    /// The delivery run the journal belongs to.
+    pub run_id: &'a str,
+    /// Key prefix of every file.
+    pub prefix: &'a str,
+    /// Options.
+    pub opts: &'a UploadOptions,
+    /// Events.
+    pub events: &'a Events,
+    /// Stop request.
+    pub cancel: &'a Cancel,
+}
+
+/// Upload `entries` below the job's prefix, journaling under its run.
+pub async fn upload(job: &Job<'_>, entries: Vec<Entry>) -> anyhow::Result<UploadResult> {
+    let Job {
+        storage,
+        state,
+        run_id,
+        prefix,
+        opts,
+        events,
+        cancel,
+    } = *job;
+    let done = if opts.force {
+        HashMap::new()
+    } else {
+        state.done_files(run_id).await?
+    };
+    let (tx, mut rx) = mpsc::channel::<DoneFile>(4096);
+    let writer_state = state.clone();
+    let writer_run = run_id.to_owned();
+    // Finished small files are committed in batches: one transaction per burst instead
+    // of one per file. A crash loses at most the last batch, whose files are sent again.
+    let writer = tokio::spawn(async move {
+        let mut batch = Vec::new();
+        while let Some(f) = rx.recv().await {
+            batch.push(f);
+            while batch.len() < 512 {
+                match rx.try_recv() {
+                    Ok(f) => batch.push(f),
+                    Err(_) => break,
+                }
+            }
+            writer_state.record_files(&writer_run, &batch).await?;
+            batch.clear();
+        }
+        Ok::<_, anyhow::Error>(())
+    });
+    let ctx = Arc::new(Ctx {
+        storage: storage.clone(),
+        state: state.clone(),
+        run_id: run_id.to_owned(),
+        opts: opts.clone(),
+        events: events.clone(),
+        cancel: cancel.clone(),
+        journal: tx,
+        bytes_sent: AtomicU64::new(0),
+        parts_sent: AtomicU64::new(0),
+        parts_resumed: AtomicU64::new(0),
+        remote_md5_broken: AtomicBool::new(false),
+    });
+    let small = Arc::new(Semaphore::new(opts.parallel_small.max(1)));
+    let large = Arc::new(Semaphore::new(opts.parallel_large.max(1)));
+    let mut result = UploadResult::default();
+    let mut set: JoinSet<(Entry, String, anyhow::Result<Option<DeliveredFile>>)> = JoinSet::new();
+    for entry in entries {
+        let key = object_key(prefix, &entry.rel);
+        if let Some(d) = done.get(&key)
+            && d.size == entry.size
+            && d.mtime_ns == entry.mtime_ns
+        {
+            events.file(&FileEvent {
+                key: &key,
+                rel: &entry.rel,
+                size: d.size,
+                md5: &d.md5,
+                sha256: d.sha256.as_deref(),
+                parts: d.parts,
+                parts_sent: 0,
+                resumed: true,
+            });
+            result.files_resumed += 1;
+            result.delivered.push(DeliveredFile {
+                rel: entry.rel.clone(),
+                key,
+                size: d.size,
+                md5: d.md5.clone(),
+                sha256: d.sha256.clone(),
+            });
+            continue;
+        }
+        // A file sent as a multipart upload holds several parts in memory: it is large
+        // whatever `large_bytes` says, so memory stays bounded by the large slots.
+        let multipart =
+            matches!(storage, AnyStorage::S3(_)) && entry.size >= opts.part_size(entry.size);
+        let sem = if entry.size >= opts.large_bytes || multipart {
+            Arc::clone(&large)
+        } else {
+            Arc::clone(&small)
+        };
+        let ctx = Arc::clone(&ctx);
+        set.spawn(async move {
+            let Ok(_permit) = sem.acquire_owned().await else {
+                return (entry, key, Err(anyhow::anyhow!("upload slots closed")));
+            };
+            if ctx.cancel.is_cancelled() {
+                return (entry, key, Ok(None));
+            }
+            let r = one_file(&ctx, &entry, &key).await;
+            (entry, key, r.map(Some))
+        });
+    }
+    while let Some(joined) = set.join_next().await {
+        let (entry, key, r) = joined.map_err(|e| anyhow::anyhow!("upload task failed: {e}"))?;
+        match r {
+            Ok(Some(d)) => {
+                result.files_sent += 1;
+                result.delivered.push(d);
+            }
+            Ok(None) => result.interrupted = true,
+            Err(e) if e.downcast_ref::<Interrupted>().is_some() => result.interrupted = true,
+            Err(e) => {
+                let error = format!("{e:#}");
+                events.file_failed(&key, &entry.rel, &error);
+                result.failed.push(FailedFile {
+                    rel: entry.rel,
+                    key,
+                    error,
+                    exit: classify(&e),
+                });
+            }
+        }
+    }
+    let ctx = Arc::into_inner(ctx).ok_or_else(|| anyhow::anyhow!("upload tasks still running"))?;
+    result.bytes_sent = ctx.bytes_sent.load(Ordering::Relaxed);
+    result.parts_sent = ctx.parts_sent.load(Ordering::Relaxed);
+    result.parts_resumed = ctx.parts_resumed.load(Ordering::Relaxed);
+    drop(ctx.journal);
+    writer
+        .await
+        .map_err(|e| anyhow::anyhow!("journal writer failed: {e}"))?
+        .map_err(|e| e.context("journaling finished files"))?;
+    result.delivered.sort_by(|a, b| a.key.cmp(&b.key));
+    result.failed.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(result)
+}
+
+fn is_temporary(e: &anyhow::Error) -> bool {
+    classify(e) == Exit::TempFail
+}
+
+async fn backoff(attempt: u32) {
+    tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
+}
+
+/// Send one file (with retries) and journal it.
+async fn one_file(ctx: &Ctx, entry: &Entry, key: &str) -> anyhow::Result<DeliveredFile> {
+    let multipart = match &ctx.storage {
+        AnyStorage::S3(s3) if entry.size >= ctx.opts.part_size(entry.size) => Some(s3.clone()),
+        _ => None,
+    };
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let r = match &multipart {
+            Some(s3) => multipart_file(ctx, s3, entry, key).await,
+            None => single_file(ctx, entry, key).await,
+        };
+        match r {
+            Ok(d) => return Ok(d),
+            Err(e) if e.downcast_ref::<Interrupted>().is_some() => return Err(e),
+            Err(e) if is_temporary(&e) && attempt < ctx.opts.attempts => {
+                tracing::warn!(key, attempt, "temporary failure, retrying: {e:#}");
+                backoff(attempt).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A reader that hashes SHA-256 and counts bytes as they pass.
+struct Sha256Reader<R> {
+    inner: R,
+    sha: Arc<std::sync::Mutex<(Sha256, u64)>>,
+}
+
+impl<R: Read> Read for Sha256Reader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let mut g = self
+            .sha
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        g.0.update(&buf[..n]);
+        g.1 += n as u64;
+        Ok(n)
+    }
+}
+
+async fn single_file(ctx: &Ctx, entry: &Entry, key: &str) -> anyhow::Result<DeliveredFile> {
+    let (out, sha256) = if ctx.opts.sha256 {
+        let file = fs_err::File::open(&entry.path)?;
+        let sha = Arc::new(std::sync::Mutex::new((Sha256::new(), 0u64)));
+        let reader = Sha256Reader {
+            inner: file,
+            sha: Arc::clone(&sha),
+        };
+        // A part as large as the file keeps S3 at one request (small files only come
+        // here; large ones take the journaled multipart path).
+        let opts = PutOptions {
+            part_size: Some(ctx.opts.part_size(entry.size)),
+            ..PutOptions::default()
+        };
+        let out = ctx.storage.put_reader(reader, key, &opts).await?;
+        let (hasher, n) = {
+            let g = sha
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            (g.0.clone(), g.1)
+        };
+        if n != entry.size {
+            let _ = ctx.storage.delete(key).await;
+            return Err(StorageError::Changed {
+                path: entry.path.clone(),
+                expected: entry.size,
+                actual: n,
+            }
+            .into());
+        }
+        (out, Some(hex::encode(hasher.finalize())))
+    } else {
+        let out = ctx
+            .storage
+            .put_file(&entry.path, key, &PutOptions::default())
+            .await?;
+        (out, None)
+    };
+    ctx.bytes_sent.fetch_add(out.size, Ordering::Relaxed);
+    ctx.events.bytes(out.size);
+    verify(ctx, key, out.size, &out.md5_hex).await?;
+    let done = DoneFile {
+        key: key.to_owned(),
+        size: out.size,
+        mtime_ns: entry.mtime_ns,
+        md5: out.md5_hex.clone(),
+        sha256: sha256.clone(),
+        etag: out.etag.clone(),
+        parts: out.parts,
+    };
+    ctx.journal
+        .send(done)
+        .await
+        .map_err(|_| anyhow::anyhow!("the journal writer stopped"))?;
+    ctx.events.file(&FileEvent {
+        key,
+        rel: &entry.rel,
+        size: out.size,
+        md5: &out.md5_hex,
+        sha256: sha256.as_deref(),
+        parts: out.parts,
+        parts_sent: out.parts,
+        resumed: false,
+    });
+    Ok(DeliveredFile {
+        rel: entry.rel.clone(),
+        key: key.to_owned(),
+        size: out.size,
+        md5: out.md5_hex,
+        sha256,
+    })
+}
+
+/// Check a stored object. S3 single PUTs were already checked by the storage against
+/// the ETag the server returned.
+async fn verify(ctx: &Ctx, key: &str, size: u64, md5: &str) -> anyhow::Result<()> {
+    match &ctx.storage {
+        AnyStorage::S3(_) => Ok(()),
+        AnyStorage::Sftp(s) => {
+            if !ctx.remote_md5_broken.load(Ordering::Relaxed) {
+                match s.remote_md5(key).await {
+                    Ok(remote) if remote == md5 => return Ok(()),
+                    Ok(remote) => {
+                        return Err(integrity(
+                            &ctx.storage,
+                            key,
+                            format!("md5sum on the server gives {remote}, we sent {md5}"),
+                        ));
+                    }
+                    Err(e @ StorageError::Connect { .. }) => return Err(e.into()),
+                    Err(e) => {
+                        // An account without a shell (internal-sftp) cannot run md5sum.
+                        ctx.remote_md5_broken.store(true, Ordering::Relaxed);
+                        tracing::warn!(
+                            "cannot run md5sum on {}: {e}; verifying sizes only",
+                            ctx.storage.describe()
+                        );
+                    }
+                }
+            }
+            verify_size(&ctx.storage, key, size).await
+        }
+        AnyStorage::Local(_) => verify_size(&ctx.storage, key, size).await,
+    }
+}
+
+fn integrity(storage: &AnyStorage, key: &str, message: String) -> anyhow::Error {
+    StorageError::Integrity {
+        target: storage.describe(),
+        key: key.to_owned(),
+        message,
+    }
+    .into()
+}
+
+async fn verify_size(storage: &AnyStorage, key: &str, size: u64) -> anyhow::Result<()> {
+    match storage.head(key).await? {
+        Some(info) if info.size == size => Ok(()),
+        Some(info) => Err(integrity(
+            storage,
+            key,
+            format!(
+                "stored size {} differs from the {size} bytes sent",
+                info.size
+            ),
+        )),
+        None => Err(integrity(
+            storage,
+            key,
+            "not found right after upload".into(),
+        )),
+    }
+}
+
+/// The local file being read part by part, with the whole-file hashes.
+struct PartReader {
+    file: fs_err::File,
+    whole: Md5,
+    sha: Option<Sha256>,
+    total: u64,
+}
+
+async fn read_part(mut r: PartReader, len: u64) -> anyhow::Result<(PartReader, Bytes, String)> {
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; len as usize];
+        let mut filled = 0;
+        while filled < buf.len() {
+            match r.file.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(anyhow::Error::new(e)),
+            }
+        }
+        buf.truncate(filled);
+        let md5 = hex::encode(Md5::digest(&buf));
+        r.whole.update(&buf);
+        if let Some(s) = &mut r.sha {
+            s.update(&buf);
+        }
+        r.total += filled as u64;
+        Ok((r, Bytes::from(buf), md5))
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("file reader task failed: {e}"))?
+}
+
+fn clean_etag(etag: &str) -> String {
+    etag.trim().trim_matches('"').to_ascii_lowercase()
+}
+
+/// Whether an S3 error says the multipart upload no longer exists (aborted, expired).
+fn upload_gone(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<StorageError>(),
+            Some(StorageError::NotFound { .. })
+        ) || c.to_string().contains("NoSuchUpload")
+    })
+}
+
+async fn multipart_file(
+    ctx: &Ctx,
+    s3: &S3Storage,
+    entry: &Entry,
+    key: &str,
+) -> anyhow::Result<DeliveredFile> {
+    match multipart_once(ctx, s3, entry, key).await {
+        Err(e) if upload_gone(&e) && !ctx.cancel.is_cancelled() => {
+            tracing::warn!(
+                key,
+                "the journaled multipart upload is gone on the server; starting it again"
+            );
+            ctx.state.clear_multipart(&ctx.run_id, key).await?;
+            multipart_once(ctx, s3, entry, key).await
+        }
+        r => r,
+    }
+}
+
+async fn put_part_retrying(
+    s3: &S3Storage,
+    upload: &MultipartUpload,
+    index: usize,
+    data: Bytes,
+    attempts: u32,
+) -> anyhow::Result<UploadedPart> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match s3.put_part(upload, index, data.clone()).await {
+            Ok(p) => return Ok(p),
+            Err(e) if e.is_temporary() && attempt < attempts => {
+                tracing::warn!(key = upload.key, part = index + 1, "retrying part: {e}");
+                backoff(attempt).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+#[allow(clippy::too_many_lines)]
+async fn multipart_once(
+    ctx: &Ctx,
+    s3: &S3Storage,
+    entry: &Entry,
+    key: &str,
+) -> anyhow::Result<DeliveredFile> {
+    let size = entry.size;
+    let part_size = ctx.opts.part_size(size);
+    let n_parts = size.div_ceil(part_size) as usize;
+    let mut journal = ctx.state.multipart(&ctx.run_id, key).await?;
+    if let Some(j) = &journal
+        && (j.size != size || j.mtime_ns != entry.mtime_ns || j.part_size != part_size)
+    {
+        // The file changed since the interrupted run: its parts are worthless.
+        let stale = MultipartUpload {
+            key: key.to_owned(),
+            upload_id: j.upload_id.clone(),
+        };
+        if let Err(e) = s3.abort_multipart(&stale).await {
+            tracing::debug!(key, "aborting a stale multipart upload failed: {e}");
+        }
+        ctx.state.clear_multipart(&ctx.run_id, key).await?;
+        journal = None;
+    }
+    let (upload, done_parts) = if let Some(j) = journal {
+        tracing::info!(
+            key,
+            journaled = j.parts.len(),
+            parts = n_parts,
+            "resuming multipart upload"
+        );
+        (
+            MultipartUpload {
+                key: key.to_owned(),
+                upload_id: j.upload_id,
+            },
+            j.parts,
+        )
+    } else {
+        let u = s3.create_multipart(key).await?;
+        ctx.state
+            .start_multipart(
+                &ctx.run_id,
+                key,
+                &u.upload_id,
+                part_size,
+                size,
+                entry.mtime_ns,
+            )
+            .await?;
+        (u, HashMap::new())
+    };
+    let mut reader = PartReader {
+        file: fs_err::File::open(&entry.path)?,
+        whole: Md5::new(),
+        sha: ctx.opts.sha256.then(Sha256::new),
+        total: 0,
+    };
+    let mut part_md5 = vec![String::new(); n_parts];
+    let mut etags: Vec<Option<String>> = vec![None; n_parts];
+    let mut tasks: JoinSet<(usize, u64, anyhow::Result<UploadedPart>)> = JoinSet::new();
+    let mut sent_now = 0u32;
+    let mut interrupted = false;
+    let mut first_error: Option<anyhow::Error> = None;
+    let concurrency = ctx.opts.part_concurrency.max(1);
+    for index in 0..n_parts {
+        if ctx.cancel.is_cancelled() {
+            interrupted = true;
+            break;
+        }
+        if first_error.is_some() {
+            break;
+        }
+        let want = part_size.min(size - index as u64 * part_size);
+        let (r, data, md5) = read_part(reader, want).await?;
+        reader = r;
+        if data.len() as u64 != want {
+            first_error = Some(
+                StorageError::Changed {
+                    path: entry.path.clone(),
+                    expected: size,
+                    actual: reader.total,
+                }
+                .into(),
+            );
+            break;
+        }
+        if let Some((etag, journaled_md5)) = done_parts.get(&index) {
+            if *journaled_md5 == md5 {
+                ctx.parts_resumed.fetch_add(1, Ordering::Relaxed);
+                ctx.events.bytes(want);
+                etags[index] = Some(etag.clone());
+                part_md5[index] = md5;
+                continue;
+            }
+            // Same size and mtime but different bytes: rewrite this part.
+            tracing::warn!(
+                key,
+                part = index + 1,
+                "journaled part differs from the file; sending it again"
+            );
+        }
+        part_md5[index] = md5;
+        while tasks.len() >= concurrency {
+            if let Some(j) = tasks.join_next().await {
+                finish_part(
+                    ctx,
+                    key,
+                    j,
+                    &part_md5,
+                    &mut etags,
+                    &mut sent_now,
+                    &mut first_error,
+                )
+                .await;
+            }
+        }
+        let s3c = s3.clone();
+        let up = upload.clone();
+        let attempts = ctx.opts.attempts;
+        tasks.spawn(async move {
+            let r = put_part_retrying(&s3c, &up, index, data, attempts).await;
+            (index, want, r)
+        });
+    }
+    while let Some(j) = tasks.join_next().await {
+        finish_part(
+            ctx,
+            key,
+            j,
+            &part_md5,
+            &mut etags,
+            &mut sent_now,
+            &mut first_error,
+        )
+        .await;
+    }
+    if let Some(e) = first_error {
+        return Err(e.context(format!("uploading {}", entry.path.display())));
+    }
+    if interrupted {
+        return Err(Interrupted.into());
+    }
+    if reader.total != size {
+        return Err(StorageError::Changed {
+            path: entry.path.clone(),
+            expected: size,
+            actual: reader.total,
+        }
+        .into());
+    }
+    let parts: Vec<UploadedPart> = etags
+        .into_iter()
+        .enumerate()
+        .map(|(index, etag)| UploadedPart {
+            index,
+            etag: etag.unwrap_or_default(),
+        })
+        .collect();
+    let etag = s3.complete_multipart(&upload, parts).await?;
+    let expected = multipart_etag(&part_md5).unwrap_or_default();
+    if let Some(etag) = &etag
+        && !etag.eq_ignore_ascii_case(&expected)
+    {
+        return Err(integrity(
+            &ctx.storage,
+            key,
+            format!("server ETag {etag} differs from the expected multipart ETag {expected}"),
+        ));
+    }
+    match s3.head(key).await? {
+        Some(info) if info.size == size => {}
+        other => {
+            return Err(integrity(
+                &ctx.storage,
+                key,
+                format!(
+                    "stored size {:?} differs from the {size} bytes sent",
+                    other.map(|o| o.size)
+                ),
+            ));
+        }
+    }
+    let md5 = hex::encode(reader.whole.finalize());
+    let sha256 = reader.sha.map(|s| hex::encode(s.finalize()));
+    ctx.state
+        .record_files(
+            &ctx.run_id,
+            &[DoneFile {
+                key: key.to_owned(),
+                size,
+                mtime_ns: entry.mtime_ns,
+                md5: md5.clone(),
+                sha256: sha256.clone(),
+                etag: etag.clone(),
+                parts: n_parts as u32,
+            }],
+        )
+        .await?;
+    ctx.state.clear_multipart(&ctx.run_id, key).await?;
+    ctx.events.file(&FileEvent {
+        key,
+        rel: &entry.rel,
+        size,
+        md5: &md5,
+        sha256: sha256.as_deref(),
+        parts: n_parts as u32,
+        parts_sent: sent_now,
+        resumed: false,
+    });
+    Ok(DeliveredFile {
+        rel: entry.rel.clone(),
+        key: key.to_owned(),
+        size,
+        md5,
+        sha256,
+    })
+}
+
+/// Settle one part task: check its ETag, journal it, count it.
+async fn finish_part(
+    ctx: &Ctx,
+    key: &str,
+    joined: Result<(usize, u64, anyhow::Result<UploadedPart>), tokio::task::JoinError>,
+    part_md5: &[String],
+    etags: &mut [Option<String>],
+    sent_now: &mut u32,
+    first_error: &mut Option<anyhow::Error>,
+) {
+    let (index, len, r) = match joined {
+        Ok(x) => x,
+        Err(e) => {
+            first_error.get_or_insert_with(|| anyhow::anyhow!("part upload task failed: {e}"));
+            return;
+        }
+    };
+    let part = match r {
+        Ok(p) => p,
+        Err(e) => {
+            first_error.get_or_insert(e);
+            return;
+        }
+    };
+    if clean_etag(&part.etag) != part_md5[index] {
+        first_error.get_or_insert_with(|| {
+            integrity(
+                &ctx.storage,
+                key,
+                format!(
+                    "part {} ETag {} is not the MD5 {} of the data sent",
+                    index + 1,
+                    part.etag,
+                    part_md5[index]
+                ),
+            )
+        });
+        return;
+    }
+    if let Err(e) = ctx
+        .state
+        .record_part(&ctx.run_id, key, index, &part.etag, &part_md5[index])
+        .await
+    {
+        first_error.get_or_insert(e.context("journaling a finished part"));
+        return;
+    }
+    ctx.parts_sent.fetch_add(1, Ordering::Relaxed);
+    ctx.bytes_sent.fetch_add(len, Ordering::Relaxed);
+    ctx.events.bytes(len);
+    *sent_now += 1;
+    etags[index] = Some(part.etag);
+}
+
+/// Upload a small generated object (md5sum.txt) and verify it like a file.
+pub async fn put_generated(storage: &AnyStorage, key: &str, data: Bytes) -> anyhow::Result<String> {
+    let len = data.len() as u64;
+    let out = storage.put_bytes(key, data).await?;
+    match storage {
+        AnyStorage::S3(_) => {}
+        AnyStorage::Sftp(s) => {
+            if let Ok(remote) = s.remote_md5(key).await
+                && remote != out.md5_hex
+            {
+                return Err(integrity(
+                    storage,
+                    key,
+                    format!(
+                        "md5sum on the server gives {remote}, we sent {}",
+                        out.md5_hex
+                    ),
+                ));
+            }
+            verify_size(storage, key, len).await?;
+        }
+        AnyStorage::Local(_) => verify_size(storage, key, len).await?,
+    }
+    Ok(out.md5_hex)
+}
+
+/// Hash every file locally (MD5 and optionally SHA-256), `parallel` at a time: for
+/// targets that move the bytes themselves (a vendor CLI uploading the folder).
+pub async fn hash_files(
+    prefix: &str,
+    entries: Vec<Entry>,
+    sha256: bool,
+    parallel: usize,
+    events: &Events,
+) -> anyhow::Result<Vec<DeliveredFile>> {
+    let sem = Arc::new(Semaphore::new(parallel.max(1)));
+    let mut set: JoinSet<anyhow::Result<DeliveredFile>> = JoinSet::new();
+    for entry in entries {
+        let sem = Arc::clone(&sem);
+        let key = object_key(prefix, &entry.rel);
+        let events = events.clone();
+        set.spawn(async move {
+            let _permit = sem
+                .acquire_owned()
+                .await
+                .map_err(|_| anyhow::anyhow!("hashing slots closed"))?;
+            let path = entry.path.clone();
+            let (size, md5, sha) = tokio::task::spawn_blocking(move || {
+                let mut f = fs_err::File::open(&path)?;
+                let mut md5 = Md5::new();
+                let mut sha = sha256.then(Sha256::new);
+                let mut buf = vec![0u8; 1024 * 1024];
+                let mut size = 0u64;
+                loop {
+                    let n = f.read(&mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    md5.update(&buf[..n]);
+                    if let Some(s) = &mut sha {
+                        s.update(&buf[..n]);
+                    }
+                    size += n as u64;
+                }
+                Ok::<_, std::io::Error>((
+                    size,
+                    hex::encode(md5.finalize()),
+                    sha.map(|s| hex::encode(s.finalize())),
+                ))
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("hashing task failed: {e}"))??;
+            if size != entry.size {
+                return Err(StorageError::Changed {
+                    path: entry.path.clone(),
+                    expected: entry.size,
+                    actual: size,
+                }
+                .into());
+            }
+            events.bytes(size);
+            events.file(&FileEvent {
+                key: &key,
+                rel: &entry.rel,
+                size,
+                md5: &md5,
+                sha256: sha.as_deref(),
+                parts: 0,
+                parts_sent: 0,
+                resumed: false,
+            });
+            Ok(DeliveredFile {
+                rel: entry.rel,
+                key,
+                size,
+                md5,
+                sha256: sha,
+            })
+        });
+    }
+    let mut out = Vec::new();
+    while let Some(r) = set.join_next().await {
+        out.push(r.map_err(|e| anyhow::anyhow!("hashing task failed: {e}"))??);
+    }
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(out)
+}
