@@ -325,7 +325,8 @@ mod tests {
 
     #[test]
     fn shipped_example_config_is_a_valid_delivery_setup() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/config.toml");
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/config.toml");
         let config = Config::from_toml(&std::fs::read_to_string(path).unwrap()).unwrap();
         let delivery = DeliveryConfig::from_config(&config).unwrap();
         assert_eq!(delivery.target.as_deref(), Some("oss"));
