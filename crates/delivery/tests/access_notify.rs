@@ -60,24 +60,7 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 // Servers.
 
 fn s3_toml(name: &str) -> Option<String> {
-    Some(format!(
-        r#"
-        [storage.{name}]
-        url = "s3://{bucket}/labrelay-delivery-tests"
-        endpoint = "{endpoint}"
-        region = "{region}"
-        path_style = true
-        allow_http = true
-        access_key_id = "{key_id}"
-        secret_access_key = "{secret}"
-        timeout_secs = 20
-        "#,
-        bucket = test_support::require("S3_BUCKET")?,
-        endpoint = test_support::require("S3_ENDPOINT")?,
-        region = test_support::require("S3_REGION")?,
-        key_id = test_support::require("S3_ACCESS_KEY_ID")?,
-        secret = test_support::require("S3_SECRET_ACCESS_KEY")?,
-    ))
+    test_support::s3_storage_toml(name, "labrelay-delivery-tests")
 }
 
 struct MailServers {

@@ -3,7 +3,8 @@
 //! file in local-directory storage, records the delivery in the SQLite state database,
 //! writes the customer mail to the .eml outbox, and only then acknowledges the message.
 //!
-//! Run by `scripts/demo`; usage: `demo DATA_DIR`.
+//! A tour of the shared crate's API (scripts/demo now runs a real delivery instead):
+//! `cargo run -p labrelay --example demo -- DATA_DIR`.
 #![allow(clippy::print_stdout)]
 
 use std::path::PathBuf;

@@ -120,6 +120,28 @@ pub fn write_config(dir: &std::path::Path, toml: &str) -> PathBuf {
     p
 }
 
+/// A `[storage.NAME]` section for the test Garage bucket under `prefix` (no trailing
+/// newline issues: it ends with a newline). `None` (or a panic under `CI=true`) when the
+/// S3 settings are missing.
+pub fn s3_storage_toml(name: &str, prefix: &str) -> Option<String> {
+    Some(format!(
+        "[storage.{name}]\n\
+         url = \"s3://{bucket}/{prefix}\"\n\
+         endpoint = \"{endpoint}\"\n\
+         region = \"{region}\"\n\
+         path_style = true\n\
+         allow_http = true\n\
+         access_key_id = \"{key_id}\"\n\
+         secret_access_key = \"{secret}\"\n\
+         timeout_secs = 30\n",
+        bucket = require("S3_BUCKET")?,
+        endpoint = require("S3_ENDPOINT")?,
+        region = require("S3_REGION")?,
+        key_id = require("S3_ACCESS_KEY_ID")?,
+        secret = require("S3_SECRET_ACCESS_KEY")?,
+    ))
+}
+
 /// Running a tool binary in a clean environment.
 pub mod cli {
     use std::path::Path;

@@ -236,22 +236,8 @@ impl TargetFixture {
             }
             TargetKind::S3 => (
                 format!(
-                    r#"[storage.t]
-url = "s3://{bucket}/{prefix}"
-endpoint = "{endpoint}"
-region = "{region}"
-path_style = true
-allow_http = true
-access_key_id = "{key_id}"
-secret_access_key = "{secret}"
-timeout_secs = 30
-{extra}"#,
-                    bucket = test_support::require("S3_BUCKET")?,
-                    prefix = test_support::unique("delivery"),
-                    endpoint = test_support::require("S3_ENDPOINT")?,
-                    region = test_support::require("S3_REGION")?,
-                    key_id = test_support::require("S3_ACCESS_KEY_ID")?,
-                    secret = test_support::require("S3_SECRET_ACCESS_KEY")?,
+                    "{}{extra}",
+                    test_support::s3_storage_toml("t", &test_support::unique("delivery"))?
                 ),
                 None,
                 None,
