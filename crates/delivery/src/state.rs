@@ -309,73 +309,67 @@ impl State {
         })
     }
 
-    /// The most recent run of `analysis_id` to `target`.
-    pub async fn latest(&self, analysis_id: &str, target: &str) -> anyhow::Result<Option<RunRow>> {
-        let sql = format!(
-            "SELECT * FROM delivery_runs WHERE analysis_id = {} AND target = {} \
-             ORDER BY created_at DESC, id DESC",
-            self.p(1),
-            self.p(2)
-        );
-        let row = sqlx::query(&sql)
-            .bind(analysis_id)
-            .bind(target)
-            .fetch_optional(self.db.pool())
+    /// Run rows selected by `WHERE filter ORDER BY order` (the same SQL on all three
+    /// engines, `LIMIT` included), placeholders bound from `args`.
+    async fn select_runs(
+        &self,
+        filter: &str,
+        order: &str,
+        args: &[&str],
+    ) -> anyhow::Result<Vec<RunRow>> {
+        let sql = format!("SELECT * FROM delivery_runs WHERE {filter} ORDER BY {order}");
+        let mut query = sqlx::query(&sql);
+        for a in args {
+            query = query.bind(*a);
+        }
+        let rows = query
+            .fetch_all(self.db.pool())
             .await
             .map_err(|e| self.db.err(e))?;
-        Ok(row
-            .map(|r| Self::run_row(&r))
-            .transpose()
+        Ok(rows
+            .iter()
+            .map(Self::run_row)
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| self.db.err(e))?)
+    }
+
+    /// The most recent run of `analysis_id` to `target`.
+    pub async fn latest(&self, analysis_id: &str, target: &str) -> anyhow::Result<Option<RunRow>> {
+        let filter = format!("analysis_id = {} AND target = {}", self.p(1), self.p(2));
+        let rows = self
+            .select_runs(
+                &filter,
+                "created_at DESC, id DESC LIMIT 1",
+                &[analysis_id, target],
+            )
+            .await?;
+        Ok(rows.into_iter().next())
     }
 
     /// The most recent delivered run of `analysis_id` (any target).
     pub async fn latest_delivered(&self, analysis_id: &str) -> anyhow::Result<Option<RunRow>> {
-        let sql = format!(
-            "SELECT * FROM delivery_runs WHERE analysis_id = {} AND status = 'delivered' \
-             ORDER BY created_at DESC, id DESC",
-            self.p(1)
-        );
-        let row = sqlx::query(&sql)
-            .bind(analysis_id)
-            .fetch_optional(self.db.pool())
-            .await
-            .map_err(|e| self.db.err(e))?;
-        Ok(row
-            .map(|r| Self::run_row(&r))
-            .transpose()
-            .map_err(|e| self.db.err(e))?)
+        let filter = format!("analysis_id = {} AND status = 'delivered'", self.p(1));
+        let rows = self
+            .select_runs(&filter, "created_at DESC, id DESC LIMIT 1", &[analysis_id])
+            .await?;
+        Ok(rows.into_iter().next())
     }
 
     /// A run by id.
     pub async fn run(&self, id: &str) -> anyhow::Result<Option<RunRow>> {
-        let sql = format!("SELECT * FROM delivery_runs WHERE id = {}", self.p(1));
-        let row = sqlx::query(&sql)
-            .bind(id)
-            .fetch_optional(self.db.pool())
-            .await
-            .map_err(|e| self.db.err(e))?;
-        Ok(row
-            .map(|r| Self::run_row(&r))
-            .transpose()
-            .map_err(|e| self.db.err(e))?)
+        let filter = format!("id = {}", self.p(1));
+        Ok(self
+            .select_runs(&filter, "id", &[id])
+            .await?
+            .into_iter()
+            .next())
     }
 
     /// Every run of `analysis_id`, oldest first.
     pub async fn runs(&self, analysis_id: &str) -> anyhow::Result<Vec<RunRow>> {
-        let sql = format!(
-            "SELECT * FROM delivery_runs WHERE analysis_id = {} ORDER BY created_at, id",
-            self.p(1)
-        );
-        let rows = sqlx::query(&sql)
-            .bind(analysis_id)
-            .fetch_all(self.db.pool())
+        let filter = format!("analysis_id = {}", self.p(1));
+        self.select_runs(&filter, "created_at, id", &[analysis_id])
             .await
-            .map_err(|e| self.db.err(e))?;
-        rows.iter()
-            .map(Self::run_row)
-            .collect::<Result<_, _>>()
-            .map_err(|e| self.db.err(e).into())
     }
 
     /// Create a run in status `queued`; returns its id.

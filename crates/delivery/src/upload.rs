@@ -530,10 +530,6 @@ async fn read_part(mut r: PartReader, len: u64) -> anyhow::Result<(PartReader, B
     .map_err(|e| anyhow::anyhow!("file reader task failed: {e}"))?
 }
 
-fn clean_etag(etag: &str) -> String {
-    etag.trim().trim_matches('"').to_ascii_lowercase()
-}
-
 /// Whether an S3 error says the multipart upload no longer exists (aborted, expired).
 fn upload_gone(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
@@ -568,12 +564,16 @@ async fn put_part_retrying(
     upload: &MultipartUpload,
     index: usize,
     data: Bytes,
+    md5_hex: &str,
     attempts: u32,
 ) -> anyhow::Result<UploadedPart> {
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match s3.put_part(upload, index, data.clone()).await {
+        match s3
+            .put_part(upload, index, data.clone(), Some(md5_hex))
+            .await
+        {
             Ok(p) => return Ok(p),
             Err(e) if e.is_temporary() && attempt < attempts => {
                 tracing::warn!(key = upload.key, part = index + 1, "retrying part: {e}");
@@ -705,8 +705,9 @@ async fn multipart_once(
         let s3c = s3.clone();
         let up = upload.clone();
         let attempts = ctx.opts.attempts;
+        let md5_hex = part_md5[index].clone();
         tasks.spawn(async move {
-            let r = put_part_retrying(&s3c, &up, index, data, attempts).await;
+            let r = put_part_retrying(&s3c, &up, index, data, &md5_hex, attempts).await;
             (index, want, r)
         });
     }
@@ -804,7 +805,7 @@ async fn multipart_once(
     })
 }
 
-/// Settle one part task: check its ETag, journal it, count it.
+/// Settle one part task (its ETag was checked by `put_part`): journal it, count it.
 async fn finish_part(
     ctx: &Ctx,
     key: &str,
@@ -828,21 +829,6 @@ async fn finish_part(
             return;
         }
     };
-    if clean_etag(&part.etag) != part_md5[index] {
-        first_error.get_or_insert_with(|| {
-            integrity(
-                &ctx.storage,
-                key,
-                format!(
-                    "part {} ETag {} is not the MD5 {} of the data sent",
-                    index + 1,
-                    part.etag,
-                    part_md5[index]
-                ),
-            )
-        });
-        return;
-    }
     if let Err(e) = ctx
         .state
         .record_part(&ctx.run_id, key, index, &part.etag, &part_md5[index])

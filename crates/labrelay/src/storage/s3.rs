@@ -269,6 +269,29 @@ impl S3Storage {
         }
     }
 
+    /// Compare the ETag the server returned with the one the sent bytes imply (the MD5,
+    /// or the multipart ETag); on a mismatch the object is deleted, so a corrupt upload
+    /// never stays under its final name.
+    async fn check_etag(
+        &self,
+        key: &str,
+        etag: Option<&str>,
+        expected: &str,
+    ) -> Result<(), StorageError> {
+        match etag {
+            Some(etag) if !etag.eq_ignore_ascii_case(expected) => {
+                let _ = self.delete(key).await;
+                Err(self.integrity(
+                    key,
+                    format!(
+                        "server ETag {etag} differs from {expected}, computed from the data sent"
+                    ),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// The part size for an upload of `len` bytes (if known).
     fn part_size(&self, opts: &PutOptions, len: Option<u64>) -> Result<u64, StorageError> {
         let needed = len.map_or(MIN_PART_SIZE, part_size_for);
@@ -317,11 +340,13 @@ impl S3Storage {
 
     /// Upload part `index` (0-based) of `upload`. Parts may be sent in any order and
     /// concurrently; all but the last must be the same size, at least 5 MiB.
+    /// With `md5_hex`, the part ETag the server returns must equal it (the part's MD5).
     pub async fn put_part(
         &self,
         upload: &MultipartUpload,
         index: usize,
         data: Bytes,
+        md5_hex: Option<&str>,
     ) -> Result<UploadedPart, StorageError> {
         let path = self.full_path(&upload.key)?;
         let part = self
@@ -330,6 +355,18 @@ impl S3Storage {
             .put_part(&path, &upload.upload_id, index, PutPayload::from(data))
             .await
             .map_err(|e| self.error("put", &upload.key, e))?;
+        if let Some(want) = md5_hex {
+            let got = clean_etag(&part.content_id);
+            if !got.eq_ignore_ascii_case(want) {
+                return Err(self.integrity(
+                    &upload.key,
+                    format!(
+                        "part {} ETag {got} is not the MD5 {want} of the data sent",
+                        index + 1
+                    ),
+                ));
+            }
+        }
         Ok(UploadedPart {
             index,
             etag: part.content_id,
@@ -461,15 +498,8 @@ impl S3Storage {
             .await
             .map_err(|e| self.error("put", key, e))?;
         let etag = result.e_tag.as_deref().map(clean_etag);
-        if verify
-            && let Some(etag) = &etag
-            && !etag.eq_ignore_ascii_case(&md5_hex)
-        {
-            let _ = self.delete(key).await;
-            return Err(self.integrity(
-                key,
-                format!("server ETag {etag} is not the MD5 {md5_hex} of the data sent"),
-            ));
+        if verify {
+            self.check_etag(key, etag.as_deref(), &md5_hex).await?;
         }
         Ok(PutOutcome {
             size,
@@ -523,12 +553,14 @@ impl S3Storage {
                         temporary: false,
                     });
                 }
-                part_md5s.push(hex::encode(chunk.md5));
+                let md5_hex = hex::encode(chunk.md5);
+                part_md5s.push(md5_hex.clone());
                 parts.push(None);
                 let this = self.clone();
                 let upload = upload.clone();
                 tasks.spawn(async move {
-                    let r = this.put_part(&upload, index, chunk.data).await;
+                    let want = verify.then_some(md5_hex.as_str());
+                    let r = this.put_part(&upload, index, chunk.data, want).await;
                     (index, r)
                 });
             }
@@ -542,19 +574,7 @@ impl S3Storage {
                 message: format!("part upload task failed: {e}"),
                 temporary: false,
             })?;
-            let part = result?;
-            let got = clean_etag(&part.etag);
-            if verify && !got.eq_ignore_ascii_case(&part_md5s[index]) {
-                return Err(self.integrity(
-                    key,
-                    format!(
-                        "part {} ETag {got} is not the MD5 {} of the data sent",
-                        index + 1,
-                        part_md5s[index]
-                    ),
-                ));
-            }
-            parts[index] = Some(part);
+            parts[index] = Some(result?);
         }
         let parts: Vec<UploadedPart> = parts.into_iter().flatten().collect();
         if parts.len() != part_md5s.len() {
@@ -563,15 +583,8 @@ impl S3Storage {
         let n_parts = parts.len() as u32;
         let etag = self.complete_multipart(upload, parts).await?;
         let expected = multipart_etag(&part_md5s).unwrap_or_default();
-        if verify
-            && let Some(etag) = &etag
-            && !etag.eq_ignore_ascii_case(&expected)
-        {
-            let _ = self.delete(key).await;
-            return Err(self.integrity(
-                key,
-                format!("server ETag {etag} differs from the expected {expected}"),
-            ));
+        if verify {
+            self.check_etag(key, etag.as_deref(), &expected).await?;
         }
         Ok(PutOutcome {
             size: source.total,

@@ -692,8 +692,8 @@ async fn s3_multipart_api_completes_and_aborts() {
     let upload = s3.create_multipart("api/two-parts.bin").await.unwrap();
     assert!(!upload.upload_id.is_empty());
     // Out of order, as a resumed upload would send them.
-    let second = s3.put_part(&upload, 1, p2.clone()).await.unwrap();
-    let first = s3.put_part(&upload, 0, p1.clone()).await.unwrap();
+    let second = s3.put_part(&upload, 1, p2.clone(), None).await.unwrap();
+    let first = s3.put_part(&upload, 0, p1.clone(), None).await.unwrap();
     assert_eq!(first.etag.trim_matches('"'), md5_hex(&p1));
     assert_eq!(
         s3.head("api/two-parts.bin").await.unwrap(),
@@ -712,7 +712,7 @@ async fn s3_multipart_api_completes_and_aborts() {
     assert_eq!(s3.get_bytes("api/two-parts.bin").await.unwrap(), whole);
 
     let upload = s3.create_multipart("api/aborted.bin").await.unwrap();
-    s3.put_part(&upload, 0, p1).await.unwrap();
+    s3.put_part(&upload, 0, p1, None).await.unwrap();
     s3.abort_multipart(&upload).await.unwrap();
     assert_eq!(s3.head("api/aborted.bin").await.unwrap(), None);
     assert_eq!(keys(&s3.list("api").await.unwrap()), ["api/two-parts.bin"]);
