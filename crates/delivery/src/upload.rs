@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use labrelay::exit::{Exit, classify};
+use labrelay::hash::Md5Parts;
 use labrelay::storage::{
     AnyStorage, MultipartUpload, ObjectStorage, PutOptions, S3Storage, StorageError, UploadedPart,
     multipart_etag, part_size_for,
@@ -500,12 +501,12 @@ async fn verify_size(storage: &AnyStorage, key: &str, size: u64) -> anyhow::Resu
 /// The local file being read part by part, with the whole-file hashes.
 struct PartReader {
     file: fs_err::File,
-    whole: Md5,
+    whole: Md5Parts,
     sha: Option<Sha256>,
     total: u64,
 }
 
-async fn read_part(mut r: PartReader, len: u64) -> anyhow::Result<(PartReader, Bytes, String)> {
+async fn read_part(mut r: PartReader, len: u64) -> anyhow::Result<(PartReader, Bytes, [u8; 16])> {
     tokio::task::spawn_blocking(move || {
         let mut buf = vec![0u8; len as usize];
         let mut filled = 0;
@@ -518,8 +519,7 @@ async fn read_part(mut r: PartReader, len: u64) -> anyhow::Result<(PartReader, B
             }
         }
         buf.truncate(filled);
-        let md5 = hex::encode(Md5::digest(&buf));
-        r.whole.update(&buf);
+        let md5 = r.whole.part(&buf);
         if let Some(s) = &mut r.sha {
             s.update(&buf);
         }
@@ -564,16 +564,13 @@ async fn put_part_retrying(
     upload: &MultipartUpload,
     index: usize,
     data: Bytes,
-    md5_hex: &str,
+    md5: [u8; 16],
     attempts: u32,
 ) -> anyhow::Result<UploadedPart> {
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match s3
-            .put_part(upload, index, data.clone(), Some(md5_hex))
-            .await
-        {
+        match s3.put_part(upload, index, data.clone(), md5, true).await {
             Ok(p) => return Ok(p),
             Err(e) if e.is_temporary() && attempt < attempts => {
                 tracing::warn!(key = upload.key, part = index + 1, "retrying part: {e}");
@@ -639,7 +636,7 @@ async fn multipart_once(
     };
     let mut reader = PartReader {
         file: fs_err::File::open(&entry.path)?,
-        whole: Md5::new(),
+        whole: Md5Parts::new(),
         sha: ctx.opts.sha256.then(Sha256::new),
         total: 0,
     };
@@ -659,8 +656,9 @@ async fn multipart_once(
             break;
         }
         let want = part_size.min(size - index as u64 * part_size);
-        let (r, data, md5) = read_part(reader, want).await?;
+        let (r, data, md5_raw) = read_part(reader, want).await?;
         reader = r;
+        let md5 = hex::encode(md5_raw);
         if data.len() as u64 != want {
             first_error = Some(
                 StorageError::Changed {
@@ -705,9 +703,8 @@ async fn multipart_once(
         let s3c = s3.clone();
         let up = upload.clone();
         let attempts = ctx.opts.attempts;
-        let md5_hex = part_md5[index].clone();
         tasks.spawn(async move {
-            let r = put_part_retrying(&s3c, &up, index, data, &md5_hex, attempts).await;
+            let r = put_part_retrying(&s3c, &up, index, data, md5_raw, attempts).await;
             (index, want, r)
         });
     }

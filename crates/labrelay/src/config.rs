@@ -187,6 +187,11 @@ pub struct StorageConfig {
     /// S3: allow a plain-HTTP endpoint.
     #[serde(default)]
     pub allow_http: bool,
+    /// S3: include the SHA-256 of every upload in its signature instead of
+    /// `UNSIGNED-PAYLOAD` (uploads always carry `Content-MD5`). Only for servers that
+    /// refuse unsigned payloads; costs a SHA-256 pass on both ends.
+    #[serde(default)]
+    pub sign_payload: bool,
     /// S3: multipart part size in MiB (default derived from the file size).
     pub part_size_mib: Option<u64>,
     /// Parts uploaded at once within one file.

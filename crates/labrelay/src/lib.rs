@@ -13,6 +13,7 @@ pub mod config;
 pub mod db;
 pub mod env;
 pub mod exit;
+pub mod hash;
 pub mod lock;
 pub mod logging;
 pub mod mail;

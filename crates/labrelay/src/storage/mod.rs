@@ -33,6 +33,7 @@ use crate::ssh::SshError;
 
 mod local;
 mod s3;
+mod s3_put;
 mod sftp;
 
 pub use local::LocalStorage;

@@ -3,13 +3,15 @@
 //!
 //! Settings come only from the `[storage.NAME]` section, never from `AWS_*` environment
 //! variables or instance metadata, so a stray `AWS_PROFILE` cannot redirect a delivery.
-//! Requests are signed with SigV4 over the whole payload (`x-amz-content-sha256`), not
-//! with aws-chunked streaming trailers, which Aliyun OSS rejects.
+//! Requests are signed with SigV4, never with aws-chunked streaming trailers, which
+//! Aliyun OSS rejects. Uploads (PutObject, UploadPart) are sent by [`s3_put`](super::s3_put)
+//! with `Content-MD5` and, unless `sign_payload = true`, an unsigned payload; the other
+//! calls go through object_store.
 //!
-//! A file larger than one part goes up as a multipart upload through object_store's
-//! [`MultipartStore`] (create / put part / complete / abort), with several parts in
-//! flight; each part's ETag is checked against the part's MD5 and the final ETag
-//! against `md5(part md5s)-N`. The upload id and parts are exposed
+//! A file larger than one part goes up as a multipart upload (object_store's
+//! [`MultipartStore`] creates, completes and aborts it), with several parts in flight;
+//! each part's ETag is checked against the part's MD5 and the final ETag against
+//! `md5(part md5s)-N`. The upload id and parts are exposed
 //! ([`S3Storage::create_multipart`] and friends) so the delivery tool can journal them
 //! and resume. An upload that fails is aborted; one whose future is dropped is aborted
 //! in the background, so no half-written object ever appears under its key.
@@ -22,19 +24,21 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use md5::{Digest, Md5};
-use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::aws::{AmazonS3, AmazonS3Builder, AwsCredential};
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path as ObjectPath;
 use object_store::signer::Signer;
-use object_store::{ClientOptions, ObjectMeta, ObjectStore, PutPayload, RetryConfig};
+use object_store::{ClientOptions, ObjectMeta, ObjectStore, RetryConfig};
 use tokio::task::JoinSet;
 
+use super::s3_put::{Dest, Uploader};
 use super::{
     DEFAULT_PART_CONCURRENCY, GetOutcome, MAX_PART_SIZE, MAX_PARTS, MIN_PART_SIZE, ObjectInfo,
     ObjectStorage, PutOptions, PutOutcome, StorageError, clean_etag, multipart_etag, part_size_for,
     percent_decode, validate_key, validate_prefix,
 };
 use crate::config::StorageConfig;
+use crate::hash::Md5Parts;
 use crate::secret::SecretSpec;
 
 /// S3's smallest allowed part (all but the last).
@@ -52,6 +56,7 @@ pub struct S3Storage {
 
 struct Inner {
     store: AmazonS3,
+    uploader: Uploader,
     prefix: String,
     target: String,
     part_size: Option<u64>,
@@ -160,9 +165,37 @@ impl S3Storage {
             );
         }
         let store = builder.build().map_err(|e| config_err(e.to_string()))?;
+        let region = config.region.as_deref().unwrap_or("us-east-1");
+        let base = match &config.endpoint {
+            Some(ep) => {
+                let ep = endpoint_url(ep, bucket, config.path_style, config.allow_http)
+                    .map_err(config_err)?;
+                if config.path_style {
+                    format!("{ep}/{bucket}/")
+                } else {
+                    format!("{ep}/")
+                }
+            }
+            None if config.path_style => format!("https://s3.{region}.amazonaws.com/{bucket}/"),
+            None => format!("https://{bucket}.s3.{region}.amazonaws.com/"),
+        };
+        let uploader = Uploader::new(
+            AwsCredential {
+                key_id: key_id.expose().to_owned(),
+                secret_key: secret.expose().to_owned(),
+                token: None,
+            },
+            region,
+            base,
+            config.sign_payload,
+            timeout,
+            REQUEST_TIMEOUT.max(timeout),
+            target.clone(),
+        )?;
         Ok(S3Storage {
             inner: Arc::new(Inner {
                 store,
+                uploader,
                 prefix,
                 target,
                 part_size,
@@ -338,26 +371,44 @@ impl S3Storage {
         })
     }
 
-    /// Upload part `index` (0-based) of `upload`. Parts may be sent in any order and
-    /// concurrently; all but the last must be the same size, at least 5 MiB.
-    /// With `md5_hex`, the part ETag the server returns must equal it (the part's MD5).
+    /// Upload part `index` (0-based) of `upload`, whose MD5 is `md5`. Parts may be sent
+    /// in any order and concurrently; all but the last must be the same size, at least
+    /// 5 MiB. The server checks the bytes against `md5` (`Content-MD5`); with
+    /// `verify_etag` the part ETag it returns must equal `md5` too (servers that encrypt
+    /// with KMS keys return other ETags).
     pub async fn put_part(
         &self,
         upload: &MultipartUpload,
         index: usize,
         data: Bytes,
-        md5_hex: Option<&str>,
+        md5: [u8; 16],
+        verify_etag: bool,
     ) -> Result<UploadedPart, StorageError> {
         let path = self.full_path(&upload.key)?;
-        let part = self
+        let etag = self
             .inner
-            .store
-            .put_part(&path, &upload.upload_id, index, PutPayload::from(data))
-            .await
-            .map_err(|e| self.error("put", &upload.key, e))?;
-        if let Some(want) = md5_hex {
-            let got = clean_etag(&part.content_id);
-            if !got.eq_ignore_ascii_case(want) {
+            .uploader
+            .put(
+                &upload.key,
+                path.as_ref(),
+                Dest::Part {
+                    upload_id: &upload.upload_id,
+                    number: index + 1,
+                },
+                data,
+                md5,
+            )
+            .await?;
+        let Some(etag) = etag else {
+            return Err(self.integrity(
+                &upload.key,
+                format!("the server sent no ETag for part {}", index + 1),
+            ));
+        };
+        if verify_etag {
+            let want = hex::encode(md5);
+            let got = clean_etag(&etag);
+            if !got.eq_ignore_ascii_case(&want) {
                 return Err(self.integrity(
                     &upload.key,
                     format!(
@@ -367,10 +418,7 @@ impl S3Storage {
                 ));
             }
         }
-        Ok(UploadedPart {
-            index,
-            etag: part.content_id,
-        })
+        Ok(UploadedPart { index, etag })
     }
 
     /// Complete `upload` from its parts in order (`parts[i].index == i`), publishing
@@ -429,7 +477,7 @@ impl S3Storage {
         let is_file = source_path.is_some();
         let source = Source {
             reader,
-            whole: Md5::new(),
+            whole: Md5Parts::new(),
             total: 0,
         };
         // A file known to be smaller than a part needs a buffer of its size (+1 byte to
@@ -491,13 +539,11 @@ impl S3Storage {
     ) -> Result<PutOutcome, StorageError> {
         let size = chunk.data.len() as u64;
         let md5_hex = hex::encode(chunk.md5);
-        let result = self
+        let etag = self
             .inner
-            .store
-            .put(path, PutPayload::from(chunk.data))
-            .await
-            .map_err(|e| self.error("put", key, e))?;
-        let etag = result.e_tag.as_deref().map(clean_etag);
+            .uploader
+            .put(key, path.as_ref(), Dest::Object, chunk.data, chunk.md5)
+            .await?;
         if verify {
             self.check_etag(key, etag.as_deref(), &md5_hex).await?;
         }
@@ -553,14 +599,14 @@ impl S3Storage {
                         temporary: false,
                     });
                 }
-                let md5_hex = hex::encode(chunk.md5);
-                part_md5s.push(md5_hex.clone());
+                part_md5s.push(hex::encode(chunk.md5));
                 parts.push(None);
                 let this = self.clone();
                 let upload = upload.clone();
                 tasks.spawn(async move {
-                    let want = verify.then_some(md5_hex.as_str());
-                    let r = this.put_part(&upload, index, chunk.data, want).await;
+                    let r = this
+                        .put_part(&upload, index, chunk.data, chunk.md5, verify)
+                        .await;
                     (index, r)
                 });
             }
@@ -626,7 +672,7 @@ impl Drop for AbortOnDrop {
 /// The data source of an upload, with the running MD5 of everything read.
 struct Source {
     reader: Box<dyn Read + Send>,
-    whole: Md5,
+    whole: Md5Parts,
     total: u64,
 }
 
@@ -657,8 +703,7 @@ async fn next_chunk(
             }
         }
         buf.truncate(filled);
-        let md5: [u8; 16] = Md5::digest(&buf).into();
-        source.whole.update(&buf);
+        let md5 = source.whole.part(&buf);
         source.total += filled as u64;
         Ok((
             source,

@@ -32,6 +32,7 @@ use super::{
     PutOutcome, StorageError, copy_hashing, percent_decode, validate_key, validate_prefix,
 };
 use crate::config::StorageConfig;
+use crate::hash::Md5Parts;
 use crate::secret::SecretSpec;
 use crate::ssh::{SshParams, SshSession, default_known_hosts, shell_quote};
 
@@ -373,7 +374,7 @@ impl Inner {
         let remove_partial = || {
             let _ = sftp.unlink(Path::new(&partial));
         };
-        let copied = copy_hashing(&mut reader, &mut file, Some(cancel));
+        let copied = pipelined_copy(&mut reader, &mut file, cancel);
         let (size, md5) = match copied {
             Ok(r) => r,
             Err(e) => {
@@ -511,6 +512,85 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// Bytes handed to libssh2 ahead of the server's acknowledgements.
+const WRITE_WINDOW: usize = 8 * 1024 * 1024;
+/// Bytes read (and hashed) at a time.
+const READ_CHUNK: usize = 1024 * 1024;
+
+/// Copy `reader` into an SFTP file, returning the byte count and MD5.
+///
+/// libssh2 turns everything passed to one `sftp_write` into WRITE requests at once and
+/// returns as soon as the first is acknowledged, expecting the unacknowledged rest at
+/// the start of the next call's buffer. `write_all` on a fixed buffer therefore lets
+/// the pipeline run dry at the end of every buffer, while the next one is read and
+/// hashed. Here the buffer slides instead: after each acknowledgement new data is
+/// appended behind the requests in flight, so the server always has work queued while
+/// this thread reads and hashes.
+fn pipelined_copy(
+    reader: &mut dyn Read,
+    file: &mut ssh2::File,
+    cancel: &AtomicBool,
+) -> Result<(u64, [u8; 16]), CopyError> {
+    let mut buf = vec![0u8; WRITE_WINDOW + READ_CHUNK];
+    // buf[start..end]: data given to libssh2 and not yet acknowledged (a prefix of it
+    // may already be in flight).
+    let (mut start, mut end) = (0usize, 0usize);
+    let mut md5 = Md5Parts::new();
+    let mut total = 0u64;
+    let mut eof = false;
+    loop {
+        if cancel.load(Ordering::SeqCst) {
+            return Err(CopyError::Cancelled);
+        }
+        if !eof && end - start < WRITE_WINDOW {
+            if buf.len() - end < READ_CHUNK {
+                // libssh2 copied what it already sent; only the unacknowledged bytes
+                // must stay first in the buffer.
+                buf.copy_within(start..end, 0);
+                end -= start;
+                start = 0;
+            }
+            let n = loop {
+                match reader.read(&mut buf[end..end + READ_CHUNK]) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(CopyError::Read(e)),
+                }
+            };
+            if n == 0 {
+                eof = true;
+            } else {
+                md5.update(&buf[end..end + n]);
+                end += n;
+                total += n as u64;
+                // Hand libssh2 at least a chunk at a time (short reads from pipes).
+                if end - start < READ_CHUNK {
+                    continue;
+                }
+            }
+        }
+        if start == end {
+            if eof {
+                break;
+            }
+            continue;
+        }
+        match file.write(&buf[start..end]) {
+            Ok(0) => {
+                return Err(CopyError::Write(std::io::Error::new(
+                    std::io::ErrorKind::WriteZero,
+                    "the SFTP server accepted no data",
+                )));
+            }
+            Ok(n) => start += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(CopyError::Write(e)),
+        }
+    }
+    file.flush().map_err(CopyError::Write)?;
+    Ok((total, md5.finalize()))
 }
 
 fn stat_info(key: String, stat: &ssh2::FileStat) -> ObjectInfo {

@@ -185,6 +185,10 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+fn md5_raw(data: &[u8]) -> [u8; 16] {
+    Md5::digest(data).into()
+}
+
 fn md5_hex(data: &[u8]) -> String {
     hex::encode(Md5::digest(data))
 }
@@ -692,8 +696,14 @@ async fn s3_multipart_api_completes_and_aborts() {
     let upload = s3.create_multipart("api/two-parts.bin").await.unwrap();
     assert!(!upload.upload_id.is_empty());
     // Out of order, as a resumed upload would send them.
-    let second = s3.put_part(&upload, 1, p2.clone(), None).await.unwrap();
-    let first = s3.put_part(&upload, 0, p1.clone(), None).await.unwrap();
+    let second = s3
+        .put_part(&upload, 1, p2.clone(), md5_raw(&p2), true)
+        .await
+        .unwrap();
+    let first = s3
+        .put_part(&upload, 0, p1.clone(), md5_raw(&p1), true)
+        .await
+        .unwrap();
     assert_eq!(first.etag.trim_matches('"'), md5_hex(&p1));
     assert_eq!(
         s3.head("api/two-parts.bin").await.unwrap(),
@@ -712,11 +722,41 @@ async fn s3_multipart_api_completes_and_aborts() {
     assert_eq!(s3.get_bytes("api/two-parts.bin").await.unwrap(), whole);
 
     let upload = s3.create_multipart("api/aborted.bin").await.unwrap();
-    s3.put_part(&upload, 0, p1, None).await.unwrap();
+    s3.put_part(&upload, 0, p1.clone(), md5_raw(&p1), true)
+        .await
+        .unwrap();
+    // A part whose bytes do not match its Content-MD5 (damaged on the way) is refused
+    // by the server, and nothing of it is kept.
+    let err = s3
+        .put_part(&upload, 1, p2.clone(), md5_raw(&p1), false)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StorageError::Integrity { .. }), "{err:?}");
+    assert!(err.to_string().contains("BadDigest"), "{err}");
     s3.abort_multipart(&upload).await.unwrap();
     assert_eq!(s3.head("api/aborted.bin").await.unwrap(), None);
     assert_eq!(keys(&s3.list("api").await.unwrap()), ["api/two-parts.bin"]);
     fx.cleanup().await;
+}
+
+/// `sign_payload = true` puts the SHA-256 of the body into the signature instead of
+/// UNSIGNED-PAYLOAD; single and multipart uploads both still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_signed_payload_uploads() {
+    let prefix = test_support::unique("storage");
+    let Some(toml) = s3_toml(&prefix) else { return };
+    let s = open(&format!("{toml}sign_payload = true\npart_size_mib = 5\n"));
+    let small = Bytes::from(pattern(1000, 3));
+    s.put_bytes("signed/small", small.clone()).await.unwrap();
+    let big = Bytes::from(pattern(11 * MIB as usize, 4));
+    let out = s.put_bytes("signed/big", big.clone()).await.unwrap();
+    assert_eq!(out.parts, 3);
+    assert_eq!(out.md5_hex, md5_hex(&big));
+    assert_eq!(s.get_bytes("signed/small").await.unwrap(), small);
+    assert_eq!(s.get_bytes("signed/big").await.unwrap(), big);
+    for k in ["signed/small", "signed/big"] {
+        s.delete(k).await.unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

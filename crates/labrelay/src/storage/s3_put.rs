@@ -1,0 +1,281 @@
+//! The S3 uploads themselves (PutObject and UploadPart), sent directly rather than
+//! through object_store, whose multipart API takes no per-part headers.
+//!
+//! Every upload carries `Content-MD5`, so the server rejects a body that was damaged on
+//! the way (`BadDigest`) before storing it, and the ETag it returns is compared with
+//! the same MD5 afterwards. The payload is not hashed into the signature by default
+//! (`x-amz-content-sha256: UNSIGNED-PAYLOAD`, as the AWS SDKs do over HTTPS): the
+//! `Content-MD5` header is itself signed, and skipping a SHA-256 of every byte saves
+//! CPU on both ends. `sign_payload = true` restores the SHA-256 for servers that demand
+//! it. Requests are signed with object_store's SigV4 implementation.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use object_store::aws::{AwsAuthorizer, AwsCredential};
+use object_store::client::HttpRequest;
+use sha2::{Digest, Sha256};
+
+use super::StorageError;
+
+/// Attempts for a request that fails temporarily (connection, 5xx, 429).
+const ATTEMPTS: u32 = 4;
+
+/// The bytes every key is percent-encoded with, besides `/`: all but RFC 3986's
+/// unreserved characters, as SigV4's canonical URI expects.
+const KEY_ENCODE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'/');
+
+/// Everything needed to sign and send an upload request.
+pub(super) struct Uploader {
+    client: reqwest::Client,
+    credential: AwsCredential,
+    region: String,
+    /// `scheme://host[:port]/[bucket/]`: object URLs are this plus the encoded key.
+    base: String,
+    sign_payload: bool,
+    target: String,
+}
+
+/// Where an upload goes: a whole object, or one part of a multipart upload.
+pub(super) enum Dest<'a> {
+    Object,
+    Part { upload_id: &'a str, number: usize },
+}
+
+impl Uploader {
+    pub(super) fn new(
+        credential: AwsCredential,
+        region: &str,
+        base: String,
+        sign_payload: bool,
+        connect_timeout: Duration,
+        timeout: Duration,
+        target: String,
+    ) -> Result<Uploader, StorageError> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(connect_timeout)
+            .timeout(timeout)
+            // A local S3 server on plain HTTP needs no proxy; a proxy from the
+            // environment must not see delivery traffic it was not meant for.
+            .no_proxy()
+            .build()
+            .map_err(|e| StorageError::Config {
+                target: target.clone(),
+                message: format!("cannot build the HTTP client: {e}"),
+            })?;
+        Ok(Uploader {
+            client,
+            credential,
+            region: region.to_owned(),
+            base,
+            sign_payload,
+            target,
+        })
+    }
+
+    /// The URL of `full_key` (prefix included).
+    fn url(&self, full_key: &str, dest: &Dest<'_>) -> String {
+        let mut url = format!(
+            "{}{}",
+            self.base,
+            percent_encoding::utf8_percent_encode(full_key, KEY_ENCODE)
+        );
+        if let Dest::Part { upload_id, number } = dest {
+            let id = percent_encoding::utf8_percent_encode(
+                upload_id,
+                percent_encoding::NON_ALPHANUMERIC,
+            );
+            let _ = write!(url, "?partNumber={number}&uploadId={id}");
+        }
+        url
+    }
+
+    /// PUT `data` with its `md5`; returns the ETag the server sent (without quotes).
+    /// `key` (relative to the target) is only for messages.
+    pub(super) async fn put(
+        &self,
+        key: &str,
+        full_key: &str,
+        dest: Dest<'_>,
+        data: Bytes,
+        md5: [u8; 16],
+    ) -> Result<Option<String>, StorageError> {
+        let url = self.url(full_key, &dest);
+        let content_md5 = base64::engine::general_purpose::STANDARD.encode(md5);
+        let digest: Option<[u8; 32]> = self.sign_payload.then(|| Sha256::digest(&data).into());
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self
+                .put_once(key, &url, &content_md5, digest, data.clone())
+                .await
+            {
+                Err(e) if e.is_temporary() && attempt < ATTEMPTS => {
+                    tracing::debug!(key, attempt, "retrying upload request: {e}");
+                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn put_once(
+        &self,
+        key: &str,
+        url: &str,
+        content_md5: &str,
+        digest: Option<[u8; 32]>,
+        data: Bytes,
+    ) -> Result<Option<String>, StorageError> {
+        let len = data.len();
+        let mut signed: HttpRequest = http::Request::builder()
+            .method(http::Method::PUT)
+            .uri(url)
+            .header("content-md5", content_md5)
+            .header(http::header::CONTENT_LENGTH, len)
+            .body(Bytes::new().into())
+            .map_err(|e| self.backend(key, format!("bad request URL: {e}"), false))?;
+        AwsAuthorizer::new(&self.credential, "s3", &self.region)
+            .with_sign_payload(self.sign_payload)
+            .authorize(&mut signed, digest.as_ref().map(<[u8; 32]>::as_slice));
+        let response = self
+            .client
+            .put(url)
+            .headers(signed.headers().clone())
+            .body(data)
+            .send()
+            .await
+            .map_err(|e| self.transport(key, &e))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response
+                .headers()
+                .get(http::header::ETAG)
+                .and_then(|v| v.to_str().ok())
+                .map(super::clean_etag));
+        }
+        let body = response.text().await.unwrap_or_default();
+        Err(self.status_error(key, status, &body))
+    }
+
+    fn backend(&self, key: &str, message: String, temporary: bool) -> StorageError {
+        StorageError::Backend {
+            target: self.target.clone(),
+            op: "put",
+            key: key.to_owned(),
+            message,
+            temporary,
+        }
+    }
+
+    fn transport(&self, key: &str, e: &reqwest::Error) -> StorageError {
+        // reqwest's message names the URL: the key and upload id, nothing secret.
+        let message = error_chain(e);
+        if e.is_connect() || e.is_timeout() || e.is_request() || e.is_body() {
+            StorageError::Connect {
+                target: self.target.clone(),
+                message,
+            }
+        } else {
+            self.backend(key, message, true)
+        }
+    }
+
+    fn status_error(&self, key: &str, status: reqwest::StatusCode, body: &str) -> StorageError {
+        let code = xml_field(body, "Code").unwrap_or_default();
+        let detail = xml_field(body, "Message").unwrap_or_default();
+        let message = match (code.is_empty(), detail.is_empty()) {
+            (true, _) => format!("HTTP {status}"),
+            (false, true) => format!("HTTP {status}: {code}"),
+            (false, false) => format!("HTTP {status}: {code}: {detail}"),
+        };
+        match (status.as_u16(), code.as_str()) {
+            (_, "BadDigest" | "InvalidDigest") => StorageError::Integrity {
+                target: self.target.clone(),
+                key: key.to_owned(),
+                message: format!("the server refused the data as damaged ({message})"),
+            },
+            (401 | 403, _) => StorageError::Auth {
+                target: self.target.clone(),
+                message,
+            },
+            (404, "NoSuchUpload" | "NoSuchKey" | "") => StorageError::NotFound {
+                target: self.target.clone(),
+                key: key.to_owned(),
+            },
+            (s, _) => self.backend(key, message, s >= 500 || s == 429 || code == "SlowDown"),
+        }
+    }
+}
+
+/// A reqwest error with its causes, e.g. "error sending request: connection refused".
+fn error_chain(e: &reqwest::Error) -> String {
+    let mut message = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        message.push_str(": ");
+        message.push_str(&c.to_string());
+        cause = c.source();
+    }
+    message
+}
+
+/// The text of the first `<name>…</name>` of an S3 error body.
+fn xml_field(body: &str, name: &str) -> Option<String> {
+    let open = format!("<{name}>");
+    let close = format!("</{name}>");
+    let start = body.find(&open)? + open.len();
+    let end = body[start..].find(&close)? + start;
+    Some(body[start..end].trim().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_encoded_for_sigv4() {
+        let u = Uploader::new(
+            AwsCredential {
+                key_id: "id".into(),
+                secret_key: "secret".into(),
+                token: None,
+            },
+            "garage",
+            "http://127.0.0.1:3900/bucket/".into(),
+            false,
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+            "s3://bucket".into(),
+        )
+        .unwrap();
+        assert_eq!(
+            u.url("p/a b/数据+(1).txt", &Dest::Object),
+            "http://127.0.0.1:3900/bucket/p/a%20b/%E6%95%B0%E6%8D%AE%2B%281%29.txt"
+        );
+        assert_eq!(
+            u.url(
+                "k",
+                &Dest::Part {
+                    upload_id: "a/b=",
+                    number: 3
+                }
+            ),
+            "http://127.0.0.1:3900/bucket/k?partNumber=3&uploadId=a%2Fb%3D"
+        );
+    }
+
+    #[test]
+    fn error_bodies_are_classified() {
+        let body = "<?xml version=\"1.0\"?><Error><Code>BadDigest</Code><Message>The Content-MD5 you specified did not match</Message></Error>";
+        assert_eq!(xml_field(body, "Code").as_deref(), Some("BadDigest"));
+        assert_eq!(xml_field("<Error></Error>", "Code"), None);
+    }
+}
