@@ -20,7 +20,7 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ssh2::{BlockDirections, CheckResult, HostKeyType, KnownHostFileKind, MethodType, Session};
+use ssh2::{BlockDirections, CheckResult, HostKeyType, KnownHostFileKind, Session};
 use tokio::io::Interest;
 
 pub use crate::config::HostKeyPolicy;
@@ -304,7 +304,6 @@ impl SshSession {
             message: e.to_string(),
         })?;
         session.set_tcp_stream(sock);
-        prefer_fast_ciphers(&session);
         session.handshake().map_err(|e| {
             if is_timeout(&e) {
                 SshError::Timeout {
@@ -847,41 +846,6 @@ fn authenticate(session: &Session, p: &SshParams, server: &str) -> Result<(), Ss
         user: p.user.clone(),
         message: failures.join("; "),
     })
-}
-
-/// Cipher order offered to the server when the CPU has AES instructions: AES-GCM first.
-/// libssh2 runs AES through OpenSSL (hardware AES) but chacha20-poly1305, its default
-/// first choice, through a portable C implementation that costs several times the CPU
-/// per byte on both ends of a bulk SFTP transfer. Without AES instructions libssh2's
-/// own order stays.
-const AES_FIRST: &str = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,\
-    chacha20-poly1305@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr";
-
-fn prefer_fast_ciphers(session: &Session) {
-    if !has_aes_instructions() {
-        return;
-    }
-    for direction in [MethodType::CryptCs, MethodType::CryptSc] {
-        if let Err(e) = session.method_pref(direction, AES_FIRST) {
-            tracing::debug!("keeping libssh2's cipher order: {}", e.message());
-        }
-    }
-}
-
-fn has_aes_instructions() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("aes")
-            && std::arch::is_x86_feature_detected!("pclmulqdq")
-    }
-    #[cfg(target_arch = "aarch64")]
-    {
-        std::arch::is_aarch64_feature_detected!("aes")
-    }
-    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-    {
-        false
-    }
 }
 
 #[cfg(test)]

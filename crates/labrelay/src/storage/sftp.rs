@@ -518,79 +518,195 @@ impl Inner {
 const WRITE_WINDOW: usize = 8 * 1024 * 1024;
 /// Bytes read (and hashed) at a time.
 const READ_CHUNK: usize = 1024 * 1024;
+/// Chunks read ahead of the writer.
+const READ_AHEAD: usize = 4;
 
 /// Copy `reader` into an SFTP file, returning the byte count and MD5.
 ///
-/// libssh2 turns everything passed to one `sftp_write` into WRITE requests at once and
-/// returns as soon as the first is acknowledged, expecting the unacknowledged rest at
-/// the start of the next call's buffer. `write_all` on a fixed buffer therefore lets
-/// the pipeline run dry at the end of every buffer, while the next one is read and
-/// hashed. Here the buffer slides instead: after each acknowledgement new data is
-/// appended behind the requests in flight, so the server always has work queued while
-/// this thread reads and hashes.
+/// Two threads: one reads and hashes, this one writes, so the MD5 and libssh2's
+/// encryption run on different cores. libssh2 turns everything passed to one
+/// `sftp_write` into WRITE requests at once and returns as soon as the first is
+/// acknowledged, expecting the unacknowledged rest at the start of the next call's
+/// buffer; `write_all` on a fixed buffer would let the pipeline run dry at the end of
+/// every buffer. Here the buffer slides instead: after each acknowledgement newly read
+/// data is appended behind the requests in flight, so the server always has work.
 fn pipelined_copy(
-    reader: &mut dyn Read,
+    reader: &mut (dyn Read + Send),
     file: &mut ssh2::File,
     cancel: &AtomicBool,
 ) -> Result<(u64, [u8; 16]), CopyError> {
-    let mut buf = vec![0u8; WRITE_WINDOW + READ_CHUNK];
-    // buf[start..end]: data given to libssh2 and not yet acknowledged (a prefix of it
-    // may already be in flight).
-    let (mut start, mut end) = (0usize, 0usize);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Vec<u8>>>(READ_AHEAD);
+    let stop = AtomicBool::new(false);
+    let stop = &stop;
+    std::thread::scope(|scope| {
+        // The sender moves into the thread: when it ends, the writer's recv ends too.
+        let reading = scope.spawn(move || read_and_hash(reader, &tx, cancel, stop));
+        let written = write_sliding(file, &rx, cancel);
+        // Unblock and end the reader whatever happened here.
+        stop.store(true, Ordering::SeqCst);
+        drop(rx);
+        let hashed = reading.join().unwrap_or_else(|_| {
+            Err(CopyError::Read(std::io::Error::other(
+                "the reading thread panicked",
+            )))
+        });
+        match (written, hashed) {
+            (Ok(total), Ok((hashed_total, md5))) if total == hashed_total => Ok((total, md5)),
+            (Ok(_), Ok(_)) => Err(CopyError::Read(std::io::Error::other(
+                "the reader and the writer disagree on the size",
+            ))),
+            // A read error reaches the writer through the channel; report it as such.
+            (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+        }
+    })
+}
+
+/// The reading side of [`pipelined_copy`]: chunks go to `tx`, the MD5 stays here.
+fn read_and_hash(
+    reader: &mut (dyn Read + Send),
+    tx: &std::sync::mpsc::SyncSender<std::io::Result<Vec<u8>>>,
+    cancel: &AtomicBool,
+    stop: &AtomicBool,
+) -> Result<(u64, [u8; 16]), CopyError> {
     let mut md5 = Md5Parts::new();
-    let mut total = 0u64;
-    let mut eof = false;
     loop {
-        if cancel.load(Ordering::SeqCst) {
+        if cancel.load(Ordering::SeqCst) || stop.load(Ordering::SeqCst) {
             return Err(CopyError::Cancelled);
         }
-        if !eof && end - start < WRITE_WINDOW {
-            if buf.len() - end < READ_CHUNK {
-                // libssh2 copied what it already sent; only the unacknowledged bytes
-                // must stay first in the buffer.
-                buf.copy_within(start..end, 0);
-                end -= start;
-                start = 0;
-            }
-            let n = loop {
-                match reader.read(&mut buf[end..end + READ_CHUNK]) {
-                    Ok(n) => break n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(CopyError::Read(e)),
-                }
-            };
-            if n == 0 {
-                eof = true;
-            } else {
-                md5.update(&buf[end..end + n]);
-                end += n;
-                total += n as u64;
-                // Hand libssh2 at least a chunk at a time (short reads from pipes).
-                if end - start < READ_CHUNK {
-                    continue;
+        let mut chunk = vec![0u8; READ_CHUNK];
+        let mut filled = 0;
+        while filled < chunk.len() {
+            match reader.read(&mut chunk[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let kind = e.kind();
+                    let message = e.to_string();
+                    let _ = tx.send(Err(e));
+                    return Err(CopyError::Read(std::io::Error::new(kind, message)));
                 }
             }
         }
-        if start == end {
-            if eof {
-                break;
-            }
-            continue;
+        chunk.truncate(filled);
+        md5.update(&chunk);
+        let done = filled == 0;
+        if tx.send(Ok(chunk)).is_err() {
+            // The writer gave up; it reports why.
+            return Err(CopyError::Cancelled);
         }
-        match file.write(&buf[start..end]) {
-            Ok(0) => {
-                return Err(CopyError::Write(std::io::Error::new(
-                    std::io::ErrorKind::WriteZero,
-                    "the SFTP server accepted no data",
-                )));
-            }
-            Ok(n) => start += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(CopyError::Write(e)),
+        if done {
+            return Ok((md5.len(), md5.finalize()));
         }
     }
-    file.flush().map_err(CopyError::Write)?;
-    Ok((total, md5.finalize()))
+}
+
+/// The writing side of [`pipelined_copy`]: an empty chunk ends the data.
+fn write_sliding(
+    file: &mut ssh2::File,
+    rx: &std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    cancel: &AtomicBool,
+) -> Result<u64, CopyError> {
+    let mut window = Window {
+        buf: Vec::with_capacity(WRITE_WINDOW + READ_CHUNK),
+        start: 0,
+    };
+    match window.run(file, rx, cancel) {
+        Ok(total) => {
+            file.flush().map_err(CopyError::Write)?;
+            Ok(total)
+        }
+        Err(e @ CopyError::Write(_)) => Err(e),
+        Err(e) => {
+            // libssh2 may hold a request it has only partly sent; anything else sent
+            // on this session now (close, unlink) would be read by the server as the
+            // rest of it. Finish what libssh2 was given, then report the failure.
+            while window.start < window.buf.len() {
+                match file.write(&window.buf[window.start..]) {
+                    Ok(0) => {
+                        return Err(CopyError::Write(std::io::Error::new(
+                            std::io::ErrorKind::WriteZero,
+                            "the SFTP server accepted no data",
+                        )));
+                    }
+                    Ok(n) => window.start += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(CopyError::Write(e)),
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+/// `buf[start..]`: data given to libssh2 and not yet acknowledged (a prefix of it may
+/// already be in flight).
+struct Window {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl Window {
+    fn run(
+        &mut self,
+        file: &mut ssh2::File,
+        rx: &std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
+        cancel: &AtomicBool,
+    ) -> Result<u64, CopyError> {
+        let mut total = 0u64;
+        let mut eof = false;
+        loop {
+            if cancel.load(Ordering::SeqCst) {
+                return Err(CopyError::Cancelled);
+            }
+            // Top up the window; block for data only when libssh2 has nothing to send.
+            while !eof && self.buf.len() - self.start < WRITE_WINDOW {
+                let next = if self.buf.len() == self.start {
+                    rx.recv().ok()
+                } else {
+                    match rx.try_recv() {
+                        Ok(r) => Some(r),
+                        Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                        Err(std::sync::mpsc::TryRecvError::Disconnected) => None,
+                    }
+                };
+                let chunk = match next {
+                    Some(Ok(chunk)) => chunk,
+                    Some(Err(e)) => return Err(CopyError::Read(e)),
+                    None => return Err(CopyError::Cancelled),
+                };
+                if chunk.is_empty() {
+                    eof = true;
+                    break;
+                }
+                if self.buf.capacity() - self.buf.len() < chunk.len() {
+                    // libssh2 copied what it already sent; only the unacknowledged
+                    // bytes must stay first in the buffer.
+                    self.buf.drain(..self.start);
+                    self.start = 0;
+                }
+                total += chunk.len() as u64;
+                self.buf.extend_from_slice(&chunk);
+            }
+            if self.start == self.buf.len() {
+                if eof {
+                    return Ok(total);
+                }
+                continue;
+            }
+            match file.write(&self.buf[self.start..]) {
+                Ok(0) => {
+                    return Err(CopyError::Write(std::io::Error::new(
+                        std::io::ErrorKind::WriteZero,
+                        "the SFTP server accepted no data",
+                    )));
+                }
+                Ok(n) => self.start += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(CopyError::Write(e)),
+            }
+        }
+    }
 }
 
 fn stat_info(key: String, stat: &ssh2::FileStat) -> ObjectInfo {
