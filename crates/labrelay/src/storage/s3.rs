@@ -682,42 +682,28 @@ struct Chunk {
     md5: [u8; 16],
 }
 
-/// Read up to `size` bytes on a blocking thread (short only at the end of the data).
+/// Chunks up to this size of a local file are read on the calling task: a thread
+/// handoff per small file costs more CPU (context switches) than the read itself.
+const INLINE_READ: u64 = 64 * 1024;
+
+/// Read up to `size` bytes (short only at the end of the data), on a blocking thread
+/// unless it is a small chunk of a local file.
 async fn next_chunk(
     source: Source,
     size: u64,
     key: &str,
     is_file: bool,
 ) -> Result<(Source, Chunk), StorageError> {
+    if is_file && size <= INLINE_READ {
+        return fill_chunk(source, size).map_err(StorageError::Local);
+    }
     let key = key.to_owned();
-    let joined = tokio::task::spawn_blocking(move || {
-        let mut source = source;
-        let mut buf = vec![0u8; size as usize];
-        let mut filled = 0;
-        while filled < buf.len() {
-            match source.reader.read(&mut buf[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        buf.truncate(filled);
-        let md5 = source.whole.part(&buf);
-        source.total += filled as u64;
-        Ok((
-            source,
-            Chunk {
-                data: Bytes::from(buf),
-                md5,
-            },
-        ))
-    })
-    .await
-    .map_err(|e| StorageError::Source {
-        key: key.clone(),
-        source: std::io::Error::other(format!("reader task failed: {e}")),
-    })?;
+    let joined = tokio::task::spawn_blocking(move || fill_chunk(source, size))
+        .await
+        .map_err(|e| StorageError::Source {
+            key: key.clone(),
+            source: std::io::Error::other(format!("reader task failed: {e}")),
+        })?;
     joined.map_err(|source| {
         if is_file {
             StorageError::Local(source)
@@ -725,6 +711,28 @@ async fn next_chunk(
             StorageError::Source { key, source }
         }
     })
+}
+
+/// Read up to `size` bytes from `source` and hash them.
+fn fill_chunk(mut source: Source, size: u64) -> std::io::Result<(Source, Chunk)> {
+    let mut buf = vec![0u8; size as usize];
+    let mut filled = 0;
+    while filled < buf.len() {
+        match source.reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(filled);
+    let md5 = source.whole.part(&buf);
+    source.total += filled as u64;
+    let chunk = Chunk {
+        data: Bytes::from(buf),
+        md5,
+    };
+    Ok((source, chunk))
 }
 
 /// The endpoint object_store should use: for virtual-hosted style it must already
