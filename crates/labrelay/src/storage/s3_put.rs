@@ -62,9 +62,8 @@ impl Uploader {
         let client = reqwest::Client::builder()
             .connect_timeout(connect_timeout)
             .timeout(timeout)
-            // A local S3 server on plain HTTP needs no proxy; a proxy from the
-            // environment must not see delivery traffic it was not meant for.
-            .no_proxy()
+            // Proxies from the environment (HTTPS_PROXY, NO_PROXY) apply as they do to
+            // object_store's client for the other calls.
             .build()
             .map_err(|e| StorageError::Config {
                 target: target.clone(),
