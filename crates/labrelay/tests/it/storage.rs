@@ -476,6 +476,17 @@ async fn failing_reader_leaves_nothing_under_the_final_name(fx: &Fixture) {
     if let Some(names) = fx.raw_names("fail").await {
         assert!(names.is_empty(), "left behind: {names:?}");
     }
+    assert_still_usable(fx, "fail/after.bin").await;
+}
+
+/// After a failed or cancelled put the storage still works: for SFTP the next put may
+/// run on the same pooled connection, which must not be left mid-request.
+async fn assert_still_usable(fx: &Fixture, key: &str) {
+    let data = Bytes::from(pattern(9 * MIB as usize + 3, 5));
+    let out = fx.storage.put_bytes(key, data.clone()).await.unwrap();
+    assert_eq!(out.md5_hex, md5_hex(&data));
+    assert_eq!(fx.storage.get_bytes(key).await.unwrap(), data);
+    fx.storage.delete(key).await.unwrap();
 }
 
 /// Yields `limit` bytes, reports that, then blocks until released (and fails).
@@ -545,6 +556,7 @@ async fn aborted_upload_leaves_nothing_under_the_final_name(fx: &Fixture) {
     if let Some(names) = fx.raw_names("abort").await {
         assert!(names.is_empty(), "left behind: {names:?}");
     }
+    assert_still_usable(fx, "abort/after.bin").await;
 }
 
 async fn file_larger_than_one_part(fx: &Fixture) {
