@@ -362,7 +362,7 @@ impl AccessRequest {
             customer_emails: report.analysis.customer_emails.clone(),
             key_prefix: report.key_prefix.clone(),
             files,
-            password: None,
+            password: report.analysis.customer_password.clone(),
             now: Utc::now(),
         }
     }

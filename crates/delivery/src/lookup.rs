@@ -5,9 +5,12 @@
 //! data, its stderr is quoted in errors.
 //!
 //! Field (column) names: `analysis_path`, `project_id`, `customer_email`,
-//! `customer_name`, `action_email`, `sales_email`, `info_email`. E-mail fields may hold
-//! several addresses separated by `,` or `;`; when several rows come back, their
-//! addresses are merged and the first row gives the other fields.
+//! `customer_name`, `action_email`, `sales_email`, `info_email`, and optionally
+//! `customer_password` (the customer's password of the ordering system, which the seed
+//! reused for the delivery account; kept as a secret, never passed to templates or
+//! printed). E-mail fields may hold several addresses separated by `,` or `;`; when
+//! several rows come back, their addresses are merged and the first row gives the other
+//! fields.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -17,6 +20,7 @@ use std::time::Duration;
 use labrelay::config::Config;
 use labrelay::db::Db;
 use labrelay::exit::{Exit, tagged};
+use labrelay::secret::Secret;
 use tokio::io::AsyncReadExt;
 
 use crate::config::LookupConfig;
@@ -132,6 +136,7 @@ const KNOWN: &[&str] = &[
     "action_email",
     "sales_email",
     "info_email",
+    "customer_password",
 ];
 
 fn merge_rows(key: &Key, rows: &[BTreeMap<String, String>]) -> Analysis {
@@ -155,6 +160,10 @@ fn merge_rows(key: &Key, rows: &[BTreeMap<String, String>]) -> Analysis {
             .filter(|(k, _)| !KNOWN.contains(&k.as_str()))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
+        customer_password: first
+            .get("customer_password")
+            .filter(|v| !v.is_empty())
+            .map(|v| Secret::new(v.clone())),
     };
     for row in rows {
         push_unique(

@@ -81,6 +81,10 @@ pub struct Analysis {
     pub staff: Staff,
     /// Any other column or field the lookup returned, for templates.
     pub extra: BTreeMap<String, String>,
+    /// A password for the customer's account from the LIMS (`customer_password`), used
+    /// instead of a generated one; never serialized, printed or kept in `extra`.
+    #[serde(skip)]
+    pub customer_password: Option<labrelay::secret::Secret>,
 }
 
 /// How the files were sent.

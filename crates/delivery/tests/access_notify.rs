@@ -539,6 +539,7 @@ fn delivery_steps_mail_working_garage_links_for_a_report() {
                     info: vec![],
                 },
                 extra: std::collections::BTreeMap::new(),
+                customer_password: None,
             },
             target: TargetInfo {
                 name: "garage".into(),

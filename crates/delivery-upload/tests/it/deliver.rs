@@ -280,6 +280,74 @@ create_user = ["touch", "{d}/account-{{user}}-{{days}}"]
     );
 }
 
+/// A password from the LIMS (`customer_password`) is used for the account instead of
+/// a generated one; it reaches the account command (in its environment) and the
+/// customer's mail, and nothing else: not stdout, stderr or the state database.
+#[tokio::test]
+async fn lims_password_is_used_for_the_account_and_shown_only_to_the_customer() {
+    const PASSWORD: &str = "Lims-Pass-9x7Q";
+    let lims = Lims::new(LimsKind::Sqlite).await.unwrap();
+    let home = Home::new();
+    let (root, _) = tree(&home.path().join("analysis"), 0);
+    lims.add_analysis("P1", &root).await;
+    let dest = home.path().join("vendor-platform");
+    std::fs::create_dir_all(&dest).unwrap();
+    let d = dest.display();
+    let lims_toml = lims.config(STATUS_INSERT).replace(
+        "p.info_email\n",
+        &format!("p.info_email, '{PASSWORD}' AS customer_password\n"),
+    );
+    assert!(lims_toml.contains("customer_password"), "{lims_toml}");
+    home.config(&format!(
+        r#"[delivery]
+target = "bo"
+
+[delivery.vendors.bo.steps]
+mkdir = ["mkdir", "-p", "{d}/{{project}}/{{remote_dir}}"]
+upload = ["cp", "-RL", "{{local_dir}}/.", "{d}/{{project}}/{{remote_dir}}"]
+upload_file = ["cp", "{{local_file}}", "{d}/{{project}}/{{remote_dir}}/{{file_name}}"]
+create_user = ["sh", "-c", "printf %s \"$LABRELAY_VENDOR_PASSWORD\" > {d}/password-of-{{user}}"]
+
+{lims_toml}"#
+    ));
+    let out = home.run(&["--analysis-id", "P1", "--json", "-vv"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(summary(&out)["account"], "customer");
+    assert_eq!(
+        std::fs::read_to_string(dest.join("password-of-customer")).unwrap(),
+        PASSWORD
+    );
+    let printed = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    assert!(!printed.contains(PASSWORD), "password printed:\n{printed}");
+    // The database file and its WAL / journal, whatever was checkpointed.
+    for entry in std::fs::read_dir(home.data_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("state.db")
+        {
+            let bytes = std::fs::read(&path).unwrap();
+            assert!(
+                !bytes
+                    .windows(PASSWORD.len())
+                    .any(|w| w == PASSWORD.as_bytes()),
+                "password stored in {}",
+                path.display()
+            );
+        }
+    }
+    let outbox = home.outbox();
+    assert_eq!(outbox.len(), 1);
+    let mail = labrelay::mail::parse(outbox[0].as_bytes()).unwrap();
+    assert!(
+        mail.text.as_deref().unwrap_or_default().contains(PASSWORD),
+        "{:?}",
+        mail.text
+    );
+}
+
 #[tokio::test]
 async fn renew_reissues_the_links_of_an_s3_delivery() {
     let Some(target) = TargetFixture::new(TargetKind::S3, "").await else {
