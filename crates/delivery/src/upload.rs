@@ -30,7 +30,7 @@ use labrelay::exit::{Exit, classify};
 use labrelay::hash::Md5Parts;
 use labrelay::storage::{
     AnyStorage, MultipartUpload, ObjectStorage, PutOptions, S3Storage, StorageError, UploadedPart,
-    multipart_etag, part_size_for,
+    multipart_etag, part_size_for, read_full,
 };
 use md5::{Digest, Md5};
 use sha2::Sha256;
@@ -509,15 +509,7 @@ struct PartReader {
 async fn read_part(mut r: PartReader, len: u64) -> anyhow::Result<(PartReader, Bytes, [u8; 16])> {
     tokio::task::spawn_blocking(move || {
         let mut buf = vec![0u8; len as usize];
-        let mut filled = 0;
-        while filled < buf.len() {
-            match r.file.read(&mut buf[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(anyhow::Error::new(e)),
-            }
-        }
+        let filled = read_full(&mut r.file, &mut buf)?;
         buf.truncate(filled);
         let md5 = r.whole.part(&buf);
         if let Some(s) = &mut r.sha {

@@ -317,6 +317,21 @@ pub fn part_size_for(len: u64) -> u64 {
     needed.clamp(MIN_PART_SIZE, MAX_PART_SIZE)
 }
 
+/// Read from `reader` until `buf` is full or the data ends; returns the bytes read
+/// (fewer than `buf.len()` only at the end). Interrupted reads are retried.
+pub fn read_full(reader: &mut (impl Read + ?Sized), buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
 /// The ETag S3 gives a multipart object: MD5 of the concatenated binary part MD5s,
 /// `-`, the number of parts. `None` if a part MD5 is not 32 hex digits.
 pub fn multipart_etag<S: AsRef<str>>(part_md5_hex: &[S]) -> Option<String> {

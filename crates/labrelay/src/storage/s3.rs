@@ -716,15 +716,7 @@ async fn next_chunk(
 /// Read up to `size` bytes from `source` and hash them.
 fn fill_chunk(mut source: Source, size: u64) -> std::io::Result<(Source, Chunk)> {
     let mut buf = vec![0u8; size as usize];
-    let mut filled = 0;
-    while filled < buf.len() {
-        match source.reader.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
+    let filled = super::read_full(&mut source.reader, &mut buf)?;
     buf.truncate(filled);
     let md5 = source.whole.part(&buf);
     source.total += filled as u64;

@@ -622,17 +622,7 @@ fn write_sliding(
             // on this session now (close, unlink) would be read by the server as the
             // rest of it. Finish what libssh2 was given, then report the failure.
             while window.start < window.buf.len() {
-                match file.write(&window.buf[window.start..]) {
-                    Ok(0) => {
-                        return Err(CopyError::Write(std::io::Error::new(
-                            std::io::ErrorKind::WriteZero,
-                            "the SFTP server accepted no data",
-                        )));
-                    }
-                    Ok(n) => window.start += n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(CopyError::Write(e)),
-                }
+                window.start += write_acked(file, &window.buf[window.start..])?;
             }
             Err(e)
         }
@@ -694,18 +684,21 @@ impl Window {
                 }
                 continue;
             }
-            match file.write(&self.buf[self.start..]) {
-                Ok(0) => {
-                    return Err(CopyError::Write(std::io::Error::new(
-                        std::io::ErrorKind::WriteZero,
-                        "the SFTP server accepted no data",
-                    )));
-                }
-                Ok(n) => self.start += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(CopyError::Write(e)),
-            }
+            self.start += write_acked(file, &self.buf[self.start..])?;
         }
+    }
+}
+
+/// One `sftp_write` of `data`: the bytes the server acknowledged (0 after EINTR).
+fn write_acked(file: &mut ssh2::File, data: &[u8]) -> Result<usize, CopyError> {
+    match file.write(data) {
+        Ok(0) => Err(CopyError::Write(std::io::Error::new(
+            std::io::ErrorKind::WriteZero,
+            "the SFTP server accepted no data",
+        ))),
+        Ok(n) => Ok(n),
+        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(0),
+        Err(e) => Err(CopyError::Write(e)),
     }
 }
 
