@@ -574,20 +574,14 @@ fn read_and_hash(
             return Err(CopyError::Cancelled);
         }
         let mut chunk = vec![0u8; READ_CHUNK];
-        let mut filled = 0;
-        while filled < chunk.len() {
-            match reader.read(&mut chunk[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    let kind = e.kind();
-                    let message = e.to_string();
-                    let _ = tx.send(Err(e));
-                    return Err(CopyError::Read(std::io::Error::new(kind, message)));
-                }
+        let filled = match super::read_full(reader, &mut chunk) {
+            Ok(n) => n,
+            Err(e) => {
+                let (kind, message) = (e.kind(), e.to_string());
+                let _ = tx.send(Err(e));
+                return Err(CopyError::Read(std::io::Error::new(kind, message)));
             }
-        }
+        };
         chunk.truncate(filled);
         md5.update(&chunk);
         let done = filled == 0;
