@@ -29,8 +29,8 @@ use bytes::Bytes;
 use labrelay::exit::{Exit, classify};
 use labrelay::hash::Md5Parts;
 use labrelay::storage::{
-    AnyStorage, MultipartUpload, ObjectStorage, PutOptions, S3Storage, StorageError, UploadedPart,
-    multipart_etag, part_size_for, read_full,
+    AnyStorage, MultipartUpload, ObjectStorage, PutOptions, PutOutcome, S3Storage, StorageError,
+    UploadedPart, multipart_etag, part_size_for, read_full,
 };
 use md5::{Digest, Md5};
 use sha2::Sha256;
@@ -404,7 +404,7 @@ async fn single_file(ctx: &Ctx, entry: &Entry, key: &str) -> anyhow::Result<Deli
     };
     ctx.bytes_sent.fetch_add(out.size, Ordering::Relaxed);
     ctx.events.bytes(out.size);
-    verify(ctx, key, out.size, &out.md5_hex).await?;
+    verify(ctx, key, &out).await?;
     let done = DoneFile {
         key: key.to_owned(),
         size: out.size,
@@ -439,11 +439,28 @@ async fn single_file(ctx: &Ctx, entry: &Entry, key: &str) -> anyhow::Result<Deli
 
 /// Check a stored object. S3 single PUTs were already checked by the storage against
 /// the ETag the server returned.
-async fn verify(ctx: &Ctx, key: &str, size: u64, md5: &str) -> anyhow::Result<()> {
+async fn verify(ctx: &Ctx, key: &str, out: &PutOutcome) -> anyhow::Result<()> {
+    let (size, md5) = (out.size, out.md5_hex.as_str());
     match &ctx.storage {
         AnyStorage::S3(_) => Ok(()),
         AnyStorage::Sftp(s) => {
             if !ctx.remote_md5_broken.load(Ordering::Relaxed) {
+                // A large file: its ranges in parallel on the server; the whole file's
+                // md5sum only decides when they disagree (or the ranges cannot be
+                // computed there).
+                if out.range_size > 0 {
+                    match s
+                        .remote_md5_ranges(key, out.range_size, out.range_md5_hex.len())
+                        .await
+                    {
+                        Ok(remote) if remote == out.range_md5_hex => return Ok(()),
+                        Ok(_) => {
+                            tracing::warn!(key, "range md5sums differ; checking the whole file");
+                        }
+                        Err(e @ StorageError::Connect { .. }) => return Err(e.into()),
+                        Err(e) => tracing::debug!(key, "range md5sums failed: {e}"),
+                    }
+                }
                 match s.remote_md5(key).await {
                     Ok(remote) if remote == md5 => return Ok(()),
                     Ok(remote) => {

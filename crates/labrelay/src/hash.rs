@@ -120,6 +120,15 @@ fn compress1(x: &mut [u32; 4], blocks: &[u8]) {
     }
 }
 
+/// Advance the whole's state, and the segment's when it shares the whole's blocks.
+#[inline]
+fn absorb(whole: &mut [u32; 4], twin: Option<&mut [u32; 4]>, blocks: &[u8]) {
+    match twin {
+        Some(t) => compress2(whole, t, blocks),
+        None => compress1(whole, blocks),
+    }
+}
+
 /// The digest of a state that has absorbed `len - tail.len()` bytes in whole blocks,
 /// with `tail` (< 64 bytes) still to come.
 fn finish(mut state: [u32; 4], tail: &[u8], len: u64) -> [u8; 16] {
@@ -137,8 +146,9 @@ fn finish(mut state: [u32; 4], tail: &[u8], len: u64) -> [u8; 16] {
     out
 }
 
-/// The running MD5 of a whole stream that also returns the MD5 of each part fed to
-/// [`Md5Parts::part`].
+/// The running MD5 of a whole stream that also gives the MD5 of parts of it: of one
+/// call ([`Md5Parts::part`]) or of a segment spanning several calls
+/// ([`Md5Parts::begin_segment`] … [`Md5Parts::end_segment`]).
 ///
 /// ```
 /// use labrelay::hash::Md5Parts;
@@ -156,6 +166,15 @@ pub struct Md5Parts {
     buf: [u8; 64],
     buf_len: usize,
     total: u64,
+    segment: Option<Segment>,
+}
+
+/// An open segment: hashed alongside the whole when it started on a block boundary
+/// (it then shares the whole's blocks and buffered tail), separately otherwise.
+#[derive(Clone)]
+enum Segment {
+    Twin { state: [u32; 4], len: u64 },
+    Plain(Md5),
 }
 
 impl Default for Md5Parts {
@@ -180,6 +199,7 @@ impl Md5Parts {
             buf: [0; 64],
             buf_len: 0,
             total: 0,
+            segment: None,
         }
     }
 
@@ -193,9 +213,21 @@ impl Md5Parts {
         self.total == 0
     }
 
-    /// Feed bytes that belong to no part of interest.
+    /// Feed bytes (to the whole and to the open segment, if any).
     pub fn update(&mut self, mut data: &[u8]) {
         self.total += data.len() as u64;
+        let twin = match &mut self.segment {
+            Some(Segment::Twin { state, len }) => {
+                *len += data.len() as u64;
+                Some(state)
+            }
+            Some(Segment::Plain(md5)) => {
+                md5.update(data);
+                None
+            }
+            None => None,
+        };
+        let mut twin = twin;
         if self.buf_len > 0 {
             let take = (64 - self.buf_len).min(data.len());
             self.buf[self.buf_len..self.buf_len + take].copy_from_slice(&data[..take]);
@@ -205,33 +237,43 @@ impl Md5Parts {
                 return;
             }
             let block = self.buf;
-            compress1(&mut self.whole, &block);
+            absorb(&mut self.whole, twin.as_deref_mut(), &block);
             self.buf_len = 0;
         }
         let full = data.len() / 64 * 64;
-        compress1(&mut self.whole, &data[..full]);
+        absorb(&mut self.whole, twin, &data[..full]);
         let rest = &data[full..];
         self.buf[..rest.len()].copy_from_slice(rest);
         self.buf_len = rest.len();
     }
 
-    /// Feed one part and return its MD5. When the stream so far is a whole number of
-    /// 64-byte blocks (always, for parts of a fixed size from 64 bytes up) both hashes
-    /// are computed in one pass.
-    pub fn part(&mut self, data: &[u8]) -> [u8; 16] {
-        if self.buf_len != 0 {
-            let digest: [u8; 16] = Md5::digest(data).into();
-            self.update(data);
-            return digest;
+    /// Start a segment at the current position (ending an open one). Segments that
+    /// start on a 64-byte boundary are hashed in the same pass as the whole.
+    pub fn begin_segment(&mut self) {
+        self.segment = Some(if self.buf_len == 0 {
+            Segment::Twin { state: IV, len: 0 }
+        } else {
+            Segment::Plain(Md5::new())
+        });
+    }
+
+    /// End the open segment and return its MD5 (that of no bytes if none is open).
+    pub fn end_segment(&mut self) -> [u8; 16] {
+        match self.segment.take() {
+            // Begun with an empty buffer: everything buffered now is the segment's.
+            Some(Segment::Twin { state, len }) => finish(state, &self.buf[..self.buf_len], len),
+            Some(Segment::Plain(md5)) => md5.finalize().into(),
+            None => Md5::digest([]).into(),
         }
-        let full = data.len() / 64 * 64;
-        let mut part = IV;
-        compress2(&mut self.whole, &mut part, &data[..full]);
-        let rest = &data[full..];
-        self.buf[..rest.len()].copy_from_slice(rest);
-        self.buf_len = rest.len();
-        self.total += data.len() as u64;
-        finish(part, rest, data.len() as u64)
+    }
+
+    /// Feed one part and return its MD5 (a segment of one call). When the stream so far
+    /// is a whole number of 64-byte blocks (always, for parts of a fixed size from 64
+    /// bytes up) both hashes are computed in one pass.
+    pub fn part(&mut self, data: &[u8]) -> [u8; 16] {
+        self.begin_segment();
+        self.update(data);
+        self.end_segment()
     }
 
     /// The MD5 of everything fed.
@@ -303,6 +345,44 @@ mod tests {
                 assert_eq!(h.len(), at as u64);
             }
             assert_eq!(h.finalize(), md5(data), "round {round}: whole of {len}");
+        }
+    }
+
+    #[test]
+    fn segments_spanning_several_updates_match_md5() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let mut data = vec![0u8; 200_000];
+        rng.fill_bytes(&mut data);
+        for round in 0..100 {
+            let mut h = Md5Parts::new();
+            // Segments of random length (aligned or not), each fed in random pieces,
+            // with stretches outside any segment between them.
+            let mut at = 0;
+            while at < data.len() {
+                let seg_len = if round % 2 == 0 {
+                    64 * rng.random_range(1..400)
+                } else {
+                    rng.random_range(1..20_000)
+                }
+                .min(data.len() - at);
+                let gap = rng.random_range(0..3) * rng.random_range(0..300);
+                let gap = gap.min(data.len() - at - seg_len);
+                h.begin_segment();
+                let mut fed = 0;
+                while fed < seg_len {
+                    let n = rng.random_range(1..=4096).min(seg_len - fed);
+                    h.update(&data[at + fed..at + fed + n]);
+                    fed += n;
+                }
+                assert_eq!(
+                    h.end_segment(),
+                    md5(&data[at..at + seg_len]),
+                    "round {round}: segment at {at}+{seg_len}"
+                );
+                h.update(&data[at + seg_len..at + seg_len + gap]);
+                at += seg_len + gap;
+            }
+            assert_eq!(h.finalize(), md5(&data), "round {round}: whole");
         }
     }
 }

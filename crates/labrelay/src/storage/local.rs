@@ -128,6 +128,8 @@ fn put_blocking(
         parts: 0,
         part_size: 0,
         part_md5_hex: Vec::new(),
+        range_size: 0,
+        range_md5_hex: Vec::new(),
     })
 }
 

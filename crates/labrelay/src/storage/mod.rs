@@ -387,6 +387,12 @@ pub struct PutOutcome {
     pub part_size: u64,
     /// MD5 of each part, lowercase hex, in order.
     pub part_md5_hex: Vec<String>,
+    /// SFTP: the content was also hashed in consecutive ranges of this many bytes (the
+    /// last one shorter), so the server can verify them in parallel
+    /// ([`SftpStorage::remote_md5_ranges`]); 0 when not.
+    pub range_size: u64,
+    /// MD5 of each range, lowercase hex, in order; empty when `range_size` is 0.
+    pub range_md5_hex: Vec<String>,
 }
 
 impl PutOutcome {

@@ -554,6 +554,8 @@ impl S3Storage {
             parts: 0,
             part_size: 0,
             part_md5_hex: Vec::new(),
+            range_size: 0,
+            range_md5_hex: Vec::new(),
         })
     }
 
@@ -639,6 +641,8 @@ impl S3Storage {
             parts: n_parts,
             part_size,
             part_md5_hex: part_md5s,
+            range_size: 0,
+            range_md5_hex: Vec::new(),
         })
     }
 }

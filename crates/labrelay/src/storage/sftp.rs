@@ -16,6 +16,7 @@
 //! ssh2 is blocking, so every operation runs on a blocking thread with a connection
 //! taken from a small pool (one SSH connection per concurrent operation).
 
+use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -159,6 +160,55 @@ impl SftpStorage {
                 });
             }
             Ok(hash.to_ascii_lowercase())
+        })
+        .await
+    }
+
+    /// The MD5s of consecutive ranges of `range_size` bytes of the stored object (the
+    /// last one shorter), computed on the server by `count` `md5sum`s running in
+    /// parallel, so verifying a large file takes a fraction of one `md5sum`. Needs a
+    /// shell with `head -c` and `tail -c`; a caller that finds a mismatch should check
+    /// with [`SftpStorage::remote_md5`] before calling the file damaged.
+    pub async fn remote_md5_ranges(
+        &self,
+        key: &str,
+        range_size: u64,
+        count: usize,
+    ) -> Result<Vec<String>, StorageError> {
+        let path = self.remote_path(key)?;
+        let key = key.to_owned();
+        self.with_conn(move |inner, conn| {
+            let size = range_size.saturating_mul(count as u64);
+            let timeout = Duration::from_secs(60 + size / (20 * 1024 * 1024));
+            let out = conn
+                .ssh
+                .exec_blocking(&ranges_command(&path, range_size, count), timeout)?;
+            let mut hashes = vec![String::new(); count];
+            for line in out.stdout_text().lines() {
+                let mut words = line.split_whitespace();
+                if let (Some(i), Some(h)) = (words.next(), words.next())
+                    && let Ok(i) = i.parse::<usize>()
+                    && i < count
+                    && h.len() == 32
+                    && h.bytes().all(|b| b.is_ascii_hexdigit())
+                {
+                    hashes[i] = h.to_ascii_lowercase();
+                }
+            }
+            if !out.success() || hashes.iter().any(String::is_empty) {
+                return Err(StorageError::Backend {
+                    target: inner.target.clone(),
+                    op: "md5",
+                    key: key.clone(),
+                    message: format!(
+                        "md5sum of {count} ranges failed (status {}): {}",
+                        out.status,
+                        out.stderr_text().trim()
+                    ),
+                    temporary: false,
+                });
+            }
+            Ok(hashes)
         })
         .await
     }
@@ -374,8 +424,11 @@ impl Inner {
         let remove_partial = || {
             let _ = sftp.unlink(Path::new(&partial));
         };
-        let copied = pipelined_copy(&mut reader, &mut file, cancel);
-        let (size, md5) = match copied {
+        let range_size = source_file
+            .as_ref()
+            .map_or(0, |(_, len)| range_size_for(*len));
+        let copied = pipelined_copy(&mut reader, &mut file, cancel, range_size);
+        let (size, md5, ranges) = match copied {
             Ok(r) => r,
             Err(e) => {
                 drop(file);
@@ -426,6 +479,8 @@ impl Inner {
             parts: 0,
             part_size: 0,
             part_md5_hex: Vec::new(),
+            range_size: if ranges.is_empty() { 0 } else { range_size },
+            range_md5_hex: ranges.iter().map(hex::encode).collect(),
         })
     }
 
@@ -514,6 +569,42 @@ impl Inner {
     }
 }
 
+/// Smallest range verified on its own on the server.
+const MIN_RANGE: u64 = 64 * 1024 * 1024;
+/// Most ranges verified at once on the server.
+const MAX_RANGES: u64 = 4;
+
+/// The range size for verifying a file of `len` bytes in parallel on the server: up
+/// to [`MAX_RANGES`] ranges of at least [`MIN_RANGE`], a multiple of [`READ_CHUNK`];
+/// 0 (one `md5sum` of the whole file) below two full ranges.
+fn range_size_for(len: u64) -> u64 {
+    if len < 2 * MIN_RANGE {
+        return 0;
+    }
+    let chunk = READ_CHUNK as u64;
+    (len.div_ceil(MAX_RANGES).div_ceil(chunk) * chunk).max(MIN_RANGE)
+}
+
+/// A shell command printing `<index> <md5>` for each range of `path`, the `md5sum`s
+/// running in parallel. Each line comes from one `echo`, so lines never interleave.
+fn ranges_command(path: &str, range_size: u64, count: usize) -> String {
+    let f = shell_quote(path);
+    let mut cmd = String::new();
+    for i in 0..count {
+        let offset = i as u64 * range_size + 1; // tail counts from 1
+        let read = if i == 0 {
+            format!("head -c {range_size} -- {f}")
+        } else if i + 1 == count {
+            format!("tail -c +{offset} -- {f}")
+        } else {
+            format!("tail -c +{offset} -- {f} | head -c {range_size}")
+        };
+        let _ = write!(cmd, "(echo \"{i} $({read} | md5sum)\") & ");
+    }
+    cmd.push_str("wait");
+    cmd
+}
+
 /// Bytes handed to libssh2 ahead of the server's acknowledgements.
 const WRITE_WINDOW: usize = 8 * 1024 * 1024;
 /// Bytes read (and hashed) at a time.
@@ -534,13 +625,14 @@ fn pipelined_copy(
     reader: &mut (dyn Read + Send),
     file: &mut ssh2::File,
     cancel: &AtomicBool,
-) -> Result<(u64, [u8; 16]), CopyError> {
+    range_size: u64,
+) -> Result<Hashed, CopyError> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Vec<u8>>>(READ_AHEAD);
     let stop = AtomicBool::new(false);
     let stop = &stop;
     std::thread::scope(|scope| {
         // The sender moves into the thread: when it ends, the writer's recv ends too.
-        let reading = scope.spawn(move || read_and_hash(reader, &tx, cancel, stop));
+        let reading = scope.spawn(move || read_and_hash(reader, &tx, cancel, stop, range_size));
         let written = write_sliding(file, &rx, cancel);
         // Unblock and end the reader whatever happened here.
         stop.store(true, Ordering::SeqCst);
@@ -551,7 +643,7 @@ fn pipelined_copy(
             )))
         });
         match (written, hashed) {
-            (Ok(total), Ok((hashed_total, md5))) if total == hashed_total => Ok((total, md5)),
+            (Ok(total), Ok(hashed)) if total == hashed.0 => Ok(hashed),
             (Ok(_), Ok(_)) => Err(CopyError::Read(std::io::Error::other(
                 "the reader and the writer disagree on the size",
             ))),
@@ -561,14 +653,22 @@ fn pipelined_copy(
     })
 }
 
+/// Bytes copied, their MD5, and the MD5s of the ranges asked for.
+type Hashed = (u64, [u8; 16], Vec<[u8; 16]>);
+
 /// The reading side of [`pipelined_copy`]: chunks go to `tx`, the MD5 stays here.
+/// With `range_size` (a multiple of [`READ_CHUNK`]) the ranges are hashed in the same
+/// pass.
 fn read_and_hash(
     reader: &mut (dyn Read + Send),
     tx: &std::sync::mpsc::SyncSender<std::io::Result<Vec<u8>>>,
     cancel: &AtomicBool,
     stop: &AtomicBool,
-) -> Result<(u64, [u8; 16]), CopyError> {
+    range_size: u64,
+) -> Result<Hashed, CopyError> {
     let mut md5 = Md5Parts::new();
+    let mut ranges = Vec::new();
+    let mut in_range = false;
     loop {
         if cancel.load(Ordering::SeqCst) || stop.load(Ordering::SeqCst) {
             return Err(CopyError::Cancelled);
@@ -583,14 +683,22 @@ fn read_and_hash(
             }
         };
         chunk.truncate(filled);
+        if range_size > 0 && filled > 0 && !in_range {
+            md5.begin_segment();
+            in_range = true;
+        }
         md5.update(&chunk);
         let done = filled == 0;
+        if in_range && (done || md5.len().is_multiple_of(range_size)) {
+            ranges.push(md5.end_segment());
+            in_range = false;
+        }
         if tx.send(Ok(chunk)).is_err() {
             // The writer gave up; it reports why.
             return Err(CopyError::Cancelled);
         }
         if done {
-            return Ok((md5.len(), md5.finalize()));
+            return Ok((md5.len(), md5.finalize(), ranges));
         }
     }
 }
@@ -837,6 +945,28 @@ impl ObjectStorage for SftpStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn large_files_are_verified_in_up_to_four_ranges() {
+        const MIB: u64 = 1024 * 1024;
+        assert_eq!(range_size_for(0), 0);
+        assert_eq!(range_size_for(127 * MIB), 0);
+        assert_eq!(range_size_for(128 * MIB), 64 * MIB);
+        assert_eq!(range_size_for(130 * MIB + 5), 64 * MIB);
+        assert_eq!(range_size_for(1024 * MIB), 256 * MIB);
+        assert_eq!(range_size_for(1024 * MIB + 1), 257 * MIB);
+        assert_eq!(range_size_for(10 * 1024 * MIB), 2560 * MIB);
+    }
+
+    #[test]
+    fn range_command_reads_each_range_once() {
+        assert_eq!(
+            ranges_command("/d/a b", 10, 3),
+            "(echo \"0 $(head -c 10 -- '/d/a b' | md5sum)\") & \
+             (echo \"1 $(tail -c +11 -- '/d/a b' | head -c 10 | md5sum)\") & \
+             (echo \"2 $(tail -c +21 -- '/d/a b' | md5sum)\") & wait"
+        );
+    }
 
     #[test]
     fn base_directories_follow_curl() {

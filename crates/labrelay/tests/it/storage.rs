@@ -813,6 +813,64 @@ async fn sftp_remote_md5_matches_the_streamed_md5() {
     fx.cleanup().await;
 }
 
+/// A large file is hashed in ranges while it streams; the server computes the same
+/// ranges in parallel, and a damaged byte shows in the range that holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sftp_remote_md5_ranges_match_the_streamed_ranges() {
+    let Some(fx) = Fixture::new(Kind::Sftp).await else {
+        return;
+    };
+    let AnyStorage::Sftp(sftp) = &fx.storage else {
+        panic!("not SFTP")
+    };
+    let dir = test_support::tempdir();
+    let local = dir.path().join("big.bin");
+    let data = pattern(130 * MIB as usize + 5, 21);
+    std::fs::write(&local, &data).unwrap();
+    let key = "v/big file's.bin";
+    let o = sftp
+        .put_file(&local, key, &PutOptions::default())
+        .await
+        .unwrap();
+    // 130 MiB: 4 ranges would be under 64 MiB each, so 64 + 64 + 2 MiB (+5 bytes).
+    assert_eq!(o.range_size, 64 * MIB);
+    let want: Vec<String> = data.chunks(64 * MIB as usize).map(md5_hex).collect();
+    assert_eq!(want.len(), 3);
+    assert_eq!(o.range_md5_hex, want);
+    assert_eq!(o.md5_hex, md5_hex(&data));
+    assert_eq!(
+        sftp.remote_md5_ranges(key, o.range_size, 3).await.unwrap(),
+        want
+    );
+    assert_eq!(sftp.remote_md5(key).await.unwrap(), o.md5_hex);
+
+    // Flip one byte in the second range on the server.
+    let (base, params) = fx.sftp_base.as_ref().unwrap();
+    let remote = format!("{base}/{key}");
+    let offset = 64 * MIB + 1000;
+    run_remote(
+        params,
+        &format!(
+            "printf 'X' | dd of={} bs=1 seek={offset} conv=notrunc 2>/dev/null",
+            shell_quote(&remote)
+        ),
+    )
+    .await;
+    let got = sftp.remote_md5_ranges(key, o.range_size, 3).await.unwrap();
+    assert_eq!(got[0], want[0]);
+    assert_ne!(got[1], want[1]);
+    assert_eq!(got[2], want[2]);
+    // A small file is not split.
+    let tiny = dir.path().join("tiny.bin");
+    std::fs::write(&tiny, b"tiny").unwrap();
+    let o = sftp
+        .put_file(&tiny, "v/tiny.bin", &PutOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((o.range_size, o.range_md5_hex.len()), (0, 0));
+    fx.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sftp_wrong_password_is_a_config_error_without_the_password() {
     let Some(p) = sftp_params() else { return };
