@@ -543,7 +543,9 @@ impl S3Storage {
             .inner
             .uploader
             .put(key, path.as_ref(), Dest::Object, chunk.data, chunk.md5)
-            .await?;
+            .await?
+            .as_deref()
+            .map(clean_etag);
         if verify {
             self.check_etag(key, etag.as_deref(), &md5_hex).await?;
         }

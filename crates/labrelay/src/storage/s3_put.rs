@@ -96,7 +96,8 @@ impl Uploader {
         url
     }
 
-    /// PUT `data` with its `md5`; returns the ETag the server sent (without quotes).
+    /// PUT `data` with its `md5`; returns the ETag exactly as the server sent it (S3:
+    /// in quotes), as CompleteMultipartUpload wants it back.
     /// `key` (relative to the target) is only for messages.
     pub(super) async fn put(
         &self,
@@ -158,7 +159,7 @@ impl Uploader {
                 .headers()
                 .get(http::header::ETAG)
                 .and_then(|v| v.to_str().ok())
-                .map(super::clean_etag));
+                .map(str::to_owned));
         }
         let body = response.text().await.unwrap_or_default();
         Err(self.status_error(key, status, &body))
