@@ -14,7 +14,9 @@
 //!   part's ETag must equal its MD5, and the completed object's ETag the multipart ETag.
 //! - Verification: S3 single PUTs by the ETag the server returns (= MD5 of what it
 //!   stored); multipart by the recomputed multipart ETag and a HEAD for the size; SFTP by
-//!   `md5sum` on the server (size when the account has no shell); local by size.
+//!   `md5sum` on the server, for files from 128 MiB in up to 4 ranges at once (size when
+//!   the account has no shell); local by size. Every S3 request also carries
+//!   `Content-MD5`, which the server checks before storing.
 //! - Temporary errors (75-class) are retried `attempts` times per file and per part.
 //! - [`Cancel`]: no new file or part starts; the ones in flight finish and are
 //!   journaled (SIGTERM under `--listen`, Ctrl-C on the command line).
