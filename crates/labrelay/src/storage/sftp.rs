@@ -139,27 +139,15 @@ impl SftpStorage {
                 .sftp
                 .stat(Path::new(&path))
                 .map_err(|e| inner.sftp_error("md5", &key, &e))?;
-            let size = stat.size.unwrap_or(0);
-            let timeout = Duration::from_secs(60 + size / (20 * 1024 * 1024));
-            let out = conn
-                .ssh
-                .exec_blocking(&format!("md5sum -- {}", shell_quote(&path)), timeout)?;
+            let out = conn.ssh.exec_blocking(
+                &format!("md5sum -- {}", shell_quote(&path)),
+                md5_timeout(stat.size.unwrap_or(0)),
+            )?;
             let text = out.stdout_text();
-            let hash = text.split_whitespace().next().unwrap_or("");
-            if !out.success() || hash.len() != 32 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(StorageError::Backend {
-                    target: inner.target.clone(),
-                    op: "md5",
-                    key: key.clone(),
-                    message: format!(
-                        "md5sum failed (status {}): {}",
-                        out.status,
-                        out.stderr_text().trim()
-                    ),
-                    temporary: false,
-                });
+            match text.split_whitespace().next().and_then(md5_word) {
+                Some(hash) if out.success() => Ok(hash),
+                _ => Err(inner.md5_failed(&key, "md5sum", &out)),
             }
-            Ok(hash.to_ascii_lowercase())
         })
         .await
     }
@@ -178,35 +166,22 @@ impl SftpStorage {
         let path = self.remote_path(key)?;
         let key = key.to_owned();
         self.with_conn(move |inner, conn| {
-            let size = range_size.saturating_mul(count as u64);
-            let timeout = Duration::from_secs(60 + size / (20 * 1024 * 1024));
-            let out = conn
-                .ssh
-                .exec_blocking(&ranges_command(&path, range_size, count), timeout)?;
+            let out = conn.ssh.exec_blocking(
+                &ranges_command(&path, range_size, count),
+                md5_timeout(range_size.saturating_mul(count as u64)),
+            )?;
             let mut hashes = vec![String::new(); count];
             for line in out.stdout_text().lines() {
                 let mut words = line.split_whitespace();
-                if let (Some(i), Some(h)) = (words.next(), words.next())
+                if let (Some(i), Some(h)) = (words.next(), words.next().and_then(md5_word))
                     && let Ok(i) = i.parse::<usize>()
                     && i < count
-                    && h.len() == 32
-                    && h.bytes().all(|b| b.is_ascii_hexdigit())
                 {
-                    hashes[i] = h.to_ascii_lowercase();
+                    hashes[i] = h;
                 }
             }
             if !out.success() || hashes.iter().any(String::is_empty) {
-                return Err(StorageError::Backend {
-                    target: inner.target.clone(),
-                    op: "md5",
-                    key: key.clone(),
-                    message: format!(
-                        "md5sum of {count} ranges failed (status {}): {}",
-                        out.status,
-                        out.stderr_text().trim()
-                    ),
-                    temporary: false,
-                });
+                return Err(inner.md5_failed(&key, &format!("md5sum of {count} ranges"), &out));
             }
             Ok(hashes)
         })
@@ -484,6 +459,21 @@ impl Inner {
         })
     }
 
+    /// A remote `md5sum` (`what`) that failed or printed no hash.
+    fn md5_failed(&self, key: &str, what: &str, out: &crate::ssh::Output) -> StorageError {
+        StorageError::Backend {
+            target: self.target.clone(),
+            op: "md5",
+            key: key.to_owned(),
+            message: format!(
+                "{what} failed (status {}): {}",
+                out.status,
+                out.stderr_text().trim()
+            ),
+            temporary: false,
+        }
+    }
+
     fn cancelled(&self, key: &str) -> StorageError {
         StorageError::Backend {
             target: self.target.clone(),
@@ -567,6 +557,17 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// How long an `md5sum` of `size` bytes on the server may take: 60 s + 1 s per 20 MiB.
+fn md5_timeout(size: u64) -> Duration {
+    Duration::from_secs(60 + size / (20 * 1024 * 1024))
+}
+
+/// An MD5 as `md5sum` prints it (32 hex digits), in lowercase.
+fn md5_word(word: &str) -> Option<String> {
+    (word.len() == 32 && word.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| word.to_ascii_lowercase())
 }
 
 /// Smallest range verified on its own on the server.
