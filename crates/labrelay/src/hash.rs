@@ -216,7 +216,7 @@ impl Md5Parts {
     /// Feed bytes (to the whole and to the open segment, if any).
     pub fn update(&mut self, mut data: &[u8]) {
         self.total += data.len() as u64;
-        let twin = match &mut self.segment {
+        let mut twin = match &mut self.segment {
             Some(Segment::Twin { state, len }) => {
                 *len += data.len() as u64;
                 Some(state)
@@ -227,7 +227,6 @@ impl Md5Parts {
             }
             None => None,
         };
-        let mut twin = twin;
         if self.buf_len > 0 {
             let take = (64 - self.buf_len).min(data.len());
             self.buf[self.buf_len..self.buf_len + take].copy_from_slice(&data[..take]);
