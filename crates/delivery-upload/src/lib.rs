@@ -25,7 +25,9 @@ use labrelay::exit::Exit;
   delivery-upload --analysis-id 6cLB4ma
   delivery-upload --analysis-id 6cLB4ma --target oss --dry-run
   delivery-upload --listen --json >> /var/log/labrelay/delivery.jsonl
-  delivery-upload renew --analysis-id 6cLB4ma"))]
+  delivery-upload renew --analysis-id 6cLB4ma
+  delivery-upload links --analysis-id 6cLB4ma --json
+  delivery-upload request --analysis-id 6cLB4ma"))]
 pub struct Args {
     /// Analysis (plan) id to deliver
     #[arg(
@@ -70,6 +72,24 @@ pub enum Command {
         #[arg(long, value_name = "NAME")]
         target: Option<String>,
     },
+    /// Print the customer's current links (or account) and their expiry; staff only
+    Links {
+        /// Analysis (plan) id
+        #[arg(long, short = 's', value_name = "ID")]
+        analysis_id: String,
+        /// Storage target the analysis was delivered to
+        #[arg(long, value_name = "NAME")]
+        target: Option<String>,
+    },
+    /// Queue a delivery request for a running `--listen` (RabbitMQ or the embedded queue)
+    Request {
+        /// Analysis (plan) id to deliver
+        #[arg(long, short = 's', value_name = "ID")]
+        analysis_id: String,
+        /// Storage target, when not the default
+        #[arg(long, value_name = "NAME")]
+        target: Option<String>,
+    },
 }
 
 impl ToolArgs for Args {
@@ -92,6 +112,23 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
     {
         return delivery::run::renew(&env, &steps, analysis_id, target.as_deref()).await;
     }
+    if let Some(Command::Links {
+        analysis_id,
+        target,
+    }) = &args.command
+    {
+        return delivery::run::links(&env, analysis_id, target.as_deref()).await;
+    }
+    if let Some(Command::Request {
+        analysis_id,
+        target,
+    }) = &args.command
+    {
+        return delivery::listen::request(&env, analysis_id, target.as_deref()).await;
+    }
+    // Every configured statement is prepared on its database now: a wrong table or
+    // column is exit 78 before any upload.
+    env.check_statements().await?;
     if args.listen {
         return delivery::listen::listen(&env, &steps).await;
     }
@@ -106,5 +143,14 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
         force: args.force,
         request_id: None,
     };
-    delivery::run::deliver_until_signalled(&env, &req, &steps).await
+    let r = delivery::run::deliver_until_signalled(&env, &req, &steps).await;
+    // A delivery that failed for good (not a temporary failure, a usage or a
+    // configuration error) is reported to staff, as the listener does when it gives up.
+    if let Err(e) = &r
+        && delivery::run::exit_of(e) == Exit::Failed
+        && let Some(id) = &args.analysis_id
+    {
+        delivery::listen::report_failure(&env, &steps, id, args.target.as_deref(), e, 1).await;
+    }
+    r
 }

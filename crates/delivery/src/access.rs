@@ -763,6 +763,11 @@ impl Access {
         }
     }
 
+    /// Whether `[delivery.access] methods` names a method for `target` explicitly.
+    pub fn has_method_for(&self, target: &str) -> bool {
+        self.methods.contains_key(target)
+    }
+
     /// The configured validity of presigned links, before clamping.
     pub fn expiry_days(&self) -> u32 {
         self.expiry_days

@@ -59,6 +59,17 @@ pub struct DeliveryConfig {
     /// symlinks). When false, symlinks are skipped and listed.
     #[serde(default = "default_true")]
     pub follow_symlinks: bool,
+    /// Folders that delivered data may live in. A symbolic link is followed only when
+    /// its target stays inside the analysis folder or one of these; when the list is
+    /// set, an analysis folder outside all of them is refused. Nothing under `/proc`,
+    /// `/sys` or `/dev` is ever read.
+    #[serde(default)]
+    pub data_roots: Vec<std::path::PathBuf>,
+    /// What an analysis id (or upload-pure delivery name) must look like before it
+    /// becomes a lock, key or file name (a regular expression matched against the
+    /// whole id; at most 128 characters in any case).
+    #[serde(default = "default_id_pattern")]
+    pub analysis_id_pattern: String,
     /// Also compute SHA-256 while streaming and deliver `sha256sum.txt`.
     #[serde(default)]
     pub sha256: bool,
@@ -107,6 +118,8 @@ impl Default for DeliveryConfig {
             include: default_include(),
             exclude: Vec::new(),
             follow_symlinks: true,
+            data_roots: Vec::new(),
+            analysis_id_pattern: default_id_pattern(),
             sha256: false,
             md5sum_name: default_md5sum_name(),
             parallel_files: default_parallel_small(),
@@ -128,6 +141,16 @@ impl Default for DeliveryConfig {
 fn default_include() -> Vec<String> {
     vec!["**".to_owned()]
 }
+fn default_id_pattern() -> String {
+    DEFAULT_ID_PATTERN.to_owned()
+}
+
+/// The default `[delivery] analysis_id_pattern`.
+pub const DEFAULT_ID_PATTERN: &str = "[A-Za-z0-9._-]{1,128}";
+
+/// The longest analysis id accepted, whatever the pattern.
+pub const MAX_ID_LEN: usize = 128;
+
 fn default_true() -> bool {
     true
 }
@@ -263,6 +286,15 @@ impl DeliveryConfig {
         }
         crate::manifest::Filter::new(&self.include, &self.exclude)
             .map_err(|e| invalid("include", e))?;
+        self.id_regex()?;
+        for (i, root) in self.data_roots.iter().enumerate() {
+            if !root.is_absolute() {
+                return Err(invalid(
+                    &format!("data_roots[{i}]"),
+                    format!("{} is not an absolute path", root.display()),
+                ));
+            }
+        }
         for (key, lookup) in [
             ("lookup", &self.lookup),
             ("project_lookup", &self.project_lookup),
@@ -275,8 +307,54 @@ impl DeliveryConfig {
             config
                 .database(&s.database)
                 .map_err(|_| invalid("status.database", no_db(&s.database)))?;
+            for (key, sql) in [
+                ("on_started", &s.on_started),
+                ("on_delivered", &s.on_delivered),
+                ("on_failed", &s.on_failed),
+            ] {
+                if let Some(sql) = sql {
+                    check_params(&format!("status.{key}"), sql, STATUS_PARAMS)?;
+                }
+            }
         }
         Ok(())
+    }
+
+    fn id_regex(&self) -> Result<regex::Regex, ConfigError> {
+        regex::Regex::new(&format!("^(?:{})$", self.analysis_id_pattern)).map_err(|e| {
+            invalid(
+                "analysis_id_pattern",
+                format!("not a regular expression: {e}"),
+            )
+        })
+    }
+
+    /// Check an analysis id (or delivery name) from any entry point — command line,
+    /// queue message, lookup — before it names a lock, a key or a file: at most
+    /// [`MAX_ID_LEN`] characters, matching `analysis_id_pattern`, and never `.`/`..`.
+    /// The error (exit 2) names the id and the rule.
+    pub fn check_id(&self, id: &str) -> anyhow::Result<()> {
+        let re = self.id_regex()?;
+        let why = if id.is_empty() {
+            Some("it is empty".to_owned())
+        } else if id.chars().count() > MAX_ID_LEN {
+            Some(format!("it is longer than {MAX_ID_LEN} characters"))
+        } else if id == "." || id == ".." {
+            Some("it is a relative folder name".to_owned())
+        } else if !re.is_match(id) {
+            Some(format!(
+                "it does not match [delivery] analysis_id_pattern = {:?}",
+                self.analysis_id_pattern
+            ))
+        } else {
+            None
+        };
+        match why {
+            None => Ok(()),
+            Some(why) => Err(labrelay::exit::usage(format!(
+                "{id:?} is not a valid analysis id: {why}"
+            ))),
+        }
     }
 
     /// The key prefix of a delivery named `name` (analysis id): `<key_prefix>/<name>`.
@@ -290,6 +368,49 @@ impl DeliveryConfig {
     }
 }
 
+/// The named parameters `[delivery.status]` statements may use.
+pub const STATUS_PARAMS: &[&str] = &[
+    "analysis_id",
+    "project_id",
+    "status",
+    "target",
+    "key_prefix",
+    "path",
+    "source_path",
+    "files",
+    "bytes",
+    "account",
+    "expires_at",
+    "error",
+    "delivered_at",
+    "delivery_id",
+];
+
+/// The named parameters lookups may use.
+pub const LOOKUP_PARAMS: &[&str] = &["analysis_id", "project_id"];
+
+/// Every `:name` of `sql` must be one of `known`; the error names the key, the
+/// parameter and the known ones.
+fn check_params(key: &str, sql: &str, known: &[&str]) -> Result<(), ConfigError> {
+    let prepared = crate::sql::prepare(sql, labrelay::db::Engine::Sqlite);
+    for name in &prepared.names {
+        if !known.contains(&name.as_str()) {
+            return Err(invalid(
+                key,
+                format!(
+                    "unknown parameter :{name} (known: {})",
+                    known
+                        .iter()
+                        .map(|k| format!(":{k}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn no_db(name: &str) -> String {
     format!("no [databases.{name}] section")
 }
@@ -299,7 +420,8 @@ impl LookupConfig {
         match (&self.sql, &self.command) {
             (Some(_), Some(_)) => Err(invalid(key, "set either sql or command, not both")),
             (None, None) => Err(invalid(key, "set sql (with database) or command")),
-            (Some(_), None) => {
+            (Some(sql), None) => {
+                check_params(&format!("{key}.sql"), sql, LOOKUP_PARAMS)?;
                 let db = self
                     .database
                     .as_deref()

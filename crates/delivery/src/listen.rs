@@ -11,13 +11,19 @@
 //!   broker dead-letters it to `<queue>.dead`. A permanent failure (unknown analysis,
 //!   broken files, bad configuration) is reported to staff by mail and dead-lettered at
 //!   once: retrying cannot help.
+//! - A request for an analysis that another process is delivering right now (its lock
+//!   is held) is not a failure: the request is published again as a fresh message and
+//!   the original acknowledged, so no try is spent and the listener goes on with other
+//!   requests; when it comes back after the running delivery ended, it finds the
+//!   analysis delivered and is acknowledged as a duplicate.
 //! - SIGTERM/SIGINT: no new message is taken; the delivery in flight stops starting new
 //!   files, finishes and journals the ones in flight, and its message is requeued.
 
 use std::time::Duration;
 
 use labrelay::exit::{Exit, classify};
-use labrelay::queue::{AnyBroker, Broker, Delivery, ExchangeKind, QueueSpec};
+use labrelay::lock::LockError;
+use labrelay::queue::{AnyBroker, Broker, Delivery, ExchangeKind, PublishOptions, QueueSpec};
 use serde::Deserialize;
 
 use crate::notify::{DeliverySteps, FailureFacts};
@@ -48,8 +54,9 @@ fn parse(body: &[u8]) -> Result<(String, Option<String>), String> {
     Ok((id, m.target))
 }
 
-/// Consume delivery requests until SIGTERM/SIGINT; exit 0 after a clean stop.
-pub async fn listen(env: &Env<'_>, steps: &DeliverySteps) -> anyhow::Result<Exit> {
+/// The listener's queue setup: the exchange, the queue (with its dead-letter queue)
+/// and the binding; idempotent. Returns the broker and the number of tries.
+async fn declare(env: &Env<'_>) -> anyhow::Result<(AnyBroker, u32)> {
     let lc = &env.delivery.listen;
     let max_tries = lc
         .max_tries
@@ -65,6 +72,54 @@ pub async fn listen(env: &Env<'_>, steps: &DeliverySteps) -> anyhow::Result<Exit
     broker
         .bind(&lc.queue, &lc.exchange, &lc.routing_key)
         .await?;
+    Ok((broker, max_tries))
+}
+
+/// `delivery-upload request`: publish a delivery request for `analysis_id` to the
+/// configured exchange (declaring the exchange, queue and binding first, so a request
+/// published before any listener started waits in the queue). Prints a `request`
+/// record with the message id.
+pub async fn request(
+    env: &Env<'_>,
+    analysis_id: &str,
+    target: Option<&str>,
+) -> anyhow::Result<Exit> {
+    env.delivery.check_id(analysis_id)?;
+    let lc = &env.delivery.listen;
+    let (broker, _) = declare(env).await?;
+    let body = serde_json::json!({"analysis_id": analysis_id, "target": target});
+    let message_id = uuid::Uuid::new_v4().to_string();
+    broker
+        .publish(
+            &lc.exchange,
+            &lc.routing_key,
+            body.to_string().as_bytes(),
+            &PublishOptions::new().message_id(message_id.clone()),
+        )
+        .await?;
+    let record = serde_json::json!({
+        "analysis_id": analysis_id,
+        "target": target,
+        "exchange": lc.exchange,
+        "routing_key": lc.routing_key,
+        "queue": lc.queue,
+        "message_id": message_id,
+    });
+    if let Err(e) = env.events.printer().emit("request", &record, || {
+        format!(
+            "queued a delivery request for {analysis_id} on {} (message {message_id})",
+            lc.queue
+        )
+    }) {
+        tracing::debug!("writing the request record failed: {e}");
+    }
+    Ok(Exit::Ok)
+}
+
+/// Consume delivery requests until SIGTERM/SIGINT; exit 0 after a clean stop.
+pub async fn listen(env: &Env<'_>, steps: &DeliverySteps) -> anyhow::Result<Exit> {
+    let lc = &env.delivery.listen;
+    let (broker, max_tries) = declare(env).await?;
     let mut consumer = broker.consume(&lc.queue, env.config.queue.prefetch).await?;
     tracing::info!(queue = %lc.queue, exchange = %lc.exchange, "waiting for delivery requests");
     env.events.record(
@@ -87,7 +142,7 @@ pub async fn listen(env: &Env<'_>, steps: &DeliverySteps) -> anyhow::Result<Exit
                 Err(e) => return Err(e.into()),
             },
         };
-        let work = handle(env, steps, delivery, &cancel, max_tries);
+        let work = handle(env, steps, &broker, delivery, &cancel, max_tries);
         tokio::pin!(work);
         let mut stopping = false;
         tokio::select! {
@@ -111,6 +166,7 @@ pub async fn listen(env: &Env<'_>, steps: &DeliverySteps) -> anyhow::Result<Exit
 async fn handle(
     env: &Env<'_>,
     steps: &DeliverySteps,
+    broker: &AnyBroker,
     delivery: Delivery,
     cancel: &Cancel,
     max_tries: u32,
@@ -124,6 +180,7 @@ async fn handle(
                 env,
                 steps,
                 "(unreadable request)",
+                None,
                 &err,
                 delivery.delivery_count,
             )
@@ -150,6 +207,37 @@ async fn handle(
             // Interrupted by SIGTERM: the journal keeps what is done; deliver it later.
             settle(delivery.nack_requeue().await);
         }
+        Err(e)
+            if e.chain()
+                .any(|c| matches!(c.downcast_ref::<LockError>(), Some(LockError::Held { .. }))) =>
+        {
+            // Being delivered right now by another process: not a failed try. Queue a
+            // fresh copy (no try spent), then let go of this one.
+            tracing::info!(
+                analysis_id = %id,
+                "being delivered by another process; queueing the request again"
+            );
+            let mut opts = PublishOptions::new();
+            if let Some(mid) = &delivery.message_id {
+                opts = opts.message_id(mid.clone());
+            }
+            let lc = &env.delivery.listen;
+            match broker
+                .publish(&lc.exchange, &lc.routing_key, &delivery.body, &opts)
+                .await
+            {
+                Ok(()) => settle(delivery.ack().await),
+                Err(pe) => {
+                    tracing::warn!("queueing the request again failed ({pe}); requeueing it");
+                    settle(delivery.nack_requeue().await);
+                }
+            }
+            // Give the running delivery a moment before the copy comes back.
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                () = wait_cancel(cancel) => {}
+            }
+        }
         Err(e) => {
             let exit = classify(&e);
             let error = format!("{e:#}");
@@ -169,7 +257,15 @@ async fn handle(
                 settle(delivery.nack_requeue().await);
             } else {
                 tracing::error!(analysis_id = %id, "delivery failed; dead-lettering the request: {error}");
-                report_failure(env, steps, &id, &e, delivery.delivery_count).await;
+                report_failure(
+                    env,
+                    steps,
+                    &id,
+                    req.target.as_deref(),
+                    &e,
+                    delivery.delivery_count,
+                )
+                .await;
                 settle(delivery.reject().await);
             }
         }
@@ -192,10 +288,11 @@ fn settle(r: Result<(), labrelay::queue::QueueError>) {
 
 /// Mail the failure notice to the analysis's staff and `[delivery] staff` (best effort:
 /// a mail failure is logged, never fatal).
-async fn report_failure(
+pub async fn report_failure(
     env: &Env<'_>,
     steps: &DeliverySteps,
     analysis_id: &str,
+    target: Option<&str>,
     error: &anyhow::Error,
     attempt: u32,
 ) {
@@ -207,7 +304,17 @@ async fn report_failure(
         },
         |f| f.analysis.clone(),
     );
-    let target = failed.map_or_else(String::new, |f| f.summary.target_url.clone());
+    // A failure before the target was resolved (lock, unreadable request) still names
+    // where the delivery was going.
+    let target = failed.map_or_else(
+        || {
+            target.or(env.delivery.target.as_deref()).map_or_else(
+                || "(default target)".to_owned(),
+                |t| format!("[storage.{t}]"),
+            )
+        },
+        |f| format!("{} ({})", f.summary.target, f.summary.target_url),
+    );
     let mut facts = FailureFacts::new(&analysis, &target, error, &env.delivery.staff);
     facts.attempt = attempt;
     facts.file_count = failed.map_or(0, |f| f.summary.files);

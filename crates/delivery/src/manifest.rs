@@ -132,8 +132,12 @@ impl Manifest {
 pub struct WalkOptions {
     /// The globs.
     pub filter: Filter,
-    /// Follow symlinks.
+    /// Follow symlinks (only those whose target stays inside the folder or
+    /// `allowed_roots`).
     pub follow_symlinks: bool,
+    /// Folders besides the delivery folder itself that a followed symlink may lead into
+    /// (`[delivery] data_roots`).
+    pub allowed_roots: Vec<PathBuf>,
     /// Names at the top of the folder that the delivery writes itself (md5sum.txt):
     /// a source file of that name is skipped.
     pub reserved: Vec<String>,
@@ -159,10 +163,52 @@ pub fn walk(root: &Path, opts: &WalkOptions) -> Result<Manifest, Problem> {
     let mut ancestors = HashSet::new();
     ancestors.insert((meta.dev(), meta.ino()));
     let mut keys: BTreeMap<String, String> = BTreeMap::new();
-    walk_dir(root, "", "", opts, &mut ancestors, &mut m, &mut keys);
+    // Links may lead anywhere inside the folder (as it really is on disk) or the
+    // configured roots, nowhere else.
+    let mut opts = opts.clone();
+    let canon_root = std::fs::canonicalize(root).map_err(|e| Problem {
+        path: root.display().to_string(),
+        message: io_message(&e),
+    })?;
+    opts.allowed_roots = opts
+        .allowed_roots
+        .iter()
+        .filter_map(|r| std::fs::canonicalize(r).ok())
+        .collect();
+    opts.allowed_roots.push(canon_root);
+    walk_dir(root, "", "", &opts, &mut ancestors, &mut m, &mut keys);
     m.entries.sort_by(|a, b| a.rel.cmp(&b.rel));
     m.problems.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(m)
+}
+
+/// Where no delivery ever reads, whatever links or configuration say.
+pub const FORBIDDEN_ROOTS: &[&str] = &["/proc", "/sys", "/dev"];
+
+/// Whether a canonical path lies under one of [`FORBIDDEN_ROOTS`].
+pub fn is_forbidden(canonical: &Path) -> bool {
+    FORBIDDEN_ROOTS
+        .iter()
+        .any(|r| canonical.starts_with(Path::new(r)))
+}
+
+/// Why a symlink whose canonical target is `target` may not be followed, if it may not.
+fn link_refusal(target: &Path, allowed: &[PathBuf]) -> Option<String> {
+    if is_forbidden(target) {
+        return Some(format!(
+            "symbolic link to {} is refused: nothing under {} is ever delivered",
+            target.display(),
+            FORBIDDEN_ROOTS.join(", ")
+        ));
+    }
+    if allowed.iter().any(|r| target.starts_with(r)) {
+        return None;
+    }
+    Some(format!(
+        "symbolic link to {} is refused: it leads outside the analysis folder and \
+         [delivery] data_roots",
+        target.display()
+    ))
 }
 
 fn io_message(e: &std::io::Error) -> String {
@@ -220,13 +266,24 @@ fn walk_dir(
                 .push(problem(&path, "vanished during the walk".into()));
             continue;
         };
+        // Where the bytes are read from: the real target of a followed link.
+        let mut real_path = path.clone();
         let meta = if lmeta.file_type().is_symlink() {
             if !opts.follow_symlinks {
                 m.skipped
                     .push(problem(&path, "symbolic link not followed".into()));
                 continue;
             }
-            match std::fs::metadata(&path) {
+            // Contain the link: its real target must stay inside the allowed roots, and
+            // the bytes are read from that real target (not through the link again).
+            if let Ok(real) = std::fs::canonicalize(&path) {
+                if let Some(why) = link_refusal(&real, &opts.allowed_roots) {
+                    m.problems.push(problem(&path, why));
+                    continue;
+                }
+                real_path = real;
+            }
+            match std::fs::metadata(&real_path) {
                 Ok(t) => t,
                 Err(e) => {
                     let target = std::fs::read_link(&path)
@@ -259,7 +316,7 @@ fn walk_dir(
                 ));
                 continue;
             }
-            walk_dir(&path, &rel, &lossy, opts, ancestors, m, keys);
+            walk_dir(&real_path, &rel, &lossy, opts, ancestors, m, keys);
             ancestors.remove(&id);
             continue;
         }
@@ -297,7 +354,7 @@ fn walk_dir(
             continue;
         }
         // Opening proves readability now, instead of failing halfway through the upload.
-        if let Err(e) = std::fs::File::open(&path) {
+        if let Err(e) = std::fs::File::open(&real_path) {
             m.problems
                 .push(problem(&path, format!("unreadable: {}", io_message(&e))));
             continue;
@@ -307,7 +364,7 @@ fn walk_dir(
             .saturating_mul(1_000_000_000)
             .saturating_add(meta.mtime_nsec());
         m.entries.push(Entry {
-            path,
+            path: real_path,
             renamed_from: (lossy != rel).then_some(lossy),
             rel,
             size: meta.len(),
@@ -403,6 +460,7 @@ mod tests {
         WalkOptions {
             filter: Filter::all(),
             follow_symlinks: true,
+            allowed_roots: Vec::new(),
             reserved: vec!["md5sum.txt".into()],
         }
     }
@@ -422,7 +480,12 @@ mod tests {
         // GBK "报告" (not UTF-8) and a byte that is neither.
         fs_err::write(root.join(OsStr::from_bytes(b"\xb1\xa8\xb8\xe6.txt")), "r").unwrap();
         fs_err::write(root.join(OsStr::from_bytes(b"x\xff.txt")), "x").unwrap();
-        let m = walk(&root, &opts()).unwrap();
+        // The link leads outside the folder: allowed only through data_roots.
+        let with_roots = WalkOptions {
+            allowed_roots: vec![dir.path().to_owned()],
+            ..opts()
+        };
+        let m = walk(&root, &with_roots).unwrap();
         assert!(m.problems.is_empty(), "{:?}", m.problems);
         let rels: Vec<&str> = m.entries.iter().map(|e| e.rel.as_str()).collect();
         assert_eq!(
@@ -440,6 +503,54 @@ mod tests {
         assert!(m.entries[5].renamed_from.is_some());
         assert_eq!(m.skipped.len(), 1);
         assert_eq!(m.total_bytes(), 1 + 1 + 5 + 1 + 1);
+    }
+
+    #[test]
+    fn regression_symlinks_out_of_the_folder_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("upload");
+        fs_err::create_dir_all(root.join("sub")).unwrap();
+        fs_err::write(root.join("sub/in.txt"), "in").unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        fs_err::create_dir_all(&elsewhere).unwrap();
+        fs_err::write(elsewhere.join("secret"), "s").unwrap();
+        std::os::unix::fs::symlink("/etc/shadow", root.join("shadow")).unwrap();
+        std::os::unix::fs::symlink("/etc/ssh", root.join("ssh")).unwrap();
+        std::os::unix::fs::symlink("/proc/self/environ", root.join("environ")).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, root.join("elsewhere")).unwrap();
+        // Inside the folder, even through `..`: fine.
+        std::os::unix::fs::symlink("../upload/sub/in.txt", root.join("inner")).unwrap();
+        let m = walk(&root, &opts()).unwrap();
+        let msgs: Vec<String> = m.problems.iter().map(ToString::to_string).collect();
+        let rels: Vec<&str> = m.entries.iter().map(|e| e.rel.as_str()).collect();
+        assert_eq!(rels, ["inner", "sub/in.txt"], "{msgs:?}");
+        assert_eq!(m.problems.len(), 4, "{msgs:?}");
+        for (link, what) in [
+            ("elsewhere", "outside the analysis folder"),
+            ("environ", "/proc"),
+            ("shadow", "outside the analysis folder"),
+            ("ssh", "outside the analysis folder"),
+        ] {
+            assert!(
+                msgs.iter()
+                    .any(|m| m.contains(&format!("upload/{link}:")) && m.contains(what)),
+                "{link}: {msgs:?}"
+            );
+        }
+        // The bytes are read from the real file, not through the link.
+        assert_eq!(
+            m.entries[0].path,
+            std::fs::canonicalize(root.join("sub/in.txt")).unwrap()
+        );
+        // A configured data root admits its tree, still never /proc.
+        let roots = WalkOptions {
+            allowed_roots: vec![elsewhere.clone(), "/proc".into()],
+            ..opts()
+        };
+        let m = walk(&root, &roots).unwrap();
+        let rels: Vec<&str> = m.entries.iter().map(|e| e.rel.as_str()).collect();
+        assert_eq!(rels, ["elsewhere/secret", "inner", "sub/in.txt"]);
+        assert_eq!(m.problems.len(), 3);
     }
 
     #[test]

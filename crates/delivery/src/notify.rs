@@ -338,6 +338,11 @@ pub struct MailFacts {
     pub access: AccessGrant,
     /// When the delivery finished.
     pub delivered_at: DateTime<Utc>,
+    /// What makes the customer mail's Message-ID (`<delivery-KEY@domain-of-from>`): the
+    /// delivery id, so a re-run after a crash sends the same message (an outbox write
+    /// is then a no-op; an SMTP server or client sees the same Message-ID). `None`: a
+    /// fresh Message-ID.
+    pub message_key: Option<String>,
 }
 
 /// A file that could not be delivered.
@@ -422,6 +427,7 @@ impl MailFacts {
                 .then(|| (md5sum_name, report.md5sum_text.clone().into_bytes())),
             access: access.clone(),
             delivered_at: report.finished_at,
+            message_key: Some(report.delivery_id.clone()),
         }
     }
 }
@@ -1226,6 +1232,9 @@ impl Notifier {
             .text(r.text)
             .header(ANALYSIS_HEADER, facts.analysis_id.clone())
             .header(KIND_HEADER, "delivery");
+        if let Some(k) = &facts.message_key {
+            mail = mail.message_id(fixed_message_id(k, &self.from));
+        }
         if let Some(h) = r.html {
             mail = mail.html(h);
         }
@@ -1499,7 +1508,60 @@ impl DeliverySteps {
     }
 }
 
+/// `<delivery-KEY@domain>` with the domain of the From address (`labrelay.invalid`
+/// when it has none); KEY keeps only characters a Message-ID may hold.
+fn fixed_message_id(key: &str, from: &str) -> String {
+    let domain: String = from
+        .rsplit_once('@')
+        .map(|(_, d)| d)
+        .unwrap_or_default()
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '.' || *c == '-')
+        .collect();
+    let domain = if domain.is_empty() {
+        "labrelay.invalid".to_owned()
+    } else {
+        domain
+    };
+    let key: String = key
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("<delivery-{key}@{domain}>")
+}
+
 impl CustomerSteps for DeliverySteps {
+    fn check_target(
+        &self,
+        target: &crate::report::TargetInfo,
+        storage: Option<&labrelay::storage::AnyStorage>,
+    ) -> anyhow::Result<()> {
+        // An SFTP server is ours: without an account for the customer they cannot reach
+        // the data, and the mail would carry our own login and path.
+        if target.kind == TargetKind::Sftp
+            && !self.access.has_method_for(&target.name)
+            && self.access.method_for(&target.name, storage, None) == AccessMethod::None
+        {
+            return Err(labrelay::exit::tagged(
+                labrelay::exit::Exit::Config,
+                format!(
+                    "[storage.{name}] is an SFTP target, but [delivery.access] has no command to \
+                     create the customer's account there: configure [delivery.access.command], or \
+                     set [delivery.access] methods = {{ {name} = \"none\" }} if customers log in \
+                     with accounts of their own",
+                    name = target.name
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     fn grant<'a>(
         &'a self,
         ctx: StepContext<'a>,
@@ -1528,8 +1590,16 @@ impl CustomerSteps for DeliverySteps {
         Box::pin(async move {
             let facts = MailFacts::from_report(report, access);
             if split_addresses(&facts.customer_emails).is_empty() {
-                tracing::warn!(analysis_id = %facts.analysis_id, "no customer address; no mail sent");
-                return Ok(None);
+                // The data is there but nobody can use it: a failed step, reported to
+                // staff, never a silent success.
+                return Err(labrelay::exit::tagged(
+                    labrelay::exit::Exit::Failed,
+                    format!(
+                        "analysis {} has no customer e-mail address in the LIMS: the data is \
+                         uploaded but the customer was not told (fix the address and run again)",
+                        facts.analysis_id
+                    ),
+                ));
             }
             let mailer = Mailer::from_config(ctx.config.smtp.as_ref(), &ctx.config.outbox_dir())?;
             let sent = self
@@ -1603,6 +1673,7 @@ mod tests {
             md5sum: Some(("md5sum.txt".into(), b"0123  a\n".to_vec())),
             access,
             delivered_at: at("2025-01-30T02:00:00Z"),
+            message_key: None,
         }
     }
 

@@ -101,6 +101,18 @@ pub enum TargetKind {
     Vendor,
 }
 
+impl TargetKind {
+    /// The lowercase name (as serialized).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetKind::Local => "local",
+            TargetKind::S3 => "s3",
+            TargetKind::Sftp => "sftp",
+            TargetKind::Vendor => "vendor",
+        }
+    }
+}
+
 /// Where the delivery went.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TargetInfo {
@@ -209,4 +221,15 @@ pub trait CustomerSteps: Send + Sync {
         report: &'a DeliveryReport,
         access: &'a AccessGrant,
     ) -> BoxFuture<'a, anyhow::Result<Option<MailReceipt>>>;
+
+    /// Check, before any upload, that the customer will be able to reach `target`
+    /// (exit 78 when not). The default accepts every target.
+    fn check_target(
+        &self,
+        target: &TargetInfo,
+        storage: Option<&labrelay::storage::AnyStorage>,
+    ) -> anyhow::Result<()> {
+        let _ = (target, storage);
+        Ok(())
+    }
 }

@@ -112,6 +112,8 @@ pub struct Summary {
     pub parts_resumed: u64,
     /// Key of md5sum.txt.
     pub md5sum_key: Option<String>,
+    /// Kind of customer access: `presigned`, `command`, `vendor`, `none`.
+    pub access: Option<String>,
     /// Customer account.
     pub account: Option<String>,
     /// Access expiry.
@@ -180,6 +182,50 @@ impl std::fmt::Display for DeliveryFailed {
     }
 }
 
+impl Env<'_> {
+    /// Prepare every configured SQL statement (`[delivery.lookup]`,
+    /// `[delivery.project_lookup]`, `[delivery.status]`) on its database, so a wrong
+    /// table or column stops the tool with exit 78 before any upload.
+    pub async fn check_statements(&self) -> anyhow::Result<()> {
+        let d = &self.delivery;
+        let mut checks: Vec<(&str, &str, String)> = Vec::new();
+        for (key, l) in [("lookup", &d.lookup), ("project_lookup", &d.project_lookup)] {
+            if let Some(l) = l
+                && let (Some(db), Some(sql)) = (&l.database, &l.sql)
+            {
+                checks.push((db, sql, format!("delivery.{key}.sql")));
+            }
+        }
+        if let Some(st) = &d.status {
+            for (key, sql) in [
+                ("on_started", &st.on_started),
+                ("on_delivered", &st.on_delivered),
+                ("on_failed", &st.on_failed),
+            ] {
+                if let Some(sql) = sql {
+                    checks.push((&st.database, sql, format!("delivery.status.{key}")));
+                }
+            }
+        }
+        let mut open: BTreeMap<&str, Db> = BTreeMap::new();
+        let mut result = Ok(());
+        for (db_name, sql, what) in checks {
+            if !open.contains_key(db_name) {
+                open.insert(db_name, Db::connect(self.config.database(db_name)?).await?);
+            }
+            let db = &open[db_name];
+            if let Err(e) = sql::check(db, sql, &what).await {
+                result = Err(e);
+                break;
+            }
+        }
+        for (_, db) in open {
+            db.close().await;
+        }
+        result
+    }
+}
+
 /// A resolved `--target`.
 #[derive(Debug, Clone)]
 pub struct ResolvedTarget {
@@ -191,6 +237,9 @@ pub struct ResolvedTarget {
     pub config: Option<StorageConfig>,
     /// A `[delivery.vendors.NAME]` command target instead of a storage.
     pub vendor: Option<VendorTarget>,
+    /// Its identity ([`crate::state::target_id`]): the journal of a run is trusted only
+    /// for the same identity.
+    pub id: String,
 }
 
 impl ResolvedTarget {
@@ -237,7 +286,14 @@ impl ResolvedTarget {
                 Ok(Target::Sftp { .. }) => TargetKind::Sftp,
                 _ => TargetKind::Local,
             };
+            // A local directory by where it really is; others by URL and endpoint.
+            let where_ = match kind {
+                TargetKind::Local => storage.describe(),
+                _ => sc.url.clone(),
+            };
+            let id = crate::state::target_id(kind.as_str(), &where_, sc.endpoint.as_deref());
             return Ok(ResolvedTarget {
+                id,
                 info: TargetInfo {
                     name,
                     kind,
@@ -253,6 +309,7 @@ impl ResolvedTarget {
             let vendor = VendorTarget::new(&format!("delivery.vendors.{name}"), &vc)
                 .map_err(CommandError::into_anyhow)?;
             return Ok(ResolvedTarget {
+                id: crate::state::target_id("vendor", &vendor.describe(), None),
                 info: TargetInfo {
                     name,
                     kind: TargetKind::Vendor,
@@ -294,10 +351,12 @@ pub async fn deliver(
 ) -> anyhow::Result<Outcome> {
     let t0 = Instant::now();
     let name = req.delivery_name()?;
+    env.delivery.check_id(&name)?;
     let prefix = env.delivery.delivery_prefix(&name);
     labrelay::storage::validate_prefix(&prefix)
         .map_err(|e| labrelay::exit::usage(format!("{name:?} cannot name a delivery: {e}")))?;
     let target = ResolvedTarget::resolve(env.config, &env.delivery, req.target.as_deref())?;
+    steps.check_target(&target.info, target.storage.as_ref())?;
     let mut summary = Summary {
         analysis_id: name.clone(),
         project_id: req.project_id.clone(),
@@ -309,10 +368,29 @@ pub async fn deliver(
     if req.tool == Tool::UploadPure {
         // A folder given by hand that is not there is an error even for a name that
         // was delivered before.
-        folder_of(req, &Analysis::default())?;
+        folder_of(&env.delivery, req, &Analysis::default())?;
     }
-    let _lock = InstanceLock::acquire(&env.config.data_dir(), &lock_name(&name))?;
-    let latest = env.state.latest(&name, &target.info.name).await?;
+    let _lock = InstanceLock::acquire(&env.config.data_dir(), &lock_name(&name)).map_err(|e| {
+        anyhow::Error::from(e).context(format!(
+            "analysis {name} is being delivered by another process"
+        ))
+    })?;
+    let latest = env
+        .state
+        .latest(&name, &target.info.name)
+        .await?
+        .filter(|l| match &l.target_id {
+            Some(id) if *id != target.id => {
+                tracing::warn!(
+                    analysis_id = %name,
+                    "[storage.{}] now points somewhere else than for delivery {}: starting a new delivery",
+                    target.info.name,
+                    l.id
+                );
+                false
+            }
+            _ => true,
+        });
     if let Some(l) = &latest
         && l.status() == Status::Delivered
         && !req.force
@@ -323,14 +401,22 @@ pub async fn deliver(
         summary.bytes = l.bytes as u64;
         summary.md5sum_key.clone_from(&l.md5sum_key);
         summary.account.clone_from(&l.account);
+        summary.access.clone_from(&l.access_kind);
         summary.expires_at.clone_from(&l.expires_at);
         summary.seconds = t0.elapsed().as_secs_f64();
-        let when = l.finished_at.as_deref().unwrap_or("earlier");
+        let when = l
+            .finished_at
+            .as_deref()
+            .map_or_else(|| "earlier".to_owned(), human_time);
+        if req.dry_run {
+            // Show what a --force run would do.
+            return dry_run(env, req, &target, summary, t0, Some(&when)).await;
+        }
         print_summary(&env.events, &summary, || {
             format!(
-                "{name} was already delivered to {} on {when} ({} files, {}); use --force to deliver it again",
+                "{name} was already delivered to {} on {when} ({}, {}); use --force to deliver it again",
                 target.info.name,
-                l.files,
+                count(l.files as u64, "file"),
                 HumanBytes(l.bytes as u64)
             )
         });
@@ -340,7 +426,7 @@ pub async fn deliver(
         });
     }
     if req.dry_run {
-        return dry_run(env, req, &target, summary, t0).await;
+        return dry_run(env, req, &target, summary, t0, None).await;
     }
     let (run_id, notified, uploaded) = match &latest {
         Some(l) if !req.force => (
@@ -356,6 +442,7 @@ pub async fn deliver(
                     analysis_id: &name,
                     project_id: req.project_id.as_deref(),
                     target: &target.info.name,
+                    target_id: &target.id,
                     key_prefix: &prefix,
                     request_id: req.request_id.as_deref(),
                 })
@@ -462,15 +549,37 @@ pub async fn deliver(
     }
 }
 
+/// A time for people: `2026-11-30 12:57 UTC` (an RFC 3339 text that does not parse is
+/// shown as it is).
+pub fn human_time(rfc3339: &str) -> String {
+    chrono::DateTime::parse_from_rfc3339(rfc3339).map_or_else(
+        |_| rfc3339.to_owned(),
+        |t| {
+            t.with_timezone(&Utc)
+                .format("%Y-%m-%d %H:%M UTC")
+                .to_string()
+        },
+    )
+}
+
+/// `1 file`, `2 files`.
+pub fn count(n: u64, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
+}
+
 fn delivered_text(s: &Summary) -> String {
     use std::fmt::Write as _;
     let mut t = format!(
-        "delivered {} to {} ({}/{}): {} files, {}",
+        "delivered {} to {} ({}/{}): {}, {}",
         s.analysis_id,
         s.target,
         s.target_url,
         s.key_prefix,
-        s.files,
+        count(s.files, "file"),
         HumanBytes(s.bytes)
     );
     if s.files_resumed > 0 {
@@ -484,10 +593,10 @@ fn delivered_text(s: &Summary) -> String {
         let _ = write!(t, "; checksums in {k}");
     }
     if let Some(a) = &s.account {
-        let _ = write!(t, "; account {a}");
+        let _ = write!(t, "; customer account {a}");
     }
     if let Some(x) = &s.expires_at {
-        let _ = write!(t, " until {x}");
+        let _ = write!(t, "; customer access until {}", human_time(x));
     }
     t
 }
@@ -532,7 +641,11 @@ async fn find(env: &Env<'_>, req: &Request, name: &str) -> anyhow::Result<Analys
     }
 }
 
-fn folder_of(req: &Request, analysis: &Analysis) -> anyhow::Result<PathBuf> {
+/// The folder to deliver: the command line's, else the LIMS row's `analysis_path`,
+/// which must be absolute, and — when `[delivery] data_roots` is set — inside one of
+/// them (as it really is on disk); never under /proc, /sys or /dev.
+fn folder_of(d: &DeliveryConfig, req: &Request, analysis: &Analysis) -> anyhow::Result<PathBuf> {
+    let from_lims = req.path.is_none();
     let path = req
         .path
         .clone()
@@ -546,6 +659,39 @@ fn folder_of(req: &Request, analysis: &Analysis) -> anyhow::Result<PathBuf> {
                 ),
             )
         })?;
+    if from_lims && !path.is_absolute() {
+        return Err(tagged(
+            Exit::Failed,
+            format!(
+                "the LIMS row of analysis {} has a relative analysis_path {:?}; it must be absolute",
+                analysis.analysis_id,
+                path.display().to_string()
+            ),
+        ));
+    }
+    if let Ok(real) = std::fs::canonicalize(&path) {
+        let outside_roots = !d.data_roots.is_empty()
+            && !d
+                .data_roots
+                .iter()
+                .any(|r| std::fs::canonicalize(r).is_ok_and(|r| real.starts_with(r)));
+        if manifest::is_forbidden(&real) || outside_roots {
+            return Err(tagged(
+                Exit::Failed,
+                format!(
+                    "analysis path {} ({}) is outside [delivery] data_roots ({}); nothing there \
+                     is delivered",
+                    path.display(),
+                    real.display(),
+                    d.data_roots
+                        .iter()
+                        .map(|r| r.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+    }
     match std::fs::metadata(&path) {
         Ok(m) if m.is_dir() => Ok(path),
         Ok(_) => Err(tagged(
@@ -567,6 +713,7 @@ fn walk_options(d: &DeliveryConfig) -> anyhow::Result<WalkOptions> {
     Ok(WalkOptions {
         filter: Filter::new(&d.include, &d.exclude).map_err(|m| tagged(Exit::Config, m))?,
         follow_symlinks: d.follow_symlinks,
+        allowed_roots: d.data_roots.clone(),
         reserved,
     })
 }
@@ -712,9 +859,10 @@ async fn dry_run(
     target: &ResolvedTarget,
     mut summary: Summary,
     t0: Instant,
+    delivered_on: Option<&str>,
 ) -> anyhow::Result<Outcome> {
     let analysis = find(env, req, &summary.analysis_id).await?;
-    let path = folder_of(req, &analysis)?;
+    let path = folder_of(&env.delivery, req, &analysis)?;
     let m = build_manifest(env, &path)?;
     summary.project_id.clone_from(&analysis.project_id);
     for e in &m.entries {
@@ -725,7 +873,11 @@ async fn dry_run(
             || format!("{}\t{key}", e.size),
         );
     }
-    summary.status = "dry_run".into();
+    summary.status = if delivered_on.is_some() {
+        "already_delivered".into()
+    } else {
+        "dry_run".into()
+    };
     summary.files = m.entries.len() as u64;
     summary.bytes = m.total_bytes();
     summary.md5sum_key = Some(upload::object_key(
@@ -735,9 +887,15 @@ async fn dry_run(
     summary.seconds = t0.elapsed().as_secs_f64();
     let to: Vec<String> = analysis.customer_emails.clone();
     print_summary(&env.events, &summary, || {
+        let again = delivered_on.map_or_else(String::new, |when| {
+            format!(
+                "{} was already delivered on {when}; with --force, ",
+                summary.analysis_id
+            )
+        });
         format!(
-            "dry run: would deliver {} files ({}) from {} to {} ({}/{}), mail {} with Cc {}",
-            summary.files,
+            "dry run: {again}would deliver {} ({}) from {} to {} ({}/{}), mail {} with Cc {}",
+            count(summary.files, "file"),
             HumanBytes(summary.bytes),
             path.display(),
             target.info.name,
@@ -774,7 +932,7 @@ async fn steps_of(
     env.events.stage("lookup", run_id, &name);
     *analysis = find(env, req, &name).await?;
     summary.project_id.clone_from(&analysis.project_id);
-    let path = folder_of(req, analysis)?;
+    let path = folder_of(&env.delivery, req, analysis)?;
     env.events.stage("manifest", run_id, &name);
     let m = build_manifest(env, &path)?;
     summary.files = m.entries.len() as u64;
@@ -798,15 +956,20 @@ async fn steps_of(
         && let Some(st) = &env.delivery.status
         && let Some(sql_text) = &st.on_started
     {
-        lims_status(
+        once(
             env,
-            &st.database,
-            sql_text,
-            "on_started",
-            analysis,
-            summary,
-            Status::Uploading,
-            target,
+            run_id,
+            "lims_on_started",
+            lims_status(
+                env,
+                &st.database,
+                sql_text,
+                "on_started",
+                analysis,
+                summary,
+                Status::Uploading,
+                target,
+            ),
         )
         .await?;
     }
@@ -898,6 +1061,16 @@ async fn steps_of(
         }
     }
     summary.md5sum_key = Some(md5sum_key.clone());
+    if let Some(storage) = &target.storage {
+        env.events.stage("confirm", run_id, &name);
+        let mut expected: BTreeMap<String, u64> =
+            files.iter().map(|f| (f.key.clone(), f.size)).collect();
+        expected.insert(md5sum_key.clone(), md5sum_text.len() as u64);
+        if let Some(k) = &sha256sum_key {
+            expected.insert(k.clone(), sha256sum_text(&files).len() as u64);
+        }
+        confirm_listing(storage, &summary.key_prefix, &expected).await?;
+    }
     env.state
         .update(
             run_id,
@@ -924,9 +1097,11 @@ async fn steps_of(
         started_at: started,
         finished_at: Utc::now(),
     };
-    if notified {
+    let mail_step = env.state.step(run_id, MAIL_STEP).await?;
+    if notified || mail_step.as_ref().is_some_and(|s| s.done_at.is_some()) {
         tracing::info!(analysis_id = %name, "customer already informed by an earlier run; not mailing again");
         if let Some(row) = env.state.run(run_id).await? {
+            summary.access = row.access_kind;
             summary.account = row.account;
             summary.expires_at = row.expires_at;
         }
@@ -937,6 +1112,14 @@ async fn steps_of(
             storage: target.storage.as_ref(),
             state: env.state.db(),
         };
+        if mail_step.is_some() {
+            tracing::warn!(
+                analysis_id = %name,
+                "an earlier run stopped while granting access or mailing the customer; doing it again \
+                 with the same Message-ID (an outbox keeps one copy)"
+            );
+        }
+        env.state.step_begin(run_id, MAIL_STEP, None).await?;
         env.events.stage("access", run_id, &name);
         let access = steps
             .grant(ctx, &report)
@@ -948,6 +1131,7 @@ async fn steps_of(
             .await
             .map_err(|e| e.context("mailing the customer"))?;
         let record = access.record();
+        summary.access = Some(record.method.as_str().to_owned());
         summary.account.clone_from(&record.account);
         summary.expires_at = record.expires_at.map(|t| t.to_rfc3339());
         summary.mail_message_id = receipt.map(|r| r.message_id);
@@ -965,21 +1149,29 @@ async fn steps_of(
                 },
             )
             .await?;
+        env.state
+            .step_done(run_id, MAIL_STEP, summary.mail_message_id.as_deref())
+            .await?;
     }
     if req.tool == Tool::DeliveryUpload
         && let Some(st) = &env.delivery.status
         && let Some(sql_text) = &st.on_delivered
     {
         env.events.stage("lims_status", run_id, &name);
-        lims_status(
+        once(
             env,
-            &st.database,
-            sql_text,
-            "on_delivered",
-            analysis,
-            summary,
-            Status::Delivered,
-            target,
+            run_id,
+            "lims_on_delivered",
+            lims_status(
+                env,
+                &st.database,
+                sql_text,
+                "on_delivered",
+                analysis,
+                summary,
+                Status::Delivered,
+                target,
+            ),
         )
         .await?;
     }
@@ -995,6 +1187,92 @@ async fn steps_of(
         )
         .await?;
     Ok(())
+}
+
+/// The step that grants access and mails the customer (`delivery_steps`).
+const MAIL_STEP: &str = "customer_mail";
+
+/// Run a once-only step of a run: skipped when an earlier run recorded its outcome;
+/// otherwise its intent is recorded, it runs, and its outcome is recorded. A step begun
+/// but without an outcome (a crash between the effect and the record) runs again,
+/// which is why `[delivery.status]` statements must be idempotent.
+async fn once(
+    env: &Env<'_>,
+    run_id: &str,
+    step: &str,
+    effect: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    match env.state.step(run_id, step).await? {
+        Some(s) if s.done_at.is_some() => {
+            tracing::info!(step, "done by an earlier run; not repeated");
+            return Ok(());
+        }
+        Some(_) => tracing::warn!(
+            step,
+            "an earlier run stopped after starting this step; running it again"
+        ),
+        None => {}
+    }
+    env.state.step_begin(run_id, step, None).await?;
+    effect.await?;
+    env.state.step_done(run_id, step, None).await
+}
+
+/// Compare what the target holds below `prefix` with what was delivered (key → size):
+/// anything missing, of another size, or extra fails the delivery before the customer
+/// is told.
+async fn confirm_listing(
+    storage: &AnyStorage,
+    prefix: &str,
+    expected: &BTreeMap<String, u64>,
+) -> anyhow::Result<()> {
+    let listed = storage.list(prefix).await?;
+    let mut missing: Vec<String> = Vec::new();
+    let mut extra: Vec<String> = Vec::new();
+    let mut seen = 0usize;
+    for o in &listed {
+        match expected.get(&o.key) {
+            Some(size) if *size == o.size => seen += 1,
+            Some(size) => missing.push(format!("{} ({} bytes, not {size})", o.key, o.size)),
+            None => extra.push(o.key.clone()),
+        }
+    }
+    if seen + missing.len() < expected.len() {
+        let listed_keys: std::collections::HashSet<&str> =
+            listed.iter().map(|o| o.key.as_str()).collect();
+        missing.extend(
+            expected
+                .keys()
+                .filter(|k| !listed_keys.contains(k.as_str()))
+                .cloned(),
+        );
+    }
+    if missing.is_empty() && extra.is_empty() {
+        return Ok(());
+    }
+    missing.sort();
+    let mut what = Vec::new();
+    if let Some(first) = missing.first() {
+        what.push(format!(
+            "{} missing or different (first: {first})",
+            missing.len()
+        ));
+    }
+    if let Some(first) = extra.first() {
+        what.push(format!(
+            "{} not part of this delivery (first: {first})",
+            extra.len()
+        ));
+    }
+    Err(tagged(
+        Exit::Failed,
+        format!(
+            "the target {} does not hold exactly this delivery below {prefix}/: {}; the customer \
+             was not told",
+            storage.describe(),
+            what.join(", ")
+        ),
+    ))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1014,16 +1292,38 @@ async fn lims_status(
     p.insert("status", Value::from(status.as_str()));
     p.insert("target", Value::from(target.info.name.as_str()));
     p.insert("key_prefix", Value::from(summary.key_prefix.as_str()));
+    // :path is where the customer finds the data; :source_path the local folder.
     p.insert(
         "path",
+        Value::from(format!(
+            "{}/{}",
+            target.info.describe.trim_end_matches('/'),
+            summary.key_prefix
+        )),
+    );
+    p.insert(
+        "source_path",
         Value::from(analysis.path.as_ref().map(|p| p.display().to_string())),
     );
     p.insert("files", Value::Int(summary.files as i64));
     p.insert("bytes", Value::Int(summary.bytes as i64));
     p.insert("account", Value::from(summary.account.clone()));
-    p.insert("expires_at", Value::from(summary.expires_at.clone()));
+    // Times as `YYYY-MM-DD HH:MM:SS` in UTC: what a MariaDB DATETIME (strict mode), a
+    // SQLite text column and a PostgreSQL cast (`CAST(:delivered_at AS timestamp)`)
+    // all accept.
+    let sql_time = |t: chrono::DateTime<Utc>| t.format("%Y-%m-%d %H:%M:%S").to_string();
+    p.insert(
+        "expires_at",
+        Value::from(
+            summary
+                .expires_at
+                .as_deref()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| sql_time(t.with_timezone(&Utc))),
+        ),
+    );
     p.insert("error", Value::from(summary.error.clone()));
-    p.insert("delivered_at", Value::from(Utc::now().to_rfc3339()));
+    p.insert("delivered_at", Value::from(sql_time(Utc::now())));
     p.insert("delivery_id", Value::from(summary.delivery_id.clone()));
     let what = format!("delivery.status.{which}");
     let db = Db::connect(env.config.database(database)?).await?;
@@ -1067,6 +1367,109 @@ pub async fn deliver_until_signalled(
         r = deliver(env, req, steps, &cancel) => Ok(r?.exit),
         () = watcher => Err(tagged(Exit::TempFail, "interrupted twice; stopped at once (run again to resume)")),
     }
+}
+
+/// `delivery-upload links`: the customer's current access to the last finished
+/// delivery of `analysis_id` — for presigned S3 access, links to every delivered file
+/// (each checked on the target) valid until the recorded expiry, not a second longer;
+/// for account access, the account and its expiry (never a password). Staff-only
+/// output: the links are credentials.
+pub async fn links(
+    env: &Env<'_>,
+    analysis_id: &str,
+    target_name: Option<&str>,
+) -> anyhow::Result<Exit> {
+    env.delivery.check_id(analysis_id)?;
+    let target = ResolvedTarget::resolve(env.config, &env.delivery, target_name)?;
+    let row = env
+        .state
+        .latest(analysis_id, &target.info.name)
+        .await?
+        .filter(|r| r.status() == Status::Delivered)
+        .ok_or_else(|| {
+            tagged(
+                Exit::Failed,
+                format!(
+                    "{analysis_id} has no finished delivery to {}",
+                    target.info.name
+                ),
+            )
+        })?;
+    let now = Utc::now();
+    let expires = row
+        .expires_at
+        .as_deref()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&Utc));
+    let kind = row.access_kind.clone().unwrap_or_else(|| "none".into());
+    let mut links = 0usize;
+    if kind == "presigned"
+        && let Some(storage @ AnyStorage::S3(_)) = &target.storage
+    {
+        let Some(until) = expires.filter(|e| *e > now) else {
+            return Err(tagged(
+                Exit::Failed,
+                format!(
+                    "the links of {analysis_id} expired on {}; `delivery-upload renew --analysis-id {analysis_id}` issues new ones",
+                    row.expires_at
+                        .as_deref()
+                        .map_or_else(|| "-".to_owned(), human_time)
+                ),
+            ));
+        };
+        let validity = (until - now).to_std().unwrap_or_default();
+        let prefix = format!("{}/", row.key_prefix);
+        let mut files: Vec<_> = env.state.done_files(&row.id).await?.into_values().collect();
+        files.sort_by(|a, b| a.key.cmp(&b.key));
+        for f in files {
+            if storage.head(&f.key).await?.is_none() {
+                return Err(tagged(
+                    Exit::Failed,
+                    format!("{} is no longer on {}", f.key, storage.describe()),
+                ));
+            }
+            let Some(url) = storage.presign_get(&f.key, validity).await? else {
+                continue;
+            };
+            let rel = f.key.strip_prefix(&prefix).unwrap_or(&f.key).to_owned();
+            let record = serde_json::json!({
+                "rel": rel, "key": f.key, "size": f.size, "url": url.as_str(),
+                "expires_at": until.to_rfc3339(),
+            });
+            let _ = env
+                .events
+                .printer()
+                .emit("link", &record, || format!("{rel}\t{url}"));
+            links += 1;
+        }
+    }
+    let summary = serde_json::json!({
+        "status": "links",
+        "delivery_id": row.id,
+        "analysis_id": analysis_id,
+        "target": target.info.name,
+        "access": kind,
+        "account": row.account,
+        "expires_at": row.expires_at,
+        "links": links,
+    });
+    let text = match (&row.account, &row.expires_at) {
+        (Some(a), Some(x)) => format!(
+            "{analysis_id}: {kind} access, account {a}, until {}",
+            human_time(x)
+        ),
+        (Some(a), None) => format!("{analysis_id}: {kind} access, account {a}"),
+        (None, Some(x)) => format!(
+            "{analysis_id}: {}, valid until {}",
+            count(links as u64, "link"),
+            human_time(x)
+        ),
+        (None, None) => format!("{analysis_id}: no customer access recorded ({kind})"),
+    };
+    if let Err(e) = env.events.printer().emit("summary", &summary, || text) {
+        tracing::debug!("writing the summary failed: {e}");
+    }
+    Ok(Exit::Ok)
 }
 
 /// `delivery-upload renew`: re-issue the presigned links of the last finished delivery
@@ -1126,7 +1529,8 @@ pub async fn renew(
     files.sort_by(|a, b| a.rel.cmp(&b.rel));
     let now = Utc::now();
     let report = DeliveryReport {
-        delivery_id: row.id.clone(),
+        // Its own Message-ID: a renewal is a new mail, not a repeat of the delivery's.
+        delivery_id: format!("{}-renewed-{}", row.id, now.format("%Y%m%dT%H%M%S")),
         tool: Tool::DeliveryUpload,
         analysis,
         target: target.info.clone(),

@@ -199,6 +199,34 @@ pub async fn execute(
     Ok(r.rows_affected())
 }
 
+/// Prepare a configured statement on the database without running it, so a wrong
+/// table or column is found at start: the error (exit 78) names `what` (the config
+/// key) and the server's message once. A database that cannot be reached is a
+/// temporary failure (75).
+pub async fn check(db: &Db, sql: &str, what: &str) -> anyhow::Result<()> {
+    use sqlx::Executor as _;
+    let prepared = prepare(sql, db.engine());
+    let mut conn = db.pool().acquire().await.map_err(|e| db.err(e))?;
+    match (&mut *conn).prepare(prepared.sql.as_str()).await {
+        Ok(_) => Ok(()),
+        Err(e @ (sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed)) => {
+            Err(db.err(e).into())
+        }
+        Err(e) => {
+            let why = match &e {
+                sqlx::Error::Database(d) => d.message().to_owned(),
+                other => other.to_string(),
+            };
+            Err(labrelay::exit::tagged(
+                labrelay::exit::Exit::Config,
+                format!(
+                    "invalid configuration value {what}: the database refuses the statement: {why}"
+                ),
+            ))
+        }
+    }
+}
+
 /// Every column of a row as text: strings (TEXT comes back as BLOB from MariaDB through
 /// the Any driver), integers, floats and booleans; NULLs are left out.
 fn row_to_map(row: &AnyRow) -> BTreeMap<String, String> {

@@ -75,6 +75,9 @@ pub struct RunRow {
     pub project_id: Option<String>,
     /// Target name.
     pub target: String,
+    /// The target's identity ([`target_id`]); `None` for rows written before it was
+    /// recorded.
+    pub target_id: Option<String>,
     /// Key prefix of the delivered files.
     pub key_prefix: String,
     /// The local folder.
@@ -155,6 +158,31 @@ pub fn key_hash(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
 
+/// The identity of a target: SHA-256 (hex) of what decides where the bytes land —
+/// kind, URL (bucket and base folder or prefix included) and endpoint — so a journal
+/// written for one place is never trusted for another that kept the section's name.
+pub fn target_id(kind: &str, url: &str, endpoint: Option<&str>) -> String {
+    let mut h = Sha256::new();
+    for part in [kind, url, endpoint.unwrap_or("")] {
+        h.update(part.as_bytes());
+        h.update([0u8]);
+    }
+    hex::encode(h.finalize())
+}
+
+/// A once-only step of a delivery (`delivery_steps`): begun (intent recorded) and, once
+/// its effect is committed, done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepRow {
+    /// When the step was first begun (RFC 3339).
+    pub started_at: String,
+    /// When its effect was confirmed (RFC 3339); `None`: begun, outcome unknown (a
+    /// crash came between the effect and this record).
+    pub done_at: Option<String>,
+    /// What the step recorded (the Message-ID of a mail, say).
+    pub detail: Option<String>,
+}
+
 fn now() -> String {
     Utc::now().to_rfc3339()
 }
@@ -198,6 +226,8 @@ pub struct NewRun<'a> {
     pub project_id: Option<&'a str>,
     /// Target name.
     pub target: &'a str,
+    /// The target's identity ([`target_id`]).
+    pub target_id: &'a str,
     /// Key prefix.
     pub key_prefix: &'a str,
     /// Queue message id.
@@ -290,6 +320,7 @@ impl State {
             analysis_id: text(row, "analysis_id")?,
             project_id: opt_text(row, "project_id")?,
             target: text(row, "target")?,
+            target_id: opt_text(row, "target_id")?,
             key_prefix: text(row, "key_prefix")?,
             source_path: opt_text(row, "source_path")?,
             status: text(row, "status")?,
@@ -377,9 +408,9 @@ impl State {
         let id = uuid::Uuid::new_v4().to_string();
         let t = now();
         let sql = format!(
-            "INSERT INTO delivery_runs (id, tool, analysis_id, project_id, target, key_prefix, \
-             status, request_id, created_at, updated_at) VALUES ({})",
-            self.ps(1, 10)
+            "INSERT INTO delivery_runs (id, tool, analysis_id, project_id, target, target_id, \
+             key_prefix, status, request_id, created_at, updated_at) VALUES ({})",
+            self.ps(1, 11)
         );
         sqlx::query(&sql)
             .bind(&id)
@@ -387,6 +418,7 @@ impl State {
             .bind(new.analysis_id)
             .bind(new.project_id.map(str::to_owned))
             .bind(new.target)
+            .bind(new.target_id)
             .bind(new.key_prefix)
             .bind(Status::Queued.as_str())
             .bind(new.request_id.map(str::to_owned))
@@ -677,6 +709,86 @@ impl State {
         Ok(())
     }
 
+    /// The step `step` of run `run_id`, if it was ever begun.
+    pub async fn step(&self, run_id: &str, step: &str) -> anyhow::Result<Option<StepRow>> {
+        let sql = format!(
+            "SELECT started_at, done_at, detail FROM delivery_steps WHERE run_id = {} AND step = {}",
+            self.p(1),
+            self.p(2)
+        );
+        let row = sqlx::query(&sql)
+            .bind(run_id)
+            .bind(step)
+            .fetch_optional(self.db.pool())
+            .await
+            .map_err(|e| self.db.err(e))?;
+        row.map(|r| {
+            Ok(StepRow {
+                started_at: text(&r, "started_at")?,
+                done_at: opt_text(&r, "done_at")?,
+                detail: opt_text(&r, "detail")?,
+            })
+        })
+        .transpose()
+        .map_err(|e: sqlx::Error| self.db.err(e).into())
+    }
+
+    /// Record the intent to run `step` (committed before its effect); a step begun
+    /// before keeps its first `started_at` and detail.
+    pub async fn step_begin(
+        &self,
+        run_id: &str,
+        step: &str,
+        detail: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let values = self.ps(1, 4);
+        let sql = match self.db.engine() {
+            Engine::Postgres | Engine::Sqlite => format!(
+                "INSERT INTO delivery_steps (run_id, step, started_at, detail) VALUES ({values}) \
+                 ON CONFLICT (run_id, step) DO NOTHING"
+            ),
+            Engine::Mysql => format!(
+                "INSERT IGNORE INTO delivery_steps (run_id, step, started_at, detail) VALUES ({values})"
+            ),
+        };
+        sqlx::query(&sql)
+            .bind(run_id)
+            .bind(step)
+            .bind(now())
+            .bind(detail.map(str::to_owned))
+            .execute(self.db.pool())
+            .await
+            .map_err(|e| self.db.err(e))?;
+        Ok(())
+    }
+
+    /// Record that `step`'s effect is committed.
+    pub async fn step_done(
+        &self,
+        run_id: &str,
+        step: &str,
+        detail: Option<&str>,
+    ) -> anyhow::Result<()> {
+        self.step_begin(run_id, step, detail).await?;
+        let sql = format!(
+            "UPDATE delivery_steps SET done_at = {}, detail = COALESCE({}, detail) \
+             WHERE run_id = {} AND step = {}",
+            self.p(1),
+            self.p(2),
+            self.p(3),
+            self.p(4)
+        );
+        sqlx::query(&sql)
+            .bind(now())
+            .bind(detail.map(str::to_owned))
+            .bind(run_id)
+            .bind(step)
+            .execute(self.db.pool())
+            .await
+            .map_err(|e| self.db.err(e))?;
+        Ok(())
+    }
+
     /// Every multipart upload still recorded for a run: (key, upload id).
     pub async fn open_multiparts(&self, run_id: &str) -> anyhow::Result<Vec<(String, String)>> {
         let sql = format!(
@@ -719,6 +831,7 @@ mod tests {
                 analysis_id: "A1",
                 project_id: None,
                 target: "oss",
+                target_id: &target_id("s3", "s3://b/p", None),
                 key_prefix: "online/A1",
                 request_id: Some("m-1"),
             })
@@ -777,5 +890,23 @@ mod tests {
         assert_eq!(s.open_multiparts(&id).await.unwrap().len(), 1);
         s.clear_multipart(&id, "k").await.unwrap();
         assert!(s.multipart(&id, "k").await.unwrap().is_none());
+
+        assert_eq!(s.step(&id, "mail").await.unwrap(), None);
+        s.step_begin(&id, "mail", Some("<m1@x>")).await.unwrap();
+        s.step_begin(&id, "mail", Some("<m2@x>")).await.unwrap();
+        let st = s.step(&id, "mail").await.unwrap().unwrap();
+        assert_eq!((st.done_at, st.detail.as_deref()), (None, Some("<m1@x>")));
+        s.step_done(&id, "mail", None).await.unwrap();
+        let st = s.step(&id, "mail").await.unwrap().unwrap();
+        assert!(st.done_at.is_some());
+        assert_eq!(st.detail.as_deref(), Some("<m1@x>"));
+    }
+
+    #[test]
+    fn target_ids_differ_by_url_and_endpoint() {
+        let a = target_id("s3", "s3://b/p", Some("http://a"));
+        assert_ne!(a, target_id("s3", "s3://b/q", Some("http://a")));
+        assert_ne!(a, target_id("s3", "s3://b/p", Some("http://b")));
+        assert_eq!(a, target_id("s3", "s3://b/p", Some("http://a")));
     }
 }

@@ -17,6 +17,11 @@
 //!   `md5sum` on the server, for files from 128 MiB in up to 4 ranges at once (size when
 //!   the account has no shell); local by size. Every S3 request also carries
 //!   `Content-MD5`, which the server checks before storing.
+//! - Resume trusts the target, not the journal: a journaled file (same size and mtime)
+//!   counts as delivered only after the target confirms it in this run — S3 by HEAD
+//!   (size and ETag), a local directory by size and the MD5 of the stored copy, SFTP by
+//!   size and, when the server's `md5sum` verified it before ([`SFTP_MD5_VERIFIED`]),
+//!   by `md5sum` again. Anything missing or different is sent again.
 //! - Temporary errors (75-class) are retried `attempts` times per file and per part.
 //! - [`Cancel`]: no new file or part starts; the ones in flight finish and are
 //!   journaled (SIGTERM under `--listen`, Ctrl-C on the command line).
@@ -179,6 +184,9 @@ pub struct Job<'a> {
     pub cancel: &'a Cancel,
 }
 
+/// A file on the target, and whether an earlier run had sent it (confirmed now).
+type Done = (DeliveredFile, bool);
+
 /// Upload `entries` below the job's prefix, journaling under its run.
 pub async fn upload(job: &Job<'_>, entries: Vec<Entry>) -> anyhow::Result<UploadResult> {
     let Job {
@@ -231,33 +239,14 @@ pub async fn upload(job: &Job<'_>, entries: Vec<Entry>) -> anyhow::Result<Upload
     let small = Arc::new(Semaphore::new(opts.parallel_small.max(1)));
     let large = Arc::new(Semaphore::new(opts.parallel_large.max(1)));
     let mut result = UploadResult::default();
-    let mut set: JoinSet<(Entry, String, anyhow::Result<Option<DeliveredFile>>)> = JoinSet::new();
+    let mut set: JoinSet<(Entry, String, anyhow::Result<Option<Done>>)> = JoinSet::new();
     for entry in entries {
         let key = object_key(prefix, &entry.rel);
-        if let Some(d) = done.get(&key)
-            && d.size == entry.size
-            && d.mtime_ns == entry.mtime_ns
-        {
-            events.file(&FileEvent {
-                key: &key,
-                rel: &entry.rel,
-                size: d.size,
-                md5: &d.md5,
-                sha256: d.sha256.as_deref(),
-                parts: d.parts,
-                parts_sent: 0,
-                resumed: true,
-            });
-            result.files_resumed += 1;
-            result.delivered.push(DeliveredFile {
-                rel: entry.rel.clone(),
-                key,
-                size: d.size,
-                md5: d.md5.clone(),
-                sha256: d.sha256.clone(),
-            });
-            continue;
-        }
+        // A journaled file counts only after the target confirms it in this run.
+        let journaled = done
+            .get(&key)
+            .filter(|d| d.size == entry.size && d.mtime_ns == entry.mtime_ns)
+            .cloned();
         // A file sent as a multipart upload holds several parts in memory: it is large
         // whatever `large_bytes` says, so memory stays bounded by the large slots.
         let multipart =
@@ -267,6 +256,11 @@ pub async fn upload(job: &Job<'_>, entries: Vec<Entry>) -> anyhow::Result<Upload
         } else {
             Arc::clone(&small)
         };
+        let sem = if journaled.is_some() {
+            Arc::clone(&small)
+        } else {
+            sem
+        };
         let ctx = Arc::clone(&ctx);
         set.spawn(async move {
             let Ok(_permit) = sem.acquire_owned().await else {
@@ -275,14 +269,53 @@ pub async fn upload(job: &Job<'_>, entries: Vec<Entry>) -> anyhow::Result<Upload
             if ctx.cancel.is_cancelled() {
                 return (entry, key, Ok(None));
             }
+            if let Some(d) = journaled {
+                match recheck(&ctx, &d).await {
+                    Ok(true) => {
+                        ctx.events.file(&FileEvent {
+                            key: &key,
+                            rel: &entry.rel,
+                            size: d.size,
+                            md5: &d.md5,
+                            sha256: d.sha256.as_deref(),
+                            parts: d.parts,
+                            parts_sent: 0,
+                            resumed: true,
+                        });
+                        ctx.events.bytes(d.size);
+                        let file = DeliveredFile {
+                            rel: entry.rel.clone(),
+                            key: key.clone(),
+                            size: d.size,
+                            md5: d.md5,
+                            sha256: d.sha256,
+                        };
+                        return (entry, key, Ok(Some((file, true))));
+                    }
+                    Ok(false) => {
+                        tracing::warn!(
+                            key,
+                            "journaled as delivered but missing or different on the target; sending it again"
+                        );
+                    }
+                    Err(e) => return (entry, key, Err(e)),
+                }
+                if ctx.cancel.is_cancelled() {
+                    return (entry, key, Ok(None));
+                }
+            }
             let r = one_file(&ctx, &entry, &key).await;
-            (entry, key, r.map(Some))
+            (entry, key, r.map(|d| Some((d, false))))
         });
     }
     while let Some(joined) = set.join_next().await {
         let (entry, key, r) = joined.map_err(|e| anyhow::anyhow!("upload task failed: {e}"))?;
         match r {
-            Ok(Some(d)) => {
+            Ok(Some((d, true))) => {
+                result.files_resumed += 1;
+                result.delivered.push(d);
+            }
+            Ok(Some((d, false))) => {
                 result.files_sent += 1;
                 result.delivered.push(d);
             }
@@ -312,6 +345,53 @@ pub async fn upload(job: &Job<'_>, entries: Vec<Entry>) -> anyhow::Result<Upload
     result.delivered.sort_by(|a, b| a.key.cmp(&b.key));
     result.failed.sort_by(|a, b| a.key.cmp(&b.key));
     Ok(result)
+}
+
+/// The marker a journal row carries in `etag` for an SFTP file whose MD5 the server
+/// itself computed (`md5sum`); a resume checks such a file's MD5 on the server again.
+pub const SFTP_MD5_VERIFIED: &str = "md5sum";
+
+/// Whether the target still holds a journaled file exactly as it was delivered: S3 by
+/// size and ETag (HEAD), a local directory by size and MD5 of the stored copy, SFTP by
+/// size and — when the server's `md5sum` verified it before — by `md5sum` again.
+/// `Ok(false)`: missing or different, send it again.
+async fn recheck(ctx: &Ctx, d: &DoneFile) -> anyhow::Result<bool> {
+    let Some(info) = ctx.storage.head(&d.key).await? else {
+        return Ok(false);
+    };
+    if info.size != d.size {
+        return Ok(false);
+    }
+    Ok(match &ctx.storage {
+        AnyStorage::S3(_) => match (&info.etag, &d.etag) {
+            (Some(now), Some(then)) => now
+                .trim_matches('"')
+                .eq_ignore_ascii_case(then.trim_matches('"')),
+            // An object without an ETag cannot be confirmed: send it again.
+            _ => false,
+        },
+        AnyStorage::Local(_) => {
+            let got = ctx.storage.get_into(&d.key, std::io::sink()).await?;
+            got.size == d.size && got.md5_hex == d.md5
+        }
+        AnyStorage::Sftp(s) => {
+            if d.etag.as_deref() == Some(SFTP_MD5_VERIFIED) {
+                match s.remote_md5(&d.key).await {
+                    Ok(remote) => remote == d.md5,
+                    Err(e @ StorageError::Connect { .. }) => return Err(e.into()),
+                    Err(e) => {
+                        tracing::warn!(
+                            key = d.key,
+                            "md5sum on the server failed: {e}; sending the file again"
+                        );
+                        false
+                    }
+                }
+            } else {
+                true
+            }
+        }
+    })
 }
 
 fn is_temporary(e: &anyhow::Error) -> bool {
@@ -406,14 +486,14 @@ async fn single_file(ctx: &Ctx, entry: &Entry, key: &str) -> anyhow::Result<Deli
     };
     ctx.bytes_sent.fetch_add(out.size, Ordering::Relaxed);
     ctx.events.bytes(out.size);
-    verify(ctx, key, &out).await?;
+    let verified_by = verify(ctx, key, &out).await?;
     let done = DoneFile {
         key: key.to_owned(),
         size: out.size,
         mtime_ns: entry.mtime_ns,
         md5: out.md5_hex.clone(),
         sha256: sha256.clone(),
-        etag: out.etag.clone(),
+        etag: out.etag.clone().or(verified_by.map(str::to_owned)),
         parts: out.parts,
     };
     ctx.journal
@@ -440,11 +520,12 @@ async fn single_file(ctx: &Ctx, entry: &Entry, key: &str) -> anyhow::Result<Deli
 }
 
 /// Check a stored object. S3 single PUTs were already checked by the storage against
-/// the ETag the server returned.
-async fn verify(ctx: &Ctx, key: &str, out: &PutOutcome) -> anyhow::Result<()> {
+/// the ETag the server returned. Returns [`SFTP_MD5_VERIFIED`] when the server's
+/// `md5sum` confirmed the bytes.
+async fn verify(ctx: &Ctx, key: &str, out: &PutOutcome) -> anyhow::Result<Option<&'static str>> {
     let (size, md5) = (out.size, out.md5_hex.as_str());
     match &ctx.storage {
-        AnyStorage::S3(_) => Ok(()),
+        AnyStorage::S3(_) => Ok(None),
         AnyStorage::Sftp(s) => {
             if !ctx.remote_md5_broken.load(Ordering::Relaxed) {
                 // A large file: its ranges in parallel on the server; the whole file's
@@ -455,7 +536,9 @@ async fn verify(ctx: &Ctx, key: &str, out: &PutOutcome) -> anyhow::Result<()> {
                         .remote_md5_ranges(key, out.range_size, out.range_md5_hex.len())
                         .await
                     {
-                        Ok(remote) if remote == out.range_md5_hex => return Ok(()),
+                        Ok(remote) if remote == out.range_md5_hex => {
+                            return Ok(Some(SFTP_MD5_VERIFIED));
+                        }
                         Ok(_) => {
                             tracing::warn!(key, "range md5sums differ; checking the whole file");
                         }
@@ -464,7 +547,7 @@ async fn verify(ctx: &Ctx, key: &str, out: &PutOutcome) -> anyhow::Result<()> {
                     }
                 }
                 match s.remote_md5(key).await {
-                    Ok(remote) if remote == md5 => return Ok(()),
+                    Ok(remote) if remote == md5 => return Ok(Some(SFTP_MD5_VERIFIED)),
                     Ok(remote) => {
                         return Err(integrity(
                             &ctx.storage,
@@ -483,9 +566,9 @@ async fn verify(ctx: &Ctx, key: &str, out: &PutOutcome) -> anyhow::Result<()> {
                     }
                 }
             }
-            verify_size(&ctx.storage, key, size).await
+            verify_size(&ctx.storage, key, size).await.map(|()| None)
         }
-        AnyStorage::Local(_) => verify_size(&ctx.storage, key, size).await,
+        AnyStorage::Local(_) => verify_size(&ctx.storage, key, size).await.map(|()| None),
     }
 }
 

@@ -319,6 +319,7 @@ fn mail_facts(s: &MailServers, token: &str, language: Language) -> MailFacts {
         )),
         access: links_grant(token),
         delivered_at: at("2025-01-30T02:00:00Z"),
+        message_key: None,
     }
 }
 

@@ -57,6 +57,7 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
     let events = Events::new(ctx.out.clone());
     let env = Env::open(&ctx.config, events).await?;
     let steps = DeliverySteps::new(&ctx.config, &env.delivery)?;
+    env.check_statements().await?;
     let req = Request {
         tool: Tool::UploadPure,
         analysis_id: None,

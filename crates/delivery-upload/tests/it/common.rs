@@ -401,8 +401,16 @@ impl Home {
         self.dir.path().join("data")
     }
 
-    /// Write the config: `[paths]`, `[mail]`, and `body`.
+    /// Write the config: `[paths]`, `[mail]`, and `body`, with the test home as
+    /// `[delivery] data_roots` (the trees link to files beside the delivery folder, as
+    /// pipelines link into their results tree).
     pub fn config(&self, body: &str) -> PathBuf {
+        let roots = format!("data_roots = [\"{}\"]\n", self.path().display());
+        let body = if body.starts_with("[delivery]\n") || body.contains("\n[delivery]\n") {
+            body.replacen("[delivery]\n", &format!("[delivery]\n{roots}"), 1)
+        } else {
+            format!("[delivery]\n{roots}\n{body}")
+        };
         let text = format!(
             "[paths]\ndata_dir = \"{}\"\n\n[mail]\nfrom = \"Delivery <delivery@labrelay.test>\"\n\n{body}",
             self.data_dir().display()

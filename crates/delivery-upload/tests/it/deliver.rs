@@ -27,8 +27,14 @@ async fn deliver_tree(lims_kind: LimsKind, kind: TargetKind) {
     // With a LIMS on a server, labrelay's own state lives there too (state tables on
     // PostgreSQL and MariaDB); with SQLite it stays in the data dir.
     let state_in_lims = lims_kind != LimsKind::Sqlite;
+    // Our SFTP server has no account command here: customers use their own logins.
+    let access = if kind == TargetKind::Sftp {
+        "[delivery.access]\nmethods = { t = \"none\" }\n"
+    } else {
+        ""
+    };
     home.config(&format!(
-        "{}[delivery]\ntarget = \"t\"\nkey_prefix = \"online\"\n\n{}\n{}",
+        "{}[delivery]\ntarget = \"t\"\nkey_prefix = \"online\"\n\n{access}\n{}\n{}",
         if state_in_lims {
             "[state]\ndatabase = \"lims\"\n\n"
         } else {
@@ -158,9 +164,16 @@ async fn broken_symlink_is_reported_before_any_upload() {
         .collect();
     assert_eq!(problems.len(), 1, "{problems:?}");
     assert_eq!(summary(&out)["status"], "failed");
-    // Nothing moved, nobody was mailed, the failure is recorded.
+    // Nothing moved, the customer was not mailed, staff were told, the failure is
+    // recorded.
     assert!(target.storage.list("").await.unwrap().is_empty());
-    assert!(home.outbox().is_empty());
+    let mails = home.outbox();
+    assert_eq!(mails.len(), 1, "{mails:?}");
+    assert!(
+        mails[0].contains("X-Labrelay-Mail: delivery-failure") && mails[0].contains("gone.fq.gz"),
+        "{}",
+        mails[0]
+    );
     let state = home.state().await;
     let row = sqlx::query("SELECT status, error FROM delivery_runs")
         .fetch_one(state.pool())

@@ -216,3 +216,86 @@ retry_delay_secs = 1
     broker.delete_exchange(&exchange).await.unwrap();
     lims.cleanup().await;
 }
+
+#[tokio::test]
+async fn request_queues_for_the_listener_and_a_locked_analysis_is_not_a_failed_try() {
+    // The embedded queue: no [queue] url.
+    let lims = Lims::new(LimsKind::Sqlite).await.unwrap();
+    let target = TargetFixture::new(TargetKind::Local, "").await.unwrap();
+    let home = Home::new();
+    let (root, _) = tree(&home.path().join("analysis"), 0);
+    lims.add_analysis("Q1", &root).await;
+    lims.add_analysis("Q2", &root).await;
+    home.config(&format!(
+        "[queue]\nmax_deliveries = 2\n\n[delivery]\nstaff = [\"staff@labrelay.test\"]\n\n\
+         [delivery.listen]\nretry_delay_secs = 1\n\n{}\n{}",
+        target.toml,
+        lims.config(crate::common::STATUS_INSERT)
+    ));
+    // Published before any listener ran: it waits in the queue.
+    let out = home.run(&["request", "--analysis-id", "Q1", "--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        crate::common::stderr(&out)
+    );
+    let rec = crate::common::records(&out);
+    assert_eq!(rec[0]["type"], "request", "{rec:?}");
+    assert_eq!(rec[0]["analysis_id"], "Q1");
+    let out = home.run(&["request", "--analysis-id", "A/B"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        crate::common::stderr(&out)
+    );
+
+    // Q2 is being delivered by someone else (its lock is held) when its request comes,
+    // more often than max_deliveries: it must wait, not fail.
+    let lock = labrelay::lock::InstanceLock::acquire(&home.data_dir(), "delivery-Q2").unwrap();
+    for _ in 0..3 {
+        let out = home.run(&["request", "--analysis-id", "Q2"]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            crate::common::stderr(&out)
+        );
+    }
+    let listener = Listener::start(&home);
+    let s = listener.wait_for("Q1 summary", |v| {
+        v["type"] == "summary" && v["analysis_id"] == "Q1"
+    });
+    assert_eq!(s["status"], "delivered", "{s}");
+    std::thread::sleep(Duration::from_secs(6));
+    drop(lock);
+    let s = listener.wait_for("Q2 summary", |v| {
+        v["type"] == "summary" && v["analysis_id"] == "Q2"
+    });
+    assert_eq!(s["status"], "delivered", "{s}");
+    // The other two requests are duplicates of a finished delivery.
+    for _ in 0..2 {
+        let s = listener.wait_for("Q2 duplicate", |v| {
+            v["type"] == "summary" && v["analysis_id"] == "Q2"
+        });
+        assert_eq!(s["status"], "already_delivered", "{s}");
+    }
+    let pid = listener.child.id().to_string();
+    let mut listener = listener;
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert_eq!(listener.child.wait().unwrap().code(), Some(0));
+    // No false failure report to staff.
+    let failures: Vec<String> = home
+        .outbox()
+        .into_iter()
+        .filter(|m| m.contains("X-Labrelay-Mail: delivery-failure"))
+        .collect();
+    assert!(failures.is_empty(), "{failures:?}");
+}

@@ -6,6 +6,8 @@
 
 mod cli;
 mod common;
+mod crashloop;
 mod deliver;
+mod hardening;
 mod listen;
 mod resume;
