@@ -487,6 +487,21 @@ mod tests {
         assert!(e.contains("[databases.lims]"), "{e}");
         let c = Config::from_toml("[delivery]\nexclude = [\"a/{b\"]\n").unwrap();
         assert!(DeliveryConfig::from_config(&c).is_err());
+        // A type error names the file, line and key, as the rest of the config does.
+        let c = Config::from_toml("[paths]\n\n[delivery]\nparallel_files = \"many\"\n").unwrap();
+        let e = DeliveryConfig::from_config(&c).unwrap_err().to_string();
+        assert!(e.contains("<string>") && e.contains("line 4"), "{e}");
+        // Unknown parameters in status SQL are found at load time.
+        let c = Config::from_toml(
+            "[databases.lims]\nurl = \"sqlite::memory:\"\n[delivery.status]\ndatabase = \"lims\"\n\
+             on_delivered = \"UPDATE t SET s = :stauts WHERE id = :analysis_id\"\n",
+        )
+        .unwrap();
+        let e = DeliveryConfig::from_config(&c).unwrap_err().to_string();
+        assert!(
+            e.contains("delivery.status.on_delivered") && e.contains(":stauts"),
+            "{e}"
+        );
     }
 
     #[test]

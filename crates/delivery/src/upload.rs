@@ -187,6 +187,41 @@ pub struct Job<'a> {
 /// A file on the target, and whether an earlier run had sent it (confirmed now).
 type Done = (DeliveredFile, bool);
 
+/// What one file's task ends with.
+type Settled = (Entry, String, anyhow::Result<Option<Done>>);
+
+/// Count one finished task into the result.
+fn settle(
+    result: &mut UploadResult,
+    events: &Events,
+    joined: Result<Settled, tokio::task::JoinError>,
+) -> anyhow::Result<()> {
+    let (entry, key, r) = joined.map_err(|e| anyhow::anyhow!("upload task failed: {e}"))?;
+    match r {
+        Ok(Some((d, true))) => {
+            result.files_resumed += 1;
+            result.delivered.push(d);
+        }
+        Ok(Some((d, false))) => {
+            result.files_sent += 1;
+            result.delivered.push(d);
+        }
+        Ok(None) => result.interrupted = true,
+        Err(e) if e.downcast_ref::<Interrupted>().is_some() => result.interrupted = true,
+        Err(e) => {
+            let error = format!("{e:#}");
+            events.file_failed(&key, &entry.rel, &error);
+            result.failed.push(FailedFile {
+                rel: entry.rel,
+                key,
+                error,
+                exit: classify(&e),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Upload `entries` below the job's prefix, journaling under its run.
 pub async fn upload(job: &Job<'_>, entries: Vec<Entry>) -> anyhow::Result<UploadResult> {
     let Job {
@@ -239,8 +274,20 @@ pub async fn upload(job: &Job<'_>, entries: Vec<Entry>) -> anyhow::Result<Upload
     let small = Arc::new(Semaphore::new(opts.parallel_small.max(1)));
     let large = Arc::new(Semaphore::new(opts.parallel_large.max(1)));
     let mut result = UploadResult::default();
-    let mut set: JoinSet<(Entry, String, anyhow::Result<Option<Done>>)> = JoinSet::new();
+    // Tasks are spawned only when one of a bounded number of places is free, and
+    // finished ones are settled as the loop goes, so memory does not grow with the
+    // number of files (10^5–10^6 in single-cell deliveries).
+    let inflight = Arc::new(Semaphore::new(
+        opts.parallel_small.max(1) + 2 * opts.parallel_large.max(1) + 16,
+    ));
+    let mut set: JoinSet<Settled> = JoinSet::new();
     for entry in entries {
+        let Ok(place) = Arc::clone(&inflight).acquire_owned().await else {
+            break;
+        };
+        while let Some(joined) = set.try_join_next() {
+            settle(&mut result, events, joined)?;
+        }
         let key = object_key(prefix, &entry.rel);
         // A journaled file counts only after the target confirms it in this run.
         let journaled = done
@@ -256,13 +303,9 @@ pub async fn upload(job: &Job<'_>, entries: Vec<Entry>) -> anyhow::Result<Upload
         } else {
             Arc::clone(&small)
         };
-        let sem = if journaled.is_some() {
-            Arc::clone(&small)
-        } else {
-            sem
-        };
         let ctx = Arc::clone(&ctx);
         set.spawn(async move {
+            let _place = place;
             let Ok(_permit) = sem.acquire_owned().await else {
                 return (entry, key, Err(anyhow::anyhow!("upload slots closed")));
             };
@@ -309,29 +352,7 @@ pub async fn upload(job: &Job<'_>, entries: Vec<Entry>) -> anyhow::Result<Upload
         });
     }
     while let Some(joined) = set.join_next().await {
-        let (entry, key, r) = joined.map_err(|e| anyhow::anyhow!("upload task failed: {e}"))?;
-        match r {
-            Ok(Some((d, true))) => {
-                result.files_resumed += 1;
-                result.delivered.push(d);
-            }
-            Ok(Some((d, false))) => {
-                result.files_sent += 1;
-                result.delivered.push(d);
-            }
-            Ok(None) => result.interrupted = true,
-            Err(e) if e.downcast_ref::<Interrupted>().is_some() => result.interrupted = true,
-            Err(e) => {
-                let error = format!("{e:#}");
-                events.file_failed(&key, &entry.rel, &error);
-                result.failed.push(FailedFile {
-                    rel: entry.rel,
-                    key,
-                    error,
-                    exit: classify(&e),
-                });
-            }
-        }
+        settle(&mut result, events, joined)?;
     }
     let ctx = Arc::into_inner(ctx).ok_or_else(|| anyhow::anyhow!("upload tasks still running"))?;
     result.bytes_sent = ctx.bytes_sent.load(Ordering::Relaxed);

@@ -103,6 +103,23 @@ pub struct Config {
     pub sync: Option<toml::Value>,
     /// `[jobs]`: owned and typed by the `jobs` crate.
     pub jobs: Option<toml::Value>,
+    /// The files read (path and text), so a tool section's type error can be reported
+    /// with its file and line ([`Config::section`]).
+    #[serde(skip)]
+    sources: Sources,
+}
+
+/// The texts of the config files read. Debug shows only the paths: a text may hold a
+/// password.
+#[derive(Default)]
+struct Sources(Vec<(PathBuf, String)>);
+
+impl std::fmt::Debug for Sources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(p, _)| p))
+            .finish()
+    }
 }
 
 /// `[paths]`.
@@ -418,6 +435,7 @@ impl Config {
     pub fn load(opts: &LoadOptions) -> Result<Loaded, ConfigError> {
         let mut merged = toml::Table::new();
         let mut files = Vec::new();
+        let mut sources = Vec::new();
         let mut warnings = Vec::new();
         let no_config = opts.no_config || env::flag(env::LABRELAY_NO_CONFIG);
         if !no_config {
@@ -450,11 +468,12 @@ impl Config {
                     ));
                 }
                 merge(&mut merged, table);
+                sources.push((path.clone(), text));
                 files.push(path);
             }
         }
         apply_env(&mut merged);
-        let config =
+        let mut config =
             Config::deserialize(toml::Value::Table(merged)).map_err(|e| ConfigError::Parse {
                 path: files
                     .last()
@@ -462,6 +481,7 @@ impl Config {
                     .unwrap_or_else(|| PathBuf::from("environment")),
                 message: e.message().trim().to_owned(),
             })?;
+        config.sources = Sources(sources);
         config.validate()?;
         Ok(Loaded {
             config,
@@ -474,11 +494,12 @@ impl Config {
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         let path = PathBuf::from("<string>");
         let table = parse_file(&path, text)?;
-        let config =
+        let mut config =
             Config::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Parse {
-                path,
+                path: path.clone(),
                 message: e.message().trim().to_owned(),
             })?;
+        config.sources = Sources(vec![(path, text.to_owned())]);
         config.validate()?;
         Ok(config)
     }
@@ -527,9 +548,27 @@ impl Config {
         };
         raw.clone()
             .map(|v| {
-                T::deserialize(v).map_err(|e| ConfigError::Invalid {
-                    key: name.to_owned(),
-                    message: e.message().trim().to_owned(),
+                T::deserialize(v).map_err(|e| {
+                    // Deserialize the section again from each file's text, which keeps
+                    // the spans: the error then names the file, line and key.
+                    self.sources
+                        .0
+                        .iter()
+                        .find_map(|(path, text)| {
+                            section_in_text::<T>(name, text).err().map(|e| {
+                                match toml_error(path, text, &e) {
+                                    ConfigError::Parse { path, message } => ConfigError::Parse {
+                                        path,
+                                        message: format!("{message} (in [{name}])"),
+                                    },
+                                    other => other,
+                                }
+                            })
+                        })
+                        .unwrap_or_else(|| ConfigError::Invalid {
+                            key: name.to_owned(),
+                            message: e.message().trim().to_owned(),
+                        })
                 })
             })
             .transpose()
@@ -614,6 +653,41 @@ impl DatabaseConfig {
             max_connections: default_max_connections(),
             read_only: false,
         }
+    }
+}
+
+/// Deserialize only the tool section `name` of a file's text (other keys are ignored),
+/// so an error carries its span.
+fn section_in_text<T: serde::de::DeserializeOwned>(
+    name: &str,
+    text: &str,
+) -> Result<(), toml::de::Error> {
+    #[derive(Deserialize)]
+    struct Delivery<T> {
+        #[allow(dead_code)]
+        delivery: Option<T>,
+    }
+    #[derive(Deserialize)]
+    struct MailQuery<T> {
+        #[allow(dead_code)]
+        mail_query: Option<T>,
+    }
+    #[derive(Deserialize)]
+    struct Sync<T> {
+        #[allow(dead_code)]
+        sync: Option<T>,
+    }
+    #[derive(Deserialize)]
+    struct Jobs<T> {
+        #[allow(dead_code)]
+        jobs: Option<T>,
+    }
+    match name {
+        "delivery" => toml::from_str::<Delivery<T>>(text).map(drop),
+        "mail_query" => toml::from_str::<MailQuery<T>>(text).map(drop),
+        "sync" => toml::from_str::<Sync<T>>(text).map(drop),
+        "jobs" => toml::from_str::<Jobs<T>>(text).map(drop),
+        _ => Ok(()),
     }
 }
 
