@@ -11,7 +11,9 @@
 //! | `file_failed` | a file could not be delivered | `key`, `rel`, `error` |
 //! | `summary` | the delivery ends | see [`crate::run::Summary`] |
 //!
-//! In text mode only the summary goes to stdout; failures are logged on stderr.
+//! In text mode only the summary goes to stdout; failures are logged on stderr. When
+//! stderr is not a terminal (cron, a service), a progress line is logged at info level
+//! every 10 seconds instead of the bar.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +22,9 @@ use indicatif::ProgressBar;
 use labrelay::output::Printer;
 use serde::Serialize;
 
+/// How often a progress line is logged when stderr is not a terminal.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The event sink of one delivery; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Events {
@@ -27,6 +32,8 @@ pub struct Events {
     bar: ProgressBar,
     files_done: Arc<AtomicU64>,
     files_total: Arc<AtomicU64>,
+    bytes_done: Arc<AtomicU64>,
+    ticker: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
 /// A `file` record.
@@ -59,6 +66,8 @@ impl Events {
             bar: ProgressBar::hidden(),
             files_done: Arc::default(),
             files_total: Arc::default(),
+            bytes_done: Arc::default(),
+            ticker: Arc::default(),
         }
     }
 
@@ -73,11 +82,49 @@ impl Events {
         self.files_total.store(files, Ordering::Relaxed);
         self.files_done.store(0, Ordering::Relaxed);
         self.bar.set_message(format!("0/{files} files"));
+        self.bytes_done.store(0, Ordering::Relaxed);
+        if !std::io::IsTerminal::is_terminal(&std::io::stderr())
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let (done, total, sent) = (
+                Arc::clone(&self.files_done),
+                Arc::clone(&self.files_total),
+                Arc::clone(&self.bytes_done),
+            );
+            let started = std::time::Instant::now();
+            let handle = rt.spawn(async move {
+                let mut tick = tokio::time::interval(PROGRESS_EVERY);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let b = sent.load(Ordering::Relaxed);
+                    let rate = b as f64 / started.elapsed().as_secs_f64().max(0.001);
+                    tracing::info!(
+                        "progress: {}/{} files, {} of {}, {}/s",
+                        done.load(Ordering::Relaxed),
+                        total.load(Ordering::Relaxed),
+                        indicatif::HumanBytes(b),
+                        indicatif::HumanBytes(bytes),
+                        indicatif::HumanBytes(rate as u64)
+                    );
+                }
+            });
+            if let Some(old) = self.lock_ticker().replace(handle) {
+                old.abort();
+            }
+        }
+    }
+
+    fn lock_ticker(&self) -> std::sync::MutexGuard<'_, Option<tokio::task::JoinHandle<()>>> {
+        self.ticker
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Bytes went out.
     pub fn bytes(&self, n: u64) {
         self.bar.inc(n);
+        self.bytes_done.fetch_add(n, Ordering::Relaxed);
     }
 
     fn file_finished(&self) {
@@ -89,6 +136,9 @@ impl Events {
     /// Remove the bar.
     pub fn finish_progress(&self) {
         self.bar.finish_and_clear();
+        if let Some(t) = self.lock_ticker().take() {
+            t.abort();
+        }
     }
 
     /// A JSON record (ignored in text mode). A closed stdout is not worth failing a
@@ -112,7 +162,7 @@ impl Events {
     pub fn file(&self, e: &FileEvent<'_>) {
         self.file_finished();
         if e.resumed {
-            self.bar.inc(e.size);
+            self.bytes(e.size);
         }
         tracing::debug!(
             key = e.key,

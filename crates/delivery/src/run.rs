@@ -824,7 +824,12 @@ fn build_manifest(env: &Env<'_>, path: &std::path::Path) -> anyhow::Result<manif
     }
     for e in &m.entries {
         if let Some(orig) = &e.renamed_from {
-            tracing::warn!("{orig} is not a UTF-8 name; delivered as {}", e.rel);
+            let why = if orig.contains('\u{FFFD}') {
+                "is not a UTF-8 name (decoded as GB18030, or %XX for bytes that are neither)"
+            } else {
+                "contains control characters (written as %XX)"
+            };
+            tracing::warn!("{} {why}; delivered as {}", orig.escape_debug(), e.rel);
         }
     }
     if !m.problems.is_empty() {

@@ -5,6 +5,9 @@
 //! - Concurrency: files smaller than `large_bytes` share `parallel_small` slots, larger
 //!   ones `parallel_large` slots (default 16 / 4), so a few huge files never starve the
 //!   thousands of small ones and vice versa.
+//! - Memory is bounded whatever the number of files: tasks are spawned only when a
+//!   place is free, and multipart parts are read only when an upload slot and room in
+//!   a shared buffer budget ([`PART_BUDGET_MIB`]) are free.
 //! - Each file is read once: the MD5 (and the optional SHA-256) is computed while the
 //!   bytes stream to the target.
 //! - S3 files of at least one part go up as multipart uploads driven from here (not by
@@ -154,7 +157,14 @@ struct Ctx {
     parts_sent: AtomicU64,
     parts_resumed: AtomicU64,
     remote_md5_broken: AtomicBool,
+    /// MiB of multipart part buffers in memory at once, across all files.
+    part_budget: Arc<Semaphore>,
 }
+
+/// The shared budget of part buffers (MiB) across every file of an upload: with 4
+/// large files × 4 parts in flight × 8 MiB parts this is what bounds memory, not the
+/// number of files.
+const PART_BUDGET_MIB: u32 = 64;
 
 /// The object key of a file: `<prefix>/<rel>`.
 pub fn object_key(prefix: &str, rel: &str) -> String {
@@ -270,6 +280,7 @@ pub async fn upload(job: &Job<'_>, entries: Vec<Entry>) -> anyhow::Result<Upload
         parts_sent: AtomicU64::new(0),
         parts_resumed: AtomicU64::new(0),
         remote_md5_broken: AtomicBool::new(false),
+        part_budget: Arc::new(Semaphore::new(PART_BUDGET_MIB as usize)),
     });
     let small = Arc::new(Semaphore::new(opts.parallel_small.max(1)));
     let large = Arc::new(Semaphore::new(opts.parallel_large.max(1)));
@@ -325,7 +336,6 @@ pub async fn upload(job: &Job<'_>, entries: Vec<Entry>) -> anyhow::Result<Upload
                             parts_sent: 0,
                             resumed: true,
                         });
-                        ctx.events.bytes(d.size);
                         let file = DeliveredFile {
                             rel: entry.rel.clone(),
                             key: key.clone(),
@@ -770,7 +780,31 @@ async fn multipart_once(
         if first_error.is_some() {
             break;
         }
+        // A free slot first, then room in the shared buffer budget, then the read: no
+        // part waits in memory for an upload slot.
+        while tasks.len() >= concurrency {
+            if let Some(j) = tasks.join_next().await {
+                finish_part(
+                    ctx,
+                    key,
+                    j,
+                    &part_md5,
+                    &mut etags,
+                    &mut sent_now,
+                    &mut first_error,
+                )
+                .await;
+            }
+        }
+        if first_error.is_some() {
+            break;
+        }
         let want = part_size.min(size - index as u64 * part_size);
+        let need = (want.div_ceil(MIB) as u32).clamp(1, PART_BUDGET_MIB);
+        let budget = Arc::clone(&ctx.part_budget)
+            .acquire_many_owned(need)
+            .await
+            .map_err(|_| anyhow::anyhow!("upload buffer budget closed"))?;
         let (r, data, md5_raw) = read_part(reader, want).await?;
         reader = r;
         let md5 = hex::encode(md5_raw);
@@ -801,25 +835,12 @@ async fn multipart_once(
             );
         }
         part_md5[index] = md5;
-        while tasks.len() >= concurrency {
-            if let Some(j) = tasks.join_next().await {
-                finish_part(
-                    ctx,
-                    key,
-                    j,
-                    &part_md5,
-                    &mut etags,
-                    &mut sent_now,
-                    &mut first_error,
-                )
-                .await;
-            }
-        }
         let s3c = s3.clone();
         let up = upload.clone();
         let attempts = ctx.opts.attempts;
         tasks.spawn(async move {
             let r = put_part_retrying(&s3c, &up, index, data, md5_raw, attempts).await;
+            drop(budget);
             (index, want, r)
         });
     }
