@@ -112,7 +112,7 @@ impl S3Storage {
             message,
         };
         if !prefix.is_empty() {
-            super::check_path(&prefix, false)
+            super::check_path(&prefix)
                 .map_err(|reason| config_err(format!("bad key prefix {prefix:?}: {reason}")))?;
         }
         let resolve = |spec: &Option<SecretSpec>, name: &str| {
@@ -856,7 +856,13 @@ impl ObjectStorage for S3Storage {
             .try_collect()
             .await
             .map_err(|e| self.error("list", &prefix, e))?;
-        let mut out: Vec<ObjectInfo> = metas.iter().map(|m| self.info(m)).collect();
+        let mut out: Vec<ObjectInfo> = metas
+            .iter()
+            .map(|m| self.info(m))
+            // Nothing is ever put there (keys below it are refused); objects another
+            // tool left there stay hidden, as on the other backends.
+            .filter(|o| o.key.split('/').next() != Some(super::STAGING_DIR))
+            .collect();
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
     }
@@ -941,6 +947,13 @@ impl ObjectStorage for S3Storage {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.error("delete", key, e)),
         }
+    }
+
+    /// Nothing to do: S3 has no visible temporary objects (an unfinished multipart
+    /// upload is never listed as an object). Aborts no multipart upload either: the
+    /// delivery tool may be about to resume one.
+    async fn clean_staging(&self, _keys: &[String]) -> Result<u64, StorageError> {
+        Ok(0)
     }
 
     async fn presign_get(

@@ -13,7 +13,9 @@ use bytes::Bytes;
 use labrelay::Exit;
 use labrelay::config::Config;
 use labrelay::ssh::{SshParams, SshSession, shell_quote};
-use labrelay::storage::{AnyStorage, ObjectStorage, PutOptions, StorageError};
+use labrelay::storage::{
+    AnyStorage, ObjectStorage, PutOptions, STAGING_DIR, StorageError, staging_key_hash,
+};
 use md5::{Digest, Md5};
 
 const MIB: u64 = 1024 * 1024;
@@ -153,6 +155,39 @@ impl Fixture {
         }
     }
 
+    /// Put a file into the staging folder, as a put killed `age` ago would leave it;
+    /// `false` for S3, which has no staging folder.
+    async fn plant_staging(&self, name: &str, age: Duration) -> bool {
+        let mtime = std::time::SystemTime::now() - age;
+        match self.kind {
+            Kind::S3 => false,
+            Kind::Local => {
+                let dir = self.local_root.as_ref().unwrap().path().join(STAGING_DIR);
+                std::fs::create_dir_all(&dir).unwrap();
+                let f = std::fs::File::create(dir.join(name)).unwrap();
+                f.set_modified(mtime).unwrap();
+                true
+            }
+            Kind::Sftp => {
+                let (base, params) = self.sftp_base.as_ref().unwrap();
+                let dir = format!("{base}/{STAGING_DIR}");
+                let epoch = mtime
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs();
+                run_remote(
+                    params,
+                    &format!(
+                        "mkdir -p {d} && touch -d @{epoch} {d}/{name}",
+                        d = shell_quote(&dir)
+                    ),
+                )
+                .await;
+                true
+            }
+        }
+    }
+
     /// Remove what the test stored (S3 objects, the SFTP directory).
     async fn cleanup(self) {
         match self.kind {
@@ -258,6 +293,8 @@ contract!(
     aborted_upload_leaves_nothing_under_the_final_name,
     file_larger_than_one_part,
     presigned_url,
+    killed_put_leftovers_are_cleaned_from_staging,
+    partial_suffix_is_an_ordinary_key,
 );
 
 async fn round_trip_with_nested_keys(fx: &Fixture) {
@@ -422,8 +459,8 @@ async fn invalid_keys_are_refused(fx: &Fixture) {
         "a/",
         "../escape",
         "a/../b",
-        "x.partial",
         "a\nb",
+        ".labrelay-staging/x",
     ] {
         let err = s.put_bytes(key, Bytes::from("x")).await.unwrap_err();
         assert!(
@@ -544,6 +581,11 @@ async fn aborted_upload_leaves_nothing_under_the_final_name(fx: &Fixture) {
         storage.put_reader(reader, "abort/big.bin", &opts).await
     });
     reached_rx.await.unwrap();
+    // While the put runs, the customer's folder holds nothing (its temporary file is
+    // in the staging folder, which a kill -9 now would leave behind).
+    if let Some(names) = fx.raw_names("abort").await {
+        assert!(names.is_empty(), "visible during the put: {names:?}");
+    }
     task.abort();
     assert!(task.await.unwrap_err().is_cancelled());
     assert_eq!(fx.storage.head("abort/big.bin").await.unwrap(), None);
@@ -597,6 +639,75 @@ async fn file_larger_than_one_part(fx: &Fixture) {
     let back = dir.path().join("back.bin");
     s.get_to_file("mp/forty.bin", &back).await.unwrap();
     assert_eq!(md5_of_file(&back), want_md5);
+}
+
+/// A put killed with `kill -9` leaves its temporary file in the staging folder (never
+/// in the customer's folder); `clean_staging` with the key removes it, and any staging
+/// file older than a week, but not a fresh one of another key (a put may be running).
+async fn killed_put_leftovers_are_cleaned_from_staging(fx: &Fixture) {
+    let s = &fx.storage;
+    s.put_bytes("run/done.txt", Bytes::from("done"))
+        .await
+        .unwrap();
+    let mine = format!("{}.00112233aabbccdd", staging_key_hash("run/data.bin"));
+    let other = format!("{}.0123456789abcdef", staging_key_hash("run/other.bin"));
+    let planted = fx.plant_staging(&mine, Duration::ZERO).await
+        && fx.plant_staging(&other, Duration::ZERO).await
+        && fx
+            .plant_staging("stray-old", Duration::from_hours(8 * 24))
+            .await;
+    // The staging folder is never listed, whatever the prefix.
+    assert_eq!(keys(&s.list("").await.unwrap()), ["run/done.txt"]);
+    assert!(s.list(STAGING_DIR).await.is_err());
+    let removed = s
+        .clean_staging(&["run/data.bin".to_owned(), "run/done.txt".to_owned()])
+        .await
+        .unwrap();
+    if !planted {
+        assert_eq!(removed, 0, "S3 has no staging files");
+        return;
+    }
+    assert_eq!(removed, 2, "the key's leftover and the week-old one");
+    assert_eq!(fx.raw_names(STAGING_DIR).await.unwrap(), [other.as_str()]);
+    // Nothing to do the second time.
+    assert_eq!(
+        s.clean_staging(&["run/data.bin".to_owned()]).await.unwrap(),
+        0
+    );
+    // A put of the key still works and leaves only itself behind.
+    s.put_bytes("run/data.bin", Bytes::from("data"))
+        .await
+        .unwrap();
+    assert_eq!(fx.raw_names("run").await.unwrap(), ["data.bin", "done.txt"]);
+    assert_eq!(fx.raw_names(STAGING_DIR).await.unwrap(), [other.as_str()]);
+    assert_eq!(
+        keys(&s.list("").await.unwrap()),
+        ["run/data.bin", "run/done.txt"]
+    );
+}
+
+/// Keys ending in `.partial` used to be reserved for SFTP uploads in progress; a real
+/// file named so must deliver, and be listed.
+async fn partial_suffix_is_an_ordinary_key(fx: &Fixture) {
+    let s = &fx.storage;
+    let dir = test_support::tempdir();
+    let f = dir.path().join("x.partial");
+    std::fs::write(&f, "a file that happens to be called x.partial").unwrap();
+    let o = s
+        .put_file(&f, "dir/x.partial", &PutOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(o.size, 42);
+    s.put_bytes("top.partial", Bytes::from("t")).await.unwrap();
+    assert_eq!(
+        keys(&s.list("").await.unwrap()),
+        ["dir/x.partial", "top.partial"]
+    );
+    assert_eq!(keys(&s.list("dir").await.unwrap()), ["dir/x.partial"]);
+    assert_eq!(s.head("dir/x.partial").await.unwrap().unwrap().size, 42);
+    if let Some(names) = fx.raw_names("dir").await {
+        assert_eq!(names, ["x.partial"], "nothing but the object");
+    }
 }
 
 async fn presigned_url(fx: &Fixture) {
