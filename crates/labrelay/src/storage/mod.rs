@@ -420,6 +420,43 @@ pub fn multipart_etag<S: AsRef<str>>(part_md5_hex: &[S]) -> Option<String> {
     ))
 }
 
+/// The `Content-Type` for a key, from its file name: a small table of the files a
+/// sequencing facility delivers (reports, checksums, tables, images, archives, reads,
+/// alignments, variants), `application/octet-stream` for anything else. Compressed
+/// files are typed by their last suffix (`x.fastq.gz` is `application/gzip`), because
+/// S3 serves the stored bytes as they are.
+pub fn content_type_for(key: &str) -> &'static str {
+    let name = key.rsplit('/').next().unwrap_or(key);
+    let Some((_, ext)) = name.rsplit_once('.') else {
+        return "application/octet-stream";
+    };
+    match ext.to_ascii_lowercase().as_str() {
+        // .vcf is the Variant Call Format here, not a vCard: plain text, so a browser
+        // shows it rather than offering to import a contact.
+        "txt" | "log" | "md5" | "sha256" | "sha1" | "fastq" | "fq" | "fasta" | "fa" | "fna"
+        | "sam" | "bed" | "gtf" | "gff" | "gff3" | "vcf" => "text/plain; charset=utf-8",
+        "md" => "text/markdown; charset=utf-8",
+        "csv" => "text/csv; charset=utf-8",
+        "tsv" => "text/tab-separated-values; charset=utf-8",
+        "html" | "htm" => "text/html; charset=utf-8",
+        "json" => "application/json",
+        "xml" => "application/xml",
+        "pdf" => "application/pdf",
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "svg" => "image/svg+xml",
+        "gz" | "tgz" | "bgz" => "application/gzip",
+        "bz2" => "application/x-bzip2",
+        "xz" => "application/x-xz",
+        "zst" => "application/zstd",
+        "zip" => "application/zip",
+        "tar" => "application/x-tar",
+        "xlsx" => "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+        // bam, bai, cram, crai and the rest: binary without a registered type.
+        _ => "application/octet-stream",
+    }
+}
+
 /// Options of one put. `None` fields fall back to the storage's configuration.
 #[derive(Debug, Clone)]
 pub struct PutOptions {
@@ -432,6 +469,11 @@ pub struct PutOptions {
     /// mismatch fails the put. Turn off only for servers whose ETags are not MD5s
     /// (SSE-KMS encryption).
     pub verify_etag: bool,
+    /// S3: the whole content's MD5 (raw bytes), when the caller knows it before the
+    /// upload. A multipart upload then carries it as `X-Amz-Meta-Md5chksum` (a single
+    /// PUT always does, from the MD5 computed while streaming); a put whose data has
+    /// another MD5 fails and leaves no object. Other backends ignore it.
+    pub md5: Option<[u8; 16]>,
 }
 
 impl Default for PutOptions {
@@ -440,6 +482,7 @@ impl Default for PutOptions {
             part_size: None,
             part_concurrency: None,
             verify_etag: true,
+            md5: None,
         }
     }
 }
@@ -978,6 +1021,26 @@ mod tests {
         assert!(sweep.removes(&staging_name("a/c.txt"), Some(now - 8 * day)));
         assert!(sweep.removes("junk", Some(now - 8 * day)));
         assert!(!sweep.removes("junk", None));
+    }
+
+    #[test]
+    fn content_types_follow_the_file_name() {
+        assert_eq!(
+            content_type_for("a/md5sum.txt"),
+            "text/plain; charset=utf-8"
+        );
+        assert_eq!(content_type_for("a/files.MD5"), "text/plain; charset=utf-8");
+        assert_eq!(content_type_for("s/x.fastq.gz"), "application/gzip");
+        assert_eq!(content_type_for("s/x.fq"), "text/plain; charset=utf-8");
+        assert_eq!(content_type_for("report.PDF"), "application/pdf");
+        assert_eq!(
+            content_type_for("t.tsv"),
+            "text/tab-separated-values; charset=utf-8"
+        );
+        assert_eq!(content_type_for("x.bam"), "application/octet-stream");
+        assert_eq!(content_type_for("x.vcf"), "text/plain; charset=utf-8");
+        assert_eq!(content_type_for("README"), "application/octet-stream");
+        assert_eq!(content_type_for("dir.d/README"), "application/octet-stream");
     }
 
     #[test]

@@ -883,6 +883,110 @@ async fn s3_signed_payload_uploads() {
     }
 }
 
+/// The object's headers as a plain GET (through a presigned URL) returns them.
+async fn s3_object_headers(s: &AnyStorage, key: &str) -> reqwest::header::HeaderMap {
+    let url = s
+        .presign_get(key, Duration::from_mins(5))
+        .await
+        .unwrap()
+        .unwrap();
+    let resp = reqwest::get(url).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.headers().clone()
+}
+
+fn header<'a>(h: &'a reqwest::header::HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Objects carry rclone's `X-Amz-Meta-Md5chksum` (base64 of the raw MD5) and a
+/// Content-Type from the file name: single PUTs always, multipart uploads when the
+/// caller knows the whole file's MD5.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_objects_carry_md5_metadata_and_content_type() {
+    use base64::Engine as _;
+    let Some(fx) = Fixture::new(Kind::S3).await else {
+        return;
+    };
+    let s = &fx.storage;
+    let b64 = |data: &[u8]| base64::engine::general_purpose::STANDARD.encode(md5_raw(data));
+
+    let pdf = Bytes::from(pattern(1000, 1));
+    s.put_bytes("meta/report.pdf", pdf.clone()).await.unwrap();
+    let hd = s3_object_headers(s, "meta/report.pdf").await;
+    assert_eq!(
+        header(&hd, "x-amz-meta-md5chksum"),
+        Some(b64(&pdf).as_str())
+    );
+    assert_eq!(header(&hd, "content-type"), Some("application/pdf"));
+
+    // Multipart with the whole file's MD5 known (and checked).
+    let dir = test_support::tempdir();
+    let f = dir.path().join("reads.fastq.gz");
+    let data = pattern(17 * MIB as usize, 2);
+    std::fs::write(&f, &data).unwrap();
+    let opts = PutOptions {
+        part_size: Some(8 * MIB),
+        md5: Some(md5_raw(&data)),
+        ..PutOptions::default()
+    };
+    let out = s.put_file(&f, "meta/reads.fastq.gz", &opts).await.unwrap();
+    assert_eq!(out.parts, 3);
+    let hd = s3_object_headers(s, "meta/reads.fastq.gz").await;
+    assert_eq!(
+        header(&hd, "x-amz-meta-md5chksum"),
+        Some(b64(&data).as_str())
+    );
+    assert_eq!(header(&hd, "content-type"), Some("application/gzip"));
+
+    // A wrong MD5 from the caller fails the put and leaves no object claiming it.
+    let wrong = PutOptions {
+        md5: Some(md5_raw(b"something else")),
+        ..opts.clone()
+    };
+    let err = s
+        .put_file(&f, "meta/wrong.fastq.gz", &wrong)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StorageError::Integrity { .. }), "{err:?}");
+    assert_eq!(s.head("meta/wrong.fastq.gz").await.unwrap(), None);
+
+    // Multipart without it: the type still, no MD5 metadata.
+    let opts = PutOptions {
+        part_size: Some(8 * MIB),
+        ..PutOptions::default()
+    };
+    s.put_file(&f, "meta/unknown.bam", &opts).await.unwrap();
+    let hd = s3_object_headers(s, "meta/unknown.bam").await;
+    assert_eq!(header(&hd, "x-amz-meta-md5chksum"), None);
+    assert_eq!(
+        header(&hd, "content-type"),
+        Some("application/octet-stream")
+    );
+
+    // The low-level API the delivery tool resumes with.
+    let AnyStorage::S3(s3) = s else {
+        panic!("not S3")
+    };
+    let part = Bytes::from(pattern(1000, 3));
+    let upload = s3
+        .create_multipart_with_md5("meta/api.csv", Some(md5_raw(&part)))
+        .await
+        .unwrap();
+    let done = s3
+        .put_part(&upload, 0, part.clone(), md5_raw(&part), true)
+        .await
+        .unwrap();
+    s3.complete_multipart(&upload, vec![done]).await.unwrap();
+    let hd = s3_object_headers(s, "meta/api.csv").await;
+    assert_eq!(
+        header(&hd, "x-amz-meta-md5chksum"),
+        Some(b64(&part).as_str())
+    );
+    assert_eq!(header(&hd, "content-type"), Some("text/csv; charset=utf-8"));
+    fx.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_wrong_secret_is_a_config_error_without_the_secret() {
     let Some(toml) = s3_toml(&test_support::unique("storage")) else {
