@@ -167,6 +167,8 @@ pub enum HostKeyPolicy {
 }
 
 /// `[storage.NAME]`: a delivery target.
+// The bools are independent TOML switches (`path_style = true`), not states.
+#[allow(clippy::struct_excessive_bools)]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
@@ -209,6 +211,15 @@ pub struct StorageConfig {
     pub host_key_policy: HostKeyPolicy,
     /// Seconds before a network operation is abandoned.
     pub timeout_secs: Option<u64>,
+    /// Local and SFTP: create the base folder when it does not exist, instead of
+    /// refusing to start. Off by default: a missing folder usually means a missing
+    /// mount or a typo, which a new empty folder would hide. No effect on S3.
+    #[serde(default)]
+    pub create_root: bool,
+    /// The section's name (`NAME` of `[storage.NAME]`), filled in when the
+    /// configuration is parsed, for messages; empty for a section built otherwise.
+    #[serde(skip)]
+    pub name: String,
 }
 
 /// `[ssh.NAME]`: a host for remote commands.
@@ -454,7 +465,7 @@ impl Config {
             }
         }
         apply_env(&mut merged);
-        let config =
+        let mut config =
             Config::deserialize(toml::Value::Table(merged)).map_err(|e| ConfigError::Parse {
                 path: files
                     .last()
@@ -462,6 +473,7 @@ impl Config {
                     .unwrap_or_else(|| PathBuf::from("environment")),
                 message: e.message().trim().to_owned(),
             })?;
+        config.name_sections();
         config.validate()?;
         Ok(Loaded {
             config,
@@ -474,13 +486,21 @@ impl Config {
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         let path = PathBuf::from("<string>");
         let table = parse_file(&path, text)?;
-        let config =
+        let mut config =
             Config::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Parse {
                 path,
                 message: e.message().trim().to_owned(),
             })?;
+        config.name_sections();
         config.validate()?;
         Ok(config)
+    }
+
+    /// Tell each `[storage.NAME]` section its name, for messages.
+    fn name_sections(&mut self) {
+        for (name, s) in &mut self.storage {
+            s.name.clone_from(name);
+        }
     }
 
     fn validate(&self) -> Result<(), ConfigError> {

@@ -7,7 +7,8 @@
 //! staging folder is on the root's filesystem, so the rename is atomic — unless a folder
 //! below the root is a symlink to another filesystem, where the rename fails (`EXDEV`)
 //! rather than copy. The root must exist (a missing mount point must not silently fill
-//! the local disk); the directories inside it are created as needed. Empty directories left by `delete` are
+//! the local disk) unless `create_root = true`; the directories inside it are created as
+//! needed. Empty directories left by `delete` are
 //! kept: removing them would race with a concurrent put into the same directory.
 
 use std::io::{ErrorKind, Read, Write};
@@ -21,31 +22,70 @@ use chrono::{DateTime, Utc};
 
 use super::{
     CancelOnDrop, CopyError, GetOutcome, ObjectInfo, ObjectStorage, PutOptions, PutOutcome,
-    STAGING_DIR, StagingSweep, StorageError, TempPath, copy_hashing, local_io, staging_name,
-    validate_key, validate_prefix,
+    STAGING_DIR, StagingSweep, StorageError, TempPath, copy_hashing, local_io, missing_root,
+    section_label, staging_name, validate_key, validate_prefix,
 };
+use crate::config::StorageConfig;
 
 /// A directory on a local (or mounted) filesystem.
 #[derive(Debug, Clone)]
 pub struct LocalStorage {
     root: Arc<PathBuf>,
+    /// The `[storage.NAME]` section, for messages (may be empty).
+    section: Arc<str>,
+    create_root: bool,
 }
 
 impl LocalStorage {
     /// Use `root`, which must be an existing directory.
     pub fn open(root: &Path) -> Result<LocalStorage, StorageError> {
+        let storage = LocalStorage {
+            root: Arc::new(root.to_owned()),
+            section: Arc::from(""),
+            create_root: false,
+        };
+        storage.check_root_blocking()?;
+        Ok(storage)
+    }
+
+    /// Use `root` for the section `config`: it must be an existing directory, unless
+    /// `create_root = true`, which creates it (with its parents).
+    pub fn open_config(root: &Path, config: &StorageConfig) -> Result<LocalStorage, StorageError> {
+        let storage = LocalStorage {
+            root: Arc::new(root.to_owned()),
+            section: Arc::from(config.name.as_str()),
+            create_root: config.create_root,
+        };
+        storage.check_root_blocking()?;
+        Ok(storage)
+    }
+
+    /// Check (or create) the root directory again: a mount can go away.
+    pub async fn check_root(&self) -> Result<(), StorageError> {
+        let this = self.clone();
+        blocking(move || this.check_root_blocking()).await
+    }
+
+    fn check_root_blocking(&self) -> Result<(), StorageError> {
+        let root = self.root.as_path();
+        let target = root.display().to_string();
         match std::fs::metadata(root) {
-            Ok(m) if m.is_dir() => Ok(LocalStorage {
-                root: Arc::new(root.to_owned()),
-            }),
+            Ok(m) if m.is_dir() => Ok(()),
             Ok(_) => Err(StorageError::Config {
-                target: root.display().to_string(),
-                message: "not a directory".into(),
+                message: format!(
+                    "{}: the base folder {target} is not a directory",
+                    section_label(&self.section)
+                ),
+                target,
             }),
-            Err(e) if e.kind() == ErrorKind::NotFound => Err(StorageError::Config {
-                target: root.display().to_string(),
-                message: "the directory does not exist; create it (or mount it) first".into(),
-            }),
+            Err(e) if e.kind() == ErrorKind::NotFound && self.create_root => {
+                fs_err::create_dir_all(root).map_err(StorageError::Local)?;
+                tracing::info!(root = %target, "created the storage root (create_root = true)");
+                Ok(())
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                Err(missing_root(&self.section, target.clone(), &target))
+            }
             Err(e) => Err(local_io("cannot open storage directory", root, &e)),
         }
     }

@@ -20,6 +20,11 @@
 //! - `head`/`list` report objects only, never in-progress uploads;
 //! - errors know their exit class ([`StorageError::exit`]) and never contain a secret.
 //!
+//! - the base folder (local, SFTP) or bucket (S3) must exist: [`AnyStorage::check_root`]
+//!   finds a missing one at start, as a configuration error (exit 78) naming the
+//!   `[storage.NAME]` section and the folder; `create_root = true` creates the folder
+//!   instead.
+//!
 //! This module does not decide *what* to deliver or retry; the delivery tool does.
 
 use std::future::Future;
@@ -651,6 +656,16 @@ pub trait ObjectStorage: Send + Sync {
     ) -> impl Future<Output = Result<Option<url::Url>, StorageError>> + Send;
 }
 
+macro_rules! dispatch {
+    ($self:expr, $s:ident => $body:expr) => {
+        match $self {
+            AnyStorage::Local($s) => $body,
+            AnyStorage::S3($s) => $body,
+            AnyStorage::Sftp($s) => $body,
+        }
+    };
+}
+
 /// Any of the backends, chosen by the target URL.
 #[derive(Debug, Clone)]
 pub enum AnyStorage {
@@ -663,15 +678,40 @@ pub enum AnyStorage {
 }
 
 impl AnyStorage {
+    /// [`open`](Self::open) and [`check_root`](Self::check_root): what a tool should call
+    /// at start, so a missing folder or bucket stops it before any work.
+    pub async fn open_checked(config: &StorageConfig) -> Result<AnyStorage, StorageError> {
+        let storage = AnyStorage::open(config)?;
+        storage.check_root().await?;
+        Ok(storage)
+    }
+
+    /// Check that the target's base exists, creating it when the section says
+    /// `create_root = true`:
+    /// - local: the root directory (also checked by [`open`](Self::open); checked again
+    ///   here because a mount can go away);
+    /// - SFTP: the base folder (one connection and a `stat`; `mkdir` of each missing
+    ///   level with `create_root`);
+    /// - S3: the bucket, with one HeadBucket request (cheap, and it also proves the
+    ///   credentials); `create_root` does not create buckets, and a key prefix needs no
+    ///   folder.
+    ///
+    /// A missing base is [`StorageError::Config`] (exit 78) naming the section and the
+    /// folder; an unreachable server is a temporary failure (75) as usual.
+    pub async fn check_root(&self) -> Result<(), StorageError> {
+        dispatch!(self, s => s.check_root().await)
+    }
+
     /// Open the target a `[storage.NAME]` section describes. No network traffic
-    /// happens here; credentials are resolved now, so a missing one fails early.
+    /// happens here; credentials are resolved now, so a missing one fails early. A
+    /// local root is checked (and created with `create_root`) here already.
     pub fn open(config: &StorageConfig) -> Result<AnyStorage, StorageError> {
         let target = Target::parse(&config.url).map_err(|message| StorageError::Config {
             target: crate::secret::redact_unparsed(&config.url),
             message,
         })?;
         let storage = match target {
-            Target::Local(dir) => AnyStorage::Local(LocalStorage::open(&dir)?),
+            Target::Local(dir) => AnyStorage::Local(LocalStorage::open_config(&dir, config)?),
             Target::S3 { bucket, prefix } => {
                 AnyStorage::S3(S3Storage::open(&bucket, &prefix, config)?)
             }
@@ -685,16 +725,6 @@ impl AnyStorage {
         tracing::debug!(target_ = %storage.describe(), "storage opened");
         Ok(storage)
     }
-}
-
-macro_rules! dispatch {
-    ($self:expr, $s:ident => $body:expr) => {
-        match $self {
-            AnyStorage::Local($s) => $body,
-            AnyStorage::S3($s) => $body,
-            AnyStorage::Sftp($s) => $body,
-        }
-    };
 }
 
 impl ObjectStorage for AnyStorage {
@@ -776,6 +806,28 @@ impl ObjectStorage for AnyStorage {
 
 // ---------------------------------------------------------------------------------
 // Helpers shared by the backends.
+
+/// How a message names a storage section: `[storage.NAME]`, or `storage` when the
+/// section's name is unknown.
+pub(crate) fn section_label(name: &str) -> String {
+    if name.is_empty() {
+        "storage".to_owned()
+    } else {
+        format!("[storage.{name}]")
+    }
+}
+
+/// The configuration error for a base folder that is not there.
+pub(crate) fn missing_root(section: &str, target: String, folder: &str) -> StorageError {
+    let section = section_label(section);
+    StorageError::Config {
+        target,
+        message: format!(
+            "{section}: the base folder {folder} does not exist; create it (or mount it), \
+             or set create_root = true in {section}"
+        ),
+    }
+}
 
 /// Buffer size for streaming copies: large enough for SFTP pipelining and few syscalls.
 pub(crate) const COPY_BUF: usize = 1024 * 1024;

@@ -67,6 +67,8 @@ struct Inner {
     target: String,
     part_size: Option<u64>,
     part_concurrency: Option<usize>,
+    /// The `[storage.NAME]` section, for messages (may be empty).
+    section: String,
 }
 
 impl std::fmt::Debug for S3Storage {
@@ -206,6 +208,7 @@ impl S3Storage {
                 target,
                 part_size,
                 part_concurrency: config.part_concurrency,
+                section: config.name.clone(),
             }),
         })
     }
@@ -360,6 +363,13 @@ impl S3Storage {
             });
         }
         Ok(size)
+    }
+
+    /// Check that the bucket exists and the credentials may use it: one HeadBucket
+    /// request. A missing bucket is a configuration error naming the section;
+    /// `create_root` does not create buckets (that is the storage admin's job).
+    pub async fn check_root(&self) -> Result<(), StorageError> {
+        self.inner.uploader.head_bucket(&self.inner.section).await
     }
 
     /// Start a multipart upload of `key`. The object gets a `Content-Type` from its

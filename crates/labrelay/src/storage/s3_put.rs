@@ -264,6 +264,57 @@ impl Uploader {
             })
     }
 
+    /// HeadBucket: `Ok` when the bucket exists and the credentials may use it; a
+    /// missing bucket is a configuration error naming `section`.
+    pub(super) async fn head_bucket(&self, section: &str) -> Result<(), StorageError> {
+        let url = self.base.clone();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.head_bucket_once(&url, section).await {
+                Err(e) if e.is_temporary() && attempt < ATTEMPTS => {
+                    tracing::debug!(attempt, "retrying HeadBucket: {e}");
+                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn head_bucket_once(&self, url: &str, section: &str) -> Result<(), StorageError> {
+        let mut signed: HttpRequest = http::Request::builder()
+            .method(http::Method::HEAD)
+            .uri(url)
+            .body(Bytes::new().into())
+            .map_err(|e| self.backend("", format!("bad request: {e}"), false))?;
+        let digest: Option<[u8; 32]> = self.sign_payload.then(|| Sha256::digest(b"").into());
+        AwsAuthorizer::new(&self.credential, "s3", &self.region)
+            .with_sign_payload(self.sign_payload)
+            .authorize(&mut signed, digest.as_ref().map(<[u8; 32]>::as_slice));
+        let response = self
+            .client
+            .head(url)
+            .headers(signed.headers().clone())
+            .send()
+            .await
+            .map_err(|e| self.transport("", &e))?;
+        let status = response.status();
+        match status.as_u16() {
+            s if (200..300).contains(&s) => Ok(()),
+            404 => {
+                let section = super::section_label(section);
+                Err(StorageError::Config {
+                    target: self.target.clone(),
+                    message: format!(
+                        "{section}: the bucket does not exist (or is not visible to this key)"
+                    ),
+                })
+            }
+            // HEAD answers have no body, so no S3 error code to refine this.
+            _ => Err(self.status_error("", status, "")),
+        }
+    }
+
     fn backend(&self, key: &str, message: String, temporary: bool) -> StorageError {
         StorageError::Backend {
             target: self.target.clone(),

@@ -13,9 +13,11 @@
 //! The MD5 is computed locally while streaming; [`SftpStorage::remote_md5`] recomputes
 //! it on the server with `md5sum` for verification.
 //!
-//! URL paths follow curl: `sftp://u@h/data` is `/data`, `sftp://u@h/~/data` is `data`
-//! below the login directory, `sftp://u@h` is the login directory. The base directory
-//! must exist; directories below it are created as needed.
+//! URL paths follow curl: `sftp://u@h/data` is the absolute path `/data` on the server
+//! (as the server sees it: below its chroot, if it has one), `sftp://u@h/~/data` is
+//! `data` below the login directory, `sftp://u@h` is the login directory. The base
+//! directory must exist ([`SftpStorage::check_root`]; `create_root = true` creates it);
+//! directories below it are created as needed.
 //!
 //! ssh2 is blocking, so every operation runs on a blocking thread with a connection
 //! taken from a small pool (one SSH connection per concurrent operation).
@@ -63,6 +65,9 @@ struct Inner {
     /// trailing `/` (`/` itself stays `/`).
     base: String,
     target: String,
+    /// The `[storage.NAME]` section, for messages (may be empty).
+    section: String,
+    create_root: bool,
     pool: Mutex<Vec<Conn>>,
 }
 
@@ -123,9 +128,19 @@ impl SftpStorage {
                 params,
                 base: base_dir(&path),
                 target,
+                section: config.name.clone(),
+                create_root: config.create_root,
                 pool: Mutex::new(Vec::new()),
             }),
         })
+    }
+
+    /// Check that the base folder exists on the server (one `stat`), creating it level
+    /// by level with `create_root = true`. A missing folder is a configuration error
+    /// naming the section and the folder.
+    pub async fn check_root(&self) -> Result<(), StorageError> {
+        self.with_conn(|inner, conn| inner.check_root(&conn.sftp))
+            .await
     }
 
     /// The remote path of `key`.
@@ -339,11 +354,59 @@ impl Inner {
         }
     }
 
-    fn base_missing(&self) -> StorageError {
-        StorageError::Config {
-            target: self.target.clone(),
-            message: "the base directory does not exist on the server".into(),
+    /// The base folder as a message shows it.
+    fn base_shown(&self) -> &str {
+        if self.base.is_empty() {
+            "(the login folder)"
+        } else {
+            &self.base
         }
+    }
+
+    fn base_missing(&self) -> StorageError {
+        super::missing_root(&self.section, self.target.clone(), self.base_shown())
+    }
+
+    fn check_root(&self, sftp: &Sftp) -> Result<(), StorageError> {
+        let base = if self.base.is_empty() {
+            "."
+        } else {
+            &self.base
+        };
+        match sftp.stat(Path::new(base)) {
+            Ok(st) if st.is_dir() => Ok(()),
+            Ok(_) => Err(StorageError::Config {
+                target: self.target.clone(),
+                message: format!(
+                    "{}: the base folder {base} is not a directory",
+                    super::section_label(&self.section)
+                ),
+            }),
+            Err(e) if is_not_found(&e) && self.create_root => self.create_base(sftp),
+            Err(e) if is_not_found(&e) => Err(self.base_missing()),
+            Err(e) => Err(self.sftp_error("check", base, &e)),
+        }
+    }
+
+    /// `mkdir -p` of the base folder (`create_root = true`).
+    fn create_base(&self, sftp: &Sftp) -> Result<(), StorageError> {
+        let mut current = if self.base.starts_with('/') {
+            "/".to_owned()
+        } else {
+            String::new()
+        };
+        for segment in self.base.split('/').filter(|s| !s.is_empty()) {
+            current = join(&current, segment);
+            let p = Path::new(&current);
+            if let Err(e) = sftp.mkdir(p, 0o755) {
+                match sftp.stat(p) {
+                    Ok(st) if st.is_dir() => {}
+                    _ => return Err(self.sftp_error("mkdir", &current, &e)),
+                }
+            }
+        }
+        tracing::info!(target_ = %self.target, "created the base folder (create_root = true)");
+        Ok(())
     }
 
     /// The staging folder, where puts write before the final rename.

@@ -1139,18 +1139,153 @@ async fn sftp_password_login_and_missing_base_directory() {
     assert!(matches!(err, StorageError::Config { .. }), "{err:?}");
     let err = s.put_bytes("a/x", Bytes::from("x")).await.unwrap_err();
     assert!(matches!(err, StorageError::Config { .. }), "{err:?}");
-    assert!(err.to_string().contains("base directory"), "{err}");
+    assert!(err.to_string().contains("base folder"), "{err}");
 }
 
 #[tokio::test]
 async fn local_root_must_exist() {
     let dir = test_support::tempdir();
-    let config = Config::from_toml(&format!(
-        "[storage.t]\nurl = \"{}/nope\"\n",
-        dir.path().display()
-    ))
-    .unwrap();
-    let err = AnyStorage::open(&config.storage["t"]).unwrap_err();
+    let root = dir.path().join("nope");
+    let config =
+        Config::from_toml(&format!("[storage.nas]\nurl = \"{}\"\n", root.display())).unwrap();
+    let err = AnyStorage::open(&config.storage["nas"]).unwrap_err();
     assert!(matches!(err, StorageError::Config { .. }), "{err:?}");
     assert_eq!(err.exit(), Exit::Config);
+    let msg = err.to_string();
+    assert!(msg.contains("[storage.nas]"), "{msg}");
+    assert!(msg.contains(&root.display().to_string()), "{msg}");
+    assert!(msg.contains("create_root"), "{msg}");
+    assert!(!root.exists());
+}
+
+/// `create_root = true` creates a missing local root (with its parents) at start, and
+/// `check_root` notices when it goes away later (an unmounted share).
+#[tokio::test]
+async fn local_create_root_creates_the_folder() {
+    let dir = test_support::tempdir();
+    let root = dir.path().join("new/deliveries");
+    let config = Config::from_toml(&format!(
+        "[storage.nas]\nurl = \"{}\"\ncreate_root = true\n",
+        root.display()
+    ))
+    .unwrap();
+    let s = AnyStorage::open_checked(&config.storage["nas"])
+        .await
+        .unwrap();
+    assert!(root.is_dir());
+    s.put_bytes("a/b.txt", Bytes::from("b")).await.unwrap();
+    s.check_root().await.unwrap();
+    // Without create_root, a root that disappears after the start is an error again.
+    let plain =
+        Config::from_toml(&format!("[storage.nas]\nurl = \"{}\"\n", root.display())).unwrap();
+    let s = AnyStorage::open(&plain.storage["nas"]).unwrap();
+    std::fs::remove_dir_all(&root).unwrap();
+    let err = s.check_root().await.unwrap_err();
+    assert_eq!(err.exit(), Exit::Config);
+    assert!(err.to_string().contains("[storage.nas]"), "{err}");
+}
+
+fn sftp_toml(params: &SshParams, path: &str, extra: &str) -> String {
+    format!(
+        r#"
+        [storage.customer]
+        url = "sftp://{user}@{host}:{port}{path}"
+        key_file = "{key}"
+        known_hosts = "{known_hosts}"
+        timeout_secs = 20
+        {extra}
+        "#,
+        user = params.user,
+        host = params.host,
+        port = params.port,
+        key = params.key_file.as_ref().unwrap().display(),
+        known_hosts = params.known_hosts.display(),
+    )
+}
+
+/// A missing SFTP base folder is found at start (not at the first put), as a
+/// configuration error naming the section and the folder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sftp_missing_base_folder_is_a_config_error_at_start() {
+    let Some(params) = sftp_params() else { return };
+    let Some(root) = test_support::require("SFTP_ROOT") else {
+        return;
+    };
+    let missing = format!("{root}/{}/deeper", test_support::unique("missing"));
+    let config = Config::from_toml(&sftp_toml(&params, &missing, "")).unwrap();
+    // Opening makes no connection; the check does.
+    let s = AnyStorage::open(&config.storage["customer"]).unwrap();
+    let err = s.check_root().await.unwrap_err();
+    assert!(matches!(err, StorageError::Config { .. }), "{err:?}");
+    assert_eq!(err.exit(), Exit::Config);
+    let msg = err.to_string();
+    assert!(msg.contains("[storage.customer]"), "{msg}");
+    assert!(msg.contains(&missing), "{msg}");
+    let err = AnyStorage::open_checked(&config.storage["customer"])
+        .await
+        .unwrap_err();
+    assert_eq!(err.exit(), Exit::Config);
+    // A put into the missing base says the same.
+    let err = s.put_bytes("x", Bytes::from("x")).await.unwrap_err();
+    assert!(err.to_string().contains("[storage.customer]"), "{err}");
+}
+
+/// `create_root = true` creates the base folder, every missing level of it; a path
+/// after `/~/` is relative to the login folder, any other path is absolute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sftp_create_root_creates_the_base_folder() {
+    let Some(params) = sftp_params() else { return };
+    let Some(root) = test_support::require("SFTP_ROOT") else {
+        return;
+    };
+    let top = test_support::unique("created");
+    let absolute = format!("{root}/{top}/a/b");
+    let config = Config::from_toml(&sftp_toml(&params, &absolute, "create_root = true")).unwrap();
+    let s = AnyStorage::open_checked(&config.storage["customer"])
+        .await
+        .unwrap();
+    s.put_bytes("x.txt", Bytes::from("x")).await.unwrap();
+    run_remote(
+        &params,
+        &format!("test -f {}/x.txt", shell_quote(&absolute)),
+    )
+    .await;
+    run_remote(
+        &params,
+        &format!("rm -rf {}", shell_quote(&format!("{root}/{top}"))),
+    )
+    .await;
+
+    let rel = test_support::unique("home-relative");
+    let config = Config::from_toml(&sftp_toml(
+        &params,
+        &format!("/~/{rel}/out"),
+        "create_root = true",
+    ))
+    .unwrap();
+    let s = AnyStorage::open_checked(&config.storage["customer"])
+        .await
+        .unwrap();
+    s.put_bytes("y.txt", Bytes::from("y")).await.unwrap();
+    // Relative to the login folder ($HOME of the SFTP user), wherever that is.
+    run_remote(
+        &params,
+        &format!("cd && test -f {}/out/y.txt", shell_quote(&rel)),
+    )
+    .await;
+    run_remote(&params, &format!("cd && rm -rf {}", shell_quote(&rel))).await;
+}
+
+/// S3: the check is one HeadBucket; a missing bucket is a configuration error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_check_root_finds_a_missing_bucket() {
+    let Some(toml) = s3_toml(&test_support::unique("storage")) else {
+        return;
+    };
+    open(&toml).check_root().await.unwrap();
+    let bucket = test_support::require("S3_BUCKET").unwrap_or_default();
+    let s = open(&toml.replace(&format!("s3://{bucket}"), "s3://labrelay-no-such-bucket"));
+    let err = s.check_root().await.unwrap_err();
+    assert!(matches!(err, StorageError::Config { .. }), "{err:?}");
+    assert!(err.to_string().contains("[storage.t]"), "{err}");
 }
