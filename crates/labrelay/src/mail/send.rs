@@ -25,7 +25,9 @@ pub enum Mailer {
     /// Write `.eml` files into this directory: each is the message as SMTP would have
     /// carried it, preceded by [`ENVELOPE_FROM_HEADER`](super::ENVELOPE_FROM_HEADER) and
     /// [`ENVELOPE_TO_HEADER`](super::ENVELOPE_TO_HEADER) (Bcc recipients appear only
-    /// there), named `<UTC timestamp>-<Message-ID>.eml` and created atomically.
+    /// there), named `<UTC timestamp>-<Message-ID>.eml` and created atomically. A
+    /// message whose Message-ID already has a file is not written again: the send
+    /// returns that file (a re-run after a crash must not queue a second mail).
     Outbox(PathBuf),
 }
 
@@ -169,7 +171,7 @@ impl Mailer {
                 let id = message_id.to_owned();
                 let from = envelope.from().map(ToString::to_string);
                 let to = recipients.clone();
-                let path = tokio::task::spawn_blocking(move || {
+                let written = tokio::task::spawn_blocking(move || {
                     outbox::write(&dir, &id, from.as_deref(), &to, &bytes)
                 })
                 .await
@@ -177,12 +179,21 @@ impl Mailer {
                     path: PathBuf::new(),
                     source: std::io::Error::other(e.to_string()),
                 })??;
-                tracing::info!(
-                    message_id,
-                    recipients = recipients.len(),
-                    path = %path.display(),
-                    "mail written to the outbox (no [smtp] configured)"
-                );
+                let path = written.path;
+                if written.existed {
+                    tracing::info!(
+                        message_id,
+                        path = %path.display(),
+                        "mail already in the outbox; not written again"
+                    );
+                } else {
+                    tracing::info!(
+                        message_id,
+                        recipients = recipients.len(),
+                        path = %path.display(),
+                        "mail written to the outbox (no [smtp] configured)"
+                    );
+                }
                 Ok(SentMail {
                     message_id: message_id.to_owned(),
                     recipients,
@@ -344,5 +355,19 @@ mod tests {
             parsed.header(super::super::ENVELOPE_TO_HEADER).as_deref(),
             Some("<cust@example.com>, <audit@seq.example.org>")
         );
+        // Sending the same message again (a re-run) returns the same file.
+        let again = mailer.send(&mail).await.unwrap();
+        assert_eq!(again.outbox_path.as_deref(), Some(path.as_path()));
+        let emls = fs_err::read_dir(dir.path().join("outbox"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".eml")
+            })
+            .count();
+        assert_eq!(emls, 1);
     }
 }
