@@ -136,7 +136,8 @@ pub(crate) fn write(
     let tmp = dir.join(format!(".{base}.{}.tmp", uuid::Uuid::new_v4().simple()));
 
     let mut content = Vec::with_capacity(message.len() + 256);
-    // Addresses are ASCII (lettre refuses others without SMTPUTF8) and header-safe.
+    // Addresses are header-safe; their domains are ASCII (punycode), a name before the
+    // `@` may be UTF-8 (RFC 6532), as an SMTPUTF8 server would have received it.
     content.extend_from_slice(
         format!(
             "{ENVELOPE_FROM_HEADER}: <{}>\r\n{ENVELOPE_TO_HEADER}: {}\r\n",

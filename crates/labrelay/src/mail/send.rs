@@ -1,4 +1,11 @@
 //! Delivering messages: SMTP with lettre, or the outbox directory.
+//!
+//! Internationalised addresses: a Unicode domain is sent as punycode (see
+//! [`ascii_domain`](super::message::ascii_domain)), so it works with any server. A
+//! Unicode name before the `@` (`用户@example.org`) needs SMTPUTF8 (RFC 6531): lettre
+//! uses it when the server offers it and otherwise sends nothing; that refusal is
+//! reported as [`MailError::Rejected`] naming the addresses. Raw 8-bit addresses never
+//! go to a server that did not ask for them.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -117,9 +124,11 @@ impl Mailer {
         message: &[u8],
     ) -> Result<SentMail, MailError> {
         let parse = |a: &str| -> Result<Address, MailError> {
-            a.trim()
+            let address = a
+                .trim()
                 .parse()
-                .map_err(|e| MailError::InvalidMessage(format!("address {a:?}: {e}")))
+                .map_err(|e| MailError::InvalidMessage(format!("address {a:?}: {e}")))?;
+            super::message::ascii_domain(address)
         };
         let from = from.filter(|f| !f.is_empty()).map(parse).transpose()?;
         let to = recipients
@@ -146,7 +155,7 @@ impl Mailer {
                     .transport
                     .send_raw(envelope, &bytes)
                     .await
-                    .map_err(|e| smtp.error(&e))?;
+                    .map_err(|e| smtp.send_error(&e, envelope))?;
                 let reply_text = format!(
                     "{} {}",
                     reply.code(),
@@ -249,6 +258,29 @@ impl SmtpMailer {
             server,
             user: cfg.username.clone(),
         })
+    }
+
+    /// [`error`](Self::error), except that lettre's refusal to send a non-ASCII address
+    /// to a server without SMTPUTF8 (it sends nothing then) names the addresses.
+    fn send_error(&self, e: &lettre::transport::smtp::Error, envelope: &Envelope) -> MailError {
+        let utf8: Vec<String> = envelope
+            .from()
+            .into_iter()
+            .chain(envelope.to())
+            .filter(|a| !a.user().is_ascii())
+            .map(ToString::to_string)
+            .collect();
+        if !utf8.is_empty() && e.is_client() && e.to_string().contains("SMTPUTF8") {
+            return MailError::Rejected {
+                server: self.server.clone(),
+                message: format!(
+                    "{} has a non-ASCII name before the @, which needs SMTPUTF8, and the \
+                     server does not offer it; nothing was sent",
+                    utf8.join(", ")
+                ),
+            };
+        }
+        self.error(e)
     }
 
     /// Map a lettre error onto our classes. lettre's messages contain the server's reply
