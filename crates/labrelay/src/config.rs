@@ -184,6 +184,8 @@ pub enum HostKeyPolicy {
 }
 
 /// `[storage.NAME]`: a delivery target.
+// The bools are independent TOML switches (`path_style = true`), not states.
+#[allow(clippy::struct_excessive_bools)]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
@@ -226,6 +228,15 @@ pub struct StorageConfig {
     pub host_key_policy: HostKeyPolicy,
     /// Seconds before a network operation is abandoned.
     pub timeout_secs: Option<u64>,
+    /// Local and SFTP: create the base folder when it does not exist, instead of
+    /// refusing to start. Off by default: a missing folder usually means a missing
+    /// mount or a typo, which a new empty folder would hide. No effect on S3.
+    #[serde(default)]
+    pub create_root: bool,
+    /// The section's name (`NAME` of `[storage.NAME]`), filled in when the
+    /// configuration is parsed, for messages; empty for a section built otherwise.
+    #[serde(skip)]
+    pub name: String,
 }
 
 /// `[ssh.NAME]`: a host for remote commands.
@@ -460,13 +471,7 @@ impl Config {
                     Err(source) => return Err(ConfigError::Read { path, source }),
                 };
                 let table = parse_file(&path, &text)?;
-                if has_literal_secret(&table) && readable_by_others(&path) {
-                    warnings.push(format!(
-                        "config file {} holds a password but is readable by other users; \
-                         run `chmod 600` on it or use env:NAME / file:PATH secrets",
-                        path.display()
-                    ));
-                }
+                warnings.extend(readable_secret_warning(&path, &table));
                 merge(&mut merged, table);
                 sources.push((path.clone(), text));
                 files.push(path);
@@ -482,6 +487,7 @@ impl Config {
                 message: e.message().trim().to_owned(),
             })?;
         config.sources = Sources(sources);
+        config.name_sections();
         config.validate()?;
         Ok(Loaded {
             config,
@@ -500,8 +506,16 @@ impl Config {
                 message: e.message().trim().to_owned(),
             })?;
         config.sources = Sources(vec![(path, text.to_owned())]);
+        config.name_sections();
         config.validate()?;
         Ok(config)
+    }
+
+    /// Tell each `[storage.NAME]` section its name, for messages.
+    fn name_sections(&mut self) {
+        for (name, s) in &mut self.storage {
+            s.name.clone_from(name);
+        }
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -730,11 +744,28 @@ const SECRET_KEYS: &[&str] = &[
     "key_passphrase",
 ];
 
+/// The warning for a config file that holds a password (a literal secret, or a URL
+/// with one inside) and that other users can read; `None` when there is nothing to say.
+fn readable_secret_warning(path: &Path, table: &toml::Table) -> Option<String> {
+    (has_literal_secret(table) && readable_by_others(path)).then(|| {
+        format!(
+            "config file {} holds a password but is readable by other users; \
+             run `chmod 600` on it or use env:NAME / file:PATH secrets",
+            path.display()
+        )
+    })
+}
+
 fn has_literal_secret(table: &toml::Table) -> bool {
     table.iter().any(|(k, v)| match v {
         toml::Value::Table(t) => has_literal_secret(t),
-        toml::Value::String(s) => {
-            SECRET_KEYS.contains(&k.as_str()) && SecretSpec::parse(s).is_literal()
+        toml::Value::String(s) if SECRET_KEYS.contains(&k.as_str()) => {
+            SecretSpec::parse(s).is_literal()
+        }
+        // `[databases.NAME] url`, `[state] url`, `[queue] url`: a password inside the
+        // URL is as exposed as a `password = "..."` literal.
+        toml::Value::String(s) if k == "url" || k.ends_with("_url") => {
+            RedactedUrl::parse(s).is_ok_and(|u| u.holds_secret())
         }
         _ => false,
     })
@@ -787,6 +818,54 @@ fn apply_env(table: &mut toml::Table) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn file_with_mode(dir: &Path, mode: u32, text: &str) -> (PathBuf, toml::Table) {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join(format!("config-{mode:o}.toml"));
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        let table = parse_file(&path, text).unwrap();
+        (path, table)
+    }
+
+    /// A database URL with the password inside, in a file others can read, gets the
+    /// same warning as `password = "..."` there.
+    #[test]
+    fn password_in_a_url_in_a_readable_file_is_warned_about() {
+        let dir = tempfile::tempdir().unwrap();
+        let literal = "[smtp]\nhost = \"h\"\nusername = \"u\"\npassword = \"pw\"\n";
+        let (path, table) = file_with_mode(dir.path(), 0o644, literal);
+        let want = readable_secret_warning(&path, &table).unwrap();
+        for text in [
+            "[databases.lims]\nurl = \"mysql://u:pw@host/db\"\n",
+            "[state]\nurl = \"postgres://u:pw@db.example.org/state\"\n",
+            "[queue]\nurl = \"amqp://u:pw@mq.example.org:5672/%2f\"\n",
+            "[databases.lims]\nurl = \"postgres://db.example.org/lims?password=pw\"\n",
+        ] {
+            for mode in [0o644, 0o640] {
+                let (path, table) = file_with_mode(dir.path(), mode, text);
+                let got = readable_secret_warning(&path, &table);
+                assert_eq!(
+                    got.as_deref(),
+                    Some(
+                        want.replace("config-644", &format!("config-{mode:o}"))
+                            .as_str()
+                    ),
+                    "{text}"
+                );
+            }
+            let (path, table) = file_with_mode(dir.path(), 0o600, text);
+            assert_eq!(readable_secret_warning(&path, &table), None, "{text}");
+        }
+        for harmless in [
+            "[databases.lims]\nurl = \"mysql://u@host/db\"\npassword = \"env:LIMS_PW\"\n",
+            "[databases.lims]\nurl = \"sqlite:///var/lib/labrelay/lims.db\"\n",
+            "[storage.nas]\nurl = \"/nas/delivery\"\n",
+        ] {
+            let (path, table) = file_with_mode(dir.path(), 0o644, harmless);
+            assert_eq!(readable_secret_warning(&path, &table), None, "{harmless}");
+        }
+    }
 
     #[test]
     fn unknown_key_is_named() {

@@ -248,6 +248,23 @@ impl RedactedUrl {
             .map(|p| Secret::new(percent_decode(p).unwrap_or_else(|| p.to_owned())))
     }
 
+    /// Whether the URL itself holds a secret: a password (`mysql://u:pw@host/db`) or a
+    /// query parameter whose name says it is one (`password`, `secret`, `token`), with
+    /// a value. The config loader warns about such a URL in a file others can read.
+    pub fn holds_secret(&self) -> bool {
+        let named_secret = |k: &str| {
+            let k = k.to_ascii_lowercase();
+            ["password", "secret", "token"]
+                .iter()
+                .any(|s| k.contains(s))
+        };
+        self.0.password().is_some_and(|p| !p.is_empty())
+            || self
+                .0
+                .query_pairs()
+                .any(|(k, v)| named_secret(&k) && !v.is_empty())
+    }
+
     /// The URL as it may be shown.
     pub fn redacted(&self) -> String {
         let mut u = self.0.clone();

@@ -1,9 +1,27 @@
 //! Outgoing messages, built once and sent by any [`Mailer`](super::Mailer).
 
+use lettre::Address;
 use lettre::message::header::{ContentTransferEncoding, ContentType, HeaderName, HeaderValue};
 use lettre::message::{Body, Mailbox, Mailboxes, MultiPart, SinglePart};
 
 use super::MailError;
+
+/// `address` with its domain in ASCII (IDNA/punycode: `user@bücher.example` becomes
+/// `user@xn--bcher-kva.example`), so only a non-ASCII name before the `@` needs the
+/// server's SMTPUTF8. lettre accepts Unicode domains but would send them as UTF-8.
+pub(crate) fn ascii_domain(address: Address) -> Result<Address, MailError> {
+    if address.domain().is_ascii() {
+        return Ok(address);
+    }
+    let invalid = |why: String| MailError::InvalidMessage(format!("address {address}: {why}"));
+    // The URL parser applies the same IDNA processing (UTS 46) browsers use.
+    let ascii = match url::Host::parse(address.domain()) {
+        Ok(url::Host::Domain(d)) => d,
+        Ok(_) => return Err(invalid("not a domain name".into())),
+        Err(e) => return Err(invalid(format!("domain: {e}"))),
+    };
+    Address::new(address.user(), ascii).map_err(|e| invalid(e.to_string()))
+}
 
 /// A file attached to an outgoing message.
 #[derive(Clone, PartialEq, Eq)]
@@ -168,7 +186,10 @@ fn mailboxes(field: &str, value: &str) -> Result<Vec<Mailbox>, MailError> {
     let parsed: Mailboxes = value
         .parse()
         .map_err(|e| MailError::InvalidMessage(format!("{field} address {value:?}: {e}")))?;
-    Ok(parsed.into_iter().collect())
+    parsed
+        .into_iter()
+        .map(|m| Ok(Mailbox::new(m.name, ascii_domain(m.email)?)))
+        .collect()
 }
 
 impl OutgoingMail {
@@ -470,6 +491,32 @@ mod tests {
             parsed.header("X-Labrelay-Job").as_deref(),
             Some("job 42 任务")
         );
+    }
+
+    /// Unicode domains go out as punycode, in the envelope and the headers, so they need
+    /// no SMTPUTF8; a Unicode name before the `@` stays as it is.
+    #[test]
+    fn unicode_domains_become_punycode() {
+        let m = OutgoingMail::new("Lab <lab@seq.example.org>")
+            .to("Kunde <kunde@bücher.example>, 用户@例子.测试")
+            .text("x");
+        let msg = m.build().unwrap();
+        let to: Vec<String> = msg
+            .envelope()
+            .to()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            to,
+            [
+                "kunde@xn--bcher-kva.example",
+                "用户@xn--fsqu00a.xn--0zwm56d"
+            ]
+        );
+        let raw = String::from_utf8(msg.formatted()).unwrap();
+        assert!(raw.contains("kunde@xn--bcher-kva.example"), "{raw}");
+        assert!(!raw.contains("bücher"), "{raw}");
     }
 
     #[test]

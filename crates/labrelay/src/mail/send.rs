@@ -1,4 +1,11 @@
 //! Delivering messages: SMTP with lettre, or the outbox directory.
+//!
+//! Internationalised addresses: a Unicode domain is sent as punycode (see
+//! [`ascii_domain`](super::message::ascii_domain)), so it works with any server. A
+//! Unicode name before the `@` (`用户@example.org`) needs SMTPUTF8 (RFC 6531): lettre
+//! uses it when the server offers it and otherwise sends nothing; that refusal is
+//! reported as [`MailError::Rejected`] naming the addresses. Raw 8-bit addresses never
+//! go to a server that did not ask for them.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -25,7 +32,9 @@ pub enum Mailer {
     /// Write `.eml` files into this directory: each is the message as SMTP would have
     /// carried it, preceded by [`ENVELOPE_FROM_HEADER`](super::ENVELOPE_FROM_HEADER) and
     /// [`ENVELOPE_TO_HEADER`](super::ENVELOPE_TO_HEADER) (Bcc recipients appear only
-    /// there), named `<UTC timestamp>-<Message-ID>.eml` and created atomically.
+    /// there), named `<UTC timestamp>-<Message-ID>.eml` and created atomically. A
+    /// message whose Message-ID already has a file is not written again: the send
+    /// returns that file (a re-run after a crash must not queue a second mail).
     Outbox(PathBuf),
 }
 
@@ -115,9 +124,11 @@ impl Mailer {
         message: &[u8],
     ) -> Result<SentMail, MailError> {
         let parse = |a: &str| -> Result<Address, MailError> {
-            a.trim()
+            let address = a
+                .trim()
                 .parse()
-                .map_err(|e| MailError::InvalidMessage(format!("address {a:?}: {e}")))
+                .map_err(|e| MailError::InvalidMessage(format!("address {a:?}: {e}")))?;
+            super::message::ascii_domain(address)
         };
         let from = from.filter(|f| !f.is_empty()).map(parse).transpose()?;
         let to = recipients
@@ -144,7 +155,7 @@ impl Mailer {
                     .transport
                     .send_raw(envelope, &bytes)
                     .await
-                    .map_err(|e| smtp.error(&e))?;
+                    .map_err(|e| smtp.send_error(&e, envelope))?;
                 let reply_text = format!(
                     "{} {}",
                     reply.code(),
@@ -169,7 +180,7 @@ impl Mailer {
                 let id = message_id.to_owned();
                 let from = envelope.from().map(ToString::to_string);
                 let to = recipients.clone();
-                let path = tokio::task::spawn_blocking(move || {
+                let written = tokio::task::spawn_blocking(move || {
                     outbox::write(&dir, &id, from.as_deref(), &to, &bytes)
                 })
                 .await
@@ -177,12 +188,21 @@ impl Mailer {
                     path: PathBuf::new(),
                     source: std::io::Error::other(e.to_string()),
                 })??;
-                tracing::info!(
-                    message_id,
-                    recipients = recipients.len(),
-                    path = %path.display(),
-                    "mail written to the outbox (no [smtp] configured)"
-                );
+                let path = written.path;
+                if written.existed {
+                    tracing::info!(
+                        message_id,
+                        path = %path.display(),
+                        "mail already in the outbox; not written again"
+                    );
+                } else {
+                    tracing::info!(
+                        message_id,
+                        recipients = recipients.len(),
+                        path = %path.display(),
+                        "mail written to the outbox (no [smtp] configured)"
+                    );
+                }
                 Ok(SentMail {
                     message_id: message_id.to_owned(),
                     recipients,
@@ -238,6 +258,29 @@ impl SmtpMailer {
             server,
             user: cfg.username.clone(),
         })
+    }
+
+    /// [`error`](Self::error), except that lettre's refusal to send a non-ASCII address
+    /// to a server without SMTPUTF8 (it sends nothing then) names the addresses.
+    fn send_error(&self, e: &lettre::transport::smtp::Error, envelope: &Envelope) -> MailError {
+        let utf8: Vec<String> = envelope
+            .from()
+            .into_iter()
+            .chain(envelope.to())
+            .filter(|a| !a.user().is_ascii())
+            .map(ToString::to_string)
+            .collect();
+        if !utf8.is_empty() && e.is_client() && e.to_string().contains("SMTPUTF8") {
+            return MailError::Rejected {
+                server: self.server.clone(),
+                message: format!(
+                    "{} has a non-ASCII name before the @, which needs SMTPUTF8, and the \
+                     server does not offer it; nothing was sent",
+                    utf8.join(", ")
+                ),
+            };
+        }
+        self.error(e)
     }
 
     /// Map a lettre error onto our classes. lettre's messages contain the server's reply
@@ -344,5 +387,19 @@ mod tests {
             parsed.header(super::super::ENVELOPE_TO_HEADER).as_deref(),
             Some("<cust@example.com>, <audit@seq.example.org>")
         );
+        // Sending the same message again (a re-run) returns the same file.
+        let again = mailer.send(&mail).await.unwrap();
+        assert_eq!(again.outbox_path.as_deref(), Some(path.as_path()));
+        let emls = fs_err::read_dir(dir.path().join("outbox"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".eml")
+            })
+            .count();
+        assert_eq!(emls, 1);
     }
 }

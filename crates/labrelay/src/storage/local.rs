@@ -1,9 +1,14 @@
 //! The local-directory backend: a key is a file below the root directory.
 //!
-//! A put writes `dir/.name.partial-<random>`, fsyncs it and renames it over the final
-//! name, so readers see the old file or the complete new one, never a partial one. The
-//! root must exist (a missing mount point must not silently fill the local disk); the
-//! directories inside it are created as needed. Empty directories left by `delete` are
+//! A put writes a temporary file in `<root>/.labrelay-staging/` (named
+//! `<key hash>.<random>`, see [`STAGING_DIR`](super::STAGING_DIR)), fsyncs it and
+//! renames it over the final name, so readers see the old file or the complete new one,
+//! never a partial one, and a killed put leaves nothing in the customer's folders. The
+//! staging folder is on the root's filesystem, so the rename is atomic — unless a folder
+//! below the root is a symlink to another filesystem, where the rename fails (`EXDEV`)
+//! rather than copy. The root must exist (a missing mount point must not silently fill
+//! the local disk) unless `create_root = true`; the directories inside it are created as
+//! needed. Empty directories left by `delete` are
 //! kept: removing them would race with a concurrent put into the same directory.
 
 use std::io::{ErrorKind, Read, Write};
@@ -17,31 +22,70 @@ use chrono::{DateTime, Utc};
 
 use super::{
     CancelOnDrop, CopyError, GetOutcome, ObjectInfo, ObjectStorage, PutOptions, PutOutcome,
-    StorageError, TempPath, copy_hashing, is_local_temp_name, local_io, validate_key,
-    validate_prefix,
+    STAGING_DIR, StagingSweep, StorageError, TempPath, copy_hashing, local_io, missing_root,
+    section_label, staging_name, validate_key, validate_prefix,
 };
+use crate::config::StorageConfig;
 
 /// A directory on a local (or mounted) filesystem.
 #[derive(Debug, Clone)]
 pub struct LocalStorage {
     root: Arc<PathBuf>,
+    /// The `[storage.NAME]` section, for messages (may be empty).
+    section: Arc<str>,
+    create_root: bool,
 }
 
 impl LocalStorage {
     /// Use `root`, which must be an existing directory.
     pub fn open(root: &Path) -> Result<LocalStorage, StorageError> {
+        let storage = LocalStorage {
+            root: Arc::new(root.to_owned()),
+            section: Arc::from(""),
+            create_root: false,
+        };
+        storage.check_root_blocking()?;
+        Ok(storage)
+    }
+
+    /// Use `root` for the section `config`: it must be an existing directory, unless
+    /// `create_root = true`, which creates it (with its parents).
+    pub fn open_config(root: &Path, config: &StorageConfig) -> Result<LocalStorage, StorageError> {
+        let storage = LocalStorage {
+            root: Arc::new(root.to_owned()),
+            section: Arc::from(config.name.as_str()),
+            create_root: config.create_root,
+        };
+        storage.check_root_blocking()?;
+        Ok(storage)
+    }
+
+    /// Check (or create) the root directory again: a mount can go away.
+    pub async fn check_root(&self) -> Result<(), StorageError> {
+        let this = self.clone();
+        blocking(move || this.check_root_blocking()).await
+    }
+
+    fn check_root_blocking(&self) -> Result<(), StorageError> {
+        let root = self.root.as_path();
+        let target = root.display().to_string();
         match std::fs::metadata(root) {
-            Ok(m) if m.is_dir() => Ok(LocalStorage {
-                root: Arc::new(root.to_owned()),
-            }),
+            Ok(m) if m.is_dir() => Ok(()),
             Ok(_) => Err(StorageError::Config {
-                target: root.display().to_string(),
-                message: "not a directory".into(),
+                message: format!(
+                    "{}: the base folder {target} is not a directory",
+                    section_label(&self.section)
+                ),
+                target,
             }),
-            Err(e) if e.kind() == ErrorKind::NotFound => Err(StorageError::Config {
-                target: root.display().to_string(),
-                message: "the directory does not exist; create it (or mount it) first".into(),
-            }),
+            Err(e) if e.kind() == ErrorKind::NotFound && self.create_root => {
+                fs_err::create_dir_all(root).map_err(StorageError::Local)?;
+                tracing::info!(root = %target, "created the storage root (create_root = true)");
+                Ok(())
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                Err(missing_root(&self.section, target.clone(), &target))
+            }
             Err(e) => Err(local_io("cannot open storage directory", root, &e)),
         }
     }
@@ -64,9 +108,10 @@ impl LocalStorage {
         source_file: Option<(PathBuf, u64)>,
     ) -> Result<PutOutcome, StorageError> {
         let dest = self.path_of(key)?;
+        let staging = self.root.join(STAGING_DIR);
         let key = key.to_owned();
         let (_cancel_guard, cancel) = CancelOnDrop::new();
-        blocking(move || put_blocking(reader, &key, &dest, source_file, &cancel)).await
+        blocking(move || put_blocking(reader, &key, &dest, &staging, source_file, &cancel)).await
     }
 
     fn not_found(&self, key: &str) -> StorageError {
@@ -81,10 +126,18 @@ fn put_blocking(
     mut reader: Box<dyn Read + Send>,
     key: &str,
     dest: &Path,
+    staging: &Path,
     source_file: Option<(PathBuf, u64)>,
     cancel: &AtomicBool,
 ) -> Result<PutOutcome, StorageError> {
-    let temp = TempPath::beside(dest)?;
+    // Not create_dir_all: the root must exist, and a vanished mount point must not be
+    // recreated on the local disk.
+    match fs_err::create_dir(staging) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(StorageError::Local(e)),
+    }
+    let temp = TempPath::at(staging.join(staging_name(key)));
     let mut file = fs_err::File::create(temp.path()).map_err(StorageError::Local)?;
     let (size, md5) = match copy_hashing(&mut reader, &mut file, Some(cancel)) {
         Ok(r) => r,
@@ -112,6 +165,9 @@ fn put_blocking(
     // The last chance to honour a cancellation: after the rename the object is public.
     if cancel.load(Ordering::SeqCst) {
         return Err(cancelled(key, dest));
+    }
+    if let Some(dir) = dest.parent() {
+        fs_err::create_dir_all(dir).map_err(StorageError::Local)?;
     }
     temp.persist(dest)?;
     if let Some(dir) = dest.parent() {
@@ -181,10 +237,10 @@ fn walk(dir: &Path, key_prefix: &str, out: &mut Vec<ObjectInfo>) -> Result<(), S
             format!("{key_prefix}/{name}")
         };
         let file_type = entry.file_type().map_err(StorageError::Local)?;
-        if file_type.is_dir() {
+        if key_prefix.is_empty() && name == STAGING_DIR {
+            // Uploads in progress (or killed before they could clean up).
+        } else if file_type.is_dir() {
             walk(&entry.path(), &key, out)?;
-        } else if is_local_temp_name(&name) {
-            // An upload in progress (or one killed before it could clean up).
         } else {
             // Follows symlinks to files; symlinked directories are not entered (loops).
             match fs_err::metadata(entry.path()) {
@@ -309,6 +365,41 @@ impl ObjectStorage for LocalStorage {
             Ok(()) => Ok(()),
             Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => Ok(()),
             Err(e) => Err(StorageError::Local(e)),
+        })
+        .await
+    }
+
+    async fn clean_staging(&self, keys: &[String]) -> Result<u64, StorageError> {
+        let staging = self.root.join(STAGING_DIR);
+        let sweep = StagingSweep::new(keys);
+        blocking(move || {
+            let entries = match fs_err::read_dir(&staging) {
+                Ok(e) => e,
+                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(0),
+                Err(e) => return Err(StorageError::Local(e)),
+            };
+            let mut removed = 0;
+            for entry in entries {
+                let entry = entry.map_err(StorageError::Local)?;
+                let meta = match entry.metadata() {
+                    Ok(m) => m,
+                    Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                    Err(e) => return Err(local_io("inspecting", &entry.path(), &e)),
+                };
+                // Only files: the backend never creates anything else there.
+                if !meta.is_file() {
+                    continue;
+                }
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if sweep.removes(&name, meta.modified().ok()) {
+                    match fs_err::remove_file(entry.path()) {
+                        Ok(()) => removed += 1,
+                        Err(e) if e.kind() == ErrorKind::NotFound => {}
+                        Err(e) => return Err(StorageError::Local(e)),
+                    }
+                }
+            }
+            Ok(removed)
         })
         .await
     }

@@ -6,12 +6,24 @@
 //! The contract every backend keeps:
 //! - keys are `/`-separated relative paths below the target's base (see [`validate_key`]);
 //! - a put is all-or-nothing: while it runs, and after it fails or is cancelled, nothing
-//!   is visible under the final key (local: temp file + rename; SFTP: `name.partial` +
-//!   rename; S3: single PUT or a multipart upload that is aborted on failure);
+//!   is visible under the final key (local and SFTP: a temporary file in the staging
+//!   folder, then a rename; S3: single PUT or a multipart upload that is aborted on
+//!   failure);
+//! - a put never leaves anything but the object itself in the customer's folders: local
+//!   and SFTP puts write their temporary file into [`STAGING_DIR`] at the storage root
+//!   (same filesystem, so the final rename is atomic), named after a hash of the key
+//!   ([`staging_key_hash`]). A killed process can leave a file there;
+//!   [`ObjectStorage::clean_staging`] removes it on the next run. Keys and prefixes
+//!   below [`STAGING_DIR`] are refused, and `list` never shows it;
 //! - a put streams its source once, computing the MD5 on the way ([`PutOutcome`]), with
 //!   memory bounded by parts in flight × part size, never the whole file;
 //! - `head`/`list` report objects only, never in-progress uploads;
 //! - errors know their exit class ([`StorageError::exit`]) and never contain a secret.
+//!
+//! - the base folder (local, SFTP) or bucket (S3) must exist: [`AnyStorage::check_root`]
+//!   finds a missing one at start, as a configuration error (exit 78) naming the
+//!   `[storage.NAME]` section and the folder; `create_root = true` creates the folder
+//!   instead.
 //!
 //! This module does not decide *what* to deliver or retry; the delivery tool does.
 
@@ -94,7 +106,7 @@ pub enum StorageError {
     Backend {
         /// The target.
         target: String,
-        /// `put`, `get`, `head`, `list`, `delete`, `presign`.
+        /// `put`, `get`, `head`, `list`, `delete`, `presign`, `clean`.
         op: &'static str,
         /// The key or prefix.
         key: String,
@@ -242,17 +254,83 @@ impl Target {
     }
 }
 
-/// Suffix of an SFTP upload in progress; keys may not end with it.
-pub const PARTIAL_SUFFIX: &str = ".partial";
+/// The folder at the storage root (local and SFTP) holding the temporary files of
+/// puts in progress. Keys and prefixes may not start with it.
+pub const STAGING_DIR: &str = ".labrelay-staging";
+
+/// Staging files older than this are removed by [`ObjectStorage::clean_staging`]
+/// whatever key they belong to (a put takes hours at most, never a week).
+pub const STAGING_MAX_AGE: Duration = Duration::from_hours(7 * 24);
+
+/// Length of the key hash that starts a staging file name.
+const STAGING_HASH_LEN: usize = 32;
+/// Length of the random part of a staging file name.
+const STAGING_RANDOM_LEN: usize = 16;
+
+/// The first 32 hex digits of the SHA-256 of `key`: the start of the names of the
+/// staging files of puts of `key`, so [`ObjectStorage::clean_staging`] can find a
+/// killed put's leftovers without storing anything else.
+pub fn staging_key_hash(key: &str) -> String {
+    let mut h = hex::encode(sha2::Sha256::digest(key.as_bytes()));
+    h.truncate(STAGING_HASH_LEN);
+    h
+}
+
+/// A fresh staging file name for a put of `key`: `<staging_key_hash(key)>.<16 random
+/// hex>` (unique, so concurrent puts of one key never share a file).
+pub(crate) fn staging_name(key: &str) -> String {
+    format!("{}.{:016x}", staging_key_hash(key), rand::random::<u64>())
+}
+
+/// The key hash of a staging file name, or `None` when `name` is not one of
+/// [`staging_name`]'s.
+pub(crate) fn staging_name_hash(name: &str) -> Option<&str> {
+    let (hash, random) = name.split_once('.')?;
+    let hexdigits = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    (hexdigits(hash, STAGING_HASH_LEN) && hexdigits(random, STAGING_RANDOM_LEN)).then_some(hash)
+}
+
+/// Which staging files [`ObjectStorage::clean_staging`] removes: those of the given
+/// keys, and any older than [`STAGING_MAX_AGE`] (or with a modification time in the
+/// future by more than that, a clock gone wrong).
+pub(crate) struct StagingSweep {
+    hashes: std::collections::HashSet<String>,
+    now: std::time::SystemTime,
+}
+
+impl StagingSweep {
+    pub(crate) fn new(keys: &[String]) -> StagingSweep {
+        StagingSweep {
+            hashes: keys.iter().map(|k| staging_key_hash(k)).collect(),
+            now: std::time::SystemTime::now(),
+        }
+    }
+
+    /// Whether the staging entry `name`, last modified at `modified`, goes.
+    pub(crate) fn removes(&self, name: &str, modified: Option<std::time::SystemTime>) -> bool {
+        if staging_name_hash(name).is_some_and(|h| self.hashes.contains(h)) {
+            return true;
+        }
+        let age = modified.map(|m| match self.now.duration_since(m) {
+            Ok(age) => age,
+            Err(ahead) => ahead.duration(),
+        });
+        age.is_some_and(|a| a > STAGING_MAX_AGE)
+    }
+}
 
 /// Longest key accepted, in bytes (S3's limit, prefix included).
 pub const MAX_KEY_LEN: usize = 1024;
 
 /// Check a key: non-empty, relative, `/`-separated, no empty, `.` or `..` segment, no
-/// control character, not ending in [`PARTIAL_SUFFIX`] (reserved for uploads in
-/// progress), at most [`MAX_KEY_LEN`] bytes.
+/// control character, not inside [`STAGING_DIR`] (reserved for uploads in progress),
+/// at most [`MAX_KEY_LEN`] bytes.
 pub fn validate_key(key: &str) -> Result<(), StorageError> {
-    check_path(key, true).map_err(|reason| StorageError::InvalidKey {
+    check_path(key).map_err(|reason| StorageError::InvalidKey {
         key: key.to_owned(),
         reason,
     })
@@ -265,14 +343,14 @@ pub fn validate_prefix(prefix: &str) -> Result<String, StorageError> {
     if p.is_empty() {
         return Ok(String::new());
     }
-    check_path(p, false).map_err(|reason| StorageError::InvalidKey {
+    check_path(p).map_err(|reason| StorageError::InvalidKey {
         key: prefix.to_owned(),
         reason,
     })?;
     Ok(p.to_owned())
 }
 
-fn check_path(key: &str, object: bool) -> Result<(), &'static str> {
+fn check_path(key: &str) -> Result<(), &'static str> {
     if key.is_empty() {
         return Err("empty key");
     }
@@ -292,8 +370,8 @@ fn check_path(key: &str, object: bool) -> Result<(), &'static str> {
             _ => {}
         }
     }
-    if object && key.ends_with(PARTIAL_SUFFIX) {
-        return Err("names ending in .partial are reserved for uploads in progress");
+    if key.split('/').next() == Some(STAGING_DIR) {
+        return Err("the .labrelay-staging folder is reserved for uploads in progress");
     }
     Ok(())
 }
@@ -347,6 +425,43 @@ pub fn multipart_etag<S: AsRef<str>>(part_md5_hex: &[S]) -> Option<String> {
     ))
 }
 
+/// The `Content-Type` for a key, from its file name: a small table of the files a
+/// sequencing facility delivers (reports, checksums, tables, images, archives, reads,
+/// alignments, variants), `application/octet-stream` for anything else. Compressed
+/// files are typed by their last suffix (`x.fastq.gz` is `application/gzip`), because
+/// S3 serves the stored bytes as they are.
+pub fn content_type_for(key: &str) -> &'static str {
+    let name = key.rsplit('/').next().unwrap_or(key);
+    let Some((_, ext)) = name.rsplit_once('.') else {
+        return "application/octet-stream";
+    };
+    match ext.to_ascii_lowercase().as_str() {
+        // .vcf is the Variant Call Format here, not a vCard: plain text, so a browser
+        // shows it rather than offering to import a contact.
+        "txt" | "log" | "md5" | "sha256" | "sha1" | "fastq" | "fq" | "fasta" | "fa" | "fna"
+        | "sam" | "bed" | "gtf" | "gff" | "gff3" | "vcf" => "text/plain; charset=utf-8",
+        "md" => "text/markdown; charset=utf-8",
+        "csv" => "text/csv; charset=utf-8",
+        "tsv" => "text/tab-separated-values; charset=utf-8",
+        "html" | "htm" => "text/html; charset=utf-8",
+        "json" => "application/json",
+        "xml" => "application/xml",
+        "pdf" => "application/pdf",
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "svg" => "image/svg+xml",
+        "gz" | "tgz" | "bgz" => "application/gzip",
+        "bz2" => "application/x-bzip2",
+        "xz" => "application/x-xz",
+        "zst" => "application/zstd",
+        "zip" => "application/zip",
+        "tar" => "application/x-tar",
+        "xlsx" => "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+        // bam, bai, cram, crai and the rest: binary without a registered type.
+        _ => "application/octet-stream",
+    }
+}
+
 /// Options of one put. `None` fields fall back to the storage's configuration.
 #[derive(Debug, Clone)]
 pub struct PutOptions {
@@ -359,6 +474,11 @@ pub struct PutOptions {
     /// mismatch fails the put. Turn off only for servers whose ETags are not MD5s
     /// (SSE-KMS encryption).
     pub verify_etag: bool,
+    /// S3: the whole content's MD5 (raw bytes), when the caller knows it before the
+    /// upload. A multipart upload then carries it as `X-Amz-Meta-Md5chksum` (a single
+    /// PUT always does, from the MD5 computed while streaming); a put whose data has
+    /// another MD5 fails and leaves no object. Other backends ignore it.
+    pub md5: Option<[u8; 16]>,
 }
 
 impl Default for PutOptions {
@@ -367,6 +487,7 @@ impl Default for PutOptions {
             part_size: None,
             part_concurrency: None,
             verify_etag: true,
+            md5: None,
         }
     }
 }
@@ -511,6 +632,21 @@ pub trait ObjectStorage: Send + Sync {
     /// Remove the object; removing a missing object is not an error.
     fn delete(&self, key: &str) -> impl Future<Output = Result<(), StorageError>> + Send;
 
+    /// Remove leftover temporary files of puts that were killed (power loss, `kill -9`)
+    /// from [`STAGING_DIR`]: those of any of `keys` (matched by
+    /// [`staging_key_hash`]), and any older than [`STAGING_MAX_AGE`]. Returns how many
+    /// were removed.
+    ///
+    /// Call it before (re)starting puts of `keys`, e.g. at the start of a delivery run
+    /// with the keys it is about to upload: a put of one of them that is running at the
+    /// same moment would lose its temporary file and fail. S3 has no visible temporary
+    /// objects (an unfinished multipart upload is not listed and never becomes an
+    /// object), so there it does nothing and returns 0; it aborts no multipart upload.
+    fn clean_staging(
+        &self,
+        keys: &[String],
+    ) -> impl Future<Output = Result<u64, StorageError>> + Send;
+
     /// A URL anyone can GET the object from until `expires_in` passes, or `None` when
     /// the backend has no such thing (local, SFTP).
     fn presign_get(
@@ -518,6 +654,16 @@ pub trait ObjectStorage: Send + Sync {
         key: &str,
         expires_in: Duration,
     ) -> impl Future<Output = Result<Option<url::Url>, StorageError>> + Send;
+}
+
+macro_rules! dispatch {
+    ($self:expr, $s:ident => $body:expr) => {
+        match $self {
+            AnyStorage::Local($s) => $body,
+            AnyStorage::S3($s) => $body,
+            AnyStorage::Sftp($s) => $body,
+        }
+    };
 }
 
 /// Any of the backends, chosen by the target URL.
@@ -532,15 +678,40 @@ pub enum AnyStorage {
 }
 
 impl AnyStorage {
+    /// [`open`](Self::open) and [`check_root`](Self::check_root): what a tool should call
+    /// at start, so a missing folder or bucket stops it before any work.
+    pub async fn open_checked(config: &StorageConfig) -> Result<AnyStorage, StorageError> {
+        let storage = AnyStorage::open(config)?;
+        storage.check_root().await?;
+        Ok(storage)
+    }
+
+    /// Check that the target's base exists, creating it when the section says
+    /// `create_root = true`:
+    /// - local: the root directory (also checked by [`open`](Self::open); checked again
+    ///   here because a mount can go away);
+    /// - SFTP: the base folder (one connection and a `stat`; `mkdir` of each missing
+    ///   level with `create_root`);
+    /// - S3: the bucket, with one HeadBucket request (cheap, and it also proves the
+    ///   credentials); `create_root` does not create buckets, and a key prefix needs no
+    ///   folder.
+    ///
+    /// A missing base is [`StorageError::Config`] (exit 78) naming the section and the
+    /// folder; an unreachable server is a temporary failure (75) as usual.
+    pub async fn check_root(&self) -> Result<(), StorageError> {
+        dispatch!(self, s => s.check_root().await)
+    }
+
     /// Open the target a `[storage.NAME]` section describes. No network traffic
-    /// happens here; credentials are resolved now, so a missing one fails early.
+    /// happens here; credentials are resolved now, so a missing one fails early. A
+    /// local root is checked (and created with `create_root`) here already.
     pub fn open(config: &StorageConfig) -> Result<AnyStorage, StorageError> {
         let target = Target::parse(&config.url).map_err(|message| StorageError::Config {
             target: crate::secret::redact_unparsed(&config.url),
             message,
         })?;
         let storage = match target {
-            Target::Local(dir) => AnyStorage::Local(LocalStorage::open(&dir)?),
+            Target::Local(dir) => AnyStorage::Local(LocalStorage::open_config(&dir, config)?),
             Target::S3 { bucket, prefix } => {
                 AnyStorage::S3(S3Storage::open(&bucket, &prefix, config)?)
             }
@@ -554,16 +725,6 @@ impl AnyStorage {
         tracing::debug!(target_ = %storage.describe(), "storage opened");
         Ok(storage)
     }
-}
-
-macro_rules! dispatch {
-    ($self:expr, $s:ident => $body:expr) => {
-        match $self {
-            AnyStorage::Local($s) => $body,
-            AnyStorage::S3($s) => $body,
-            AnyStorage::Sftp($s) => $body,
-        }
-    };
 }
 
 impl ObjectStorage for AnyStorage {
@@ -623,6 +784,17 @@ impl ObjectStorage for AnyStorage {
         Ok(())
     }
 
+    async fn clean_staging(&self, keys: &[String]) -> Result<u64, StorageError> {
+        let removed = dispatch!(self, s => s.clean_staging(keys).await)?;
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                "removed leftover temporary files of interrupted uploads"
+            );
+        }
+        Ok(removed)
+    }
+
     async fn presign_get(
         &self,
         key: &str,
@@ -634,6 +806,28 @@ impl ObjectStorage for AnyStorage {
 
 // ---------------------------------------------------------------------------------
 // Helpers shared by the backends.
+
+/// How a message names a storage section: `[storage.NAME]`, or `storage` when the
+/// section's name is unknown.
+pub(crate) fn section_label(name: &str) -> String {
+    if name.is_empty() {
+        "storage".to_owned()
+    } else {
+        format!("[storage.{name}]")
+    }
+}
+
+/// The configuration error for a base folder that is not there.
+pub(crate) fn missing_root(section: &str, target: String, folder: &str) -> StorageError {
+    let section = section_label(section);
+    StorageError::Config {
+        target,
+        message: format!(
+            "{section}: the base folder {folder} does not exist; create it (or mount it), \
+             or set create_root = true in {section}"
+        ),
+    }
+}
 
 /// Buffer size for streaming copies: large enough for SFTP pipelining and few syscalls.
 pub(crate) const COPY_BUF: usize = 1024 * 1024;
@@ -702,14 +896,14 @@ pub(crate) fn copy_hashing(
     Ok((total, md5.finalize().into()))
 }
 
-/// A temporary file next to its final path, removed on drop unless persisted.
+/// A temporary file, removed on drop unless persisted.
 pub(crate) struct TempPath {
     path: Option<PathBuf>,
 }
 
 impl TempPath {
     /// `dir/.name.partial-<random>` beside `target` (so the rename stays on one
-    /// filesystem); the parent directory is created.
+    /// filesystem); the parent directory is created. For downloads to local files.
     pub(crate) fn beside(target: &Path) -> Result<TempPath, StorageError> {
         let dir = target.parent().unwrap_or_else(|| Path::new("."));
         let name = target
@@ -722,6 +916,11 @@ impl TempPath {
         Ok(TempPath {
             path: Some(dir.join(local_temp_name(&name))),
         })
+    }
+
+    /// `path` itself (a staging file name, already unique).
+    pub(crate) fn at(path: PathBuf) -> TempPath {
+        TempPath { path: Some(path) }
     }
 
     pub(crate) fn path(&self) -> &Path {
@@ -749,18 +948,8 @@ impl Drop for TempPath {
 }
 
 /// `.name.partial-<16 hex>`: hidden, and unique so concurrent writers never collide.
-pub(crate) fn local_temp_name(name: &str) -> String {
-    format!(".{name}{PARTIAL_SUFFIX}-{:016x}", rand::random::<u64>())
-}
-
-/// Whether a file name is one of [`local_temp_name`]'s.
-pub(crate) fn is_local_temp_name(name: &str) -> bool {
-    name.starts_with('.')
-        && name
-            .rsplit_once(&format!("{PARTIAL_SUFFIX}-"))
-            .is_some_and(|(_, tail)| {
-                tail.len() == 16 && tail.bytes().all(|b| b.is_ascii_hexdigit())
-            })
+fn local_temp_name(name: &str) -> String {
+    format!(".{name}.partial-{:016x}", rand::random::<u64>())
 }
 
 /// Decode `%XX` escapes of a URL path (invalid escapes and non-UTF-8 results are kept
@@ -825,7 +1014,15 @@ mod tests {
 
     #[test]
     fn keys_are_checked() {
-        for ok in ["a", "a/b/c.fastq.gz", "报告/样本 1.pdf", "a..b", ".hidden"] {
+        for ok in [
+            "a",
+            "a/b/c.fastq.gz",
+            "报告/样本 1.pdf",
+            "a..b",
+            ".hidden",
+            "x.partial",
+            "a/.labrelay-staging/x",
+        ] {
             validate_key(ok).unwrap();
         }
         for bad in [
@@ -837,7 +1034,8 @@ mod tests {
             "a/./b",
             "a/../b",
             "a\nb",
-            "x.partial",
+            ".labrelay-staging",
+            ".labrelay-staging/x",
         ] {
             let err = validate_key(bad).unwrap_err();
             assert!(matches!(err, StorageError::InvalidKey { .. }), "{bad:?}");
@@ -847,14 +1045,54 @@ mod tests {
         assert_eq!(validate_prefix("").unwrap(), "");
         assert_eq!(validate_prefix("a/b/").unwrap(), "a/b");
         assert!(validate_prefix("../a").is_err());
+        assert!(validate_prefix(".labrelay-staging/").is_err());
     }
 
     #[test]
-    fn temp_names_are_recognised() {
-        let t = local_temp_name("x.txt");
-        assert!(is_local_temp_name(&t), "{t}");
-        assert!(!is_local_temp_name("x.txt"));
-        assert!(!is_local_temp_name(".x.partial-zz"));
+    fn staging_names_carry_the_key_hash() {
+        let h = staging_key_hash("a/b.txt");
+        assert_eq!(h.len(), 32);
+        // sha256("a/b.txt"), first 128 bits.
+        assert_eq!(h, &hex::encode(sha2::Sha256::digest(b"a/b.txt"))[..32]);
+        let n = staging_name("a/b.txt");
+        assert_eq!(staging_name_hash(&n), Some(h.as_str()));
+        assert_ne!(n, staging_name("a/b.txt"), "unique per put");
+        assert_eq!(staging_name_hash("x.txt"), None);
+        assert_eq!(staging_name_hash(&format!("{h}.zz")), None);
+        assert_eq!(staging_name_hash(&format!("{h}.0123456789ABCDEF")), None);
+    }
+
+    #[test]
+    fn staging_sweep_takes_named_and_old_files() {
+        let sweep = StagingSweep::new(&["a/b.txt".to_owned()]);
+        let now = std::time::SystemTime::now();
+        let day = Duration::from_hours(24);
+        assert!(sweep.removes(&staging_name("a/b.txt"), Some(now)));
+        assert!(!sweep.removes(&staging_name("a/c.txt"), Some(now)));
+        assert!(!sweep.removes(&staging_name("a/c.txt"), Some(now - 6 * day)));
+        assert!(sweep.removes(&staging_name("a/c.txt"), Some(now - 8 * day)));
+        assert!(sweep.removes("junk", Some(now - 8 * day)));
+        assert!(!sweep.removes("junk", None));
+    }
+
+    #[test]
+    fn content_types_follow_the_file_name() {
+        assert_eq!(
+            content_type_for("a/md5sum.txt"),
+            "text/plain; charset=utf-8"
+        );
+        assert_eq!(content_type_for("a/files.MD5"), "text/plain; charset=utf-8");
+        assert_eq!(content_type_for("s/x.fastq.gz"), "application/gzip");
+        assert_eq!(content_type_for("s/x.fq"), "text/plain; charset=utf-8");
+        assert_eq!(content_type_for("report.PDF"), "application/pdf");
+        assert_eq!(
+            content_type_for("t.tsv"),
+            "text/tab-separated-values; charset=utf-8"
+        );
+        assert_eq!(content_type_for("x.bam"), "application/octet-stream");
+        assert_eq!(content_type_for("x.vcf"), "text/plain; charset=utf-8");
+        assert_eq!(content_type_for("README"), "application/octet-stream");
+        assert_eq!(content_type_for("dir.d/README"), "application/octet-stream");
     }
 
     #[test]

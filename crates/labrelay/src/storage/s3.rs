@@ -8,8 +8,14 @@
 //! with `Content-MD5` and, unless `sign_payload = true`, an unsigned payload; the other
 //! calls go through object_store.
 //!
-//! A file larger than one part goes up as a multipart upload (object_store's
-//! [`MultipartStore`] creates, completes and aborts it), with several parts in flight;
+//! Every object carries a `Content-Type` guessed from its key and, when its MD5 is known
+//! before it is published, `X-Amz-Meta-Md5chksum` (see [`s3_put`](super::s3_put)): always
+//! for a single PUT, for a multipart upload only when the caller passes the MD5
+//! ([`PutOptions::md5`], [`S3Storage::create_multipart_with_md5`]).
+//!
+//! A file larger than one part goes up as a multipart upload (created by
+//! [`s3_put`](super::s3_put) with the object's headers; object_store's
+//! [`MultipartStore`] completes and aborts it), with several parts in flight;
 //! each part's ETag is checked against the part's MD5 and the final ETag against
 //! `md5(part md5s)-N`. The upload id and parts are exposed
 //! ([`S3Storage::create_multipart`] and friends) so the delivery tool can journal them
@@ -61,6 +67,8 @@ struct Inner {
     target: String,
     part_size: Option<u64>,
     part_concurrency: Option<usize>,
+    /// The `[storage.NAME]` section, for messages (may be empty).
+    section: String,
 }
 
 impl std::fmt::Debug for S3Storage {
@@ -112,7 +120,7 @@ impl S3Storage {
             message,
         };
         if !prefix.is_empty() {
-            super::check_path(&prefix, false)
+            super::check_path(&prefix)
                 .map_err(|reason| config_err(format!("bad key prefix {prefix:?}: {reason}")))?;
         }
         let resolve = |spec: &Option<SecretSpec>, name: &str| {
@@ -200,6 +208,7 @@ impl S3Storage {
                 target,
                 part_size,
                 part_concurrency: config.part_concurrency,
+                section: config.name.clone(),
             }),
         })
     }
@@ -356,15 +365,37 @@ impl S3Storage {
         Ok(size)
     }
 
-    /// Start a multipart upload of `key`.
+    /// Check that the bucket exists and the credentials may use it: one HeadBucket
+    /// request. A missing bucket is a configuration error naming the section;
+    /// `create_root` does not create buckets (that is the storage admin's job).
+    pub async fn check_root(&self) -> Result<(), StorageError> {
+        self.inner.uploader.head_bucket(&self.inner.section).await
+    }
+
+    /// Start a multipart upload of `key`. The object gets a `Content-Type` from its
+    /// name but no `X-Amz-Meta-Md5chksum`: use
+    /// [`create_multipart_with_md5`](Self::create_multipart_with_md5) when the whole
+    /// file's MD5 is known.
     pub async fn create_multipart(&self, key: &str) -> Result<MultipartUpload, StorageError> {
+        self.create_multipart_with_md5(key, None).await
+    }
+
+    /// Start a multipart upload of `key` whose whole content has the MD5 `md5` (raw
+    /// bytes), stored as `X-Amz-Meta-Md5chksum` (base64, as rclone reads it). Metadata
+    /// is fixed when the upload starts, so it can only be set from an MD5 computed
+    /// before; it is not checked against the parts (the caller must pass the right one;
+    /// `None` leaves the metadata out).
+    pub async fn create_multipart_with_md5(
+        &self,
+        key: &str,
+        md5: Option<[u8; 16]>,
+    ) -> Result<MultipartUpload, StorageError> {
         let path = self.full_path(key)?;
         let upload_id = self
             .inner
-            .store
-            .create_multipart(&path)
-            .await
-            .map_err(|e| self.error("put", key, e))?;
+            .uploader
+            .create_multipart(key, path.as_ref(), md5)
+            .await?;
         Ok(MultipartUpload {
             key: key.to_owned(),
             upload_id,
@@ -488,7 +519,7 @@ impl S3Storage {
         let outcome = if (first.data.len() as u64) < part_size {
             self.single_put(&path, key, first, opts.verify_etag).await?
         } else {
-            let upload = self.create_multipart(key).await?;
+            let upload = self.create_multipart_with_md5(key, opts.md5).await?;
             let mut guard = AbortOnDrop {
                 store: self.inner.store.clone(),
                 path: path.clone(),
@@ -516,6 +547,20 @@ impl S3Storage {
                 }
             }
         };
+        if let Some(md5) = opts.md5
+            && hex::encode(md5) != outcome.md5_hex
+        {
+            // Its metadata (multipart) would claim an MD5 the content does not have.
+            let _ = self.delete(key).await;
+            return Err(self.integrity(
+                key,
+                format!(
+                    "the data's MD5 {} is not the {} the caller gave",
+                    outcome.md5_hex,
+                    hex::encode(md5)
+                ),
+            ));
+        }
         if let (Some(path), Some(expected)) = (source_path, len)
             && outcome.size != expected
         {
@@ -856,7 +901,13 @@ impl ObjectStorage for S3Storage {
             .try_collect()
             .await
             .map_err(|e| self.error("list", &prefix, e))?;
-        let mut out: Vec<ObjectInfo> = metas.iter().map(|m| self.info(m)).collect();
+        let mut out: Vec<ObjectInfo> = metas
+            .iter()
+            .map(|m| self.info(m))
+            // Nothing is ever put there (keys below it are refused); objects another
+            // tool left there stay hidden, as on the other backends.
+            .filter(|o| o.key.split('/').next() != Some(super::STAGING_DIR))
+            .collect();
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
     }
@@ -941,6 +992,13 @@ impl ObjectStorage for S3Storage {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.error("delete", key, e)),
         }
+    }
+
+    /// Nothing to do: S3 has no visible temporary objects (an unfinished multipart
+    /// upload is never listed as an object). Aborts no multipart upload either: the
+    /// delivery tool may be about to resume one.
+    async fn clean_staging(&self, _keys: &[String]) -> Result<u64, StorageError> {
+        Ok(0)
     }
 
     async fn presign_get(

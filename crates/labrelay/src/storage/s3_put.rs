@@ -8,6 +8,13 @@
 //! `Content-MD5` header is itself signed, and skipping a SHA-256 of every byte saves
 //! CPU on both ends. `sign_payload = true` restores the SHA-256 for servers that demand
 //! it. Requests are signed with object_store's SigV4 implementation.
+//!
+//! Objects carry the metadata other tools read: a `Content-Type` guessed from the key
+//! ([`content_type_for`](super::content_type_for)) and, when the whole content's MD5 is
+//! known, `X-Amz-Meta-Md5chksum` (base64 of the raw MD5, the name rclone uses). A single
+//! PUT always knows it; a multipart upload only when the caller passes it to
+//! CreateMultipartUpload ([`Uploader::create_multipart`]), which is sent from here too
+//! because object_store's `MultipartStore` takes no headers.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -41,6 +48,21 @@ pub(super) struct Uploader {
     base: String,
     sign_payload: bool,
     target: String,
+}
+
+/// The user-metadata header holding the base64 MD5 of the whole object (rclone's name).
+pub(super) const MD5_METADATA_HEADER: &str = "x-amz-meta-md5chksum";
+
+/// The headers that describe an object (sent on PutObject and CreateMultipartUpload).
+fn object_headers(key: &str, md5: Option<[u8; 16]>) -> Vec<(&'static str, String)> {
+    let mut headers = vec![("content-type", super::content_type_for(key).to_owned())];
+    if let Some(md5) = md5 {
+        headers.push((
+            MD5_METADATA_HEADER,
+            base64::engine::general_purpose::STANDARD.encode(md5),
+        ));
+    }
+    headers
 }
 
 /// Where an upload goes: a whole object, or one part of a multipart upload.
@@ -110,11 +132,16 @@ impl Uploader {
         let url = self.url(full_key, &dest);
         let content_md5 = base64::engine::general_purpose::STANDARD.encode(md5);
         let digest: Option<[u8; 32]> = self.sign_payload.then(|| Sha256::digest(&data).into());
+        // Parts carry no object headers: those belong to CreateMultipartUpload.
+        let headers = match dest {
+            Dest::Object => object_headers(key, Some(md5)),
+            Dest::Part { .. } => Vec::new(),
+        };
         let mut attempt = 0;
         loop {
             attempt += 1;
             match self
-                .put_once(key, &url, &content_md5, digest, data.clone())
+                .put_once(key, &url, &content_md5, &headers, digest, data.clone())
                 .await
             {
                 Err(e) if e.is_temporary() && attempt < ATTEMPTS => {
@@ -131,17 +158,22 @@ impl Uploader {
         key: &str,
         url: &str,
         content_md5: &str,
+        headers: &[(&'static str, String)],
         digest: Option<[u8; 32]>,
         data: Bytes,
     ) -> Result<Option<String>, StorageError> {
         let len = data.len();
-        let mut signed: HttpRequest = http::Request::builder()
+        let mut builder = http::Request::builder()
             .method(http::Method::PUT)
             .uri(url)
             .header("content-md5", content_md5)
-            .header(http::header::CONTENT_LENGTH, len)
+            .header(http::header::CONTENT_LENGTH, len);
+        for (name, value) in headers {
+            builder = builder.header(*name, value);
+        }
+        let mut signed: HttpRequest = builder
             .body(Bytes::new().into())
-            .map_err(|e| self.backend(key, format!("bad request URL: {e}"), false))?;
+            .map_err(|e| self.backend(key, format!("bad request: {e}"), false))?;
         AwsAuthorizer::new(&self.credential, "s3", &self.region)
             .with_sign_payload(self.sign_payload)
             .authorize(&mut signed, digest.as_ref().map(<[u8; 32]>::as_slice));
@@ -163,6 +195,124 @@ impl Uploader {
         }
         let body = response.text().await.unwrap_or_default();
         Err(self.status_error(key, status, &body))
+    }
+
+    /// CreateMultipartUpload for `full_key` with the object's headers (`md5`: the whole
+    /// content's MD5, when known); returns the upload id.
+    pub(super) async fn create_multipart(
+        &self,
+        key: &str,
+        full_key: &str,
+        md5: Option<[u8; 16]>,
+    ) -> Result<String, StorageError> {
+        let url = format!("{}?uploads=", self.url(full_key, &Dest::Object));
+        let headers = object_headers(key, md5);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.create_multipart_once(key, &url, &headers).await {
+                Err(e) if e.is_temporary() && attempt < ATTEMPTS => {
+                    tracing::debug!(key, attempt, "retrying CreateMultipartUpload: {e}");
+                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn create_multipart_once(
+        &self,
+        key: &str,
+        url: &str,
+        headers: &[(&'static str, String)],
+    ) -> Result<String, StorageError> {
+        let mut builder = http::Request::builder()
+            .method(http::Method::POST)
+            .uri(url)
+            .header(http::header::CONTENT_LENGTH, 0);
+        for (name, value) in headers {
+            builder = builder.header(*name, value);
+        }
+        let mut signed: HttpRequest = builder
+            .body(Bytes::new().into())
+            .map_err(|e| self.backend(key, format!("bad request: {e}"), false))?;
+        let digest: Option<[u8; 32]> = self.sign_payload.then(|| Sha256::digest(b"").into());
+        AwsAuthorizer::new(&self.credential, "s3", &self.region)
+            .with_sign_payload(self.sign_payload)
+            .authorize(&mut signed, digest.as_ref().map(<[u8; 32]>::as_slice));
+        let response = self
+            .client
+            .post(url)
+            .headers(signed.headers().clone())
+            .body(Bytes::new())
+            .send()
+            .await
+            .map_err(|e| self.transport(key, &e))?;
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        if !status.is_success() {
+            return Err(self.status_error(key, status, &body));
+        }
+        xml_field(&body, "UploadId")
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| {
+                self.backend(
+                    key,
+                    "the server's answer to CreateMultipartUpload has no UploadId".into(),
+                    false,
+                )
+            })
+    }
+
+    /// HeadBucket: `Ok` when the bucket exists and the credentials may use it; a
+    /// missing bucket is a configuration error naming `section`.
+    pub(super) async fn head_bucket(&self, section: &str) -> Result<(), StorageError> {
+        let url = self.base.clone();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.head_bucket_once(&url, section).await {
+                Err(e) if e.is_temporary() && attempt < ATTEMPTS => {
+                    tracing::debug!(attempt, "retrying HeadBucket: {e}");
+                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn head_bucket_once(&self, url: &str, section: &str) -> Result<(), StorageError> {
+        let mut signed: HttpRequest = http::Request::builder()
+            .method(http::Method::HEAD)
+            .uri(url)
+            .body(Bytes::new().into())
+            .map_err(|e| self.backend("", format!("bad request: {e}"), false))?;
+        let digest: Option<[u8; 32]> = self.sign_payload.then(|| Sha256::digest(b"").into());
+        AwsAuthorizer::new(&self.credential, "s3", &self.region)
+            .with_sign_payload(self.sign_payload)
+            .authorize(&mut signed, digest.as_ref().map(<[u8; 32]>::as_slice));
+        let response = self
+            .client
+            .head(url)
+            .headers(signed.headers().clone())
+            .send()
+            .await
+            .map_err(|e| self.transport("", &e))?;
+        let status = response.status();
+        match status.as_u16() {
+            s if (200..300).contains(&s) => Ok(()),
+            404 => {
+                let section = super::section_label(section);
+                Err(StorageError::Config {
+                    target: self.target.clone(),
+                    message: format!(
+                        "{section}: the bucket does not exist (or is not visible to this key)"
+                    ),
+                })
+            }
+            // HEAD answers have no body, so no S3 error code to refine this.
+            _ => Err(self.status_error("", status, "")),
+        }
     }
 
     fn backend(&self, key: &str, message: String, temporary: bool) -> StorageError {
@@ -269,6 +419,22 @@ mod tests {
                 }
             ),
             "http://127.0.0.1:3900/bucket/k?partNumber=3&uploadId=a%2Fb%3D"
+        );
+    }
+
+    #[test]
+    fn object_headers_carry_type_and_md5() {
+        let md5: [u8; 16] = md5::Md5::digest(b"hello").into();
+        assert_eq!(
+            object_headers("r/report.pdf", Some(md5)),
+            [
+                ("content-type", "application/pdf".to_owned()),
+                (MD5_METADATA_HEADER, "XUFAKrxLKna5cZ2REBfFkg==".to_owned()),
+            ]
+        );
+        assert_eq!(
+            object_headers("r/x.bam", None),
+            [("content-type", "application/octet-stream".to_owned())]
         );
     }
 

@@ -1,17 +1,23 @@
 //! The SFTP backend, over sessions from [`crate::ssh`] (so host keys and
 //! authentication follow the same rules as remote commands).
 //!
-//! A put writes `name.partial` (the usual convention, which customers' sync scripts
-//! skip), then renames it over `name`. OpenSSH speaks SFTP version 3, whose RENAME
-//! refuses to replace an existing file; an overwrite therefore falls back to an atomic
-//! `mv -f` over the same SSH connection, and only on servers without a shell to
-//! remove-then-rename (a moment without the file, never a partial one under its name).
+//! A put writes a temporary file in `<base>/.labrelay-staging/` (named `<key
+//! hash>.<random>`, see [`STAGING_DIR`](super::STAGING_DIR); created on demand), then
+//! renames it over `name`, so nothing but the finished object ever appears in the
+//! customer's folders, even when the process is killed. OpenSSH speaks SFTP version 3,
+//! whose RENAME refuses to replace an existing file; an overwrite therefore falls back
+//! to an atomic `mv -f` over the same SSH connection, and only on servers without a
+//! shell to remove-then-rename (a moment without the file, never a partial one under its
+//! name). The staging folder must be on the same filesystem as the folders below the
+//! base (true unless the server mounts something below it).
 //! The MD5 is computed locally while streaming; [`SftpStorage::remote_md5`] recomputes
 //! it on the server with `md5sum` for verification.
 //!
-//! URL paths follow curl: `sftp://u@h/data` is `/data`, `sftp://u@h/~/data` is `data`
-//! below the login directory, `sftp://u@h` is the login directory. The base directory
-//! must exist; directories below it are created as needed.
+//! URL paths follow curl: `sftp://u@h/data` is the absolute path `/data` on the server
+//! (as the server sees it: below its chroot, if it has one), `sftp://u@h/~/data` is
+//! `data` below the login directory, `sftp://u@h` is the login directory. The base
+//! directory must exist ([`SftpStorage::check_root`]; `create_root = true` creates it);
+//! directories below it are created as needed.
 //!
 //! ssh2 is blocking, so every operation runs on a blocking thread with a connection
 //! taken from a small pool (one SSH connection per concurrent operation).
@@ -29,8 +35,9 @@ use ssh2::{ErrorCode, OpenFlags, OpenType, RenameFlags, Sftp};
 
 use super::local::blocking;
 use super::{
-    CancelOnDrop, CopyError, GetOutcome, ObjectInfo, ObjectStorage, PARTIAL_SUFFIX, PutOptions,
-    PutOutcome, StorageError, copy_hashing, percent_decode, validate_key, validate_prefix,
+    CancelOnDrop, CopyError, GetOutcome, ObjectInfo, ObjectStorage, PutOptions, PutOutcome,
+    STAGING_DIR, StagingSweep, StorageError, copy_hashing, percent_decode, staging_name,
+    validate_key, validate_prefix,
 };
 use crate::config::StorageConfig;
 use crate::hash::Md5Parts;
@@ -58,6 +65,9 @@ struct Inner {
     /// trailing `/` (`/` itself stays `/`).
     base: String,
     target: String,
+    /// The `[storage.NAME]` section, for messages (may be empty).
+    section: String,
+    create_root: bool,
     pool: Mutex<Vec<Conn>>,
 }
 
@@ -118,9 +128,19 @@ impl SftpStorage {
                 params,
                 base: base_dir(&path),
                 target,
+                section: config.name.clone(),
+                create_root: config.create_root,
                 pool: Mutex::new(Vec::new()),
             }),
         })
+    }
+
+    /// Check that the base folder exists on the server (one `stat`), creating it level
+    /// by level with `create_root = true`. A missing folder is a configuration error
+    /// naming the section and the folder.
+    pub async fn check_root(&self) -> Result<(), StorageError> {
+        self.with_conn(|inner, conn| inner.check_root(&conn.sftp))
+            .await
     }
 
     /// The remote path of `key`.
@@ -334,15 +354,93 @@ impl Inner {
         }
     }
 
+    /// The base folder as a message shows it.
+    fn base_shown(&self) -> &str {
+        if self.base.is_empty() {
+            "(the login folder)"
+        } else {
+            &self.base
+        }
+    }
+
+    fn base_missing(&self) -> StorageError {
+        super::missing_root(&self.section, self.target.clone(), self.base_shown())
+    }
+
+    fn check_root(&self, sftp: &Sftp) -> Result<(), StorageError> {
+        let base = if self.base.is_empty() {
+            "."
+        } else {
+            &self.base
+        };
+        match sftp.stat(Path::new(base)) {
+            Ok(st) if st.is_dir() => Ok(()),
+            Ok(_) => Err(StorageError::Config {
+                target: self.target.clone(),
+                message: format!(
+                    "{}: the base folder {base} is not a directory",
+                    super::section_label(&self.section)
+                ),
+            }),
+            Err(e) if is_not_found(&e) && self.create_root => self.create_base(sftp),
+            Err(e) if is_not_found(&e) => Err(self.base_missing()),
+            Err(e) => Err(self.sftp_error("check", base, &e)),
+        }
+    }
+
+    /// `mkdir -p` of the base folder (`create_root = true`).
+    fn create_base(&self, sftp: &Sftp) -> Result<(), StorageError> {
+        let mut current = if self.base.starts_with('/') {
+            "/".to_owned()
+        } else {
+            String::new()
+        };
+        for segment in self.base.split('/').filter(|s| !s.is_empty()) {
+            current = join(&current, segment);
+            let p = Path::new(&current);
+            if let Err(e) = sftp.mkdir(p, 0o755) {
+                match sftp.stat(p) {
+                    Ok(st) if st.is_dir() => {}
+                    _ => return Err(self.sftp_error("mkdir", &current, &e)),
+                }
+            }
+        }
+        tracing::info!(target_ = %self.target, "created the base folder (create_root = true)");
+        Ok(())
+    }
+
+    /// The staging folder, where puts write before the final rename.
+    fn staging_dir(&self) -> String {
+        join(&self.base, STAGING_DIR)
+    }
+
+    /// Create the staging folder (the base must exist).
+    fn mkdir_staging(&self, sftp: &Sftp, key: &str) -> Result<(), StorageError> {
+        let dir = self.staging_dir();
+        let p = Path::new(&dir);
+        match sftp.mkdir(p, 0o755) {
+            Ok(()) => Ok(()),
+            Err(e) => match sftp.stat(p) {
+                Ok(st) if st.is_dir() => Ok(()),
+                Ok(_) => Err(StorageError::Backend {
+                    target: self.target.clone(),
+                    op: "put",
+                    key: key.to_owned(),
+                    message: format!("{dir} exists and is not a directory"),
+                    temporary: false,
+                }),
+                Err(_) if is_not_found(&e) => Err(self.base_missing()),
+                Err(_) => Err(self.sftp_error("put", key, &e)),
+            },
+        }
+    }
+
     /// Create the directories of `key`'s parent below the base, one level at a time.
     fn mkdir_p(&self, sftp: &Sftp, key: &str) -> Result<(), StorageError> {
-        let base_missing = || StorageError::Config {
-            target: self.target.clone(),
-            message: "the base directory does not exist on the server".into(),
-        };
+        let base_missing = || self.base_missing();
         let Some((rel_dir, _)) = key.rsplit_once('/') else {
-            // The file goes straight into the base, which is not there.
-            return Err(base_missing());
+            // The file goes straight into the base: nothing to create.
+            return Ok(());
         };
         let mut current = self.base.clone();
         for (depth, segment) in rel_dir.split('/').enumerate() {
@@ -387,11 +485,11 @@ impl Inner {
         cancel: &AtomicBool,
     ) -> Result<PutOutcome, StorageError> {
         let sftp = &conn.sftp;
-        let partial = format!("{dest}{PARTIAL_SUFFIX}");
+        let partial = join(&self.staging_dir(), &staging_name(key));
         let mut file = match Self::open_partial(sftp, &partial) {
             Ok(f) => f,
             Err(e) if is_not_found(&e) => {
-                self.mkdir_p(sftp, key)?;
+                self.mkdir_staging(sftp, key)?;
                 Self::open_partial(sftp, &partial).map_err(|e| self.sftp_error("put", key, &e))?
             }
             Err(e) => return Err(self.sftp_error("put", key, &e)),
@@ -443,7 +541,15 @@ impl Inner {
             remove_partial();
             return Err(self.cancelled(key));
         }
-        if let Err(e) = self.rename_over(conn, &partial, dest, key) {
+        // The folders of the key are created only when the rename says they are
+        // missing: most puts go into folders that exist, and this saves round trips.
+        let renamed = match self.rename_over(conn, &partial, dest, key) {
+            Err(StorageError::NotFound { .. }) if key.contains('/') => self
+                .mkdir_p(sftp, key)
+                .and_then(|()| self.rename_over(conn, &partial, dest, key)),
+            r => r,
+        };
+        if let Err(e) = renamed {
             remove_partial();
             return Err(e);
         }
@@ -549,9 +655,11 @@ impl Inner {
             } else {
                 format!("{key_prefix}/{name}")
             };
-            if stat.is_dir() {
+            if key_prefix.is_empty() && name == STAGING_DIR {
+                // Uploads in progress (or killed before they could clean up).
+            } else if stat.is_dir() {
                 self.walk(sftp, &join(dir, name), &key, out)?;
-            } else if stat.is_file() && !name.ends_with(PARTIAL_SUFFIX) {
+            } else if stat.is_file() {
                 out.push(stat_info(key, &stat));
             }
         }
@@ -930,6 +1038,36 @@ impl ObjectStorage for SftpStorage {
                 Err(e) => Err(inner.sftp_error("delete", &key, &e)),
             },
         )
+        .await
+    }
+
+    async fn clean_staging(&self, keys: &[String]) -> Result<u64, StorageError> {
+        let sweep = StagingSweep::new(keys);
+        self.with_conn(move |inner, conn| {
+            let dir = inner.staging_dir();
+            let entries = match conn.sftp.readdir(Path::new(&dir)) {
+                Ok(e) => e,
+                Err(e) if is_not_found(&e) => return Ok(0),
+                Err(e) => return Err(inner.sftp_error("clean", STAGING_DIR, &e)),
+            };
+            let mut removed = 0;
+            for (path, stat) in entries {
+                let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+                    continue;
+                };
+                let modified = stat
+                    .mtime
+                    .map(|t| std::time::UNIX_EPOCH + Duration::from_secs(t));
+                if stat.is_file() && sweep.removes(name, modified) {
+                    match conn.sftp.unlink(&path) {
+                        Ok(()) => removed += 1,
+                        Err(e) if is_not_found(&e) => {}
+                        Err(e) => return Err(inner.sftp_error("clean", STAGING_DIR, &e)),
+                    }
+                }
+            }
+            Ok(removed)
+        })
         .await
     }
 

@@ -678,3 +678,134 @@ fn smtp_starttls_required_but_not_offered_is_a_configuration_error() {
     let err = block_on(mailer.send(&mail)).unwrap_err();
     assert_eq!(err.exit(), Exit::Config, "{err:?}");
 }
+
+/// An SMTP server on a free port for `connections` sessions, offering 8BITMIME but
+/// not SMTPUTF8 and accepting everything; returns its port and the commands it got.
+fn smtp_without_smtputf8(connections: usize) -> (u16, std::thread::JoinHandle<Vec<String>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let mut commands = Vec::new();
+        for stream in listener.incoming().take(connections) {
+            fake_smtp_session(stream.unwrap(), &mut commands);
+        }
+        commands
+    });
+    (port, server)
+}
+
+fn fake_smtp_session(stream: std::net::TcpStream, commands: &mut Vec<String>) {
+    use std::io::{BufRead, BufReader, Write};
+    {
+        let mut out = stream.try_clone().unwrap();
+        let mut lines = BufReader::new(stream);
+        out.write_all(b"220 fake ESMTP\r\n").unwrap();
+        let mut line = Vec::new();
+        while lines.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+            let text = String::from_utf8_lossy(&line).trim_end().to_owned();
+            line.clear();
+            let verb = text.split(' ').next().unwrap_or("").to_ascii_uppercase();
+            commands.push(text);
+            let reply: &[u8] = match verb.as_str() {
+                "EHLO" => b"250-fake\r\n250 8BITMIME\r\n",
+                "DATA" => {
+                    out.write_all(b"354 go on\r\n").unwrap();
+                    // Swallow the message up to the lone dot.
+                    let mut body = Vec::new();
+                    while lines.read_until(b'\n', &mut body).unwrap_or(0) > 0 {
+                        if body.ends_with(b"\r\n.\r\n") {
+                            break;
+                        }
+                    }
+                    b"250 2.0.0 queued\r\n"
+                }
+                "QUIT" => {
+                    out.write_all(b"221 bye\r\n").unwrap();
+                    break;
+                }
+                _ => b"250 ok\r\n",
+            };
+            out.write_all(reply).unwrap();
+        }
+    }
+}
+
+fn plain_smtp(port: u16) -> SmtpConfig {
+    SmtpConfig {
+        host: "127.0.0.1".into(),
+        port: Some(port),
+        security: TlsMode::None,
+        username: None,
+        password: None,
+        timeout_secs: 5,
+        hello_name: Some("client.labrelay.test".into()),
+    }
+}
+
+/// A non-ASCII name before the @ needs SMTPUTF8; a server without it gets nothing, and
+/// the error names the address.
+#[test]
+fn non_ascii_local_part_without_smtputf8_is_refused_naming_the_address() {
+    // The session ends before MAIL; a second one is never opened.
+    let (port, server) = smtp_without_smtputf8(1);
+    let mailer = Mailer::from_config(Some(&plain_smtp(port)), std::path::Path::new("/x")).unwrap();
+    let mail = OutgoingMail::new("lab@seq.example.org")
+        .to("客户 <用户@example.org>")
+        .subject("x")
+        .text("x");
+    let err = block_on(mailer.send(&mail)).unwrap_err();
+    assert!(matches!(err, MailError::Rejected { .. }), "{err:?}");
+    assert_eq!(err.exit(), Exit::Failed);
+    let msg = err.to_string();
+    assert!(
+        msg.contains("用户@example.org") && msg.contains("SMTPUTF8"),
+        "{msg}"
+    );
+    drop(mailer);
+    let commands = server.join().unwrap();
+    assert!(
+        !commands
+            .iter()
+            .any(|c| c.starts_with("MAIL") || c.starts_with("RCPT")),
+        "nothing was sent: {commands:?}"
+    );
+}
+
+/// A Unicode domain goes out as punycode, so it needs no SMTPUTF8.
+#[test]
+fn unicode_domain_is_sent_as_punycode_without_smtputf8() {
+    let (port, server) = smtp_without_smtputf8(2);
+    let mailer = Mailer::from_config(Some(&plain_smtp(port)), std::path::Path::new("/x")).unwrap();
+    let mail = OutgoingMail::new("lab@seq.example.org")
+        .to("Kunde <kunde@bücher.example>")
+        .subject("x")
+        .text("x");
+    block_on(mailer.send(&mail)).unwrap();
+    block_on(mailer.send_raw(
+        Some("lab@seq.example.org"),
+        &["zweite@bücher.example"],
+        "<raw-1@seq.example.org>",
+        b"Subject: raw\r\n\r\nx\r\n",
+    ))
+    .unwrap();
+    drop(mailer);
+    let commands = server.join().unwrap();
+    for rcpt in [
+        "RCPT TO:<kunde@xn--bcher-kva.example>",
+        "RCPT TO:<zweite@xn--bcher-kva.example>",
+    ] {
+        assert!(commands.iter().any(|c| c == rcpt), "{commands:?}");
+    }
+    assert!(commands.iter().all(|c| c.is_ascii()), "{commands:?}");
+}
+
+/// Postfix offers SMTPUTF8: a non-ASCII sender name goes through.
+#[test]
+fn non_ascii_local_part_is_sent_with_smtputf8_when_offered() {
+    let s = servers!();
+    let mail = OutgoingMail::new(format!("实验室@{}", s.domain))
+        .to(s.addr("alice"))
+        .subject(unique("smtputf8"))
+        .text("x");
+    block_on(s.mailer().send(&mail)).unwrap();
+}

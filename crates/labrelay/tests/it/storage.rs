@@ -13,7 +13,9 @@ use bytes::Bytes;
 use labrelay::Exit;
 use labrelay::config::Config;
 use labrelay::ssh::{SshParams, SshSession, shell_quote};
-use labrelay::storage::{AnyStorage, ObjectStorage, PutOptions, StorageError};
+use labrelay::storage::{
+    AnyStorage, ObjectStorage, PutOptions, STAGING_DIR, StorageError, staging_key_hash,
+};
 use md5::{Digest, Md5};
 
 const MIB: u64 = 1024 * 1024;
@@ -153,6 +155,39 @@ impl Fixture {
         }
     }
 
+    /// Put a file into the staging folder, as a put killed `age` ago would leave it;
+    /// `false` for S3, which has no staging folder.
+    async fn plant_staging(&self, name: &str, age: Duration) -> bool {
+        let mtime = std::time::SystemTime::now() - age;
+        match self.kind {
+            Kind::S3 => false,
+            Kind::Local => {
+                let dir = self.local_root.as_ref().unwrap().path().join(STAGING_DIR);
+                std::fs::create_dir_all(&dir).unwrap();
+                let f = std::fs::File::create(dir.join(name)).unwrap();
+                f.set_modified(mtime).unwrap();
+                true
+            }
+            Kind::Sftp => {
+                let (base, params) = self.sftp_base.as_ref().unwrap();
+                let dir = format!("{base}/{STAGING_DIR}");
+                let epoch = mtime
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs();
+                run_remote(
+                    params,
+                    &format!(
+                        "mkdir -p {d} && touch -d @{epoch} {d}/{name}",
+                        d = shell_quote(&dir)
+                    ),
+                )
+                .await;
+                true
+            }
+        }
+    }
+
     /// Remove what the test stored (S3 objects, the SFTP directory).
     async fn cleanup(self) {
         match self.kind {
@@ -258,6 +293,8 @@ contract!(
     aborted_upload_leaves_nothing_under_the_final_name,
     file_larger_than_one_part,
     presigned_url,
+    killed_put_leftovers_are_cleaned_from_staging,
+    partial_suffix_is_an_ordinary_key,
 );
 
 async fn round_trip_with_nested_keys(fx: &Fixture) {
@@ -422,8 +459,8 @@ async fn invalid_keys_are_refused(fx: &Fixture) {
         "a/",
         "../escape",
         "a/../b",
-        "x.partial",
         "a\nb",
+        ".labrelay-staging/x",
     ] {
         let err = s.put_bytes(key, Bytes::from("x")).await.unwrap_err();
         assert!(
@@ -544,6 +581,11 @@ async fn aborted_upload_leaves_nothing_under_the_final_name(fx: &Fixture) {
         storage.put_reader(reader, "abort/big.bin", &opts).await
     });
     reached_rx.await.unwrap();
+    // While the put runs, the customer's folder holds nothing (its temporary file is
+    // in the staging folder, which a kill -9 now would leave behind).
+    if let Some(names) = fx.raw_names("abort").await {
+        assert!(names.is_empty(), "visible during the put: {names:?}");
+    }
     task.abort();
     assert!(task.await.unwrap_err().is_cancelled());
     assert_eq!(fx.storage.head("abort/big.bin").await.unwrap(), None);
@@ -597,6 +639,75 @@ async fn file_larger_than_one_part(fx: &Fixture) {
     let back = dir.path().join("back.bin");
     s.get_to_file("mp/forty.bin", &back).await.unwrap();
     assert_eq!(md5_of_file(&back), want_md5);
+}
+
+/// A put killed with `kill -9` leaves its temporary file in the staging folder (never
+/// in the customer's folder); `clean_staging` with the key removes it, and any staging
+/// file older than a week, but not a fresh one of another key (a put may be running).
+async fn killed_put_leftovers_are_cleaned_from_staging(fx: &Fixture) {
+    let s = &fx.storage;
+    s.put_bytes("run/done.txt", Bytes::from("done"))
+        .await
+        .unwrap();
+    let mine = format!("{}.00112233aabbccdd", staging_key_hash("run/data.bin"));
+    let other = format!("{}.0123456789abcdef", staging_key_hash("run/other.bin"));
+    let planted = fx.plant_staging(&mine, Duration::ZERO).await
+        && fx.plant_staging(&other, Duration::ZERO).await
+        && fx
+            .plant_staging("stray-old", Duration::from_hours(8 * 24))
+            .await;
+    // The staging folder is never listed, whatever the prefix.
+    assert_eq!(keys(&s.list("").await.unwrap()), ["run/done.txt"]);
+    assert!(s.list(STAGING_DIR).await.is_err());
+    let removed = s
+        .clean_staging(&["run/data.bin".to_owned(), "run/done.txt".to_owned()])
+        .await
+        .unwrap();
+    if !planted {
+        assert_eq!(removed, 0, "S3 has no staging files");
+        return;
+    }
+    assert_eq!(removed, 2, "the key's leftover and the week-old one");
+    assert_eq!(fx.raw_names(STAGING_DIR).await.unwrap(), [other.as_str()]);
+    // Nothing to do the second time.
+    assert_eq!(
+        s.clean_staging(&["run/data.bin".to_owned()]).await.unwrap(),
+        0
+    );
+    // A put of the key still works and leaves only itself behind.
+    s.put_bytes("run/data.bin", Bytes::from("data"))
+        .await
+        .unwrap();
+    assert_eq!(fx.raw_names("run").await.unwrap(), ["data.bin", "done.txt"]);
+    assert_eq!(fx.raw_names(STAGING_DIR).await.unwrap(), [other.as_str()]);
+    assert_eq!(
+        keys(&s.list("").await.unwrap()),
+        ["run/data.bin", "run/done.txt"]
+    );
+}
+
+/// Keys ending in `.partial` used to be reserved for SFTP uploads in progress; a real
+/// file named so must deliver, and be listed.
+async fn partial_suffix_is_an_ordinary_key(fx: &Fixture) {
+    let s = &fx.storage;
+    let dir = test_support::tempdir();
+    let f = dir.path().join("x.partial");
+    std::fs::write(&f, "a file that happens to be called x.partial").unwrap();
+    let o = s
+        .put_file(&f, "dir/x.partial", &PutOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(o.size, 42);
+    s.put_bytes("top.partial", Bytes::from("t")).await.unwrap();
+    assert_eq!(
+        keys(&s.list("").await.unwrap()),
+        ["dir/x.partial", "top.partial"]
+    );
+    assert_eq!(keys(&s.list("dir").await.unwrap()), ["dir/x.partial"]);
+    assert_eq!(s.head("dir/x.partial").await.unwrap().unwrap().size, 42);
+    if let Some(names) = fx.raw_names("dir").await {
+        assert_eq!(names, ["x.partial"], "nothing but the object");
+    }
 }
 
 async fn presigned_url(fx: &Fixture) {
@@ -772,6 +883,110 @@ async fn s3_signed_payload_uploads() {
     }
 }
 
+/// The object's headers as a plain GET (through a presigned URL) returns them.
+async fn s3_object_headers(s: &AnyStorage, key: &str) -> reqwest::header::HeaderMap {
+    let url = s
+        .presign_get(key, Duration::from_mins(5))
+        .await
+        .unwrap()
+        .unwrap();
+    let resp = reqwest::get(url).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.headers().clone()
+}
+
+fn header<'a>(h: &'a reqwest::header::HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Objects carry rclone's `X-Amz-Meta-Md5chksum` (base64 of the raw MD5) and a
+/// Content-Type from the file name: single PUTs always, multipart uploads when the
+/// caller knows the whole file's MD5.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_objects_carry_md5_metadata_and_content_type() {
+    use base64::Engine as _;
+    let Some(fx) = Fixture::new(Kind::S3).await else {
+        return;
+    };
+    let s = &fx.storage;
+    let b64 = |data: &[u8]| base64::engine::general_purpose::STANDARD.encode(md5_raw(data));
+
+    let pdf = Bytes::from(pattern(1000, 1));
+    s.put_bytes("meta/report.pdf", pdf.clone()).await.unwrap();
+    let hd = s3_object_headers(s, "meta/report.pdf").await;
+    assert_eq!(
+        header(&hd, "x-amz-meta-md5chksum"),
+        Some(b64(&pdf).as_str())
+    );
+    assert_eq!(header(&hd, "content-type"), Some("application/pdf"));
+
+    // Multipart with the whole file's MD5 known (and checked).
+    let dir = test_support::tempdir();
+    let f = dir.path().join("reads.fastq.gz");
+    let data = pattern(17 * MIB as usize, 2);
+    std::fs::write(&f, &data).unwrap();
+    let opts = PutOptions {
+        part_size: Some(8 * MIB),
+        md5: Some(md5_raw(&data)),
+        ..PutOptions::default()
+    };
+    let out = s.put_file(&f, "meta/reads.fastq.gz", &opts).await.unwrap();
+    assert_eq!(out.parts, 3);
+    let hd = s3_object_headers(s, "meta/reads.fastq.gz").await;
+    assert_eq!(
+        header(&hd, "x-amz-meta-md5chksum"),
+        Some(b64(&data).as_str())
+    );
+    assert_eq!(header(&hd, "content-type"), Some("application/gzip"));
+
+    // A wrong MD5 from the caller fails the put and leaves no object claiming it.
+    let wrong = PutOptions {
+        md5: Some(md5_raw(b"something else")),
+        ..opts.clone()
+    };
+    let err = s
+        .put_file(&f, "meta/wrong.fastq.gz", &wrong)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StorageError::Integrity { .. }), "{err:?}");
+    assert_eq!(s.head("meta/wrong.fastq.gz").await.unwrap(), None);
+
+    // Multipart without it: the type still, no MD5 metadata.
+    let opts = PutOptions {
+        part_size: Some(8 * MIB),
+        ..PutOptions::default()
+    };
+    s.put_file(&f, "meta/unknown.bam", &opts).await.unwrap();
+    let hd = s3_object_headers(s, "meta/unknown.bam").await;
+    assert_eq!(header(&hd, "x-amz-meta-md5chksum"), None);
+    assert_eq!(
+        header(&hd, "content-type"),
+        Some("application/octet-stream")
+    );
+
+    // The low-level API the delivery tool resumes with.
+    let AnyStorage::S3(s3) = s else {
+        panic!("not S3")
+    };
+    let part = Bytes::from(pattern(1000, 3));
+    let upload = s3
+        .create_multipart_with_md5("meta/api.csv", Some(md5_raw(&part)))
+        .await
+        .unwrap();
+    let done = s3
+        .put_part(&upload, 0, part.clone(), md5_raw(&part), true)
+        .await
+        .unwrap();
+    s3.complete_multipart(&upload, vec![done]).await.unwrap();
+    let hd = s3_object_headers(s, "meta/api.csv").await;
+    assert_eq!(
+        header(&hd, "x-amz-meta-md5chksum"),
+        Some(b64(&part).as_str())
+    );
+    assert_eq!(header(&hd, "content-type"), Some("text/csv; charset=utf-8"));
+    fx.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_wrong_secret_is_a_config_error_without_the_secret() {
     let Some(toml) = s3_toml(&test_support::unique("storage")) else {
@@ -924,18 +1139,153 @@ async fn sftp_password_login_and_missing_base_directory() {
     assert!(matches!(err, StorageError::Config { .. }), "{err:?}");
     let err = s.put_bytes("a/x", Bytes::from("x")).await.unwrap_err();
     assert!(matches!(err, StorageError::Config { .. }), "{err:?}");
-    assert!(err.to_string().contains("base directory"), "{err}");
+    assert!(err.to_string().contains("base folder"), "{err}");
 }
 
 #[tokio::test]
 async fn local_root_must_exist() {
     let dir = test_support::tempdir();
-    let config = Config::from_toml(&format!(
-        "[storage.t]\nurl = \"{}/nope\"\n",
-        dir.path().display()
-    ))
-    .unwrap();
-    let err = AnyStorage::open(&config.storage["t"]).unwrap_err();
+    let root = dir.path().join("nope");
+    let config =
+        Config::from_toml(&format!("[storage.nas]\nurl = \"{}\"\n", root.display())).unwrap();
+    let err = AnyStorage::open(&config.storage["nas"]).unwrap_err();
     assert!(matches!(err, StorageError::Config { .. }), "{err:?}");
     assert_eq!(err.exit(), Exit::Config);
+    let msg = err.to_string();
+    assert!(msg.contains("[storage.nas]"), "{msg}");
+    assert!(msg.contains(&root.display().to_string()), "{msg}");
+    assert!(msg.contains("create_root"), "{msg}");
+    assert!(!root.exists());
+}
+
+/// `create_root = true` creates a missing local root (with its parents) at start, and
+/// `check_root` notices when it goes away later (an unmounted share).
+#[tokio::test]
+async fn local_create_root_creates_the_folder() {
+    let dir = test_support::tempdir();
+    let root = dir.path().join("new/deliveries");
+    let config = Config::from_toml(&format!(
+        "[storage.nas]\nurl = \"{}\"\ncreate_root = true\n",
+        root.display()
+    ))
+    .unwrap();
+    let s = AnyStorage::open_checked(&config.storage["nas"])
+        .await
+        .unwrap();
+    assert!(root.is_dir());
+    s.put_bytes("a/b.txt", Bytes::from("b")).await.unwrap();
+    s.check_root().await.unwrap();
+    // Without create_root, a root that disappears after the start is an error again.
+    let plain =
+        Config::from_toml(&format!("[storage.nas]\nurl = \"{}\"\n", root.display())).unwrap();
+    let s = AnyStorage::open(&plain.storage["nas"]).unwrap();
+    std::fs::remove_dir_all(&root).unwrap();
+    let err = s.check_root().await.unwrap_err();
+    assert_eq!(err.exit(), Exit::Config);
+    assert!(err.to_string().contains("[storage.nas]"), "{err}");
+}
+
+fn sftp_toml(params: &SshParams, path: &str, extra: &str) -> String {
+    format!(
+        r#"
+        [storage.customer]
+        url = "sftp://{user}@{host}:{port}{path}"
+        key_file = "{key}"
+        known_hosts = "{known_hosts}"
+        timeout_secs = 20
+        {extra}
+        "#,
+        user = params.user,
+        host = params.host,
+        port = params.port,
+        key = params.key_file.as_ref().unwrap().display(),
+        known_hosts = params.known_hosts.display(),
+    )
+}
+
+/// A missing SFTP base folder is found at start (not at the first put), as a
+/// configuration error naming the section and the folder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sftp_missing_base_folder_is_a_config_error_at_start() {
+    let Some(params) = sftp_params() else { return };
+    let Some(root) = test_support::require("SFTP_ROOT") else {
+        return;
+    };
+    let missing = format!("{root}/{}/deeper", test_support::unique("missing"));
+    let config = Config::from_toml(&sftp_toml(&params, &missing, "")).unwrap();
+    // Opening makes no connection; the check does.
+    let s = AnyStorage::open(&config.storage["customer"]).unwrap();
+    let err = s.check_root().await.unwrap_err();
+    assert!(matches!(err, StorageError::Config { .. }), "{err:?}");
+    assert_eq!(err.exit(), Exit::Config);
+    let msg = err.to_string();
+    assert!(msg.contains("[storage.customer]"), "{msg}");
+    assert!(msg.contains(&missing), "{msg}");
+    let err = AnyStorage::open_checked(&config.storage["customer"])
+        .await
+        .unwrap_err();
+    assert_eq!(err.exit(), Exit::Config);
+    // A put into the missing base says the same.
+    let err = s.put_bytes("x", Bytes::from("x")).await.unwrap_err();
+    assert!(err.to_string().contains("[storage.customer]"), "{err}");
+}
+
+/// `create_root = true` creates the base folder, every missing level of it; a path
+/// after `/~/` is relative to the login folder, any other path is absolute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sftp_create_root_creates_the_base_folder() {
+    let Some(params) = sftp_params() else { return };
+    let Some(root) = test_support::require("SFTP_ROOT") else {
+        return;
+    };
+    let top = test_support::unique("created");
+    let absolute = format!("{root}/{top}/a/b");
+    let config = Config::from_toml(&sftp_toml(&params, &absolute, "create_root = true")).unwrap();
+    let s = AnyStorage::open_checked(&config.storage["customer"])
+        .await
+        .unwrap();
+    s.put_bytes("x.txt", Bytes::from("x")).await.unwrap();
+    run_remote(
+        &params,
+        &format!("test -f {}/x.txt", shell_quote(&absolute)),
+    )
+    .await;
+    run_remote(
+        &params,
+        &format!("rm -rf {}", shell_quote(&format!("{root}/{top}"))),
+    )
+    .await;
+
+    let rel = test_support::unique("home-relative");
+    let config = Config::from_toml(&sftp_toml(
+        &params,
+        &format!("/~/{rel}/out"),
+        "create_root = true",
+    ))
+    .unwrap();
+    let s = AnyStorage::open_checked(&config.storage["customer"])
+        .await
+        .unwrap();
+    s.put_bytes("y.txt", Bytes::from("y")).await.unwrap();
+    // Relative to the login folder ($HOME of the SFTP user), wherever that is.
+    run_remote(
+        &params,
+        &format!("cd && test -f {}/out/y.txt", shell_quote(&rel)),
+    )
+    .await;
+    run_remote(&params, &format!("cd && rm -rf {}", shell_quote(&rel))).await;
+}
+
+/// S3: the check is one HeadBucket; a missing bucket is a configuration error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_check_root_finds_a_missing_bucket() {
+    let Some(toml) = s3_toml(&test_support::unique("storage")) else {
+        return;
+    };
+    open(&toml).check_root().await.unwrap();
+    let bucket = test_support::require("S3_BUCKET").unwrap_or_default();
+    let s = open(&toml.replace(&format!("s3://{bucket}"), "s3://labrelay-no-such-bucket"));
+    let err = s.check_root().await.unwrap_err();
+    assert!(matches!(err, StorageError::Config { .. }), "{err:?}");
+    assert!(err.to_string().contains("[storage.t]"), "{err}");
 }
