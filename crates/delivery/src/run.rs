@@ -357,6 +357,11 @@ pub async fn deliver(
         .map_err(|e| labrelay::exit::usage(format!("{name:?} cannot name a delivery: {e}")))?;
     let target = ResolvedTarget::resolve(env.config, &env.delivery, req.target.as_deref())?;
     steps.check_target(&target.info, target.storage.as_ref())?;
+    if let Some(storage) = &target.storage {
+        // A base folder or bucket that is not there is a configuration error, found
+        // before any work (`create_root = true` creates a folder instead).
+        storage.check_root().await?;
+    }
     let mut summary = Summary {
         analysis_id: name.clone(),
         project_id: req.project_id.clone(),

@@ -248,6 +248,17 @@ pub async fn upload(job: &Job<'_>, entries: Vec<Entry>) -> anyhow::Result<Upload
     } else {
         state.done_files(run_id).await?
     };
+    // Temporary files a killed run left in the target's staging folder (never in the
+    // customer's folder) go before anything is sent again.
+    let keys: Vec<String> = entries.iter().map(|e| object_key(prefix, &e.rel)).collect();
+    let removed = storage.clean_staging(&keys).await?;
+    drop(keys);
+    if removed > 0 {
+        tracing::info!(
+            removed,
+            "removed temporary files an interrupted run left behind"
+        );
+    }
     let (tx, mut rx) = mpsc::channel::<DoneFile>(4096);
     let writer_state = state.clone();
     let writer_run = run_id.to_owned();
