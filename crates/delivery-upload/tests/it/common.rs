@@ -442,7 +442,13 @@ impl Home {
         let Ok(rd) = std::fs::read_dir(dir) else {
             return Vec::new();
         };
-        rd.map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        // What a sweeper of the outbox takes: `*.eml`, not hidden temporary files.
+        rd.map(|e| e.unwrap().path())
+            .filter(|p| {
+                let name = p.file_name().unwrap().to_string_lossy();
+                name.ends_with(".eml") && !name.starts_with('.')
+            })
+            .map(|p| std::fs::read_to_string(p).unwrap())
             .collect()
     }
 }

@@ -215,6 +215,14 @@ async fn crash_loop(kind: TargetKind) {
         assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
     }
 
+    // No half-written mail left in the outbox either.
+    let outbox_tmp: Vec<_> = std::fs::read_dir(home.data_dir().join("outbox"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(outbox_tmp.is_empty(), "{outbox_tmp:?}");
+
     // One customer mail per analysis, one LIMS row per analysis.
     let mut mails: BTreeMap<String, usize> = BTreeMap::new();
     for m in home.outbox() {

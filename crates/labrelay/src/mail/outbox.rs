@@ -97,6 +97,12 @@ fn existing(dir: &Path, id: &str) -> Result<Option<PathBuf>, MailError> {
         let Ok(name) = entry.file_name().into_string() else {
             continue;
         };
+        // Only one writer holds the directory lock, so a temporary file seen here was
+        // left by a writer that died before its rename: remove it.
+        if name.starts_with('.') && Path::new(&name).extension().is_some_and(|x| x == "tmp") {
+            let _ = fs_err::remove_file(entry.path());
+            continue;
+        }
         let Some(rest) = name
             .strip_suffix(".eml")
             .filter(|_| !name.starts_with('.'))
@@ -114,7 +120,8 @@ fn existing(dir: &Path, id: &str) -> Result<Option<PathBuf>, MailError> {
 }
 
 /// Write one message into `dir` (created if missing) and return its file; when `dir`
-/// already holds a file for `message_id`, return that one and write nothing.
+/// already holds a file for `message_id`, return that one and write nothing. Temporary
+/// files of writers killed before their rename are removed on the way.
 pub(crate) fn write(
     dir: &Path,
     message_id: &str,
@@ -195,6 +202,25 @@ mod tests {
             .collect();
         names.sort();
         names
+    }
+
+    #[test]
+    fn regression_a_killed_writers_temporary_file_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("outbox");
+        fs_err::create_dir_all(&out).unwrap();
+        let stale = out.join(".20261130T000000.000000Z-1@x.0123.tmp");
+        fs_err::write(&stale, "Subject: half\r\n").unwrap();
+        write(
+            &out,
+            "<2@x>",
+            None,
+            &["b@y".into()],
+            b"Subject: b\r\n\r\nB\r\n",
+        )
+        .unwrap();
+        assert!(!stale.exists());
+        assert_eq!(eml_names(&out).len(), 1);
     }
 
     #[test]
