@@ -353,10 +353,13 @@ fn walk_dir(
             ));
             continue;
         }
-        // Opening proves readability now, instead of failing halfway through the upload.
-        if let Err(e) = std::fs::File::open(&real_path) {
-            m.problems
-                .push(problem(&path, format!("unreadable: {}", io_message(&e))));
+        // Proves readability now (access(2): one call, no open and close), instead of
+        // failing halfway through the upload.
+        if let Err(e) = rustix::fs::access(&real_path, rustix::fs::Access::READ_OK) {
+            m.problems.push(problem(
+                &path,
+                format!("unreadable: {}", io_message(&e.into())),
+            ));
             continue;
         }
         let mtime_ns = meta

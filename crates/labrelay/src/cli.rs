@@ -138,12 +138,20 @@ where
         config_files: loaded.files,
         out: Printer::stdout(global.json, global.quiet),
     };
+    // File I/O runs on blocking threads; tokio's default of 512 lets a delivery of
+    // 10^5 small files grow hundreds of threads that only contend for the same
+    // directories (and each keeps its stack and malloc arena). Every tool bounds its
+    // parallel work far below this.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
         .build()
         .map_err(|e| anyhow::Error::new(e).context("starting the async runtime"))?;
     runtime.block_on(run(args, ctx))
 }
+
+/// Blocking threads of a tool's runtime (file and SSH I/O).
+pub const MAX_BLOCKING_THREADS: usize = 64;
 
 /// Resolves when the process receives SIGTERM or SIGINT, for tools that run until told
 /// to stop (queue listeners). They finish or journal the item in flight, then return.

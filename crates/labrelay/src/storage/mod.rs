@@ -479,6 +479,11 @@ pub struct PutOptions {
     /// PUT always does, from the MD5 computed while streaming); a put whose data has
     /// another MD5 fails and leaves no object. Other backends ignore it.
     pub md5: Option<[u8; 16]>,
+    /// Local directory: skip the per-file fsyncs; the caller makes everything durable
+    /// at once with [`AnyStorage::sync`] before it relies on the files (a delivery
+    /// re-checks every file on resume, so a file lost to a power cut in between is
+    /// sent again). Other backends ignore it.
+    pub defer_sync: bool,
 }
 
 impl Default for PutOptions {
@@ -488,6 +493,7 @@ impl Default for PutOptions {
             part_concurrency: None,
             verify_etag: true,
             md5: None,
+            defer_sync: false,
         }
     }
 }
@@ -700,6 +706,16 @@ impl AnyStorage {
     /// folder; an unreachable server is a temporary failure (75) as usual.
     pub async fn check_root(&self) -> Result<(), StorageError> {
         dispatch!(self, s => s.check_root().await)
+    }
+
+    /// Make every put with [`PutOptions::defer_sync`] durable: one `syncfs` of a local
+    /// directory's filesystem; nothing for S3 and SFTP, whose servers store a put
+    /// before they answer it.
+    pub async fn sync(&self) -> Result<(), StorageError> {
+        match self {
+            AnyStorage::Local(s) => s.sync().await,
+            AnyStorage::S3(_) | AnyStorage::Sftp(_) => Ok(()),
+        }
     }
 
     /// Open the target a `[storage.NAME]` section describes. No network traffic
