@@ -7,7 +7,11 @@
 #
 #   bench/delivery.sh                 # full size: 10,000 x 10 KiB, 2 x 1 GiB, SFTP 1 GiB
 #   bench/delivery.sh --quick         # 1,000 x 10 KiB, 2 x 128 MiB, SFTP 256 MiB
-#   bench/delivery.sh --only small    # or large, sftp; repeat or comma-separate
+#   bench/delivery.sh --only small    # or large, sftp, many, memory; repeat or comma-separate
+#                                     # (many and memory run only when named:
+#                                     #  many: 100,000 x 1 KiB to a local folder vs rsync and
+#                                     #  rclone --transfers 16, then 300,000 for RSS growth;
+#                                     #  memory: 8 x 300 MiB + 200 small files to Garage)
 #   bench/delivery.sh --keep          # keep the temp dir (data, configs, logs, outbox)
 #   bench/delivery.sh --no-build      # use target/release as it is
 #
@@ -35,8 +39,8 @@ while (($#)); do
 done
 cases=()
 for c in ${only//,/ }; do
-    case $c in small | large | sftp) cases+=("$c") ;;
-    *) printf 'delivery.sh: --only takes small, large or sftp, not %s\n' "$c" >&2; exit 2 ;;
+    case $c in small | large | sftp | many | memory) cases+=("$c") ;;
+    *) printf 'delivery.sh: --only takes small, large, sftp, many or memory, not %s\n' "$c" >&2; exit 2 ;;
     esac
 done
 ((${#cases[@]})) || cases=(small large sftp)
@@ -55,6 +59,14 @@ else
     SMALL_FILES=10000 SMALL_FOLDERS=100 LARGE_MIB=1024 SFTP_MIB=1024 RUN_LIMIT=900 MODE=full
 fi
 SMALL_SIZE=10240 LARGE_COUNT=2
+if ((quick)); then
+    MANY_FILES=20000 MANY_GROWTH_FILES=60000 MEMORY_MIB=64
+else
+    MANY_FILES=100000 MANY_GROWTH_FILES=300000 MEMORY_MIB=300
+fi
+# many: <= 1.5x rsync's time and >= 1.0x rclone --transfers 16 on a local folder; RSS
+# <= 200 MiB at MANY_FILES and growing <= 1 KiB per file up to MANY_GROWTH_FILES.
+T_MANY_RSYNC=0.667 T_MANY_RCLONE16=1.0 T_MANY_GROWTH_KIB=1.0
 # Targets (issue 3, "Benchmarks").
 T_SMALL_RCLONE=2.0 T_SMALL_RCLONE16=1.5 T_LARGE=1.2 T_SFTP=0.9 T_RSS_MIB=200
 
@@ -264,6 +276,10 @@ allow_http = true
 access_key_id = "env:LRBENCH_S3_KEY_ID"
 secret_access_key = "env:LRBENCH_S3_SECRET"
 
+[storage.local]
+url = "$WORK/dest-ours"
+create_root = true
+
 [storage.sftp]
 url = "sftp://$SFTP_USER@127.0.0.1:$2/~/$RUN"
 key_file = "$SFTP_KEY"
@@ -447,6 +463,42 @@ if want large; then
         "$LARGE_COUNT" $((LARGE_COUNT * LARGE_MIB * 1024 * 1024))
 fi
 
+if want many; then
+    for n in "$MANY_FILES" "$MANY_GROWTH_FILES"; do
+        cname=many
+        ((n == MANY_FILES)) || cname=many3x
+        dir=$WORK/data/many-$n
+        say "$cname: $n x 1 KiB in 200 folders"
+        bounded 900 "$PY" "$BENCH/mkdata.py" "$dir" "$n" 200 1024 || die "mkdata.py failed"
+        bounded 300 sync
+        measure "$cname" ours "$n" $((n * 1024)) "$WORK/with-ours" "$OURS" --config "$CFG" \
+            --project-id BENCH1 --analysis-path "$dir" --name "many-$n" --target local -q
+        got=$(find "$WORK/dest-ours/many-$n" -type f | wc -l)
+        ((got == n + 1)) || check_failed "$cname/ours" "$got files in the target, expected $((n + 1))"
+        if ((n == MANY_FILES)); then
+            bounded 300 sync
+            measure "$cname" rsync "$n" $((n * 1024)) rsync -a "$dir/" "$WORK/dest-rsync/"
+            bounded 300 sync
+            measure "$cname" rclone-t16 "$n" $((n * 1024)) "$WORK/with-rclone" \
+                rclone copy --transfers 16 --checkers 16 "$dir" "$WORK/dest-rclone"
+        fi
+        rm -rf "$WORK/dest-rsync" "$WORK/dest-rclone" "$dir"
+    done
+fi
+
+if want memory; then
+    # Eight fresh large files and 200 small ones at once to Garage: memory must stay
+    # bounded by the part buffer budget, not by files x parts.
+    dir=$WORK/data/memory
+    fresh_large "$dir" 8 "$MEMORY_MIB"
+    bounded 300 "$PY" "$BENCH/mkdata.py" "$dir/small" 200 10 10240 || die "mkdata.py failed"
+    bounded 300 sync
+    UPLOADED=1
+    measure memory ours 208 $((8 * MEMORY_MIB * 1024 * 1024 + 200 * 10240)) "$WORK/with-ours" \
+        "$OURS" --config "$CFG" --project-id BENCH1 --analysis-path "$dir" --name memory \
+        --target garage -q
+fi
+
 SFTP_CIPHER="" SFTP_NOTE=""
 if want sftp; then
     # Which cipher does upload-pure (ssh2 = libssh2) get from this sshd? Point it at a
@@ -582,7 +634,14 @@ if ok_run large/ours; then # the issue's wording: the faster peer, which was aws
     [[ -n $fastest && $fastest != aws-cli ]] && target large "$fastest" "$T_LARGE" "$fastest (fastest peer, MB/s)"
 fi
 target sftp sftp "$T_SFTP" "OpenSSH sftp (MB/s)"
-for c in small large sftp; do
+target many rsync "$T_MANY_RSYNC" "rsync -a (files/s; 0.667 = 1.5x its time)"
+target many rclone-t16 "$T_MANY_RCLONE16" "rclone --transfers 16, local (files/s)"
+if ok_run many/ours && ok_run many3x/ours; then
+    growth=$(calc "(${R_RSS[many3x/ours]} - ${R_RSS[many/ours]}) * 1024 / ($MANY_GROWTH_FILES - $MANY_FILES)" 3)
+    printf '  %-6s ours RSS growth <= %s KiB/file %22s %6s   %s\n' many "$T_MANY_GROWTH_KIB" "" "$growth" \
+        "$(awk "BEGIN { exit !($growth <= $T_MANY_GROWTH_KIB) }" && echo PASS || echo FAIL)"
+fi
+for c in small large sftp many memory; do
     ok_run "$c/ours" || continue
     printf '  %-6s ours peak RSS <= %s MiB %25s %6s   %s\n' "$c" "$T_RSS_MIB" "" "${R_RSS[$c/ours]}" \
         "$(awk "BEGIN { exit !(${R_RSS[$c/ours]} <= $T_RSS_MIB) }" && echo PASS || echo FAIL)"
