@@ -1,15 +1,22 @@
 //! The local-directory backend: a key is a file below the root directory.
 //!
-//! A put writes a temporary file in `<root>/.labrelay-staging/` (named
-//! `<key hash>.<random>`, see [`STAGING_DIR`](super::STAGING_DIR)), fsyncs it and
-//! renames it over the final name, so readers see the old file or the complete new one,
-//! never a partial one, and a killed put leaves nothing in the customer's folders. The
-//! staging folder is on the root's filesystem, so the rename is atomic — unless a folder
-//! below the root is a symlink to another filesystem, where the rename fails (`EXDEV`)
-//! rather than copy. The root must exist (a missing mount point must not silently fill
-//! the local disk) unless `create_root = true`; the directories inside it are created as
-//! needed. Empty directories left by `delete` are
-//! kept: removing them would race with a concurrent put into the same directory.
+//! A put writes an unnamed file (`O_TMPFILE`) in the destination folder and links it
+//! under the final name when it is complete: readers see no file or the complete one,
+//! never a partial one, nothing ever appears under a temporary name, and a killed put
+//! leaves nothing (the kernel frees the unnamed inode). Replacing an existing object
+//! links the new file under a hidden name beside it (`.NAME.labrelay-<random>`) and
+//! renames it over the old one. Where `O_TMPFILE` is not supported (or `/proc` is not
+//! mounted), a put writes a temporary file in `<root>/.labrelay-staging/` (named
+//! `<key hash>.<random>`, see [`STAGING_DIR`](super::STAGING_DIR)) and renames it into
+//! place; the staging folder is on the root's filesystem, so the rename is atomic —
+//! unless a folder below the root is a symlink to another filesystem, where the rename
+//! fails (`EXDEV`) rather than copy. A file is fsynced with its folder unless the put
+//! says [`PutOptions::defer_sync`](super::PutOptions::defer_sync) (then
+//! [`LocalStorage::sync`] makes everything durable at once). The root must exist (a
+//! missing mount point must not silently fill the local disk) unless `create_root =
+//! true`; the directories inside it are created as needed, each once per storage.
+//! Empty directories left by `delete` are kept: removing them would race with a
+//! concurrent put into the same directory.
 
 use std::collections::HashSet;
 use std::io::{ErrorKind, Read, Write};
@@ -23,8 +30,8 @@ use chrono::{DateTime, Utc};
 
 use super::{
     CancelOnDrop, CopyError, GetOutcome, ObjectInfo, ObjectStorage, PutOptions, PutOutcome,
-    STAGING_DIR, StagingSweep, StorageError, TempPath, copy_hashing, local_io, missing_root,
-    section_label, staging_name, validate_key, validate_prefix,
+    STAGING_DIR, StagingSweep, StorageError, TempPath, copy_hashing, copy_hashing_sized, local_io,
+    missing_root, section_label, staging_name, validate_key, validate_prefix,
 };
 use crate::config::StorageConfig;
 
@@ -178,10 +185,137 @@ fn remember_dir(dirs: &Mutex<HashSet<PathBuf>>, dir: &Path) {
         .insert(dir.to_owned());
 }
 
-fn put_blocking(
+/// What [`put_unnamed`] did.
+enum Unnamed {
+    /// The put ran (or failed): its result.
+    Done(Result<PutOutcome, StorageError>),
+    /// The filesystem has no O_TMPFILE (or /proc is not mounted): use the staging folder.
+    Unsupported(Box<dyn Read + Send>),
+}
+
+/// Whether `/proc/self/fd` can name an open file for `linkat` (checked once).
+fn proc_fd_available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| Path::new("/proc/self/fd").is_dir())
+}
+
+/// A put through an unnamed file in the destination folder (see [`put_blocking`]).
+fn put_unnamed(
     mut reader: Box<dyn Read + Send>,
-    put: Put<'_>,
-) -> Result<PutOutcome, StorageError> {
+    key: &str,
+    dest: &Path,
+    source_file: Option<&(PathBuf, u64)>,
+    cancel: &AtomicBool,
+    sync: bool,
+    dirs: &Mutex<HashSet<PathBuf>>,
+) -> Unnamed {
+    use rustix::fs::{AtFlags, CWD, Mode, OFlags};
+    use std::os::fd::AsRawFd;
+    let Some(dir) = dest.parent() else {
+        return Unnamed::Unsupported(reader);
+    };
+    if !proc_fd_available() {
+        return Unnamed::Unsupported(reader);
+    }
+    if !known_dir(dirs, dir) {
+        if let Err(e) = fs_err::create_dir_all(dir) {
+            return Unnamed::Done(Err(StorageError::Local(e)));
+        }
+        remember_dir(dirs, dir);
+    }
+    let fd = match rustix::fs::openat(
+        CWD,
+        dir,
+        OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o666),
+    ) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::ISDIR | rustix::io::Errno::INVAL) => {
+            return Unnamed::Unsupported(reader);
+        }
+        Err(e) => return Unnamed::Done(Err(local_io("creating a file in", dir, &e.into()))),
+    };
+    let mut file = std::fs::File::from(fd);
+    let result = (|| {
+        let (size, md5) = match copy_hashing_sized(
+            &mut reader,
+            &mut file,
+            Some(cancel),
+            source_file.map(|(_, len)| *len),
+        ) {
+            Ok(r) => r,
+            Err(CopyError::Read(e)) if source_file.is_some() => {
+                return Err(StorageError::Local(e));
+            }
+            Err(CopyError::Read(source)) => {
+                return Err(StorageError::Source {
+                    key: key.to_owned(),
+                    source,
+                });
+            }
+            Err(CopyError::Write(e)) => return Err(local_io("writing", dest, &e)),
+            Err(CopyError::Cancelled) => return Err(cancelled(key, dest)),
+        };
+        if let Some((path, expected)) = source_file
+            && *expected != size
+        {
+            return Err(StorageError::Changed {
+                path: path.clone(),
+                expected: *expected,
+                actual: size,
+            });
+        }
+        if sync {
+            file.sync_all().map_err(|e| local_io("syncing", dest, &e))?;
+        }
+        // The last chance to honour a cancellation: after the link the object is public.
+        if cancel.load(Ordering::SeqCst) {
+            return Err(cancelled(key, dest));
+        }
+        let me = format!("/proc/self/fd/{}", file.as_raw_fd());
+        match rustix::fs::linkat(CWD, me.as_str(), CWD, dest, AtFlags::SYMLINK_FOLLOW) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::EXIST) => {
+                // Replacing an object: link under a hidden name beside it and rename
+                // over it (same folder), so readers see the old or the new file.
+                let name = dest
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let beside = dir.join(format!(".{name}.labrelay-{:016x}", rand::random::<u64>()));
+                rustix::fs::linkat(CWD, me.as_str(), CWD, &beside, AtFlags::SYMLINK_FOLLOW)
+                    .map_err(|e| local_io("linking", &beside, &e.into()))?;
+                if let Err(e) = std::fs::rename(&beside, dest) {
+                    let _ = std::fs::remove_file(&beside);
+                    return Err(local_io("replacing", dest, &e));
+                }
+            }
+            Err(e) => return Err(local_io("linking", dest, &e.into())),
+        }
+        if sync && let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+            tracing::debug!(dir = %dir.display(), "fsync of directory failed: {e}");
+        }
+        Ok(PutOutcome {
+            size,
+            md5_hex: hex::encode(md5),
+            etag: None,
+            parts: 0,
+            part_size: 0,
+            part_md5_hex: Vec::new(),
+            range_size: 0,
+            range_md5_hex: Vec::new(),
+        })
+    })();
+    if result.is_err() {
+        // A folder removed behind our back since it was remembered: forget them all.
+        dirs.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+    }
+    Unnamed::Done(result)
+}
+
+fn put_blocking(reader: Box<dyn Read + Send>, put: Put<'_>) -> Result<PutOutcome, StorageError> {
     let Put {
         key,
         dest,
@@ -191,6 +325,16 @@ fn put_blocking(
         sync,
         dirs,
     } = put;
+    // First choice: an unnamed file (O_TMPFILE) in the destination folder, linked into
+    // place when complete. Nothing is ever visible under a temporary name, a killed put
+    // leaves nothing at all (the kernel frees the unnamed inode), and there is no rename
+    // across folders (which serializes on the filesystem's rename lock: 10^5 files
+    // through one staging folder spent most of their time there).
+    let mut reader = match put_unnamed(reader, key, dest, source_file.as_ref(), cancel, sync, dirs)
+    {
+        Unnamed::Done(r) => return r,
+        Unnamed::Unsupported(reader) => reader,
+    };
     // Not create_dir_all: the root must exist, and a vanished mount point must not be
     // recreated on the local disk.
     if !known_dir(dirs, staging) {
