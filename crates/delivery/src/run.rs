@@ -5,9 +5,18 @@
 //!
 //! Order and idempotence: the status row goes `queued → uploading → uploaded →
 //! notified → delivered` (or `failed`, with the error). A re-run of an unfinished
-//! delivery reuses its row and journal: files already verified are not sent again, and
-//! a customer already told (`notified_at`) is not told again. A finished delivery is a
-//! no-op ("already delivered") unless `force`, which starts a new run.
+//! delivery to the same target identity reuses its row and journal, but counts a file
+//! as delivered only after the target confirms it again ([`crate::upload`]); before
+//! access and mail the delivered prefix is listed and compared with the manifest. The
+//! once-only steps — the LIMS `on_started`/`on_delivered` statements, access with the
+//! customer mail — record intent and outcome in `delivery_steps` and are skipped once
+//! their outcome is recorded; the customer mail's Message-ID is fixed per delivery, so a
+//! repeat after a crash is a no-op in the outbox. A finished delivery is a no-op
+//! ("already delivered") unless `force`, which starts a new run.
+//!
+//! Inputs are checked at the entry: the analysis id against
+//! `[delivery] analysis_id_pattern`, the folder against `data_roots`, the target's root
+//! and the customer's access to it before any byte moves.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -164,7 +164,7 @@ struct Ctx {
 /// The shared budget of part buffers (MiB) across every file of an upload: with 4
 /// large files × 4 parts in flight × 8 MiB parts this is what bounds memory, not the
 /// number of files.
-const PART_BUDGET_MIB: u32 = 64;
+pub const PART_BUDGET_MIB: u32 = 64;
 
 /// The object key of a file: `<prefix>/<rel>`.
 pub fn object_key(prefix: &str, rel: &str) -> String {
