@@ -34,6 +34,8 @@ pub struct Events {
     files_total: Arc<AtomicU64>,
     bytes_done: Arc<AtomicU64>,
     ticker: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    /// The target, so records show where a key really is (an S3 URL's prefix included).
+    target: Option<labrelay::storage::AnyStorage>,
 }
 
 /// A `file` record.
@@ -68,7 +70,20 @@ impl Events {
             files_total: Arc::default(),
             bytes_done: Arc::default(),
             ticker: Arc::default(),
+            target: None,
         }
+    }
+
+    /// Show keys as they are on `target` in `file` and `file_failed` records.
+    pub fn set_target(&mut self, target: Option<labrelay::storage::AnyStorage>) {
+        self.target = target;
+    }
+
+    /// `key` as it really is on the target.
+    pub fn real_key(&self, key: &str) -> String {
+        self.target
+            .as_ref()
+            .map_or_else(|| key.to_owned(), |t| t.real_key(key))
     }
 
     /// The printer.
@@ -171,12 +186,20 @@ impl Events {
             resumed = e.resumed,
             "file delivered"
         );
-        self.record("file", e);
+        let key = self.real_key(e.key);
+        self.record(
+            "file",
+            &FileEvent {
+                key: &key,
+                ..e.clone()
+            },
+        );
     }
 
     /// A file failed.
     pub fn file_failed(&self, key: &str, rel: &str, error: &str) {
         self.file_finished();
+        let key = self.real_key(key);
         tracing::error!(key, "{rel}: {error}");
         self.record(
             "file_failed",

@@ -101,8 +101,12 @@ pub struct Summary {
     pub target: String,
     /// Where that is.
     pub target_url: String,
-    /// Key prefix of the delivered files.
+    /// Key prefix of the delivered files, as it is on the target (for S3, the key in
+    /// the bucket: the URL's prefix included).
     pub key_prefix: String,
+    /// Where the delivery is: the target URL and the delivery's folder
+    /// (`s3://bucket/base/online/6cLB4ma`, `file:///srv/delivery/online/6cLB4ma`).
+    pub location: String,
     /// Files in the delivery (md5sum.txt not counted).
     pub files: u64,
     /// Bytes in the delivery.
@@ -252,6 +256,34 @@ pub struct ResolvedTarget {
 }
 
 impl ResolvedTarget {
+    /// The target as a URL (`s3://bucket/prefix`, `sftp://…`, `file:///…`); a vendor
+    /// target as it describes itself.
+    pub fn url(&self) -> String {
+        self.storage
+            .as_ref()
+            .map_or_else(|| self.info.describe.clone(), AnyStorage::url)
+    }
+
+    /// `key` as it really is on the target (an S3 URL's prefix included).
+    pub fn real_key(&self, key: &str) -> String {
+        self.storage
+            .as_ref()
+            .map_or_else(|| key.to_owned(), |s| s.real_key(key))
+    }
+
+    /// The summary as it is printed: keys as they really are on the target.
+    fn shown(&self, summary: &Summary) -> Summary {
+        let mut s = summary.clone();
+        s.location = format!(
+            "{}/{}",
+            self.url().trim_end_matches('/'),
+            summary.key_prefix
+        );
+        s.key_prefix = self.real_key(&summary.key_prefix);
+        s.md5sum_key = summary.md5sum_key.as_deref().map(|k| self.real_key(k));
+        s
+    }
+
     /// `--target`, else `[delivery] target`, else the only `[storage.*]` section.
     pub fn resolve(
         config: &Config,
@@ -375,7 +407,7 @@ pub async fn deliver(
         analysis_id: name.clone(),
         project_id: req.project_id.clone(),
         target: target.info.name.clone(),
-        target_url: target.info.describe.clone(),
+        target_url: target.url(),
         key_prefix: prefix.clone(),
         ..Summary::default()
     };
@@ -426,6 +458,7 @@ pub async fn deliver(
             // Show what a --force run would do.
             return dry_run(env, req, &target, summary, t0, Some(&when)).await;
         }
+        let summary = target.shown(&summary);
         print_summary(&env.events, &summary, || {
             format!(
                 "{name} was already delivered to {} on {when} ({}, {}); use --force to deliver it again",
@@ -499,6 +532,7 @@ pub async fn deliver(
     match result {
         Ok(()) => {
             summary.status = "delivered".into();
+            let summary = target.shown(&summary);
             print_summary(&env.events, &summary, || delivered_text(&summary));
             Ok(Outcome {
                 summary,
@@ -557,7 +591,7 @@ pub async fn deliver(
                 tracing::error!("writing the failure of {name} to the LIMS failed: {le:#}");
             }
             // In JSON mode the failure is a summary record too; text mode has the error line.
-            env.events.record("summary", &summary);
+            env.events.record("summary", &target.shown(&summary));
             Err(e.context(DeliveryFailed { analysis, summary }))
         }
     }
@@ -588,11 +622,10 @@ pub fn count(n: u64, what: &str) -> String {
 fn delivered_text(s: &Summary) -> String {
     use std::fmt::Write as _;
     let mut t = format!(
-        "delivered {} to {} ({}/{}): {}, {}",
+        "delivered {} to {} ({}): {}, {}",
         s.analysis_id,
         s.target,
-        s.target_url,
-        s.key_prefix,
+        s.location,
         count(s.files, "file"),
         HumanBytes(s.bytes)
     );
@@ -885,7 +918,7 @@ async fn dry_run(
     let m = build_manifest(env, &path)?;
     summary.project_id.clone_from(&analysis.project_id);
     for e in &m.entries {
-        let key = upload::object_key(&summary.key_prefix, &e.rel);
+        let key = target.real_key(&upload::object_key(&summary.key_prefix, &e.rel));
         let _ = env.events.printer().emit(
             "planned",
             &serde_json::json!({"rel": e.rel, "key": key, "size": e.size, "path": e.path.to_string_lossy()}),
@@ -905,6 +938,7 @@ async fn dry_run(
     ));
     summary.seconds = t0.elapsed().as_secs_f64();
     let to: Vec<String> = analysis.customer_emails.clone();
+    let summary = target.shown(&summary);
     print_summary(&env.events, &summary, || {
         let again = delivered_on.map_or_else(String::new, |when| {
             format!(
@@ -913,13 +947,12 @@ async fn dry_run(
             )
         });
         format!(
-            "dry run: {again}would deliver {} ({}) from {} to {} ({}/{}), mail {} with Cc {}",
+            "dry run: {again}would deliver {} ({}) from {} to {} ({}), mail {} with Cc {}",
             count(summary.files, "file"),
             HumanBytes(summary.bytes),
             path.display(),
             target.info.name,
-            target.info.describe,
-            summary.key_prefix,
+            summary.location,
             if to.is_empty() {
                 "nobody".into()
             } else {
@@ -994,6 +1027,7 @@ async fn steps_of(
     }
     env.events.stage("upload", run_id, &name);
     let mut events = env.events.clone();
+    events.set_target(target.storage.clone());
     events.start_progress(summary.files, summary.bytes);
     let up = if let Some(vendor) = &target.vendor {
         vendor_upload(

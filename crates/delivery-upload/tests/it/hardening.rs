@@ -275,6 +275,33 @@ async fn links_prints_the_current_links_until_the_recorded_expiry() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let delivered = summary(&out);
     assert_eq!(delivered["access"], "presigned", "{delivered}");
+    // Keys and places as they really are: the bucket key with the URL's prefix, a URL.
+    let url = delivered["target_url"].as_str().unwrap();
+    let prefix = delivered["key_prefix"].as_str().unwrap();
+    assert!(
+        url.starts_with("s3://") && !url.contains(" at "),
+        "{delivered}"
+    );
+    assert!(prefix.ends_with("/L1") && prefix != "L1", "{delivered}");
+    assert_eq!(delivered["location"], format!("{url}/L1"), "{delivered}");
+    assert_eq!(
+        delivered["md5sum_key"],
+        format!("{prefix}/md5sum.txt"),
+        "{delivered}"
+    );
+    for r in records(&out).iter().filter(|r| r["type"] == "file") {
+        let key = r["key"].as_str().unwrap();
+        assert_eq!(
+            key,
+            format!("{prefix}/{}", r["rel"].as_str().unwrap()),
+            "{r}"
+        );
+        // The object is really there under that key in the bucket.
+        assert!(
+            url.ends_with(&format!("/{}", prefix.rsplit_once('/').unwrap().0)),
+            "{url} {prefix}"
+        );
+    }
 
     let out = home.run(&["links", "--analysis-id", "L1", "--json"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));

@@ -708,6 +708,25 @@ impl AnyStorage {
         dispatch!(self, s => s.check_root().await)
     }
 
+    /// The target as a URL a person or script can use: `s3://bucket/prefix`,
+    /// `sftp://user@host:port/path`, `file:///path`.
+    pub fn url(&self) -> String {
+        match self {
+            AnyStorage::S3(s) => s.url().to_owned(),
+            AnyStorage::Sftp(s) => s.describe(),
+            AnyStorage::Local(s) => format!("file://{}", s.root().display()),
+        }
+    }
+
+    /// Where `key` really is on the target: the key in the bucket for S3 (the URL's
+    /// prefix included); the path below the base folder (as given) for the others.
+    pub fn real_key(&self, key: &str) -> String {
+        match self {
+            AnyStorage::S3(s) => s.bucket_key(key),
+            AnyStorage::Sftp(_) | AnyStorage::Local(_) => key.to_owned(),
+        }
+    }
+
     /// Make every put with [`PutOptions::defer_sync`] durable: one `syncfs` of a local
     /// directory's filesystem; nothing for S3 and SFTP, whose servers store a put
     /// before they answer it.

@@ -65,6 +65,8 @@ struct Inner {
     uploader: Uploader,
     prefix: String,
     target: String,
+    /// `s3://bucket/prefix`.
+    url: String,
     part_size: Option<u64>,
     part_concurrency: Option<usize>,
     /// The `[storage.NAME]` section, for messages (may be empty).
@@ -112,6 +114,7 @@ impl S3Storage {
         } else {
             format!("s3://{bucket}/{prefix}")
         };
+        let url = target.clone();
         if let Some(ep) = &config.endpoint {
             target = format!("{target} at {ep}");
         }
@@ -206,11 +209,26 @@ impl S3Storage {
                 uploader,
                 prefix,
                 target,
+                url,
                 part_size,
                 part_concurrency: config.part_concurrency,
                 section: config.name.clone(),
             }),
         })
+    }
+
+    /// The target as a URL: `s3://bucket/prefix` (the endpoint is not part of it).
+    pub fn url(&self) -> &str {
+        &self.inner.url
+    }
+
+    /// The object's key in the bucket: the URL's prefix, then `key`.
+    pub fn bucket_key(&self, key: &str) -> String {
+        if self.inner.prefix.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{}/{key}", self.inner.prefix)
+        }
     }
 
     fn full_path(&self, key: &str) -> Result<ObjectPath, StorageError> {
