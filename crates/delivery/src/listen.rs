@@ -23,7 +23,9 @@ use std::time::Duration;
 
 use labrelay::exit::{Exit, classify};
 use labrelay::lock::LockError;
-use labrelay::queue::{AnyBroker, Broker, Delivery, ExchangeKind, PublishOptions, QueueSpec};
+use labrelay::queue::{
+    AnyBroker, Broker, Delivery, ExchangeKind, PublishOptions, QueueError, QueueSpec,
+};
 use serde::Deserialize;
 
 use crate::notify::{DeliverySteps, FailureFacts};
@@ -66,9 +68,24 @@ async fn declare(env: &Env<'_>) -> anyhow::Result<(AnyBroker, u32)> {
     broker
         .declare_exchange(&lc.exchange, ExchangeKind::Direct)
         .await?;
-    broker
+    match broker
         .declare_queue(&QueueSpec::new(&lc.queue).with_max_deliveries(max_tries))
-        .await?;
+        .await
+    {
+        Ok(()) => {}
+        // A facility switching over keeps its LIMS publishing to the queue it has (the
+        // seed's classic durable DELIVERY queue): consume it as it is.
+        Err(QueueError::Mismatch { what, message }) => tracing::warn!(
+            "{what} already exists with other arguments ({message}); consuming it as it is. \
+             Without labrelay's dead-letter queue {q}.dead and delivery limit, a request that \
+             fails for good is dropped after the staff report, and one that keeps failing \
+             for now is retried every {delay} s without a limit. To migrate, see \
+             docs/delivery-upload.md (\"Switching over from an existing queue\")",
+            q = lc.queue,
+            delay = lc.retry_delay_secs,
+        ),
+        Err(e) => return Err(e.into()),
+    }
     broker
         .bind(&lc.queue, &lc.exchange, &lc.routing_key)
         .await?;

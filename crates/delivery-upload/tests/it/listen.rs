@@ -299,3 +299,63 @@ async fn request_queues_for_the_listener_and_a_locked_analysis_is_not_a_failed_t
         .collect();
     assert!(failures.is_empty(), "{failures:?}");
 }
+
+#[tokio::test]
+async fn regression_an_existing_classic_queue_is_consumed_as_it_is() {
+    let amqp = test_support::require!("AMQP_URL");
+    let lims = Lims::new(LimsKind::Sqlite).await.unwrap();
+    let target = TargetFixture::new(TargetKind::Local, "").await.unwrap();
+    let home = Home::new();
+    let (root, _) = tree(&home.path().join("analysis"), 0);
+    lims.add_analysis("C1", &root).await;
+    let exchange = test_support::unique("seed-ex");
+    let queue = test_support::unique("seed-q");
+    // The seed's queue: classic, durable, no dead-lettering, no delivery limit.
+    let broker = AnyBroker::connect(
+        &RedactedUrl::parse(&amqp).unwrap(),
+        &BrokerSettings::default(),
+    )
+    .await
+    .unwrap();
+    let mut seed = labrelay::queue::QueueSpec::new(&queue).without_dead_letter();
+    seed.kind = labrelay::queue::QueueKind::Classic;
+    seed.max_deliveries = None;
+    broker.declare_queue(&seed).await.unwrap();
+    home.config(&format!(
+        "[queue]\nurl = \"{amqp}\"\n\n[delivery.listen]\nexchange = \"{exchange}\"\n\
+         queue = \"{queue}\"\nrouting_key = \"DELIVERY\"\n\n{}\n{}",
+        target.toml,
+        lims.config(crate::common::STATUS_INSERT)
+    ));
+    let out = home.run(&["request", "--analysis-id", "C1"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        crate::common::stderr(&out)
+    );
+    assert!(
+        crate::common::stderr(&out).contains("consuming it as it is"),
+        "{}",
+        crate::common::stderr(&out)
+    );
+    let listener = Listener::start(&home);
+    let s = listener.wait_for("C1 summary", |v| {
+        v["type"] == "summary" && v["analysis_id"] == "C1"
+    });
+    assert_eq!(s["status"], "delivered", "{s}");
+    let pid = listener.child.id().to_string();
+    let mut listener = listener;
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert_eq!(listener.child.wait().unwrap().code(), Some(0));
+    for q in [queue.clone(), format!("{queue}.dead")] {
+        broker.delete_queue(&q).await.unwrap();
+    }
+    broker.delete_exchange(&exchange).await.unwrap();
+}
