@@ -1422,6 +1422,28 @@ pub async fn deliver_until_signalled(
     }
 }
 
+/// The last finished delivery of `analysis_id` (checked first) to `target`.
+async fn finished_run(
+    env: &Env<'_>,
+    analysis_id: &str,
+    target: &ResolvedTarget,
+) -> anyhow::Result<crate::state::RunRow> {
+    env.delivery.check_id(analysis_id)?;
+    env.state
+        .latest(analysis_id, &target.info.name)
+        .await?
+        .filter(|r| r.status() == Status::Delivered)
+        .ok_or_else(|| {
+            tagged(
+                Exit::Failed,
+                format!(
+                    "{analysis_id} has no finished delivery to {}; deliver it first",
+                    target.info.name
+                ),
+            )
+        })
+}
+
 /// `delivery-upload links`: the customer's current access to the last finished
 /// delivery of `analysis_id` — for presigned S3 access, links to every delivered file
 /// (each checked on the target) valid until the recorded expiry, not a second longer;
@@ -1432,22 +1454,8 @@ pub async fn links(
     analysis_id: &str,
     target_name: Option<&str>,
 ) -> anyhow::Result<Exit> {
-    env.delivery.check_id(analysis_id)?;
     let target = ResolvedTarget::resolve(env.config, &env.delivery, target_name)?;
-    let row = env
-        .state
-        .latest(analysis_id, &target.info.name)
-        .await?
-        .filter(|r| r.status() == Status::Delivered)
-        .ok_or_else(|| {
-            tagged(
-                Exit::Failed,
-                format!(
-                    "{analysis_id} has no finished delivery to {}",
-                    target.info.name
-                ),
-            )
-        })?;
+    let row = finished_run(env, analysis_id, &target).await?;
     let now = Utc::now();
     let expires = row
         .expires_at
@@ -1542,20 +1550,7 @@ pub async fn renew(
             target.info.name, target.info.describe
         )));
     };
-    let row = env
-        .state
-        .latest(analysis_id, &target.info.name)
-        .await?
-        .filter(|r| r.status() == Status::Delivered)
-        .ok_or_else(|| {
-            tagged(
-                Exit::Failed,
-                format!(
-                    "{analysis_id} has no finished delivery to {}; deliver it first",
-                    target.info.name
-                ),
-            )
-        })?;
+    let row = finished_run(env, analysis_id, &target).await?;
     let lookup = env.delivery.lookup.as_ref().ok_or_else(|| {
         tagged(
             Exit::Config,

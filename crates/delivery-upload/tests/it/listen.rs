@@ -48,6 +48,18 @@ impl Listener {
         Listener { child, lines }
     }
 
+    /// Send SIGTERM (a clean stop).
+    fn terminate(&mut self) {
+        let pid = self.child.id().to_string();
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
     /// The next record matching `pred`, within a minute.
     fn wait_for(&self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
         let deadline = std::time::Instant::now() + Duration::from_mins(1);
@@ -175,15 +187,8 @@ retry_delay_secs = 1
     }
 
     // 4. SIGTERM stops the listener cleanly.
-    let pid = second.child.id().to_string();
     let mut second = second;
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    second.terminate();
     let status = second.child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "listener exit after SIGTERM");
 
@@ -281,15 +286,8 @@ async fn request_queues_for_the_listener_and_a_locked_analysis_is_not_a_failed_t
         });
         assert_eq!(s["status"], "already_delivered", "{s}");
     }
-    let pid = listener.child.id().to_string();
     let mut listener = listener;
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    listener.terminate();
     assert_eq!(listener.child.wait().unwrap().code(), Some(0));
     // No false failure report to staff.
     let failures: Vec<String> = home
@@ -344,15 +342,8 @@ async fn regression_an_existing_classic_queue_is_consumed_as_it_is() {
         v["type"] == "summary" && v["analysis_id"] == "C1"
     });
     assert_eq!(s["status"], "delivered", "{s}");
-    let pid = listener.child.id().to_string();
     let mut listener = listener;
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    listener.terminate();
     assert_eq!(listener.child.wait().unwrap().code(), Some(0));
     for q in [queue.clone(), format!("{queue}.dead")] {
         broker.delete_queue(&q).await.unwrap();

@@ -67,32 +67,11 @@ impl std::fmt::Debug for Attachment {
     }
 }
 
-/// The MIME type for a file name, from the extensions a sequencing facility mails;
-/// `application/octet-stream` for anything else.
+/// The MIME type for a file name (the table of
+/// [`content_type_for`](crate::storage::content_type_for)); `application/octet-stream`
+/// for anything else.
 pub fn guess_content_type(name: &str) -> &'static str {
-    let ext = name
-        .rsplit_once('.')
-        .map(|(_, e)| e.to_ascii_lowercase())
-        .unwrap_or_default();
-    match ext.as_str() {
-        "txt" | "log" | "md5" | "sha256" => "text/plain; charset=utf-8",
-        "sql" => "application/sql",
-        "csv" => "text/csv; charset=utf-8",
-        "tsv" => "text/tab-separated-values; charset=utf-8",
-        "html" | "htm" => "text/html; charset=utf-8",
-        "json" => "application/json",
-        "xml" => "application/xml",
-        "pdf" => "application/pdf",
-        "png" => "image/png",
-        "jpg" | "jpeg" => "image/jpeg",
-        "svg" => "image/svg+xml",
-        "zip" => "application/zip",
-        "gz" => "application/gzip",
-        "xlsx" => "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
-        "xls" => "application/vnd.ms-excel",
-        "docx" => "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
-        _ => "application/octet-stream",
-    }
+    crate::storage::content_type_for(name)
 }
 
 /// Headers the builder writes itself; an extra header by one of these names would

@@ -237,37 +237,8 @@ fn put_unnamed(
     };
     let mut file = std::fs::File::from(fd);
     let result = (|| {
-        let (size, md5) = match copy_hashing_sized(
-            &mut reader,
-            &mut file,
-            Some(cancel),
-            source_file.map(|(_, len)| *len),
-        ) {
-            Ok(r) => r,
-            Err(CopyError::Read(e)) if source_file.is_some() => {
-                return Err(StorageError::Local(e));
-            }
-            Err(CopyError::Read(source)) => {
-                return Err(StorageError::Source {
-                    key: key.to_owned(),
-                    source,
-                });
-            }
-            Err(CopyError::Write(e)) => return Err(local_io("writing", dest, &e)),
-            Err(CopyError::Cancelled) => return Err(cancelled(key, dest)),
-        };
-        if let Some((path, expected)) = source_file
-            && *expected != size
-        {
-            return Err(StorageError::Changed {
-                path: path.clone(),
-                expected: *expected,
-                actual: size,
-            });
-        }
-        if sync {
-            file.sync_all().map_err(|e| local_io("syncing", dest, &e))?;
-        }
+        let (size, md5) =
+            write_hashed(&mut reader, &mut file, key, dest, source_file, cancel, sync)?;
         // The last chance to honour a cancellation: after the link the object is public.
         if cancel.load(Ordering::SeqCst) {
             return Err(cancelled(key, dest));
@@ -292,25 +263,13 @@ fn put_unnamed(
             }
             Err(e) => return Err(local_io("linking", dest, &e.into())),
         }
-        if sync && let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
-            tracing::debug!(dir = %dir.display(), "fsync of directory failed: {e}");
+        if sync {
+            sync_dir(dir);
         }
-        Ok(PutOutcome {
-            size,
-            md5_hex: hex::encode(md5),
-            etag: None,
-            parts: 0,
-            part_size: 0,
-            part_md5_hex: Vec::new(),
-            range_size: 0,
-            range_md5_hex: Vec::new(),
-        })
+        Ok(outcome(size, md5))
     })();
     if result.is_err() {
-        // A folder removed behind our back since it was remembered: forget them all.
-        dirs.lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clear();
+        forget_dirs(dirs);
     }
     Unnamed::Done(result)
 }
@@ -347,30 +306,15 @@ fn put_blocking(reader: Box<dyn Read + Send>, put: Put<'_>) -> Result<PutOutcome
     }
     let temp = TempPath::at(staging.join(staging_name(key)));
     let mut file = fs_err::File::create(temp.path()).map_err(StorageError::Local)?;
-    let (size, md5) = match copy_hashing(&mut reader, &mut file, Some(cancel)) {
-        Ok(r) => r,
-        Err(CopyError::Read(e)) if source_file.is_some() => return Err(StorageError::Local(e)),
-        Err(CopyError::Read(source)) => {
-            return Err(StorageError::Source {
-                key: key.to_owned(),
-                source,
-            });
-        }
-        Err(CopyError::Write(e)) => return Err(StorageError::Local(e)),
-        Err(CopyError::Cancelled) => return Err(cancelled(key, dest)),
-    };
-    if let Some((path, expected)) = source_file
-        && expected != size
-    {
-        return Err(StorageError::Changed {
-            path,
-            expected,
-            actual: size,
-        });
-    }
-    if sync {
-        file.sync_all().map_err(StorageError::Local)?;
-    }
+    let (size, md5) = write_hashed(
+        &mut reader,
+        file.file_mut(),
+        key,
+        dest,
+        source_file.as_ref(),
+        cancel,
+        sync,
+    )?;
     drop(file);
     // The last chance to honour a cancellation: after the rename the object is public.
     if cancel.load(Ordering::SeqCst) {
@@ -383,20 +327,71 @@ fn put_blocking(reader: Box<dyn Read + Send>, put: Put<'_>) -> Result<PutOutcome
         remember_dir(dirs, dir);
     }
     if let Err(e) = temp.persist(dest) {
-        // A folder removed behind our back since it was remembered: forget them all.
-        dirs.lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clear();
+        forget_dirs(dirs);
         return Err(e);
     }
     if sync && let Some(dir) = dest.parent() {
-        // Make the rename itself durable; not every filesystem supports fsync on a
-        // directory, and the data is already safe, so a failure is only logged.
-        if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
-            tracing::debug!(dir = %dir.display(), "fsync of directory failed: {e}");
-        }
+        sync_dir(dir);
     }
-    Ok(PutOutcome {
+    Ok(outcome(size, md5))
+}
+
+/// Copy `reader` into `file` (the put of `key` to `dest`), hashing; check the size
+/// against the source file's, and fsync when `sync`.
+fn write_hashed(
+    reader: &mut dyn Read,
+    file: &mut std::fs::File,
+    key: &str,
+    dest: &Path,
+    source_file: Option<&(PathBuf, u64)>,
+    cancel: &AtomicBool,
+    sync: bool,
+) -> Result<(u64, [u8; 16]), StorageError> {
+    let (size, md5) =
+        match copy_hashing_sized(reader, file, Some(cancel), source_file.map(|(_, len)| *len)) {
+            Ok(r) => r,
+            Err(CopyError::Read(e)) if source_file.is_some() => return Err(StorageError::Local(e)),
+            Err(CopyError::Read(source)) => {
+                return Err(StorageError::Source {
+                    key: key.to_owned(),
+                    source,
+                });
+            }
+            Err(CopyError::Write(e)) => return Err(local_io("writing", dest, &e)),
+            Err(CopyError::Cancelled) => return Err(cancelled(key, dest)),
+        };
+    if let Some((path, expected)) = source_file
+        && *expected != size
+    {
+        return Err(StorageError::Changed {
+            path: path.clone(),
+            expected: *expected,
+            actual: size,
+        });
+    }
+    if sync {
+        file.sync_all().map_err(|e| local_io("syncing", dest, &e))?;
+    }
+    Ok((size, md5))
+}
+
+/// Make a rename or link into `dir` durable; not every filesystem supports fsync on a
+/// directory, and the data is already safe, so a failure is only logged.
+fn sync_dir(dir: &Path) {
+    if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+        tracing::debug!(dir = %dir.display(), "fsync of directory failed: {e}");
+    }
+}
+
+/// A folder removed behind our back since it was remembered: forget them all.
+fn forget_dirs(dirs: &Mutex<HashSet<PathBuf>>) {
+    dirs.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clear();
+}
+
+fn outcome(size: u64, md5: [u8; 16]) -> PutOutcome {
+    PutOutcome {
         size,
         md5_hex: hex::encode(md5),
         etag: None,
@@ -405,7 +400,7 @@ fn put_blocking(reader: Box<dyn Read + Send>, put: Put<'_>) -> Result<PutOutcome
         part_md5_hex: Vec::new(),
         range_size: 0,
         range_md5_hex: Vec::new(),
-    })
+    }
 }
 
 fn cancelled(key: &str, dest: &Path) -> StorageError {

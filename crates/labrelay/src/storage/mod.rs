@@ -429,7 +429,7 @@ pub fn multipart_etag<S: AsRef<str>>(part_md5_hex: &[S]) -> Option<String> {
 /// sequencing facility delivers (reports, checksums, tables, images, archives, reads,
 /// alignments, variants), `application/octet-stream` for anything else. Compressed
 /// files are typed by their last suffix (`x.fastq.gz` is `application/gzip`), because
-/// S3 serves the stored bytes as they are.
+/// S3 serves the stored bytes as they are. Mail attachments use the same table.
 pub fn content_type_for(key: &str) -> &'static str {
     let name = key.rsplit('/').next().unwrap_or(key);
     let Some((_, ext)) = name.rsplit_once('.') else {
@@ -457,6 +457,9 @@ pub fn content_type_for(key: &str) -> &'static str {
         "zip" => "application/zip",
         "tar" => "application/x-tar",
         "xlsx" => "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+        "xls" => "application/vnd.ms-excel",
+        "docx" => "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+        "sql" => "application/sql",
         // bam, bai, cram, crai and the rest: binary without a registered type.
         _ => "application/octet-stream",
     }
