@@ -892,6 +892,7 @@ async fn multipart_once(
         .into_iter()
         .enumerate()
         .map(|(index, etag)| UploadedPart {
+            attempts: 0,
             index,
             etag: etag.unwrap_or_default(),
         })

@@ -75,9 +75,9 @@ impl MailServers {
     fn get() -> Option<MailServers> {
         let s = MailServers {
             smtp_host: test_support::require("SMTP_HOST")?,
-            smtp_port: test_support::require("SMTP_PORT")?.parse().ok()?,
+            smtp_port: test_support::require_parsed("SMTP_PORT")?,
             imap_host: test_support::require("IMAP_HOST")?,
-            imap_port: test_support::require("IMAP_PORT")?.parse().ok()?,
+            imap_port: test_support::require_parsed("IMAP_PORT")?,
             domain: test_support::require("MAIL_DOMAIN")?,
         };
         test_support::require("MAIL_PASS_ALICE")?;

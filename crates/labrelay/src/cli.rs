@@ -127,6 +127,7 @@ where
         explicit: global.config.clone(),
         no_config: global.no_config,
     })?;
+    crate::retry::set_policy(loaded.config.retry.clone());
     for w in &loaded.warnings {
         tracing::warn!("{w}");
     }

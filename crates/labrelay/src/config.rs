@@ -95,6 +95,9 @@ pub struct Config {
     /// When tools may start new work.
     #[serde(default)]
     pub schedule: ScheduleConfig,
+    /// `[retry]`: how temporary failures are retried, by every client and tool.
+    #[serde(default)]
+    pub retry: crate::retry::RetryPolicy,
     /// `[delivery]`: owned and typed by the `delivery` crate (see [`Config::section`]).
     pub delivery: Option<toml::Value>,
     /// `[mail_query]`: owned and typed by the `mail-query` tool.
@@ -525,6 +528,12 @@ impl Config {
                 message,
             })?;
         }
+        self.retry
+            .validate()
+            .map_err(|message| ConfigError::Invalid {
+                key: "retry".into(),
+                message,
+            })?;
         if let Some(h) = &self.schedule.rest_hours {
             crate::schedule::RestHours::parse(h).map_err(|message| ConfigError::Invalid {
                 key: "schedule.rest_hours".into(),
@@ -1054,3 +1063,10 @@ mod tests {
         out
     }
 }
+
+impl crate::exit::ExitClass for ConfigError {
+    fn exit_class(&self) -> Exit {
+        self.exit()
+    }
+}
+crate::exit_class!(ConfigError);

@@ -465,3 +465,10 @@ mod tests {
         assert_eq!(Engine::Mysql.placeholder(2), "?");
     }
 }
+
+impl crate::exit::ExitClass for DbError {
+    fn exit_class(&self) -> Exit {
+        self.exit()
+    }
+}
+crate::exit_class!(DbError);

@@ -75,10 +75,95 @@ EXIT STATUS:
   75  temporary failure: a server was unreachable or busy; retry later
   78  configuration error";
 
+/// An error type that knows its exit class.
+///
+/// Every error type that should map to something other than "failed" (1) implements
+/// this trait and registers itself with [`exit_class!`](crate::exit_class), in the crate
+/// that defines it. [`classify`] then finds it anywhere in an `anyhow` chain, so an error
+/// keeps its type and its source chain all the way to the exit path: no crate flattens
+/// errors into strings to carry a status.
+///
+/// ```
+/// use labrelay::exit::{Exit, ExitClass};
+///
+/// #[derive(Debug, thiserror::Error)]
+/// #[error("no such sample sheet column {0}")]
+/// struct SheetError(String);
+///
+/// impl ExitClass for SheetError {
+///     fn exit_class(&self) -> Exit {
+///         Exit::Config
+///     }
+/// }
+/// labrelay::exit_class!(SheetError);
+///
+/// let err = anyhow::Error::new(SheetError("lane".into())).context("reading sheet.csv");
+/// assert_eq!(labrelay::exit::classify(&err), Exit::Config);
+/// ```
+pub trait ExitClass: std::error::Error + Send + Sync + 'static {
+    /// The exit status this error stands for.
+    fn exit_class(&self) -> Exit;
+
+    /// Whether trying the same operation again may succeed. The retry layer
+    /// ([`crate::retry`]) retries exactly these; by default the temporary class (75).
+    fn is_transient(&self) -> bool {
+        self.exit_class() == Exit::TempFail
+    }
+}
+
+/// One registered error type: a probe that recognises it in an error chain.
+#[doc(hidden)]
+#[derive(Clone, Copy)]
+pub struct Classifier {
+    probe: fn(&(dyn std::error::Error + 'static)) -> Option<(Exit, bool)>,
+}
+
+impl Classifier {
+    /// The classifier of `E` (used by [`exit_class!`](crate::exit_class)).
+    pub const fn of<E: ExitClass>() -> Self {
+        Classifier { probe: probe::<E> }
+    }
+}
+
+fn probe<E: ExitClass>(e: &(dyn std::error::Error + 'static)) -> Option<(Exit, bool)> {
+    e.downcast_ref::<E>()
+        .map(|e| (e.exit_class(), e.is_transient()))
+}
+
+inventory::collect!(Classifier);
+
+#[doc(hidden)]
+pub use inventory as __inventory;
+
+/// Register error types that implement [`ExitClass`], so that [`classify`] and the retry
+/// layer recognise them in any error chain. Write it once per type, next to the type.
+#[macro_export]
+macro_rules! exit_class {
+    ($($ty:ty),+ $(,)?) => {
+        $(
+            $crate::exit::__inventory::submit! {
+                $crate::exit::Classifier::of::<$ty>()
+            }
+        )+
+    };
+}
+
+/// A usage error (exit 2): bad arguments or input the user must correct.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+impl ExitClass for UsageError {
+    fn exit_class(&self) -> Exit {
+        Exit::Usage
+    }
+}
+crate::exit_class!(UsageError);
+
 /// An error tagged with the exit status it should produce.
 ///
-/// Library modules return their own error types, which [`classify`] knows; a tool that
-/// needs a specific status for an error of its own wraps it with [`tagged`].
+/// Deprecated in favour of typed errors that implement [`ExitClass`]; kept only while
+/// the delivery crate moves over.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct Tagged {
@@ -86,6 +171,13 @@ pub struct Tagged {
     pub exit: Exit,
     message: String,
 }
+
+impl ExitClass for Tagged {
+    fn exit_class(&self) -> Exit {
+        self.exit
+    }
+}
+crate::exit_class!(Tagged);
 
 /// Build an error with a given exit status and message.
 pub fn tagged(exit: Exit, message: impl Into<String>) -> anyhow::Error {
@@ -97,7 +189,7 @@ pub fn tagged(exit: Exit, message: impl Into<String>) -> anyhow::Error {
 
 /// Shorthand for a usage error (exit 2).
 pub fn usage(message: impl Into<String>) -> anyhow::Error {
-    tagged(Exit::Usage, message)
+    anyhow::Error::new(UsageError(message.into()))
 }
 
 /// Whether an error chain ends in a closed stdout (`| head`), which is not a failure.
@@ -108,51 +200,56 @@ pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
     })
 }
 
-/// Map an error chain to an exit status: the first error in the chain that knows its
-/// class decides; anything unknown is a plain failure (1).
-pub fn classify(err: &anyhow::Error) -> Exit {
-    for cause in err.chain() {
-        if let Some(t) = cause.downcast_ref::<Tagged>() {
-            return t.exit;
-        }
-        if let Some(e) = cause.downcast_ref::<crate::config::ConfigError>() {
-            return e.exit();
-        }
-        if let Some(e) = cause.downcast_ref::<crate::secret::SecretError>() {
-            return e.exit();
-        }
-        if let Some(e) = cause.downcast_ref::<crate::db::DbError>() {
-            return e.exit();
-        }
-        if let Some(e) = cause.downcast_ref::<crate::queue::QueueError>() {
-            return e.exit();
-        }
-        if let Some(e) = cause.downcast_ref::<crate::storage::StorageError>() {
-            return e.exit();
-        }
-        if let Some(e) = cause.downcast_ref::<crate::mail::MailError>() {
-            return e.exit();
-        }
-        if let Some(e) = cause.downcast_ref::<crate::ssh::SshError>() {
-            return e.exit();
-        }
-        if let Some(e) = cause.downcast_ref::<crate::lock::LockError>() {
-            return e.exit();
+/// What the first error in a chain that knows its class says: exit status and whether
+/// trying again may help. `None` when no error in the chain is classified.
+fn class_of(
+    chain: &mut dyn Iterator<Item = &(dyn std::error::Error + 'static)>,
+) -> Option<(Exit, bool)> {
+    for cause in chain {
+        for c in inventory::iter::<Classifier> {
+            if let Some(found) = (c.probe)(cause) {
+                return Some(found);
+            }
         }
         if let Some(e) = cause.downcast_ref::<clap::Error>() {
-            return if e.use_stderr() {
+            let exit = if e.use_stderr() {
                 Exit::Usage
             } else {
                 Exit::Ok
             };
+            return Some((exit, false));
         }
         if let Some(io) = cause.downcast_ref::<std::io::Error>()
             && is_temporary_io(io.kind())
         {
-            return Exit::TempFail;
+            return Some((Exit::TempFail, true));
         }
     }
-    Exit::Failed
+    None
+}
+
+/// Map an error chain to an exit status: the first error in the chain that knows its
+/// class ([`ExitClass`], a clap error, a temporary I/O error) decides; anything unknown
+/// is a plain failure (1).
+pub fn classify(err: &anyhow::Error) -> Exit {
+    class_of(&mut err.chain()).map_or(Exit::Failed, |(exit, _)| exit)
+}
+
+/// [`classify`] for any error value (not only `anyhow`), walking its `source()` chain.
+pub fn classify_error(err: &(dyn std::error::Error + 'static)) -> Exit {
+    class_of(&mut std::iter::successors(Some(err), |e| e.source()))
+        .map_or(Exit::Failed, |(exit, _)| exit)
+}
+
+/// Whether trying again may help: the first classified error in the chain says so
+/// ([`ExitClass::is_transient`]); unknown errors are not retried.
+pub fn is_transient(err: &anyhow::Error) -> bool {
+    class_of(&mut err.chain()).is_some_and(|(_, transient)| transient)
+}
+
+/// [`is_transient`] for any error value.
+pub fn is_transient_error(err: &(dyn std::error::Error + 'static)) -> bool {
+    class_of(&mut std::iter::successors(Some(err), |e| e.source())).is_some_and(|(_, t)| t)
 }
 
 /// I/O error kinds that mean "the other side is not there right now".
@@ -202,6 +299,46 @@ mod tests {
             .context("connecting to 127.0.0.1:9");
         assert_eq!(classify(&io), Exit::TempFail);
         assert_eq!(classify(&anyhow::anyhow!("boom")), Exit::Failed);
+    }
+
+    /// An error type of "another crate": it joins the exit path by implementing the
+    /// trait and registering, with no change to this module.
+    #[derive(Debug, thiserror::Error)]
+    #[error("sheet column {0} is missing")]
+    struct SheetError(&'static str, #[source] std::io::Error);
+
+    impl ExitClass for SheetError {
+        fn exit_class(&self) -> Exit {
+            Exit::Config
+        }
+    }
+    crate::exit_class!(SheetError);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("not registered")]
+    struct Unregistered;
+
+    #[test]
+    fn registered_types_are_classified_anywhere_in_the_chain_and_keep_their_source() {
+        let err = anyhow::Error::new(SheetError("lane", std::io::Error::other("short read")))
+            .context("reading sheet.csv")
+            .context("delivering A1");
+        assert_eq!(classify(&err), Exit::Config);
+        // The chain is intact: the typed error and its source are still there.
+        assert!(err.downcast_ref::<SheetError>().is_some());
+        assert_eq!(
+            format!("{err:#}"),
+            "delivering A1: reading sheet.csv: sheet column lane is missing: short read"
+        );
+        assert!(!is_transient(&err));
+        assert_eq!(classify(&anyhow::Error::new(Unregistered)), Exit::Failed);
+        // Library errors are registered the same way.
+        let cfg = anyhow::Error::new(crate::config::ConfigError::Missing("[smtp]".into()));
+        assert_eq!(classify(&cfg), Exit::Config);
+        // And plain error values (not anyhow) are classified through source().
+        let io = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert_eq!(classify_error(&io), Exit::TempFail);
+        assert!(is_transient_error(&io));
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod logging;
 pub mod mail;
 pub mod output;
 pub mod queue;
+pub mod retry;
 pub mod schedule;
 pub mod secret;
 pub mod ssh;

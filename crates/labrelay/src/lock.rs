@@ -128,3 +128,10 @@ mod tests {
         let _again = InstanceLock::acquire(dir.path(), "mail-query").unwrap();
     }
 }
+
+impl crate::exit::ExitClass for LockError {
+    fn exit_class(&self) -> Exit {
+        self.exit()
+    }
+}
+crate::exit_class!(LockError);

@@ -430,3 +430,10 @@ mod tests {
         assert_eq!(SecretSpec::File(p).resolve().unwrap().expose(), "s3cret");
     }
 }
+
+impl crate::exit::ExitClass for SecretError {
+    fn exit_class(&self) -> Exit {
+        self.exit()
+    }
+}
+crate::exit_class!(SecretError);

@@ -119,6 +119,16 @@ pub enum SshError {
     /// A password or passphrase could not be resolved.
     #[error(transparent)]
     Secret(#[from] SecretError),
+    /// The server stayed unreachable through every attempt of the retry layer
+    /// ([`crate::retry`]): the last error's class, but no caller retries it again.
+    #[error("{last} (tried {attempts} times)")]
+    GaveUp {
+        /// Attempts made.
+        attempts: u32,
+        /// The last attempt's error.
+        #[source]
+        last: Box<SshError>,
+    },
     /// The session failed after it was established (channel refused, connection lost).
     #[error("ssh session to {server}: {message}")]
     Session {
@@ -134,6 +144,7 @@ impl SshError {
     /// host keys → 78; a broken session → 1.
     pub fn exit(&self) -> Exit {
         match self {
+            SshError::GaveUp { last, .. } => last.exit(),
             SshError::Connect { .. }
             | SshError::Timeout { .. }
             | SshError::CommandTimeout { .. } => Exit::TempFail,
@@ -149,10 +160,11 @@ impl SshError {
 
     /// Whether the connection should be considered broken (reconnect before retrying).
     pub fn is_connection_lost(&self) -> bool {
-        matches!(
-            self,
-            SshError::Connect { .. } | SshError::Timeout { .. } | SshError::Session { .. }
-        )
+        match self {
+            SshError::GaveUp { last, .. } => last.is_connection_lost(),
+            SshError::Connect { .. } | SshError::Timeout { .. } | SshError::Session { .. } => true,
+            _ => false,
+        }
     }
 }
 
@@ -289,8 +301,19 @@ impl SshSession {
             })?
     }
 
-    /// [`SshSession::connect`] for callers already on a blocking thread.
+    /// [`SshSession::connect`] for callers already on a blocking thread. An unreachable
+    /// server is tried again under [`crate::retry::policy`].
     pub fn connect_blocking(p: &SshParams) -> Result<SshSession, SshError> {
+        crate::retry::run_blocking(
+            crate::retry::policy(),
+            &format!("connecting to {}", p.server()),
+            |_| SshSession::connect_once(p),
+        )
+        .map(|done| done.value)
+        .map_err(crate::retry::Failed::into_error)
+    }
+
+    fn connect_once(p: &SshParams) -> Result<SshSession, SshError> {
         let server = p.server();
         let timeout_ms = duration_ms(p.timeout);
         let tcp = tcp_connect(p, &server)?;
@@ -900,3 +923,23 @@ mod tests {
         assert_eq!(err.exit(), Exit::TempFail);
     }
 }
+
+impl crate::exit::ExitClass for SshError {
+    fn exit_class(&self) -> Exit {
+        self.exit()
+    }
+
+    fn is_transient(&self) -> bool {
+        !matches!(self, SshError::GaveUp { .. }) && self.exit() == Exit::TempFail
+    }
+}
+
+impl crate::retry::GiveUp for SshError {
+    fn gave_up(attempts: u32, last: Self) -> Self {
+        SshError::GaveUp {
+            attempts,
+            last: Box::new(last),
+        }
+    }
+}
+crate::exit_class!(SshError);

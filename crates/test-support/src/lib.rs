@@ -80,6 +80,28 @@ pub fn require(name: &str) -> Option<String> {
     None
 }
 
+/// [`require`], parsed: a missing setting skips (fails under `CI=true`), but a value
+/// that does not parse always fails, naming the setting: a broken services file must
+/// never look like a missing server.
+pub fn require_parsed<T>(name: &str) -> Option<T>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    require(name).map(|raw| parse_setting(name, &raw))
+}
+
+fn parse_setting<T>(name: &str, raw: &str) -> T
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    match raw.parse() {
+        Ok(v) => v,
+        Err(e) => panic!("test server setting LABRELAY_TEST_{name} = {raw:?} is malformed: {e}"),
+    }
+}
+
 /// Return early from a test when a server setting is missing (fails under `CI=true`).
 #[macro_export]
 macro_rules! require {
@@ -233,5 +255,19 @@ pub mod cli {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("not implemented yet"), "{err}");
         assert!(out.stdout.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    #[should_panic(expected = "LABRELAY_TEST_SFTP_PORT = \"22x\" is malformed")]
+    fn a_malformed_setting_fails_instead_of_skipping() {
+        let _: u16 = super::parse_setting("SFTP_PORT", "22x");
+    }
+
+    #[test]
+    fn a_good_setting_parses() {
+        assert_eq!(super::parse_setting::<u16>("SFTP_PORT", "2222"), 2222);
     }
 }

@@ -206,7 +206,7 @@ pub struct TargetFixture {
 fn sftp_params() -> Option<SshParams> {
     Some(SshParams {
         host: test_support::require("SFTP_HOST")?,
-        port: test_support::require("SFTP_PORT")?.parse().ok()?,
+        port: test_support::require_parsed("SFTP_PORT")?,
         user: test_support::require("SFTP_USER")?,
         key_file: Some(PathBuf::from(test_support::require("SFTP_KEY")?)),
         key_passphrase: None,

@@ -84,7 +84,7 @@ async fn crash_loop(kind: TargetKind) {
     ));
     let seed: u64 = std::env::var("CRASHLOOP_SEED")
         .ok()
-        .and_then(|s| s.parse().ok())
+        .map(|s| s.parse().expect("CRASHLOOP_SEED must be a number"))
         .unwrap_or_else(|| {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

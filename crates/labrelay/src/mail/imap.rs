@@ -162,7 +162,12 @@ enum Transport {
 struct ImapStream {
     inner: Transport,
     timeout: Duration,
+    /// Called once when the server has accepted IDLE ([`ImapClient::idle_notify`]);
+    /// shared with the client, which cannot reach the stream inside the session.
+    on_idle: IdleHook,
 }
+
+type IdleHook = std::sync::Arc<std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>>;
 
 impl ImapStream {
     fn tcp(&self) -> &TcpStream {
@@ -202,6 +207,13 @@ impl SetReadTimeout for ImapStream {
     // The imap crate sets the IDLE interval before waiting and `None` afterwards; `None`
     // would leave later commands without any timeout, so it means "our timeout" here.
     fn set_read_timeout(&mut self, timeout: Option<Duration>) -> ::imap::Result<()> {
+        // The imap crate sets the IDLE interval right after the server's "+ idling"
+        // continuation: from here on, new mail is announced.
+        if timeout.is_some()
+            && let Some(ready) = self.on_idle.lock().ok().and_then(|mut h| h.take())
+        {
+            ready();
+        }
         self.tcp()
             .set_read_timeout(Some(timeout.unwrap_or(self.timeout)))
             .map_err(::imap::Error::Io)
@@ -215,6 +227,7 @@ pub struct ImapClient {
     user: String,
     capabilities: ::imap::types::Capabilities,
     selected: Option<String>,
+    on_idle: IdleHook,
 }
 
 impl std::fmt::Debug for ImapClient {
@@ -362,9 +375,11 @@ impl ImapClient {
             }
         };
 
+        let on_idle = IdleHook::default();
         let mut client = ::imap::Client::new(ImapStream {
             inner: transport,
             timeout,
+            on_idle: on_idle.clone(),
         });
         if greeted {
             client.greeting_read = true;
@@ -413,6 +428,7 @@ impl ImapClient {
             user: cfg.username.clone(),
             capabilities,
             selected: None,
+            on_idle,
         };
         tracing::debug!(server = %client.server, user = %client.user, "IMAP login ok");
         Ok(client)
@@ -646,6 +662,17 @@ impl ImapClient {
     /// NOOP every few seconds on a server without it. Other changes (flags, expunges by
     /// other sessions) do not end the wait.
     pub fn idle(&mut self, timeout: Duration) -> Result<bool, MailError> {
+        self.idle_notify(timeout, || {})
+    }
+
+    /// [`idle`](Self::idle), calling `ready` once the server has accepted IDLE (from
+    /// then on it announces new mail). `ready` is not called when the wait ends without
+    /// IDLE: mail noticed before, or a server without IDLE (polled with NOOP).
+    pub fn idle_notify(
+        &mut self,
+        timeout: Duration,
+        ready: impl FnOnce() + Send + 'static,
+    ) -> Result<bool, MailError> {
         // Responses that came with earlier commands are queued in the session; an EXISTS
         // among them is mail IDLE would not announce again.
         if self.take_new_mail_notices() {
@@ -656,6 +683,9 @@ impl ImapClient {
         }
         let deadline = Instant::now() + timeout;
         let mut new_mail = false;
+        if let Ok(mut hook) = self.on_idle.lock() {
+            *hook = Some(Box::new(ready));
+        }
         let result = {
             let mut handle = self.session.idle();
             handle.timeout(timeout).keepalive(false);
@@ -667,6 +697,9 @@ impl ImapClient {
                 Instant::now() < deadline
             })
         };
+        if let Ok(mut hook) = self.on_idle.lock() {
+            *hook = None;
+        }
         match result {
             Ok(_) => Ok(new_mail || self.take_new_mail_notices()),
             Err(e) => Err(self.err("IDLE", e)),

@@ -69,6 +69,17 @@ pub enum MailError {
         /// The server's reply.
         message: String,
     },
+    /// A temporary failure that the retry layer ([`crate::retry`]) tried again until its
+    /// attempts or deadline ran out: the last error's class, but no longer transient, so
+    /// no caller retries it once more.
+    #[error("{last} (tried {attempts} times)")]
+    GaveUp {
+        /// Attempts made.
+        attempts: u32,
+        /// The last attempt's error.
+        #[source]
+        last: Box<MailError>,
+    },
     /// The server refused for good (SMTP 5xx, IMAP NO/BAD to a command) (exit 1).
     #[error("mail server {server} refused: {message}")]
     Rejected {
@@ -115,6 +126,7 @@ impl MailError {
     /// refusals and bad messages are failures (1).
     pub fn exit(&self) -> Exit {
         match self {
+            MailError::GaveUp { last, .. } => last.exit(),
             MailError::Connect { .. } | MailError::Temporary { .. } => Exit::TempFail,
             MailError::Auth { .. } | MailError::Config(_) | MailError::Secret(_) => Exit::Config,
             MailError::Rejected { .. }
@@ -152,5 +164,25 @@ mod tests {
         assert_eq!(rejected.exit(), Exit::Failed);
         let any = anyhow::Error::new(connect).context("sending report");
         assert_eq!(crate::exit::classify(&any), Exit::TempFail);
+    }
+}
+
+impl crate::exit::ExitClass for MailError {
+    fn exit_class(&self) -> Exit {
+        self.exit()
+    }
+
+    fn is_transient(&self) -> bool {
+        !matches!(self, MailError::GaveUp { .. }) && self.exit() == Exit::TempFail
+    }
+}
+crate::exit_class!(MailError);
+
+impl crate::retry::GiveUp for MailError {
+    fn gave_up(attempts: u32, last: Self) -> Self {
+        MailError::GaveUp {
+            attempts,
+            last: Box::new(last),
+        }
     }
 }

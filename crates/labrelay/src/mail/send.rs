@@ -76,6 +76,9 @@ pub struct SentMail {
     pub outbox_path: Option<PathBuf>,
     /// The SMTP server's final reply (`250 2.0.0 Ok: queued as …`), when sent by SMTP.
     pub server_reply: Option<String>,
+    /// SMTP transactions it took: temporary failures (unreachable server, 4xx replies)
+    /// are retried under [`crate::retry::policy`]; 1 for the outbox.
+    pub attempts: u32,
 }
 
 fn default_port(mode: TlsMode) -> u16 {
@@ -151,11 +154,22 @@ impl Mailer {
     ) -> Result<SentMail, MailError> {
         match self {
             Mailer::Smtp(smtp) => {
-                let reply = smtp
-                    .transport
-                    .send_raw(envelope, &bytes)
-                    .await
-                    .map_err(|e| smtp.send_error(&e, envelope))?;
+                // Sending again after a temporary failure is safe to the extent a
+                // fixed Message-ID makes it: a server that accepted the message and
+                // then lost the connection before its reply may deliver it twice.
+                let done = crate::retry::run(
+                    crate::retry::policy(),
+                    &format!("sending {message_id} to {}", smtp.server),
+                    |_| async {
+                        smtp.transport
+                            .send_raw(envelope, &bytes)
+                            .await
+                            .map_err(|e| smtp.send_error(&e, envelope))
+                    },
+                )
+                .await
+                .map_err(crate::retry::Failed::into_error)?;
+                let (reply, attempts) = (done.value, done.attempts);
                 let reply_text = format!(
                     "{} {}",
                     reply.code(),
@@ -173,6 +187,7 @@ impl Mailer {
                     recipients,
                     outbox_path: None,
                     server_reply: Some(reply_text),
+                    attempts,
                 })
             }
             Mailer::Outbox(dir) => {
@@ -208,6 +223,7 @@ impl Mailer {
                     recipients,
                     outbox_path: Some(path),
                     server_reply: None,
+                    attempts: 1,
                 })
             }
         }

@@ -839,3 +839,10 @@ mod tests {
         assert!(!shown.contains("hunter2"), "{shown}");
     }
 }
+
+impl crate::exit::ExitClass for QueueError {
+    fn exit_class(&self) -> Exit {
+        self.exit()
+    }
+}
+crate::exit_class!(QueueError);

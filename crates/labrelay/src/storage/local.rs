@@ -400,6 +400,7 @@ fn outcome(size: u64, md5: [u8; 16]) -> PutOutcome {
         part_md5_hex: Vec::new(),
         range_size: 0,
         range_md5_hex: Vec::new(),
+        retries: 0,
     }
 }
 

@@ -136,6 +136,17 @@ pub enum StorageError {
         /// Bytes actually read.
         actual: u64,
     },
+    /// An operation that failed temporarily every time it was tried (the retry layer
+    /// gave up): the last error, with the same exit class, but no longer worth retrying
+    /// by a caller ([`crate::retry`]: one layer retries).
+    #[error("{last} (tried {attempts} times)")]
+    GaveUp {
+        /// Attempts made.
+        attempts: u32,
+        /// The last attempt's error.
+        #[source]
+        last: Box<StorageError>,
+    },
     /// The server's checksum (ETag) does not match what was sent.
     #[error("{key} on {target} failed verification: {message}")]
     Integrity {
@@ -157,6 +168,7 @@ impl StorageError {
             StorageError::Secret(e) => e.exit(),
             StorageError::Ssh(e) => e.exit(),
             StorageError::Connect { .. } => Exit::TempFail,
+            StorageError::GaveUp { last, .. } => last.exit(),
             StorageError::Backend { temporary, .. } => {
                 if *temporary {
                     Exit::TempFail
@@ -173,9 +185,10 @@ impl StorageError {
         }
     }
 
-    /// Whether trying again later may succeed (the delivery tool retries these).
+    /// Whether trying again may succeed: a temporary failure that no retry layer below
+    /// has retried yet ([`StorageError::GaveUp`] is not).
     pub fn is_temporary(&self) -> bool {
-        self.exit() == Exit::TempFail
+        !matches!(self, StorageError::GaveUp { .. }) && self.exit() == Exit::TempFail
     }
 }
 
@@ -523,6 +536,9 @@ pub struct PutOutcome {
     pub range_size: u64,
     /// MD5 of each range, lowercase hex, in order; empty when `range_size` is 0.
     pub range_md5_hex: Vec<String>,
+    /// Requests that were sent again after a temporary failure ([`crate::retry`]),
+    /// summed over the parts; 0 when every request succeeded at once.
+    pub retries: u32,
 }
 
 impl PutOutcome {
@@ -1182,5 +1198,25 @@ mod tests {
         assert_eq!(n, 5);
         assert_eq!(hex::encode(md5), "5d41402abc4b2a76b9719d911017c592");
         assert_eq!(out, b"hello");
+    }
+}
+
+impl crate::exit::ExitClass for StorageError {
+    fn exit_class(&self) -> Exit {
+        self.exit()
+    }
+
+    fn is_transient(&self) -> bool {
+        self.is_temporary()
+    }
+}
+crate::exit_class!(StorageError);
+
+impl crate::retry::GiveUp for StorageError {
+    fn gave_up(attempts: u32, last: Self) -> Self {
+        StorageError::GaveUp {
+            attempts,
+            last: Box::new(last),
+        }
     }
 }

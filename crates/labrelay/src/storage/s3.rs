@@ -99,6 +99,9 @@ pub struct UploadedPart {
     /// The part's ETag as the server sent it (S3: the part's MD5 in quotes); pass it
     /// back unchanged to [`S3Storage::complete_multipart`].
     pub etag: String,
+    /// Requests sent for this part (1 when it succeeded at once; 0 for a part
+    /// uploaded by an earlier run).
+    pub attempts: u32,
 }
 
 impl S3Storage {
@@ -153,10 +156,17 @@ impl S3Storage {
         let client = ClientOptions::new()
             .with_connect_timeout(timeout)
             .with_timeout(REQUEST_TIMEOUT.max(timeout));
+        // object_store's own retries (list, head, delete, complete) follow the one
+        // policy of crate::retry: the same attempts, backoff and deadline.
+        let policy = crate::retry::policy();
         let retry = RetryConfig {
-            max_retries: 5,
-            retry_timeout: Duration::from_mins(2),
-            ..RetryConfig::default()
+            max_retries: policy.attempts.saturating_sub(1) as usize,
+            retry_timeout: policy.deadline,
+            backoff: object_store::BackoffConfig {
+                init_backoff: policy.base_delay,
+                max_backoff: policy.max_delay,
+                base: 2.0,
+            },
         };
         // The builder starts empty (`new`, not `from_env`): no AWS_* variable applies.
         let mut builder = AmazonS3Builder::new()
@@ -304,18 +314,29 @@ impl S3Storage {
                     }
                     cause = c.source();
                 }
-                if connect {
-                    return StorageError::Connect { target, message };
-                }
-                let temporary = message.contains("status code: 5")
-                    || message.contains("status code: 429")
-                    || message.contains("SlowDown");
-                StorageError::Backend {
-                    target,
-                    op,
-                    key: key.to_owned(),
-                    message,
-                    temporary,
+                let retries = retries_in(&message);
+                let error = if connect {
+                    StorageError::Connect { target, message }
+                } else {
+                    let temporary = message.contains("status code: 5")
+                        || message.contains("status code: 429")
+                        || message.contains("SlowDown");
+                    StorageError::Backend {
+                        target,
+                        op,
+                        key: key.to_owned(),
+                        message,
+                        temporary,
+                    }
+                };
+                // object_store already retried it under the one policy: no caller
+                // retries it again.
+                match retries {
+                    Some(n) if n > 0 && error.is_temporary() => StorageError::GaveUp {
+                        attempts: n + 1,
+                        last: Box::new(error),
+                    },
+                    _ => error,
                 }
             }
         }
@@ -434,7 +455,7 @@ impl S3Storage {
         verify_etag: bool,
     ) -> Result<UploadedPart, StorageError> {
         let path = self.full_path(&upload.key)?;
-        let etag = self
+        let (etag, attempts) = self
             .inner
             .uploader
             .put(
@@ -467,7 +488,11 @@ impl S3Storage {
                 ));
             }
         }
-        Ok(UploadedPart { index, etag })
+        Ok(UploadedPart {
+            index,
+            etag,
+            attempts,
+        })
     }
 
     /// Complete `upload` from its parts in order (`parts[i].index == i`), publishing
@@ -602,13 +627,12 @@ impl S3Storage {
     ) -> Result<PutOutcome, StorageError> {
         let size = chunk.data.len() as u64;
         let md5_hex = hex::encode(chunk.md5);
-        let etag = self
+        let (etag, attempts) = self
             .inner
             .uploader
             .put(key, path.as_ref(), Dest::Object, chunk.data, chunk.md5)
-            .await?
-            .as_deref()
-            .map(clean_etag);
+            .await?;
+        let etag = etag.as_deref().map(clean_etag);
         if verify {
             self.check_etag(key, etag.as_deref(), &md5_hex).await?;
         }
@@ -621,6 +645,7 @@ impl S3Storage {
             part_md5_hex: Vec::new(),
             range_size: 0,
             range_md5_hex: Vec::new(),
+            retries: attempts.saturating_sub(1),
         })
     }
 
@@ -690,6 +715,7 @@ impl S3Storage {
             parts[index] = Some(result?);
         }
         let parts: Vec<UploadedPart> = parts.into_iter().flatten().collect();
+        let retries = parts.iter().map(|p| p.attempts.saturating_sub(1)).sum();
         if parts.len() != part_md5s.len() {
             return Err(self.integrity(key, "a part went missing".into()));
         }
@@ -708,8 +734,17 @@ impl S3Storage {
             part_md5_hex: part_md5s,
             range_size: 0,
             range_md5_hex: Vec::new(),
+            retries,
         })
     }
+}
+
+/// The retries object_store made before it gave up, from its message ("Error after 3
+/// retries in 1.2s, ..."); `None` when it did not retry.
+fn retries_in(message: &str) -> Option<u32> {
+    let rest = &message[message.find("after ")? + "after ".len()..];
+    let n = rest.split_once(" retries")?.0;
+    n.parse().ok()
 }
 
 /// Aborts a multipart upload in the background if the upload future is dropped.

@@ -27,9 +27,6 @@ use sha2::{Digest, Sha256};
 
 use super::StorageError;
 
-/// Attempts for a request that fails temporarily (connection, 5xx, 429).
-const ATTEMPTS: u32 = 4;
-
 /// The bytes every key is percent-encoded with, besides `/`: all but RFC 3986's
 /// unreserved characters, as SigV4's canonical URI expects.
 const KEY_ENCODE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
@@ -119,7 +116,8 @@ impl Uploader {
     }
 
     /// PUT `data` with its `md5`; returns the ETag exactly as the server sent it (S3:
-    /// in quotes), as CompleteMultipartUpload wants it back.
+    /// in quotes), as CompleteMultipartUpload wants it back, and the attempts it took
+    /// (temporary failures are retried here, by [`crate::retry`]).
     /// `key` (relative to the target) is only for messages.
     pub(super) async fn put(
         &self,
@@ -128,7 +126,7 @@ impl Uploader {
         dest: Dest<'_>,
         data: Bytes,
         md5: [u8; 16],
-    ) -> Result<Option<String>, StorageError> {
+    ) -> Result<(Option<String>, u32), StorageError> {
         let url = self.url(full_key, &dest);
         let content_md5 = base64::engine::general_purpose::STANDARD.encode(md5);
         let digest: Option<[u8; 32]> = self.sign_payload.then(|| Sha256::digest(&data).into());
@@ -137,20 +135,17 @@ impl Uploader {
             Dest::Object => object_headers(key, Some(md5)),
             Dest::Part { .. } => Vec::new(),
         };
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self
-                .put_once(key, &url, &content_md5, &headers, digest, data.clone())
-                .await
-            {
-                Err(e) if e.is_temporary() && attempt < ATTEMPTS => {
-                    tracing::debug!(key, attempt, "retrying upload request: {e}");
-                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-                }
-                r => return r,
-            }
-        }
+        // The one retry layer of a buffered upload: the same bytes are sent again.
+        let what = match dest {
+            Dest::Object => format!("PUT {key}"),
+            Dest::Part { number, .. } => format!("PUT {key} part {number}"),
+        };
+        crate::retry::run(crate::retry::policy(), &what, |_| {
+            self.put_once(key, &url, &content_md5, &headers, digest, data.clone())
+        })
+        .await
+        .map(|done| (done.value, done.attempts))
+        .map_err(crate::retry::Failed::into_error)
     }
 
     async fn put_once(
@@ -207,17 +202,14 @@ impl Uploader {
     ) -> Result<String, StorageError> {
         let url = format!("{}?uploads=", self.url(full_key, &Dest::Object));
         let headers = object_headers(key, md5);
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.create_multipart_once(key, &url, &headers).await {
-                Err(e) if e.is_temporary() && attempt < ATTEMPTS => {
-                    tracing::debug!(key, attempt, "retrying CreateMultipartUpload: {e}");
-                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-                }
-                r => return r,
-            }
-        }
+        crate::retry::run(
+            crate::retry::policy(),
+            &format!("CreateMultipartUpload {key}"),
+            |_| self.create_multipart_once(key, &url, &headers),
+        )
+        .await
+        .map(|done| done.value)
+        .map_err(crate::retry::Failed::into_error)
     }
 
     async fn create_multipart_once(
@@ -268,17 +260,12 @@ impl Uploader {
     /// missing bucket is a configuration error naming `section`.
     pub(super) async fn head_bucket(&self, section: &str) -> Result<(), StorageError> {
         let url = self.base.clone();
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.head_bucket_once(&url, section).await {
-                Err(e) if e.is_temporary() && attempt < ATTEMPTS => {
-                    tracing::debug!(attempt, "retrying HeadBucket: {e}");
-                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-                }
-                r => return r,
-            }
-        }
+        crate::retry::run(crate::retry::policy(), "HeadBucket", |_| {
+            self.head_bucket_once(&url, section)
+        })
+        .await
+        .map(|done| done.value)
+        .map_err(crate::retry::Failed::into_error)
     }
 
     async fn head_bucket_once(&self, url: &str, section: &str) -> Result<(), StorageError> {

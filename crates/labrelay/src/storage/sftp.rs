@@ -562,6 +562,7 @@ impl Inner {
             part_md5_hex: Vec::new(),
             range_size: if ranges.is_empty() { 0 } else { range_size },
             range_md5_hex: ranges.iter().map(hex::encode).collect(),
+            retries: 0,
         })
     }
 

@@ -439,40 +439,58 @@ fn messages_move_to_another_folder_with_move_and_with_copy_expunge() {
     c.logout().unwrap();
 }
 
+/// How long a test waits for the IDLE readiness signal before failing: IDLE was not
+/// entered (a server without IDLE, or the client fell back to polling).
+const IDLE_READY: Duration = Duration::from_secs(10);
+
+/// An IDLE wait on its own thread that reports when the server accepted IDLE.
+fn idle_in_background(
+    mut c: ImapClient,
+    timeout: Duration,
+) -> (
+    std::sync::mpsc::Receiver<()>,
+    std::thread::JoinHandle<(ImapClient, bool, Duration)>,
+) {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let start = Instant::now();
+        let woke = c
+            .idle_notify(timeout, move || {
+                let _ = ready_tx.send(());
+            })
+            .unwrap();
+        (c, woke, start.elapsed())
+    });
+    (ready_rx, waiter)
+}
+
 #[test]
 fn idle_wakes_when_mail_arrives() {
     let s = servers!();
+    // A mailbox of this test's own: Dovecot saves mail for bob+FOLDER into FOLDER
+    // (lmtp_save_to_detail_mailbox), so no other test's mail can wake this IDLE.
+    let folder = unique("idle");
     let mut c = s.imap("bob");
+    c.create_folder_if_missing(&folder).unwrap();
+    c.select(&folder).unwrap();
     let mail = OutgoingMail::new(s.addr("alice"))
-        .to(s.addr("bob"))
+        .to(format!("bob+{folder}@{}", s.domain))
         .subject(unique("idle"))
         .text("wake up");
-    let to_send = mail.clone();
-    let mailer = s.mailer();
-    let sender = std::thread::spawn(move || {
-        // Give the main thread time to enter IDLE.
-        std::thread::sleep(Duration::from_millis(1500));
-        block_on(mailer.send(&to_send)).unwrap();
-    });
-
-    let start = Instant::now();
-    let mut woke = false;
-    let uid = loop {
-        assert!(
-            start.elapsed() < DELIVERY_TIMEOUT,
-            "IDLE did not report the message within {DELIVERY_TIMEOUT:?}"
-        );
-        // Other tests deliver to bob too; any wake-up is followed by a search.
-        if c.idle(Duration::from_secs(10)).unwrap() {
-            woke = true;
-        }
-        if let Some(uid) = c.search_message_id(mail.id()).unwrap().first() {
-            break *uid;
-        }
-    };
-    sender.join().unwrap();
-    assert!(woke, "idle returned true for the delivery");
+    let (ready, waiter) = idle_in_background(c, DELIVERY_TIMEOUT);
+    ready
+        .recv_timeout(IDLE_READY)
+        .expect("the server never accepted IDLE");
+    block_on(s.mailer().send(&mail)).unwrap();
+    let (mut c, woke, _) = waiter.join().unwrap();
+    assert!(
+        woke,
+        "IDLE did not report the delivery within {DELIVERY_TIMEOUT:?}"
+    );
+    let uid = wait_for(&mut c, mail.id());
     c.delete(uid).unwrap();
+    c.select("INBOX").unwrap();
+    c.delete_folder(&folder).unwrap();
     c.logout().unwrap();
 }
 
@@ -483,34 +501,28 @@ fn idle_times_out_quietly_and_wakes_on_append() {
     let mut c = s.imap("carol");
     c.create_folder_if_missing(&folder).unwrap();
     c.select(&folder).unwrap();
-    let start = Instant::now();
-    assert!(
-        !c.idle(Duration::from_secs(2)).unwrap(),
-        "nothing arrives in a new folder"
-    );
-    let waited = start.elapsed();
-    assert!(
-        waited >= Duration::from_millis(1900) && waited < Duration::from_secs(10),
-        "{waited:?}"
-    );
+    // Nothing arrives in a new folder: IDLE is entered and ends at its timeout.
+    let (ready, waiter) = idle_in_background(c, Duration::from_secs(2));
+    ready
+        .recv_timeout(IDLE_READY)
+        .expect("the server never accepted IDLE");
+    let (c, woke, elapsed) = waiter.join().unwrap();
+    assert!(!woke, "nothing arrives in a new folder");
+    assert!(elapsed >= Duration::from_millis(1900), "{elapsed:?}");
 
-    let folder2 = folder.clone();
+    // An APPEND by another session, made once IDLE is running, wakes it.
     let imap = s.imap_config("carol", &test_support::setting("MAIL_PASS_CAROL").unwrap());
-    let appender = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(1));
-        let mut other = ImapClient::connect(&imap).unwrap();
-        let raw =
-            b"From: a@b.example\r\nSubject: appended\r\nMessage-ID: <appended@x>\r\n\r\nhi\r\n";
-        other.append(&folder2, raw, &[Flag::Seen]).unwrap();
-        other.logout().unwrap();
-    });
-    let start = Instant::now();
-    assert!(
-        c.idle(Duration::from_secs(15)).unwrap(),
-        "APPEND by another session wakes IDLE"
-    );
-    assert!(start.elapsed() < Duration::from_secs(10));
-    appender.join().unwrap();
+    let (ready, waiter) = idle_in_background(c, Duration::from_secs(30));
+    ready
+        .recv_timeout(IDLE_READY)
+        .expect("the server never accepted IDLE");
+    let mut other = ImapClient::connect(&imap).unwrap();
+    let raw = b"From: a@b.example\r\nSubject: appended\r\nMessage-ID: <appended@x>\r\n\r\nhi\r\n";
+    other.append(&folder, raw, &[Flag::Seen]).unwrap();
+    other.logout().unwrap();
+    let (mut c, woke, elapsed) = waiter.join().unwrap();
+    assert!(woke, "APPEND by another session wakes IDLE");
+    assert!(elapsed < Duration::from_secs(30), "{elapsed:?}");
     let uid = wait_for(&mut c, "<appended@x>");
     assert!(c.flags(uid).unwrap().contains(&Flag::Seen));
     c.delete_folder(&folder).unwrap();

@@ -4,8 +4,8 @@
 //! (the RabbitMQ of `LABRELAY_TEST_AMQP_URL`).
 //!
 //! Crashes are real: "killed before ack" and "two processes at once" run consumers in
-//! child processes (this test binary again, running only [`child_process_entry`] with
-//! `LRQ_CHILD` set) and SIGKILL them. The RabbitMQ restart test starts a throwaway node
+//! child processes (the helper binary `labrelay-queue-child`, built from
+//! `tests/helpers/queue_child.rs`) and SIGKILL them. The RabbitMQ restart test starts a throwaway node
 //! of its own, because other tests use the shared one concurrently.
 
 // clippy.toml's allow-unwrap-in-tests covers `#[test]` functions only, not the helpers
@@ -109,6 +109,7 @@ impl Fixture {
             ("LRQ_URL", &self.url),
             ("LRQ_QUEUE", queue),
             ("LRQ_PREFETCH", &prefetch.to_string()),
+            ("LRQ_LEASE_SECS", &LEASE.as_secs().to_string()),
         ])
     }
 }
@@ -153,29 +154,19 @@ struct Child {
 
 impl Child {
     fn spawn(env: &[(&str, &str)]) -> Child {
-        let mut cmd = tokio::process::Command::new(std::env::current_exe().unwrap());
-        cmd.args([
-            "queue::child_process_entry",
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true);
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_labrelay-queue-child"));
+        cmd.envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
         let mut process = cmd.spawn().unwrap();
         let stdout = process.stdout.take().unwrap();
         let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             let mut reader = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = reader.next_line().await {
-                // libtest prints its own output too, and the first of our lines follows
-                // its "test NAME ... " on the same line; ours start with "LRQ ".
-                if let Some(at) = line.find("LRQ ")
-                    && tx.send(line[at + 4..].to_owned()).is_err()
-                {
+                if tx.send(line).is_err() {
                     break;
                 }
             }
@@ -209,56 +200,6 @@ impl Child {
             out.push(line);
         }
         out
-    }
-}
-
-/// Not a test of its own: the body of the child processes. Without `LRQ_CHILD` it does
-/// nothing.
-///
-/// - `hold`: take one message, report `GOT <id> <delivery_count>`, then wait to be killed.
-/// - `drain`: report `READY`, then ack messages, reporting `ACK <id>` after each ack,
-///   until a message with id `stop` (acked, reported `STOP`).
-#[tokio::test]
-async fn child_process_entry() {
-    let Ok(mode) = std::env::var("LRQ_CHILD") else {
-        return;
-    };
-    let var = |k: &str| std::env::var(k).unwrap();
-    let url = RedactedUrl::parse(&var("LRQ_URL")).unwrap();
-    let broker = AnyBroker::connect(&url, &Fixture::settings())
-        .await
-        .unwrap();
-    let prefetch: u16 = var("LRQ_PREFETCH").parse().unwrap();
-    let mut consumer = broker.consume(&var("LRQ_QUEUE"), prefetch).await.unwrap();
-    match mode.as_str() {
-        "hold" => {
-            println!("LRQ READY");
-            let d = consumer.next().await.unwrap();
-            println!(
-                "LRQ GOT {} {}",
-                d.message_id.as_deref().unwrap_or("-"),
-                d.delivery_count
-            );
-            // Keep the delivery (and its lease renewal) alive until SIGKILL.
-            tokio::time::sleep(Duration::from_mins(10)).await;
-            drop(d);
-        }
-        "drain" => {
-            println!("LRQ READY");
-            loop {
-                let d = consumer.next().await.unwrap();
-                let id = d.message_id.clone().unwrap_or_default();
-                // A little work, so that the other process gets its share.
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                d.ack().await.unwrap();
-                if id == "stop" {
-                    println!("LRQ STOP");
-                    break;
-                }
-                println!("LRQ ACK {id}");
-            }
-        }
-        other => panic!("unknown LRQ_CHILD mode {other}"),
     }
 }
 
