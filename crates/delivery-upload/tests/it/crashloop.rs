@@ -82,15 +82,15 @@ async fn crash_loop(kind: TargetKind) {
         target.toml,
         lims.config(STATUS_UPSERT)
     ));
-    let seed: u64 = std::env::var("CRASHLOOP_SEED")
-        .ok()
-        .map(|s| s.parse().expect("CRASHLOOP_SEED must be a number"))
-        .unwrap_or_else(|| {
+    let seed: u64 = std::env::var("CRASHLOOP_SEED").ok().map_or_else(
+        || {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
                 .as_nanos() as u64
-        });
+        },
+        |s| s.parse().expect("CRASHLOOP_SEED must be a number"),
+    );
     eprintln!("crash loop on {kind:?}: CRASHLOOP_SEED={seed}");
     let mut rng = Rng(seed | 1);
 
