@@ -1539,7 +1539,7 @@ pub async fn links(
 /// journal; each is checked on the target before a link is made.
 pub async fn renew(
     env: &Env<'_>,
-    steps: &crate::notify::DeliverySteps,
+    steps: &crate::steps::DeliverySteps,
     analysis_id: &str,
     target_name: Option<&str>,
 ) -> anyhow::Result<Exit> {
