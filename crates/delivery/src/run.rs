@@ -14,6 +14,11 @@
 //! repeat after a crash is a no-op in the outbox. A finished delivery is a no-op
 //! ("already delivered") unless `force`, which starts a new run.
 //!
+//! Shape: [`deliver`] does the entry checks, finds or creates the status row, and hands
+//! over to a `Run`, which has one method per stage (lookup, manifest, upload,
+//! checksums, confirm, access, mail, LIMS status, commit) and records each stage's
+//! outcome in the summary and the status row.
+//!
 //! Inputs are checked at the entry: the analysis id against
 //! `[delivery] analysis_id_pattern`, the folder against `data_roots`, the target's root
 //! and the customer's access to it before any byte moves.

@@ -17,16 +17,16 @@
 //! Here each of those steps is an argv template in the configuration ([`VendorSteps`]),
 //! with placeholders such as `{project}`, `{analysis_id}`, `{local_dir}`, `{user}`,
 //! `{days}` ([`placeholders`] lists them per step). This module owns:
-//! - parsing and checking the templates when the configuration is loaded: unknown
-//!   placeholders are refused, and so is any placeholder that would put a secret on a
+//! - the vendor section and its steps, checked when the configuration is loaded: each
+//!   step may use its own placeholders only, and none that would put a secret on a
 //!   command line (`{password}`, `{token}`, or the name of a configured secret
-//!   variable): a command line is readable by every user of the machine through `ps`;
-//! - running a step with no shell, the secrets (the vendor token, the customer's
-//!   generated password) in environment variables of the child only, stdin closed,
-//!   stdout/stderr read as they come, logged at debug with secrets scrubbed, a timeout;
-//! - mapping the exit status to ours ([`CommandError::exit`]): a non-zero code is a
-//!   failure naming the step and the code, or a temporary failure (75) for the codes
-//!   listed in `temporary_exit_codes`.
+//!   variable; [`ArgvTemplate::parse`] refuses them): a command line is readable by
+//!   every user of the machine through `ps`;
+//! - the order of the steps and what each receives: the secrets (the vendor token, the
+//!   customer's generated password) in environment variables of the child only, its
+//!   timeout, its temporary exit codes (`temporary_exit_codes`, exit 75). Running a
+//!   step — no shell, output scrubbed, [`CommandError`] naming the step, program and
+//!   code — is [`crate::command`]'s.
 //!
 //! A vendor CLI that only accepts its token as an argument must be wrapped (a script
 //! reading the variable); the exposure is then the vendor's, never ours.
