@@ -28,7 +28,9 @@ use labrelay::storage::{AnyStorage, ObjectStorage, StorageError};
 use rand::Rng as _;
 use serde::{Deserialize, Serialize};
 
-use crate::vendor::{self, ArgvTemplate, CommandError, Invocation, Vars, VendorTarget, VendorUser};
+use crate::command::{self, CommandError, Invocation};
+use crate::template::{ArgvTemplate, TemplateError, Vars};
+use crate::vendor::{self, VendorTarget, VendorUser};
 
 /// Longest validity of a presigned link in days: SigV4 signatures (S3, Garage, MinIO,
 /// Aliyun OSS through its S3 API) are valid at most 7 days.
@@ -128,6 +130,13 @@ impl AccessError {
     }
 }
 
+impl From<TemplateError> for AccessError {
+    /// A template problem is the account command's (see [`CommandError`]).
+    fn from(e: TemplateError) -> Self {
+        AccessError::Command(CommandError::from(e))
+    }
+}
+
 // ---------------------------------------------------------------------------------
 // Configuration.
 
@@ -202,7 +211,7 @@ impl AccessConfig {
     pub fn from_value(
         value: Option<&toml::Value>,
     ) -> Result<AccessConfig, labrelay::config::ConfigError> {
-        crate::notify::typed_section(value, "delivery.access")
+        crate::config::typed_section(value, "delivery.access")
     }
 }
 
@@ -690,7 +699,7 @@ impl Access {
             None => None,
             Some(c) => {
                 let ckey = format!("{key}.command");
-                vendor::check_env_name(&format!("{ckey}.password_env"), &c.password_env)?;
+                command::check_env_name(&format!("{ckey}.password_env"), &c.password_env)?;
                 let mut secret_env: Vec<&str> = c.env.keys().map(String::as_str).collect();
                 secret_env.push(&c.password_env);
                 let argv = ArgvTemplate::parse(
@@ -711,7 +720,7 @@ impl Access {
                     directory,
                     login: c.login.clone(),
                     password_env: c.password_env.clone(),
-                    env: vendor::resolve_env(&ckey, &c.env)?,
+                    env: command::resolve_env(&ckey, &c.env)?,
                     temporary_codes: c.temporary_exit_codes.clone(),
                     timeout: (c.timeout_secs > 0).then(|| Duration::from_secs(c.timeout_secs)),
                 })
@@ -871,7 +880,7 @@ impl Access {
         );
         let mut env: Vec<(&str, &Secret)> = c.env.iter().map(|(n, s)| (n.as_str(), s)).collect();
         env.push((c.password_env.as_str(), &password));
-        vendor::run(
+        command::run(
             Invocation {
                 step: "access",
                 argv: c.argv.expand("access", &vars)?,
@@ -879,6 +888,7 @@ impl Access {
                 timeout: c.timeout,
                 temporary_codes: &c.temporary_codes,
                 workdir: None,
+                capture_stdout: None,
             },
             false,
         )

@@ -368,6 +368,21 @@ impl DeliveryConfig {
     }
 }
 
+/// Type a raw TOML table of the `[delivery]` section (defaults when absent), naming
+/// `key` in errors (exit 78).
+pub(crate) fn typed_section<T: serde::de::DeserializeOwned + Default>(
+    value: Option<&toml::Value>,
+    key: &str,
+) -> Result<T, ConfigError> {
+    match value {
+        None => Ok(T::default()),
+        Some(v) => T::deserialize(v.clone()).map_err(|e| ConfigError::Invalid {
+            key: key.to_owned(),
+            message: e.message().trim().to_owned(),
+        }),
+    }
+}
+
 /// The named parameters `[delivery.status]` statements may use.
 pub const STATUS_PARAMS: &[&str] = &[
     "analysis_id",
@@ -454,7 +469,7 @@ mod tests {
         assert_eq!(delivery.target.as_deref(), Some("oss"));
         // Access, mail templates and vendor steps are checked the way the tools check
         // them at start-up (secrets are not resolved yet).
-        crate::notify::DeliverySteps::new(&config, &delivery).unwrap();
+        crate::steps::DeliverySteps::new(&config, &delivery).unwrap();
     }
 
     #[test]

@@ -7,18 +7,22 @@
 //! | module | owns |
 //! |---|---|
 //! | [`config`] | the `[delivery]` section |
+//! | [`template`] | the template engine: mail templates and argv templates |
+//! | [`command`] | the runner of external programs (vendor steps, access and lookup commands) |
 //! | [`lookup`], [`sql`] | analysis id / project id → folder, project, contacts |
 //! | [`manifest`] | walking the folder: globs, symlinks, problems, keys, checksum lines |
 //! | [`upload`] | parallel upload, multipart with journal, verification |
 //! | [`state`] | status rows and the resume journal in the state database |
 //! | [`report`] | the types handed to customer access and mail, and their trait |
-//! | [`access`], [`notify`], [`vendor`] | customer access, the customer mail, vendor CLI targets |
-//! | [`run`] | one delivery end to end |
+//! | [`access`], [`notify`], [`vendor`] | customer access, the delivery mails, vendor CLI targets |
+//! | [`steps`] | the customer steps as the tools run them: access, then mail |
+//! | [`run`] | one delivery end to end, one method per stage |
 //! | [`listen`] | the queue consumer |
 //! | [`events`] | JSON Lines records and progress |
 #![deny(missing_docs)]
 
 pub mod access;
+pub mod command;
 pub mod config;
 pub mod events;
 pub mod listen;
@@ -29,5 +33,7 @@ pub mod report;
 pub mod run;
 pub mod sql;
 pub mod state;
+pub mod steps;
+pub mod template;
 pub mod upload;
 pub mod vendor;

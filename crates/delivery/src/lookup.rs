@@ -1,8 +1,11 @@
 //! Lookup: an analysis id (or, for upload-pure, a project id) → the folder to deliver,
 //! the project and the contacts, from configured SQL on any `[databases.NAME]` or from
 //! an external command that prints JSON (for sources such as the seed's MongoDB or a
-//! LIMS REST API). The command runs without a shell, with a timeout; its stdout is
-//! data, its stderr is quoted in errors.
+//! LIMS REST API). The command is an argv template whose only placeholders are
+//! `{analysis_id}` and `{project_id}` (any other brace is literal, so an argument may
+//! hold JSON); it runs through [`crate::command`] without a shell, with a timeout; its
+//! stdout is data (at most [`MAX_COMMAND_OUTPUT`] bytes, never logged), its stderr is
+//! quoted in errors, and its exit code 75 means "try again later".
 //!
 //! Field (column) names: `analysis_path`, `project_id`, `customer_email`,
 //! `customer_name`, `action_email`, `sales_email`, `info_email`, and optionally
@@ -14,18 +17,18 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 use labrelay::config::Config;
 use labrelay::db::Db;
 use labrelay::exit::{Exit, tagged};
 use labrelay::secret::Secret;
-use tokio::io::AsyncReadExt;
 
-use crate::config::LookupConfig;
+use crate::command::{self, CommandError, Invocation};
+use crate::config::{LOOKUP_PARAMS, LookupConfig};
 use crate::report::{Analysis, Staff};
 use crate::sql::{self, Value};
+use crate::template::{ArgvTemplate, Vars};
 
 /// What is looked up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,88 +183,48 @@ fn merge_rows(key: &Key, rows: &[BTreeMap<String, String>]) -> Analysis {
     a
 }
 
+/// Most bytes a lookup command may print (its JSON rows).
+pub const MAX_COMMAND_OUTPUT: usize = 16 * 1024 * 1024;
+
 /// Run the lookup command; its JSON object (or array of objects) as rows.
 async fn run_command(
     argv: &[String],
     key: &Key,
     timeout: Duration,
 ) -> anyhow::Result<Vec<BTreeMap<String, String>>> {
+    let template =
+        ArgvTemplate::parse_known(&format!("{}.command", key.section()), argv, LOOKUP_PARAMS)
+            .map_err(|e| CommandError::from(e).into_anyhow())?;
     let (analysis_id, project_id) = match key {
         Key::Analysis(id) => (id.as_str(), ""),
         Key::Project(id) => ("", id.as_str()),
     };
-    let expanded: Vec<String> = argv
-        .iter()
-        .map(|a| {
-            a.replace("{analysis_id}", analysis_id)
-                .replace("{project_id}", project_id)
-        })
-        .collect();
-    let program = &expanded[0];
-    let mut child = tokio::process::Command::new(program)
-        .args(&expanded[1..])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| {
-            tagged(
-                Exit::Config,
-                format!("cannot run lookup command {program}: {e}"),
-            )
-        })?;
-    let mut stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| anyhow::anyhow!("no stdout pipe"))?;
-    let mut stderr = child
-        .stderr
-        .take()
-        .ok_or_else(|| anyhow::anyhow!("no stderr pipe"))?;
-    let work = async {
-        let mut out = Vec::new();
-        let mut err = Vec::new();
-        let (a, b) = tokio::join!(stdout.read_to_end(&mut out), stderr.read_to_end(&mut err));
-        a?;
-        b?;
-        let status = child.wait().await?;
-        Ok::<_, std::io::Error>((status, out, err))
-    };
-    let (status, out, err) = tokio::time::timeout(timeout, work)
-        .await
-        .map_err(|_| {
-            tagged(
-                Exit::TempFail,
-                format!(
-                    "lookup command {program} did not finish within {} s",
-                    timeout.as_secs()
-                ),
-            )
-        })?
-        .map_err(|e| anyhow::anyhow!("running lookup command {program}: {e}"))?;
-    let err_text = String::from_utf8_lossy(&err);
-    let err_tail = err_text.trim().lines().last().unwrap_or("").to_owned();
-    if !status.success() {
-        // 75 from the command means "try later" (its LIMS is down), as for our own tools.
-        let exit = if status.code() == Some(i32::from(Exit::TempFail.code())) {
-            Exit::TempFail
-        } else {
-            Exit::Failed
-        };
-        return Err(tagged(
-            exit,
-            format!(
-                "lookup command {program} failed ({status}){}",
-                if err_tail.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {err_tail}")
-                }
-            ),
-        ));
-    }
-    parse_json_rows(&out)
+    let mut vars = Vars::new();
+    vars.insert("analysis_id", analysis_id.to_owned());
+    vars.insert("project_id", project_id.to_owned());
+    // Lenient: ids were checked against `analysis_id_pattern` at the entry, and the
+    // command has always received them as they are.
+    let expanded = template
+        .expand_lenient("lookup", &vars)
+        .map_err(|e| CommandError::from(e).into_anyhow())?;
+    let program = template.program();
+    // 75 from the command means "try later" (its LIMS is down), as for our own tools.
+    let temporary = [i32::from(Exit::TempFail.code())];
+    let done = command::run(
+        Invocation {
+            step: "lookup",
+            argv: expanded,
+            env: Vec::new(),
+            timeout: Some(timeout),
+            temporary_codes: &temporary,
+            workdir: None,
+            capture_stdout: Some(MAX_COMMAND_OUTPUT),
+        },
+        false,
+    )
+    .await
+    .map_err(CommandError::into_anyhow)?;
+    parse_json_rows(&done.stdout)
         .map_err(|m| tagged(Exit::Failed, format!("lookup command {program}: {m}")))
 }
 
@@ -355,5 +318,50 @@ mod tests {
         .await
         .unwrap_err();
         assert_eq!(labrelay::exit::classify(&err), Exit::TempFail);
+        let err = run_command(
+            &[
+                "/bin/sh".to_owned(),
+                "-c".to_owned(),
+                "echo LIMS down >&2; exit 75".to_owned(),
+            ],
+            &Key::Project("P".into()),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(labrelay::exit::classify(&err), Exit::TempFail);
+        assert!(format!("{err:#}").contains("LIMS down"), "{err:#}");
+        let err = run_command(
+            &["/nonexistent/lookup".to_owned()],
+            &Key::Analysis("A".into()),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(labrelay::exit::classify(&err), Exit::Config);
+    }
+
+    #[tokio::test]
+    async fn command_placeholders_are_template_values_not_text_replacement() {
+        // With str::replace, an analysis id holding `{project_id}` was replaced a
+        // second time; a template substitutes each placeholder once.
+        let argv = vec![
+            "/bin/echo".to_owned(),
+            r#"{"analysis_path":"/p/{analysis_id}","project_id":"x{project_id}x"}"#.to_owned(),
+        ];
+        let rows = run_command(
+            &argv,
+            &Key::Analysis("A{project_id}".into()),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        assert_eq!(rows[0]["analysis_path"], "/p/A{project_id}");
+        assert_eq!(rows[0]["project_id"], "xx");
+        let rows = run_command(&argv, &Key::Project("V3".into()), Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(rows[0]["analysis_path"], "/p/");
+        assert_eq!(rows[0]["project_id"], "xV3x");
     }
 }

@@ -205,7 +205,7 @@ impl std::fmt::Debug for StepContext<'_> {
 /// The engine calls [`grant`](CustomerSteps::grant) once, then
 /// [`notify`](CustomerSteps::notify) with its result; an error from either fails the
 /// delivery (the files stay delivered and journaled, so a re-run only repeats these
-/// steps). [`crate::notify::DeliverySteps`] is the implementation the tools use.
+/// steps). [`crate::steps::DeliverySteps`] is the implementation the tools use.
 pub trait CustomerSteps: Send + Sync {
     /// Grant the customer access to the delivered files.
     fn grant<'a>(

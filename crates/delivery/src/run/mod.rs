@@ -14,6 +14,11 @@
 //! repeat after a crash is a no-op in the outbox. A finished delivery is a no-op
 //! ("already delivered") unless `force`, which starts a new run.
 //!
+//! Shape: [`deliver`] does the entry checks, finds or creates the status row, and hands
+//! over to a `Run` (submodule `stages`), which has one method per stage (lookup,
+//! manifest, upload, checksums, confirm, access, mail, LIMS status, commit) and records
+//! each stage's outcome in the summary and the status row.
+//!
 //! Inputs are checked at the entry: the analysis id against
 //! `[delivery] analysis_id_pattern`, the folder against `data_roots`, the target's root
 //! and the customer's access to it before any byte moves.
@@ -22,7 +27,6 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use bytes::Bytes;
 use chrono::Utc;
 use indicatif::HumanBytes;
 use labrelay::config::{Config, StorageConfig};
@@ -40,10 +44,14 @@ use crate::report::{
     Analysis, CustomerSteps, DeliveredFile, DeliveryReport, StepContext, TargetInfo, TargetKind,
     Tool,
 };
-use crate::sql::{self, Value};
+use crate::sql;
 use crate::state::{NewRun, State, Status, Update};
-use crate::upload::{self, Cancel, Interrupted, UploadOptions, UploadResult};
-use crate::vendor::{CommandError, VendorConfig, VendorTarget, VendorUpload};
+use crate::upload::{self, Cancel};
+use crate::vendor::{CommandError, VendorConfig, VendorTarget};
+
+mod stages;
+
+use self::stages::{Earlier, Parts, Run};
 
 /// What to deliver.
 #[derive(Debug, Clone)]
@@ -475,11 +483,13 @@ pub async fn deliver(
     if req.dry_run {
         return dry_run(env, req, &target, summary, t0, None).await;
     }
-    let (run_id, notified, uploaded) = match &latest {
+    let (run_id, earlier) = match &latest {
         Some(l) if !req.force => (
             l.id.clone(),
-            l.notified_at.is_some(),
-            l.md5sum_key.is_some(),
+            Earlier {
+                notified: l.notified_at.is_some(),
+                uploaded: l.md5sum_key.is_some(),
+            },
         ),
         _ => {
             let id = env
@@ -494,7 +504,7 @@ pub async fn deliver(
                     request_id: req.request_id.as_deref(),
                 })
                 .await?;
-            (id, false, false)
+            (id, Earlier::default())
         }
     };
     if let Some(rid) = &req.request_id {
@@ -509,92 +519,20 @@ pub async fn deliver(
             .await?;
     }
     summary.delivery_id = Some(run_id.clone());
-    let mut analysis = Analysis {
-        analysis_id: name.clone(),
-        project_id: req.project_id.clone(),
-        ..Analysis::default()
-    };
-    let started = Utc::now();
-    let result = steps_of(
-        env,
-        req,
-        &target,
-        &run_id,
-        (notified, uploaded),
-        steps,
-        cancel,
-        &mut analysis,
-        &mut summary,
-        started,
-    )
-    .await;
-    summary.seconds = t0.elapsed().as_secs_f64();
-    match result {
-        Ok(()) => {
-            summary.status = "delivered".into();
-            let summary = target.shown(&summary);
-            print_summary(&env.events, &summary, || delivered_text(&summary));
-            Ok(Outcome {
-                summary,
-                exit: Exit::Ok,
-            })
-        }
-        Err(e) if e.downcast_ref::<Interrupted>().is_some() => {
-            summary.status = "interrupted".into();
-            summary.error = Some(e.to_string());
-            print_summary(&env.events, &summary, || {
-                format!(
-                    "{name}: interrupted after {} of {} files; run again to resume",
-                    summary.files_sent + summary.files_resumed,
-                    summary.files
-                )
-            });
-            Ok(Outcome {
-                summary,
-                exit: Exit::TempFail,
-            })
-        }
-        Err(e) => {
-            let error = format!("{e:#}");
-            summary.status = "failed".into();
-            summary.error = Some(error.clone());
-            if let Err(re) = env
-                .state
-                .update(
-                    &run_id,
-                    &Update {
-                        status: Some(Status::Failed),
-                        error: Some(&error),
-                        failed_files: Some(summary.files_failed),
-                        ..Update::default()
-                    },
-                )
-                .await
-            {
-                tracing::error!("recording the failure of {name} failed: {re:#}");
-            }
-            if req.tool == Tool::DeliveryUpload
-                && let Some(st) = &env.delivery.status
-                && let Some(sql_text) = &st.on_failed
-                && let Err(le) = lims_status(
-                    env,
-                    &st.database,
-                    sql_text,
-                    "on_failed",
-                    &analysis,
-                    &summary,
-                    Status::Failed,
-                    &target,
-                )
-                .await
-            {
-                tracing::error!("writing the failure of {name} to the LIMS failed: {le:#}");
-            }
-            // In JSON mode the failure is a summary record too; text mode has the error line.
-            env.events.record("summary", &target.shown(&summary));
-            Err(e.context(DeliveryFailed { analysis, summary }))
-        }
-    }
+    let mut run = Run::new(
+        Parts {
+            env,
+            req,
+            target: &target,
+            steps,
+            cancel,
+        },
+        run_id,
+        earlier,
+        summary,
+    );
+    let result = run.stages().await;
+    run.finish(result, t0).await
 }
 
 /// A time for people: `2026-11-30 12:57 UTC` (an RFC 3339 text that does not parse is
@@ -781,88 +719,6 @@ fn sha256sum_text(files: &[DeliveredFile]) -> String {
         .collect()
 }
 
-/// A vendor CLI target: the command uploads the whole folder itself, so the engine
-/// hashes every file locally (for md5sum.txt and the mail), writes md5sum.txt (and
-/// sha256sum.txt) to a scratch directory for the `upload_file` step, and runs the
-/// vendor's steps. Resume is per delivery: a run whose files were already handed to
-/// the vendor (`uploaded`) only hashes them again.
-#[allow(clippy::too_many_arguments)]
-async fn vendor_upload(
-    env: &Env<'_>,
-    vendor: &VendorTarget,
-    analysis: &Analysis,
-    path: &std::path::Path,
-    entries: Vec<manifest::Entry>,
-    run_id: &str,
-    uploaded: bool,
-    summary: &Summary,
-    events: &Events,
-) -> anyhow::Result<UploadResult> {
-    if env.delivery.include != ["**"] || !env.delivery.exclude.is_empty() {
-        tracing::warn!(
-            "[delivery] include/exclude are checked, but the vendor command uploads the whole folder {}",
-            path.display()
-        );
-    }
-    let files = upload::hash_files(
-        &summary.key_prefix,
-        entries,
-        env.delivery.sha256,
-        env.delivery.parallel_large_files,
-        events,
-    )
-    .await?;
-    let mut result = UploadResult {
-        delivered: files,
-        ..UploadResult::default()
-    };
-    if uploaded {
-        tracing::info!(analysis_id = %summary.analysis_id, "the vendor already has these files; not uploading again");
-        result.files_resumed = result.delivered.len() as u64;
-        return Ok(result);
-    }
-    let scratch = env.config.data_dir().join("tmp").join(run_id);
-    fs_err::create_dir_all(&scratch)?;
-    let md5sum_path = scratch.join(&env.delivery.md5sum_name);
-    fs_err::write(&md5sum_path, md5sum_text(&result.delivered))?;
-    let mut extra = vec![md5sum_path];
-    if env.delivery.sha256 {
-        let p = scratch.join(SHA256_NAME);
-        fs_err::write(&p, sha256sum_text(&result.delivered))?;
-        extra.push(p);
-    }
-    let project = analysis.project_id.clone().ok_or_else(|| {
-        tagged(
-            Exit::Failed,
-            format!(
-                "analysis {} has no project_id; the vendor target needs one",
-                analysis.analysis_id
-            ),
-        )
-    })?;
-    let req = VendorUpload {
-        analysis_id: summary.analysis_id.clone(),
-        project,
-        remote_dir: summary.key_prefix.clone(),
-        local_dir: path.to_owned(),
-        extra_files: extra,
-        customer_email: analysis
-            .customer_emails
-            .first()
-            .cloned()
-            .unwrap_or_default(),
-    };
-    let report = vendor
-        .deliver(&req)
-        .await
-        .map_err(CommandError::into_anyhow)?;
-    tracing::info!(steps = report.steps.len(), "vendor steps done");
-    let _ = fs_err::remove_dir_all(&scratch);
-    result.files_sent = result.delivered.len() as u64;
-    result.bytes_sent = result.delivered.iter().map(|f| f.size).sum();
-    Ok(result)
-}
-
 fn build_manifest(env: &Env<'_>, path: &std::path::Path) -> anyhow::Result<manifest::Manifest> {
     let m = manifest::walk(path, &walk_options(&env.delivery)?)
         .map_err(|p| tagged(Exit::Failed, format!("cannot read the delivery folder {p}")))?;
@@ -965,429 +821,6 @@ async fn dry_run(
         summary,
         exit: Exit::Ok,
     })
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn steps_of(
-    env: &Env<'_>,
-    req: &Request,
-    target: &ResolvedTarget,
-    run_id: &str,
-    (notified, uploaded): (bool, bool),
-    steps: &dyn CustomerSteps,
-    cancel: &Cancel,
-    analysis: &mut Analysis,
-    summary: &mut Summary,
-    started: chrono::DateTime<Utc>,
-) -> anyhow::Result<()> {
-    let name = summary.analysis_id.clone();
-    env.events.stage("lookup", run_id, &name);
-    *analysis = find(env, req, &name).await?;
-    summary.project_id.clone_from(&analysis.project_id);
-    let path = folder_of(&env.delivery, req, analysis)?;
-    env.events.stage("manifest", run_id, &name);
-    let m = build_manifest(env, &path)?;
-    summary.files = m.entries.len() as u64;
-    summary.bytes = m.total_bytes();
-    let path_text = path.display().to_string();
-    env.state
-        .update(
-            run_id,
-            &Update {
-                status: Some(Status::Uploading),
-                project_id: analysis.project_id.as_deref(),
-                source_path: Some(&path_text),
-                files: Some(summary.files),
-                bytes: Some(summary.bytes),
-                error: Some(""),
-                ..Update::default()
-            },
-        )
-        .await?;
-    if req.tool == Tool::DeliveryUpload
-        && let Some(st) = &env.delivery.status
-        && let Some(sql_text) = &st.on_started
-    {
-        once(
-            env,
-            run_id,
-            "lims_on_started",
-            lims_status(
-                env,
-                &st.database,
-                sql_text,
-                "on_started",
-                analysis,
-                summary,
-                Status::Uploading,
-                target,
-            ),
-        )
-        .await?;
-    }
-    env.events.stage("upload", run_id, &name);
-    let mut events = env.events.clone();
-    events.set_target(target.storage.clone());
-    events.start_progress(summary.files, summary.bytes);
-    let up = if let Some(vendor) = &target.vendor {
-        vendor_upload(
-            env, vendor, analysis, &path, m.entries, run_id, uploaded, summary, &events,
-        )
-        .await
-    } else if let Some(storage) = &target.storage {
-        let sc = target.config.as_ref();
-        let opts = UploadOptions {
-            parallel_small: env.delivery.parallel_files,
-            parallel_large: env.delivery.parallel_large_files,
-            large_bytes: env.delivery.large_file_mib.saturating_mul(1024 * 1024),
-            sha256: env.delivery.sha256,
-            attempts: env.delivery.attempts,
-            part_size_mib: sc.and_then(|c| c.part_size_mib),
-            part_concurrency: sc
-                .and_then(|c| c.part_concurrency)
-                .unwrap_or(labrelay::storage::DEFAULT_PART_CONCURRENCY),
-            force: false,
-        };
-        let job = upload::Job {
-            storage,
-            state: &env.state,
-            run_id,
-            prefix: &summary.key_prefix,
-            opts: &opts,
-            events: &events,
-            cancel,
-        };
-        upload::upload(&job, m.entries).await
-    } else {
-        Err(tagged(
-            Exit::Config,
-            "the target has neither storage nor command",
-        ))
-    };
-    events.finish_progress();
-    let up = up?;
-    summary.files_sent = up.files_sent;
-    summary.files_resumed = up.files_resumed;
-    summary.files_failed = up.failed.len() as u64;
-    summary.bytes_sent = up.bytes_sent;
-    summary.parts_sent = up.parts_sent;
-    summary.parts_resumed = up.parts_resumed;
-    if !up.failed.is_empty() {
-        let exit = up
-            .failed
-            .iter()
-            .map(|f| f.exit)
-            .fold(Exit::TempFail, |acc, e| {
-                if e == Exit::TempFail {
-                    acc
-                } else {
-                    Exit::Failed
-                }
-            });
-        return Err(tagged(
-            exit,
-            format!(
-                "{} of {} files failed (first: {}: {}); run again to retry them",
-                up.failed.len(),
-                summary.files,
-                up.failed[0].rel,
-                up.failed[0].error
-            ),
-        ));
-    }
-    if up.interrupted {
-        return Err(Interrupted.into());
-    }
-    env.events.stage("checksums", run_id, &name);
-    let mut files = up.delivered;
-    files.sort_by(|a, b| a.rel.cmp(&b.rel));
-    let md5sum_text = md5sum_text(&files);
-    let md5sum_key = upload::object_key(&summary.key_prefix, &env.delivery.md5sum_name);
-    let sha256sum_key = env
-        .delivery
-        .sha256
-        .then(|| upload::object_key(&summary.key_prefix, SHA256_NAME));
-    if let Some(storage) = &target.storage {
-        upload::put_generated(storage, &md5sum_key, Bytes::from(md5sum_text.clone())).await?;
-        if let Some(k) = &sha256sum_key {
-            upload::put_generated(storage, k, Bytes::from(sha256sum_text(&files))).await?;
-        }
-    }
-    summary.md5sum_key = Some(md5sum_key.clone());
-    if let Some(storage) = &target.storage {
-        env.events.stage("confirm", run_id, &name);
-        let mut expected: BTreeMap<String, u64> =
-            files.iter().map(|f| (f.key.clone(), f.size)).collect();
-        expected.insert(md5sum_key.clone(), md5sum_text.len() as u64);
-        if let Some(k) = &sha256sum_key {
-            expected.insert(k.clone(), sha256sum_text(&files).len() as u64);
-        }
-        confirm_listing(storage, &summary.key_prefix, &expected).await?;
-    }
-    env.state
-        .update(
-            run_id,
-            &Update {
-                status: Some(Status::Uploaded),
-                md5sum_key: Some(&md5sum_key),
-                failed_files: Some(0),
-                ..Update::default()
-            },
-        )
-        .await?;
-    let report = DeliveryReport {
-        delivery_id: run_id.to_owned(),
-        tool: req.tool,
-        analysis: analysis.clone(),
-        target: target.info.clone(),
-        key_prefix: summary.key_prefix.clone(),
-        total_files: files.len() as u64,
-        total_bytes: files.iter().map(|f| f.size).sum(),
-        files,
-        md5sum_key,
-        md5sum_text,
-        sha256sum_key,
-        started_at: started,
-        finished_at: Utc::now(),
-    };
-    let mail_step = env.state.step(run_id, MAIL_STEP).await?;
-    if notified || mail_step.as_ref().is_some_and(|s| s.done_at.is_some()) {
-        tracing::info!(analysis_id = %name, "customer already informed by an earlier run; not mailing again");
-        if let Some(row) = env.state.run(run_id).await? {
-            summary.access = row.access_kind;
-            summary.account = row.account;
-            summary.expires_at = row.expires_at;
-        }
-    } else {
-        let ctx = StepContext {
-            config: env.config,
-            delivery: &env.delivery,
-            storage: target.storage.as_ref(),
-            state: env.state.db(),
-        };
-        if mail_step.is_some() {
-            tracing::warn!(
-                analysis_id = %name,
-                "an earlier run stopped while granting access or mailing the customer; doing it again \
-                 with the same Message-ID (an outbox keeps one copy)"
-            );
-        }
-        env.state.step_begin(run_id, MAIL_STEP, None).await?;
-        env.events.stage("access", run_id, &name);
-        let access = steps
-            .grant(ctx, &report)
-            .await
-            .map_err(|e| e.context("granting customer access"))?;
-        env.events.stage("mail", run_id, &name);
-        let receipt = steps
-            .notify(ctx, &report, &access)
-            .await
-            .map_err(|e| e.context("mailing the customer"))?;
-        let record = access.record();
-        summary.access = Some(record.method.as_str().to_owned());
-        summary.account.clone_from(&record.account);
-        summary.expires_at = record.expires_at.map(|t| t.to_rfc3339());
-        summary.mail_message_id = receipt.map(|r| r.message_id);
-        let now = Utc::now().to_rfc3339();
-        env.state
-            .update(
-                run_id,
-                &Update {
-                    status: Some(Status::Notified),
-                    account: record.account.as_deref(),
-                    access_kind: Some(record.method.as_str()),
-                    expires_at: summary.expires_at.as_deref(),
-                    notified_at: Some(&now),
-                    ..Update::default()
-                },
-            )
-            .await?;
-        env.state
-            .step_done(run_id, MAIL_STEP, summary.mail_message_id.as_deref())
-            .await?;
-    }
-    if req.tool == Tool::DeliveryUpload
-        && let Some(st) = &env.delivery.status
-        && let Some(sql_text) = &st.on_delivered
-    {
-        env.events.stage("lims_status", run_id, &name);
-        once(
-            env,
-            run_id,
-            "lims_on_delivered",
-            lims_status(
-                env,
-                &st.database,
-                sql_text,
-                "on_delivered",
-                analysis,
-                summary,
-                Status::Delivered,
-                target,
-            ),
-        )
-        .await?;
-    }
-    env.events.stage("commit", run_id, &name);
-    env.state
-        .update(
-            run_id,
-            &Update {
-                status: Some(Status::Delivered),
-                error: Some(""),
-                ..Update::default()
-            },
-        )
-        .await?;
-    Ok(())
-}
-
-/// The step that grants access and mails the customer (`delivery_steps`).
-const MAIL_STEP: &str = "customer_mail";
-
-/// Run a once-only step of a run: skipped when an earlier run recorded its outcome;
-/// otherwise its intent is recorded, it runs, and its outcome is recorded. A step begun
-/// but without an outcome (a crash between the effect and the record) runs again,
-/// which is why `[delivery.status]` statements must be idempotent.
-async fn once(
-    env: &Env<'_>,
-    run_id: &str,
-    step: &str,
-    effect: impl std::future::Future<Output = anyhow::Result<()>>,
-) -> anyhow::Result<()> {
-    match env.state.step(run_id, step).await? {
-        Some(s) if s.done_at.is_some() => {
-            tracing::info!(step, "done by an earlier run; not repeated");
-            return Ok(());
-        }
-        Some(_) => tracing::warn!(
-            step,
-            "an earlier run stopped after starting this step; running it again"
-        ),
-        None => {}
-    }
-    env.state.step_begin(run_id, step, None).await?;
-    effect.await?;
-    env.state.step_done(run_id, step, None).await
-}
-
-/// Compare what the target holds below `prefix` with what was delivered (key → size):
-/// anything missing, of another size, or extra fails the delivery before the customer
-/// is told.
-async fn confirm_listing(
-    storage: &AnyStorage,
-    prefix: &str,
-    expected: &BTreeMap<String, u64>,
-) -> anyhow::Result<()> {
-    let listed = storage.list(prefix).await?;
-    let mut missing: Vec<String> = Vec::new();
-    let mut extra: Vec<String> = Vec::new();
-    let mut seen = 0usize;
-    for o in &listed {
-        match expected.get(&o.key) {
-            Some(size) if *size == o.size => seen += 1,
-            Some(size) => missing.push(format!("{} ({} bytes, not {size})", o.key, o.size)),
-            None => extra.push(o.key.clone()),
-        }
-    }
-    if seen + missing.len() < expected.len() {
-        let listed_keys: std::collections::HashSet<&str> =
-            listed.iter().map(|o| o.key.as_str()).collect();
-        missing.extend(
-            expected
-                .keys()
-                .filter(|k| !listed_keys.contains(k.as_str()))
-                .cloned(),
-        );
-    }
-    if missing.is_empty() && extra.is_empty() {
-        return Ok(());
-    }
-    missing.sort();
-    let mut what = Vec::new();
-    if let Some(first) = missing.first() {
-        what.push(format!(
-            "{} missing or different (first: {first})",
-            missing.len()
-        ));
-    }
-    if let Some(first) = extra.first() {
-        what.push(format!(
-            "{} not part of this delivery (first: {first})",
-            extra.len()
-        ));
-    }
-    Err(tagged(
-        Exit::Failed,
-        format!(
-            "the target {} does not hold exactly this delivery below {prefix}/: {}; the customer \
-             was not told",
-            storage.describe(),
-            what.join(", ")
-        ),
-    ))
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn lims_status(
-    env: &Env<'_>,
-    database: &str,
-    sql_text: &str,
-    which: &str,
-    analysis: &Analysis,
-    summary: &Summary,
-    status: Status,
-    target: &ResolvedTarget,
-) -> anyhow::Result<()> {
-    let mut p: BTreeMap<&str, Value> = BTreeMap::new();
-    p.insert("analysis_id", Value::from(summary.analysis_id.as_str()));
-    p.insert("project_id", Value::from(analysis.project_id.clone()));
-    p.insert("status", Value::from(status.as_str()));
-    p.insert("target", Value::from(target.info.name.as_str()));
-    p.insert("key_prefix", Value::from(summary.key_prefix.as_str()));
-    // :path is where the customer finds the data; :source_path the local folder.
-    p.insert(
-        "path",
-        Value::from(format!(
-            "{}/{}",
-            target.info.describe.trim_end_matches('/'),
-            summary.key_prefix
-        )),
-    );
-    p.insert(
-        "source_path",
-        Value::from(analysis.path.as_ref().map(|p| p.display().to_string())),
-    );
-    p.insert("files", Value::Int(summary.files as i64));
-    p.insert("bytes", Value::Int(summary.bytes as i64));
-    p.insert("account", Value::from(summary.account.clone()));
-    // Times as `YYYY-MM-DD HH:MM:SS` in UTC: what a MariaDB DATETIME (strict mode), a
-    // SQLite text column and a PostgreSQL cast (`CAST(:delivered_at AS timestamp)`)
-    // all accept.
-    let sql_time = |t: chrono::DateTime<Utc>| t.format("%Y-%m-%d %H:%M:%S").to_string();
-    p.insert(
-        "expires_at",
-        Value::from(
-            summary
-                .expires_at
-                .as_deref()
-                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-                .map(|t| sql_time(t.with_timezone(&Utc))),
-        ),
-    );
-    p.insert("error", Value::from(summary.error.clone()));
-    p.insert("delivered_at", Value::from(sql_time(Utc::now())));
-    p.insert("delivery_id", Value::from(summary.delivery_id.clone()));
-    let what = format!("delivery.status.{which}");
-    let db = Db::connect(env.config.database(database)?).await?;
-    let r = sql::execute(&db, sql_text, &p, &what).await;
-    db.close().await;
-    r.map_err(|e| {
-        e.context(format!(
-            "writing the status to [databases.{database}] ({what})"
-        ))
-    })?;
-    Ok(())
 }
 
 /// The exit status of an error that stopped a delivery (for listeners deciding whether
@@ -1539,7 +972,7 @@ pub async fn links(
 /// journal; each is checked on the target before a link is made.
 pub async fn renew(
     env: &Env<'_>,
-    steps: &crate::notify::DeliverySteps,
+    steps: &crate::steps::DeliverySteps,
     analysis_id: &str,
     target_name: Option<&str>,
 ) -> anyhow::Result<Exit> {
