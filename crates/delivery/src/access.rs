@@ -122,13 +122,21 @@ impl AccessError {
             AccessError::Account { .. } | AccessError::NoCustomerEmail { .. } => Exit::Failed,
         }
     }
+}
 
-    /// The error as an `anyhow::Error` that `labrelay::exit::classify` maps to
-    /// [`AccessError::exit`].
-    pub fn into_anyhow(self) -> anyhow::Error {
-        labrelay::exit::tagged(self.exit(), self.to_string())
+impl labrelay::exit::ExitClass for AccessError {
+    fn exit_class(&self) -> Exit {
+        self.exit()
+    }
+
+    fn is_transient(&self) -> bool {
+        match self {
+            AccessError::Storage(e) => e.is_temporary(),
+            other => other.exit() == Exit::TempFail,
+        }
     }
 }
+labrelay::exit_class!(AccessError);
 
 impl From<TemplateError> for AccessError {
     /// A template problem is the account command's (see [`CommandError`]).

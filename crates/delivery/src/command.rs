@@ -177,13 +177,14 @@ impl CommandError {
             | CommandError::BadValue { .. } => Exit::Failed,
         }
     }
+}
 
-    /// The same error wrapped so that `labrelay::exit::classify` maps it to
-    /// [`CommandError::exit`] (it only knows labrelay's own error types).
-    pub fn into_anyhow(self) -> anyhow::Error {
-        labrelay::exit::tagged(self.exit(), self.to_string())
+impl labrelay::exit::ExitClass for CommandError {
+    fn exit_class(&self) -> Exit {
+        self.exit()
     }
 }
+labrelay::exit_class!(CommandError);
 
 impl From<TemplateError> for CommandError {
     /// A template that does not parse is a configuration error naming its key; a
@@ -579,9 +580,9 @@ mod tests {
         assert_eq!(failed(true).exit(), Exit::TempFail);
         let msg = failed(false).to_string();
         assert_eq!(msg, "step `upload` (bo) exited with code 3: quota exceeded");
-        let any = failed(true).into_anyhow();
+        let any = anyhow::Error::from(failed(true));
         assert_eq!(labrelay::exit::classify(&any), Exit::TempFail);
-        let any = failed(false).into_anyhow().context("delivering A1");
+        let any = anyhow::Error::from(failed(false)).context("delivering A1");
         assert_eq!(labrelay::exit::classify(&any), Exit::Failed);
         // Template errors keep their class: a bad template is configuration.
         let bad = CommandError::from(TemplateError::Invalid {

@@ -85,9 +85,6 @@ pub struct DeliveryConfig {
     /// Files of at least this many MiB count as large.
     #[serde(default = "default_large_mib")]
     pub large_file_mib: u64,
-    /// Attempts per file (and per multipart part) when the error is temporary.
-    #[serde(default = "default_attempts")]
-    pub attempts: u32,
     /// Staff addresses that always receive failure reports (besides the analysis's
     /// staff contacts).
     #[serde(default)]
@@ -125,7 +122,6 @@ impl Default for DeliveryConfig {
             parallel_files: default_parallel_small(),
             parallel_large_files: default_parallel_large(),
             large_file_mib: default_large_mib(),
-            attempts: default_attempts(),
             staff: Vec::new(),
             lookup: None,
             project_lookup: None,
@@ -165,9 +161,6 @@ fn default_parallel_large() -> usize {
 }
 fn default_large_mib() -> u64 {
     64
-}
-fn default_attempts() -> u32 {
-    3
 }
 fn default_timeout() -> u64 {
     60
@@ -273,9 +266,6 @@ impl DeliveryConfig {
                 "parallel_files",
                 "parallel_files and parallel_large_files must be at least 1",
             ));
-        }
-        if self.attempts == 0 {
-            return Err(invalid("attempts", "must be at least 1"));
         }
         if self.md5sum_name.is_empty() || self.md5sum_name.contains('/') {
             return Err(invalid("md5sum_name", "must be a plain file name"));

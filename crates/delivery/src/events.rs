@@ -58,6 +58,12 @@ pub struct FileEvent<'a> {
     pub parts_sent: u32,
     /// Finished by an earlier run (nothing sent now).
     pub resumed: bool,
+    /// Times the whole file was sent by this run (1 unless a temporary failure made the
+    /// retry layer send it again; 0 when resumed).
+    pub attempts: u32,
+    /// Requests sent again inside those attempts (a part or a PUT retried by the
+    /// storage client after a temporary failure).
+    pub retries: u32,
 }
 
 impl Events {

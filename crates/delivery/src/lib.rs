@@ -24,6 +24,7 @@
 pub mod access;
 pub mod command;
 pub mod config;
+pub mod error;
 pub mod events;
 pub mod listen;
 pub mod lookup;

@@ -21,7 +21,9 @@ use std::time::Duration;
 
 use labrelay::config::Config;
 use labrelay::db::Db;
-use labrelay::exit::{Exit, tagged};
+use labrelay::exit::Exit;
+
+use crate::error::DeliveryError;
 use labrelay::secret::Secret;
 
 use crate::command::{self, CommandError, Invocation};
@@ -96,17 +98,15 @@ pub async fn lookup(config: &Config, lookup: &LookupConfig, key: &Key) -> anyhow
                 })?
         }
         (None, None) => {
-            return Err(tagged(
-                Exit::Config,
-                format!("[{}] needs sql or command", key.section()),
-            ));
+            return Err(DeliveryError::LookupWithoutSource(key.section()).into());
         }
     };
     if rows.is_empty() {
-        return Err(tagged(
-            Exit::Failed,
-            format!("{} not found by [{}]", key.describe(), key.section()),
-        ));
+        return Err(DeliveryError::NotFound {
+            what: key.describe(),
+            section: key.section(),
+        }
+        .into());
     }
     Ok(merge_rows(key, &rows))
 }
@@ -194,7 +194,7 @@ async fn run_command(
 ) -> anyhow::Result<Vec<BTreeMap<String, String>>> {
     let template =
         ArgvTemplate::parse_known(&format!("{}.command", key.section()), argv, LOOKUP_PARAMS)
-            .map_err(|e| CommandError::from(e).into_anyhow())?;
+            .map_err(CommandError::from)?;
     let (analysis_id, project_id) = match key {
         Key::Analysis(id) => (id.as_str(), ""),
         Key::Project(id) => ("", id.as_str()),
@@ -206,7 +206,7 @@ async fn run_command(
     // command has always received them as they are.
     let expanded = template
         .expand_lenient("lookup", &vars)
-        .map_err(|e| CommandError::from(e).into_anyhow())?;
+        .map_err(CommandError::from)?;
     let program = template.program();
     // 75 from the command means "try later" (its LIMS is down), as for our own tools.
     let temporary = [i32::from(Exit::TempFail.code())];
@@ -223,9 +223,14 @@ async fn run_command(
         false,
     )
     .await
-    .map_err(CommandError::into_anyhow)?;
-    parse_json_rows(&done.stdout)
-        .map_err(|m| tagged(Exit::Failed, format!("lookup command {program}: {m}")))
+    .map_err(anyhow::Error::from)?;
+    parse_json_rows(&done.stdout).map_err(|message| {
+        DeliveryError::LookupOutput {
+            program: program.clone(),
+            message,
+        }
+        .into()
+    })
 }
 
 fn parse_json_rows(out: &[u8]) -> Result<Vec<BTreeMap<String, String>>, String> {

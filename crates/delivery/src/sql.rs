@@ -144,7 +144,23 @@ pub enum SqlError {
         /// The names that exist.
         available: String,
     },
+    /// The database refuses to prepare a configured statement (checked at start).
+    #[error("invalid configuration value {what}: the database refuses the statement: {why}")]
+    Refused {
+        /// Which configured statement.
+        what: String,
+        /// The database's message.
+        why: String,
+    },
 }
+
+impl labrelay::exit::ExitClass for SqlError {
+    /// Configured SQL that cannot work is a configuration error (78).
+    fn exit_class(&self) -> labrelay::Exit {
+        labrelay::Exit::Config
+    }
+}
+labrelay::exit_class!(SqlError);
 
 fn bind_all<'q>(
     prepared: &'q Prepared,
@@ -217,12 +233,11 @@ pub async fn check(db: &Db, sql: &str, what: &str) -> anyhow::Result<()> {
                 sqlx::Error::Database(d) => d.message().to_owned(),
                 other => other.to_string(),
             };
-            Err(labrelay::exit::tagged(
-                labrelay::exit::Exit::Config,
-                format!(
-                    "invalid configuration value {what}: the database refuses the statement: {why}"
-                ),
-            ))
+            Err(SqlError::Refused {
+                what: what.to_owned(),
+                why,
+            }
+            .into())
         }
     }
 }

@@ -11,16 +11,14 @@ use std::collections::BTreeMap;
 
 use futures::future::BoxFuture;
 use labrelay::config::Config;
-use labrelay::exit::Exit;
 use labrelay::mail::Mailer;
 
-use crate::access::{Access, AccessConfig, AccessError, AccessGrant, AccessMethod, AccessRequest};
+use crate::access::{Access, AccessConfig, AccessGrant, AccessMethod, AccessRequest};
 use crate::config::DeliveryConfig;
-use crate::notify::{
-    FailureFacts, MailFacts, Notifier, NotifyConfig, NotifyError, split_addresses,
-};
+use crate::error::DeliveryError;
+use crate::notify::{FailureFacts, MailFacts, Notifier, NotifyConfig, split_addresses};
 use crate::report::{CustomerSteps, DeliveryReport, MailReceipt, StepContext, TargetKind};
-use crate::vendor::{CommandError, VendorConfig, VendorTarget};
+use crate::vendor::{VendorConfig, VendorTarget};
 
 /// The customer steps of a delivery ([`CustomerSteps`]): [`Access::grant`] by the
 /// target's kind, then the templated customer mail. Built once per run or listener
@@ -39,16 +37,14 @@ impl DeliverySteps {
     /// every `[delivery.vendors.NAME]` (whose secrets are resolved only when used).
     pub fn new(config: &Config, delivery: &DeliveryConfig) -> anyhow::Result<DeliverySteps> {
         let access_cfg = AccessConfig::from_value(delivery.access.as_ref())?;
-        let access =
-            Access::new("delivery.access", &access_cfg).map_err(AccessError::into_anyhow)?;
+        let access = Access::new("delivery.access", &access_cfg).map_err(anyhow::Error::from)?;
         let notify_cfg = NotifyConfig::from_value(delivery.mail.as_ref())?;
-        let notifier =
-            Notifier::new(&notify_cfg, &config.mail).map_err(NotifyError::into_anyhow)?;
+        let notifier = Notifier::new(&notify_cfg, &config.mail).map_err(anyhow::Error::from)?;
         let mut vendors = BTreeMap::new();
         for (name, raw) in &delivery.vendors {
             let v = VendorConfig::from_value(name, raw)?;
             VendorTarget::check(&format!("delivery.vendors.{name}"), &v)
-                .map_err(CommandError::into_anyhow)?;
+                .map_err(anyhow::Error::from)?;
             vendors.insert(name.clone(), v);
         }
         Ok(DeliverySteps {
@@ -75,7 +71,7 @@ impl DeliverySteps {
             .get(name)
             .map(|v| {
                 VendorTarget::new(&format!("delivery.vendors.{name}"), v)
-                    .map_err(CommandError::into_anyhow)
+                    .map_err(anyhow::Error::from)
             })
             .transpose()
     }
@@ -94,18 +90,16 @@ impl DeliverySteps {
             .access
             .method_for(&report.target.name, ctx.storage, None);
         let (AccessMethod::Presigned, Some(storage)) = (method, ctx.storage) else {
-            return Err(labrelay::exit::tagged(
-                Exit::Config,
-                format!(
-                    "target {} gives access by {method}, not by presigned links; there are no links to renew",
-                    report.target.name
-                ),
-            ));
+            return Err(DeliveryError::NoLinks {
+                target: report.target.name.clone(),
+                method: method.to_string(),
+            }
+            .into());
         };
         let req = AccessRequest::from_report(report);
         let grant = crate::access::renew(storage, &req.files, self.access.expiry_days(), req.now)
             .await
-            .map_err(AccessError::into_anyhow)?;
+            .map_err(anyhow::Error::from)?;
         tracing::info!(
             analysis_id = %report.analysis.analysis_id,
             links = grant.links.len(),
@@ -126,7 +120,7 @@ impl DeliverySteps {
             .notifier
             .send_failure(&mailer, facts)
             .await
-            .map_err(NotifyError::into_anyhow)?;
+            .map_err(anyhow::Error::from)?;
         Ok(MailReceipt {
             message_id: sent.message_id,
             recipients: sent.recipients,
@@ -147,16 +141,7 @@ impl CustomerSteps for DeliverySteps {
             && !self.access.has_method_for(&target.name)
             && self.access.method_for(&target.name, storage, None) == AccessMethod::None
         {
-            return Err(labrelay::exit::tagged(
-                labrelay::exit::Exit::Config,
-                format!(
-                    "[storage.{name}] is an SFTP target, but [delivery.access] has no command to \
-                     create the customer's account there: configure [delivery.access.command], or \
-                     set [delivery.access] methods = {{ {name} = \"none\" }} if customers log in \
-                     with accounts of their own",
-                    name = target.name
-                ),
-            ));
+            return Err(DeliveryError::SftpWithoutAccess(target.name.clone()).into());
         }
         Ok(())
     }
@@ -176,7 +161,7 @@ impl CustomerSteps for DeliverySteps {
             self.access
                 .grant(&req, ctx.storage, vendor.as_ref())
                 .await
-                .map_err(AccessError::into_anyhow)
+                .map_err(anyhow::Error::from)
         })
     }
 
@@ -198,21 +183,14 @@ impl CustomerSteps for DeliverySteps {
                 }
                 // The data is there but nobody can use it: a failed step, reported to
                 // staff, never a silent success.
-                return Err(labrelay::exit::tagged(
-                    labrelay::exit::Exit::Failed,
-                    format!(
-                        "analysis {} has no customer e-mail address in the LIMS: the data is \
-                         uploaded but the customer was not told (fix the address and run again)",
-                        facts.analysis_id
-                    ),
-                ));
+                return Err(DeliveryError::NoCustomerAddress(facts.analysis_id.clone()).into());
             }
             let mailer = Mailer::from_config(ctx.config.smtp.as_ref(), &ctx.config.outbox_dir())?;
             let sent = self
                 .notifier
                 .send_customer(&mailer, &facts)
                 .await
-                .map_err(NotifyError::into_anyhow)?;
+                .map_err(anyhow::Error::from)?;
             Ok(Some(MailReceipt {
                 message_id: sent.message_id,
                 recipients: sent.recipients,

@@ -25,7 +25,9 @@
 //!   (size and ETag), a local directory by size and the MD5 of the stored copy, SFTP by
 //!   size and, when the server's `md5sum` verified it before ([`SFTP_MD5_VERIFIED`]),
 //!   by `md5sum` again. Anything missing or different is sent again.
-//! - Temporary errors (75-class) are retried `attempts` times per file and per part.
+//! - Temporary errors (75-class) are retried under `[retry]` ([`labrelay::retry`]), by
+//!   exactly one layer: a part or a buffered PUT by the storage client, a file whose
+//!   stream broke off by [`one_file`].
 //! - [`Cancel`]: no new file or part starts; the ones in flight finish and are
 //!   journaled (SIGTERM under `--listen`, Ctrl-C on the command line).
 
@@ -33,7 +35,6 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
 
 use bytes::Bytes;
 use labrelay::exit::{Exit, classify};
@@ -89,8 +90,6 @@ pub struct UploadOptions {
     pub large_bytes: u64,
     /// Compute SHA-256 too.
     pub sha256: bool,
-    /// Attempts per file / part on temporary errors.
-    pub attempts: u32,
     /// `[storage.NAME] part_size_mib`.
     pub part_size_mib: Option<u64>,
     /// Parts of one file in flight.
@@ -346,6 +345,8 @@ pub async fn upload(job: &Job<'_>, entries: Vec<Entry>) -> anyhow::Result<Upload
                             parts: d.parts,
                             parts_sent: 0,
                             resumed: true,
+                            attempts: 0,
+                            retries: 0,
                         });
                         let file = DeliveredFile {
                             rel: entry.rel.clone(),
@@ -438,37 +439,30 @@ async fn recheck(ctx: &Ctx, d: &DoneFile) -> anyhow::Result<bool> {
     })
 }
 
-fn is_temporary(e: &anyhow::Error) -> bool {
-    classify(e) == Exit::TempFail
-}
-
-async fn backoff(attempt: u32) {
-    tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
-}
-
-/// Send one file (with retries) and journal it.
+/// Send one file and journal it. The file as a whole is retried here, under the one
+/// policy of [`labrelay::retry`], only for temporary failures that no layer below has
+/// retried: a stream cut off mid-file (which only this layer can replay, by reading the
+/// file again) or a local read error. A part or a PUT that the storage client already
+/// retried comes back as given up and is not sent again from here.
 async fn one_file(ctx: &Ctx, entry: &Entry, key: &str) -> anyhow::Result<DeliveredFile> {
     let multipart = match &ctx.storage {
         AnyStorage::S3(s3) if entry.size >= ctx.opts.part_size(entry.size) => Some(s3.clone()),
         _ => None,
     };
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let r = match &multipart {
-            Some(s3) => multipart_file(ctx, s3, entry, key).await,
-            None => single_file(ctx, entry, key).await,
-        };
-        match r {
-            Ok(d) => return Ok(d),
-            Err(e) if e.downcast_ref::<Interrupted>().is_some() => return Err(e),
-            Err(e) if is_temporary(&e) && attempt < ctx.opts.attempts => {
-                tracing::warn!(key, attempt, "temporary failure, retrying: {e:#}");
-                backoff(attempt).await;
+    let multipart = &multipart;
+    labrelay::retry::run(
+        labrelay::retry::policy(),
+        &format!("uploading {}", entry.rel),
+        |attempt| async move {
+            match multipart {
+                Some(s3) => multipart_file(ctx, s3, entry, key, attempt).await,
+                None => single_file(ctx, entry, key, attempt).await,
             }
-            Err(e) => return Err(e),
-        }
-    }
+        },
+    )
+    .await
+    .map(|done| done.value)
+    .map_err(|failed| failed.into_anyhow(|| format!("uploading {}", entry.rel)))
 }
 
 /// A reader that hashes SHA-256 and counts bytes as they pass.
@@ -490,7 +484,12 @@ impl<R: Read> Read for Sha256Reader<R> {
     }
 }
 
-async fn single_file(ctx: &Ctx, entry: &Entry, key: &str) -> anyhow::Result<DeliveredFile> {
+async fn single_file(
+    ctx: &Ctx,
+    entry: &Entry,
+    key: &str,
+    attempt: u32,
+) -> anyhow::Result<DeliveredFile> {
     let (out, sha256) = if ctx.opts.sha256 {
         let file = fs_err::File::open(&entry.path)?;
         let sha = Arc::new(std::sync::Mutex::new((Sha256::new(), 0u64)));
@@ -556,6 +555,8 @@ async fn single_file(ctx: &Ctx, entry: &Entry, key: &str) -> anyhow::Result<Deli
         parts: out.parts,
         parts_sent: out.parts,
         resumed: false,
+        attempts: attempt,
+        retries: out.retries,
     });
     Ok(DeliveredFile {
         rel: entry.rel.clone(),
@@ -688,39 +689,18 @@ async fn multipart_file(
     s3: &S3Storage,
     entry: &Entry,
     key: &str,
+    attempt: u32,
 ) -> anyhow::Result<DeliveredFile> {
-    match multipart_once(ctx, s3, entry, key).await {
+    match multipart_once(ctx, s3, entry, key, attempt).await {
         Err(e) if upload_gone(&e) && !ctx.cancel.is_cancelled() => {
             tracing::warn!(
                 key,
                 "the journaled multipart upload is gone on the server; starting it again"
             );
             ctx.state.clear_multipart(&ctx.run_id, key).await?;
-            multipart_once(ctx, s3, entry, key).await
+            multipart_once(ctx, s3, entry, key, attempt).await
         }
         r => r,
-    }
-}
-
-async fn put_part_retrying(
-    s3: &S3Storage,
-    upload: &MultipartUpload,
-    index: usize,
-    data: Bytes,
-    md5: [u8; 16],
-    attempts: u32,
-) -> anyhow::Result<UploadedPart> {
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match s3.put_part(upload, index, data.clone(), md5, true).await {
-            Ok(p) => return Ok(p),
-            Err(e) if e.is_temporary() && attempt < attempts => {
-                tracing::warn!(key = upload.key, part = index + 1, "retrying part: {e}");
-                backoff(attempt).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
     }
 }
 
@@ -730,6 +710,7 @@ async fn multipart_once(
     s3: &S3Storage,
     entry: &Entry,
     key: &str,
+    attempt: u32,
 ) -> anyhow::Result<DeliveredFile> {
     let size = entry.size;
     let part_size = ctx.opts.part_size(size);
@@ -786,7 +767,7 @@ async fn multipart_once(
     let mut part_md5 = vec![String::new(); n_parts];
     let mut etags: Vec<Option<String>> = vec![None; n_parts];
     let mut tasks: JoinSet<(usize, u64, anyhow::Result<UploadedPart>)> = JoinSet::new();
-    let mut sent_now = 0u32;
+    let mut sent_now = PartTally::default();
     let mut interrupted = false;
     let mut first_error: Option<anyhow::Error> = None;
     let concurrency = ctx.opts.part_concurrency.max(1);
@@ -855,9 +836,12 @@ async fn multipart_once(
         part_md5[index] = md5;
         let s3c = s3.clone();
         let up = upload.clone();
-        let attempts = ctx.opts.attempts;
         tasks.spawn(async move {
-            let r = put_part_retrying(&s3c, &up, index, data, md5_raw, attempts).await;
+            // The storage client retries the part (the bytes are in memory).
+            let r = s3c
+                .put_part(&up, index, data, md5_raw, true)
+                .await
+                .map_err(anyhow::Error::from);
             drop(budget);
             (index, want, r)
         });
@@ -945,8 +929,10 @@ async fn multipart_once(
         md5: &md5,
         sha256: sha256.as_deref(),
         parts: n_parts as u32,
-        parts_sent: sent_now,
+        parts_sent: sent_now.sent,
         resumed: false,
+        attempts: attempt,
+        retries: sent_now.retries,
     });
     Ok(DeliveredFile {
         rel: entry.rel.clone(),
@@ -958,13 +944,20 @@ async fn multipart_once(
 }
 
 /// Settle one part task (its ETag was checked by `put_part`): journal it, count it.
+/// Parts sent by this attempt at a file, and the requests the storage client sent again.
+#[derive(Default)]
+struct PartTally {
+    sent: u32,
+    retries: u32,
+}
+
 async fn finish_part(
     ctx: &Ctx,
     key: &str,
     joined: Result<(usize, u64, anyhow::Result<UploadedPart>), tokio::task::JoinError>,
     part_md5: &[String],
     etags: &mut [Option<String>],
-    sent_now: &mut u32,
+    sent_now: &mut PartTally,
     first_error: &mut Option<anyhow::Error>,
 ) {
     let (index, len, r) = match joined {
@@ -992,7 +985,8 @@ async fn finish_part(
     ctx.parts_sent.fetch_add(1, Ordering::Relaxed);
     ctx.bytes_sent.fetch_add(len, Ordering::Relaxed);
     ctx.events.bytes(len);
-    *sent_now += 1;
+    sent_now.sent += 1;
+    sent_now.retries += part.attempts.saturating_sub(1);
     etags[index] = Some(part.etag);
 }
 
@@ -1086,6 +1080,9 @@ pub async fn hash_files(
                 parts: 0,
                 parts_sent: 0,
                 resumed: false,
+                // Handed to the vendor's command once, which sends it itself.
+                attempts: 1,
+                retries: 0,
             });
             Ok(DeliveredFile {
                 rel: entry.rel,

@@ -866,7 +866,10 @@ async fn vendor_exit_codes_map_to_ours() {
         assert!(msg.contains("upload refused for token ****"), "{msg}");
         assert!(!msg.contains(&token), "{msg}");
         assert_eq!(err.exit(), exit);
-        assert_eq!(classify(&err.into_anyhow().context("delivering A1")), exit);
+        assert_eq!(
+            classify(&anyhow::Error::from(err).context("delivering A1")),
+            exit
+        );
     }
 
     // A missing program is a configuration error.

@@ -160,33 +160,6 @@ impl ExitClass for UsageError {
 }
 crate::exit_class!(UsageError);
 
-/// An error tagged with the exit status it should produce.
-///
-/// Deprecated in favour of typed errors that implement [`ExitClass`]; kept only while
-/// the delivery crate moves over.
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct Tagged {
-    /// The status this error maps to.
-    pub exit: Exit,
-    message: String,
-}
-
-impl ExitClass for Tagged {
-    fn exit_class(&self) -> Exit {
-        self.exit
-    }
-}
-crate::exit_class!(Tagged);
-
-/// Build an error with a given exit status and message.
-pub fn tagged(exit: Exit, message: impl Into<String>) -> anyhow::Error {
-    anyhow::Error::new(Tagged {
-        exit,
-        message: message.into(),
-    })
-}
-
 /// Shorthand for a usage error (exit 2).
 pub fn usage(message: impl Into<String>) -> anyhow::Error {
     anyhow::Error::new(UsageError(message.into()))

@@ -94,6 +94,9 @@ async fn kill_9_during_multipart_then_rerun_sends_only_missing_parts() {
         .unwrap();
     assert_eq!(big["parts"], PARTS);
     assert_eq!(big["parts_sent"], PARTS - journaled);
+    // Sent once, no request sent again (the retry layer's counts in the record).
+    assert_eq!(big["attempts"], 1, "{big}");
+    assert_eq!(big["retries"], 0, "{big}");
 
     // Identical bytes: the object's MD5 is the local file's, and md5sum.txt says so.
     let local_md5 = md5_file(&root.join("big/reads.bin"));

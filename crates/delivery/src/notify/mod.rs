@@ -138,17 +138,21 @@ impl NotifyError {
             NotifyError::Mail(e) => e.exit(),
         }
     }
+}
 
-    /// The error as an `anyhow::Error` that `labrelay::exit::classify` maps to
-    /// [`NotifyError::exit`] (a [`MailError`] is kept as the source, which classify
-    /// knows).
-    pub fn into_anyhow(self) -> anyhow::Error {
+impl labrelay::exit::ExitClass for NotifyError {
+    fn exit_class(&self) -> Exit {
+        self.exit()
+    }
+
+    fn is_transient(&self) -> bool {
         match self {
-            NotifyError::Mail(e) => anyhow::Error::new(e),
-            other => labrelay::exit::tagged(other.exit(), other.to_string()),
+            NotifyError::Mail(e) => labrelay::exit::ExitClass::is_transient(e),
+            other => other.exit() == Exit::TempFail,
         }
     }
 }
+labrelay::exit_class!(NotifyError);
 
 impl From<TemplateError> for NotifyError {
     fn from(e: TemplateError) -> Self {

@@ -31,7 +31,9 @@ use chrono::Utc;
 use indicatif::HumanBytes;
 use labrelay::config::{Config, StorageConfig};
 use labrelay::db::Db;
-use labrelay::exit::{Exit, classify, tagged};
+use labrelay::exit::{Exit, classify};
+
+use crate::error::DeliveryError;
 use labrelay::lock::InstanceLock;
 use labrelay::storage::{AnyStorage, ObjectStorage, Target};
 use serde::Serialize;
@@ -47,7 +49,7 @@ use crate::report::{
 use crate::sql;
 use crate::state::{NewRun, State, Status, Update};
 use crate::upload::{self, Cancel};
-use crate::vendor::{CommandError, VendorConfig, VendorTarget};
+use crate::vendor::{VendorConfig, VendorTarget};
 
 mod stages;
 
@@ -305,26 +307,18 @@ impl ResolvedTarget {
             match (names.next(), names.next()) {
                 (Some(only), None) => only.clone(),
                 (None, _) => {
-                    return Err(tagged(
-                        Exit::Config,
-                        "no delivery target: add a [storage.NAME] section (a local directory, \
-                         s3:// or sftp:// url) and pass --target NAME",
-                    ));
+                    return Err(DeliveryError::NoTarget.into());
                 }
                 (Some(_), Some(_)) => {
-                    return Err(tagged(
-                        Exit::Config,
-                        format!(
-                            "several [storage.*] sections ({}): pass --target NAME or set \
-                             [delivery] target",
-                            config
-                                .storage
-                                .keys()
-                                .cloned()
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ),
-                    ));
+                    return Err(DeliveryError::AmbiguousTarget {
+                        names: config
+                            .storage
+                            .keys()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    }
+                    .into());
                 }
             }
         };
@@ -356,7 +350,7 @@ impl ResolvedTarget {
         if let Some(raw) = delivery.vendors.get(&name) {
             let vc = VendorConfig::from_value(&name, raw)?;
             let vendor = VendorTarget::new(&format!("delivery.vendors.{name}"), &vc)
-                .map_err(CommandError::into_anyhow)?;
+                .map_err(anyhow::Error::from)?;
             return Ok(ResolvedTarget {
                 id: crate::state::target_id("vendor", &vendor.describe(), None),
                 info: TargetInfo {
@@ -369,10 +363,7 @@ impl ResolvedTarget {
                 vendor: Some(vendor),
             });
         }
-        Err(tagged(
-            Exit::Config,
-            format!("no [storage.{name}] section for target {name}"),
-        ))
+        Err(DeliveryError::UnknownTarget(name.clone()).into())
     }
 }
 
@@ -597,12 +588,14 @@ fn print_summary(events: &Events, summary: &Summary, text: impl FnOnce() -> Stri
 async fn find(env: &Env<'_>, req: &Request, name: &str) -> anyhow::Result<Analysis> {
     match (req.tool, &req.analysis_id, &req.project_id) {
         (Tool::DeliveryUpload, Some(id), _) => {
-            let l = env.delivery.lookup.as_ref().ok_or_else(|| {
-                tagged(
-                    Exit::Config,
-                    "delivery-upload needs [delivery.lookup] (sql on a [databases.NAME], or a command)",
-                )
-            })?;
+            let l = env
+                .delivery
+                .lookup
+                .as_ref()
+                .ok_or(DeliveryError::MissingSection {
+                    needs: "delivery-upload",
+                    section: "[delivery.lookup] (sql on a [databases.NAME], or a command)",
+                })?;
             lookup::lookup(env.config, l, &Key::Analysis(id.clone())).await
         }
         (_, _, Some(project)) => {
@@ -635,24 +628,13 @@ fn folder_of(d: &DeliveryConfig, req: &Request, analysis: &Analysis) -> anyhow::
         .path
         .clone()
         .or_else(|| analysis.path.clone())
-        .ok_or_else(|| {
-            tagged(
-                Exit::Failed,
-                format!(
-                    "analysis {} has no analysis_path in the LIMS",
-                    analysis.analysis_id
-                ),
-            )
-        })?;
+        .ok_or_else(|| DeliveryError::NoAnalysisPath(analysis.analysis_id.clone()))?;
     if from_lims && !path.is_absolute() {
-        return Err(tagged(
-            Exit::Failed,
-            format!(
-                "the LIMS row of analysis {} has a relative analysis_path {:?}; it must be absolute",
-                analysis.analysis_id,
-                path.display().to_string()
-            ),
-        ));
+        return Err(DeliveryError::RelativeAnalysisPath {
+            id: analysis.analysis_id.clone(),
+            path: path.display().to_string(),
+        }
+        .into());
     }
     if let Ok(real) = std::fs::canonicalize(&path) {
         let outside_roots = !d.data_roots.is_empty()
@@ -661,32 +643,23 @@ fn folder_of(d: &DeliveryConfig, req: &Request, analysis: &Analysis) -> anyhow::
                 .iter()
                 .any(|r| std::fs::canonicalize(r).is_ok_and(|r| real.starts_with(r)));
         if manifest::is_forbidden(&real) || outside_roots {
-            return Err(tagged(
-                Exit::Failed,
-                format!(
-                    "analysis path {} ({}) is outside [delivery] data_roots ({}); nothing there \
-                     is delivered",
-                    path.display(),
-                    real.display(),
-                    d.data_roots
-                        .iter()
-                        .map(|r| r.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            ));
+            return Err(DeliveryError::OutsideDataRoots {
+                path,
+                real,
+                roots: d
+                    .data_roots
+                    .iter()
+                    .map(|r| r.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }
+            .into());
         }
     }
     match std::fs::metadata(&path) {
         Ok(m) if m.is_dir() => Ok(path),
-        Ok(_) => Err(tagged(
-            Exit::Failed,
-            format!("analysis path {} is not a directory", path.display()),
-        )),
-        Err(e) => Err(tagged(
-            Exit::Failed,
-            format!("analysis path {} cannot be read: {e}", path.display()),
-        )),
+        Ok(_) => Err(DeliveryError::NotADirectory(path).into()),
+        Err(source) => Err(DeliveryError::Unreadable { path, source }.into()),
     }
 }
 
@@ -696,7 +669,7 @@ fn walk_options(d: &DeliveryConfig) -> anyhow::Result<WalkOptions> {
         reserved.push(SHA256_NAME.to_owned());
     }
     Ok(WalkOptions {
-        filter: Filter::new(&d.include, &d.exclude).map_err(|m| tagged(Exit::Config, m))?,
+        filter: Filter::new(&d.include, &d.exclude).map_err(DeliveryError::Filter)?,
         follow_symlinks: d.follow_symlinks,
         allowed_roots: d.data_roots.clone(),
         reserved,
@@ -721,7 +694,7 @@ fn sha256sum_text(files: &[DeliveredFile]) -> String {
 
 fn build_manifest(env: &Env<'_>, path: &std::path::Path) -> anyhow::Result<manifest::Manifest> {
     let m = manifest::walk(path, &walk_options(&env.delivery)?)
-        .map_err(|p| tagged(Exit::Failed, format!("cannot read the delivery folder {p}")))?;
+        .map_err(|p| DeliveryError::Walk(p.to_string()))?;
     for s in &m.skipped {
         tracing::warn!("skipped {s}");
     }
@@ -739,24 +712,15 @@ fn build_manifest(env: &Env<'_>, path: &std::path::Path) -> anyhow::Result<manif
         for p in &m.problems {
             env.events.problem(p);
         }
-        return Err(tagged(
-            Exit::Failed,
-            format!(
-                "{} file(s) in {} cannot be delivered, nothing was uploaded (first: {})",
-                m.problems.len(),
-                path.display(),
-                m.problems[0]
-            ),
-        ));
+        return Err(DeliveryError::Problems {
+            count: m.problems.len(),
+            path: path.to_owned(),
+            first: m.problems[0].to_string(),
+        }
+        .into());
     }
     if m.entries.is_empty() {
-        return Err(tagged(
-            Exit::Failed,
-            format!(
-                "nothing to deliver in {} (check [delivery] include/exclude)",
-                path.display()
-            ),
-        ));
+        return Err(DeliveryError::NothingToDeliver(path.to_owned()).into());
     }
     Ok(m)
 }
@@ -851,7 +815,7 @@ pub async fn deliver_until_signalled(
     };
     tokio::select! {
         r = deliver(env, req, steps, &cancel) => Ok(r?.exit),
-        () = watcher => Err(tagged(Exit::TempFail, "interrupted twice; stopped at once (run again to resume)")),
+        () = watcher => Err(DeliveryError::InterruptedTwice.into()),
     }
 }
 
@@ -867,13 +831,11 @@ async fn finished_run(
         .await?
         .filter(|r| r.status() == Status::Delivered)
         .ok_or_else(|| {
-            tagged(
-                Exit::Failed,
-                format!(
-                    "{analysis_id} has no finished delivery to {}; deliver it first",
-                    target.info.name
-                ),
-            )
+            DeliveryError::NoFinishedDelivery {
+                id: analysis_id.to_owned(),
+                target: target.info.name.clone(),
+            }
+            .into()
         })
 }
 
@@ -901,15 +863,14 @@ pub async fn links(
         && let Some(storage @ AnyStorage::S3(_)) = &target.storage
     {
         let Some(until) = expires.filter(|e| *e > now) else {
-            return Err(tagged(
-                Exit::Failed,
-                format!(
-                    "the links of {analysis_id} expired on {}; `delivery-upload renew --analysis-id {analysis_id}` issues new ones",
-                    row.expires_at
-                        .as_deref()
-                        .map_or_else(|| "-".to_owned(), human_time)
-                ),
-            ));
+            return Err(DeliveryError::LinksExpired {
+                id: analysis_id.to_owned(),
+                expired: row
+                    .expires_at
+                    .as_deref()
+                    .map_or_else(|| "-".to_owned(), human_time),
+            }
+            .into());
         };
         let validity = (until - now).to_std().unwrap_or_default();
         let prefix = format!("{}/", row.key_prefix);
@@ -917,10 +878,11 @@ pub async fn links(
         files.sort_by(|a, b| a.key.cmp(&b.key));
         for f in files {
             if storage.head(&f.key).await?.is_none() {
-                return Err(tagged(
-                    Exit::Failed,
-                    format!("{} is no longer on {}", f.key, storage.describe()),
-                ));
+                return Err(DeliveryError::Gone {
+                    key: f.key.clone(),
+                    target: storage.describe(),
+                }
+                .into());
             }
             let Some(url) = storage.presign_get(&f.key, validity).await? else {
                 continue;
@@ -984,12 +946,14 @@ pub async fn renew(
         )));
     };
     let row = finished_run(env, analysis_id, &target).await?;
-    let lookup = env.delivery.lookup.as_ref().ok_or_else(|| {
-        tagged(
-            Exit::Config,
-            "renew needs [delivery.lookup] for the contacts",
-        )
-    })?;
+    let lookup = env
+        .delivery
+        .lookup
+        .as_ref()
+        .ok_or(DeliveryError::MissingSection {
+            needs: "renew",
+            section: "[delivery.lookup] for the contacts",
+        })?;
     let mut analysis =
         lookup::lookup(env.config, lookup, &Key::Analysis(analysis_id.to_owned())).await?;
     analysis.project_id = analysis.project_id.or(row.project_id.clone());
@@ -1028,7 +992,7 @@ pub async fn renew(
     let req = crate::access::AccessRequest::from_report(&report);
     let grant = crate::access::renew(storage, &req.files, steps.access().expiry_days(), now)
         .await
-        .map_err(crate::access::AccessError::into_anyhow)?;
+        .map_err(anyhow::Error::from)?;
     let ctx = StepContext {
         config: env.config,
         delivery: &env.delivery,

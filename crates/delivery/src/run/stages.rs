@@ -9,7 +9,9 @@ use std::time::Instant;
 use bytes::Bytes;
 use chrono::Utc;
 use labrelay::db::Db;
-use labrelay::exit::{Exit, tagged};
+use labrelay::exit::Exit;
+
+use crate::error::DeliveryError;
 use labrelay::storage::{AnyStorage, ObjectStorage};
 
 use super::{
@@ -23,7 +25,7 @@ use crate::report::{Analysis, CustomerSteps, DeliveredFile, DeliveryReport, Step
 use crate::sql::{self, Value};
 use crate::state::{Status, Update};
 use crate::upload::{self, Cancel, Interrupted, UploadOptions, UploadResult};
-use crate::vendor::{CommandError, VendorTarget, VendorUpload};
+use crate::vendor::{VendorTarget, VendorUpload};
 
 /// What an earlier run of the same status row already did.
 #[derive(Debug, Clone, Copy, Default)]
@@ -216,7 +218,6 @@ impl<'r, 'a> Run<'r, 'a> {
                 parallel_large: env.delivery.parallel_large_files,
                 large_bytes: env.delivery.large_file_mib.saturating_mul(1024 * 1024),
                 sha256: env.delivery.sha256,
-                attempts: env.delivery.attempts,
                 part_size_mib: sc.and_then(|c| c.part_size_mib),
                 part_concurrency: sc
                     .and_then(|c| c.part_concurrency)
@@ -234,10 +235,7 @@ impl<'r, 'a> Run<'r, 'a> {
             };
             upload::upload(&job, entries).await
         } else {
-            Err(tagged(
-                Exit::Config,
-                "the target has neither storage nor command",
-            ))
+            Err(DeliveryError::EmptyTarget.into())
         };
         events.finish_progress();
         let up = up?;
@@ -260,16 +258,14 @@ impl<'r, 'a> Run<'r, 'a> {
                         Exit::Failed
                     }
                 });
-            return Err(tagged(
-                exit,
-                format!(
-                    "{} of {} files failed (first: {}: {}); run again to retry them",
-                    up.failed.len(),
-                    summary.files,
-                    up.failed[0].rel,
-                    up.failed[0].error
-                ),
-            ));
+            return Err(DeliveryError::FilesFailed {
+                failed: up.failed.len(),
+                files: summary.files,
+                first: up.failed[0].rel.clone(),
+                reason: up.failed[0].error.clone(),
+                class: exit,
+            }
+            .into());
         }
         if up.interrupted {
             return Err(Interrupted.into());
@@ -325,15 +321,10 @@ impl<'r, 'a> Run<'r, 'a> {
             extra.push(p);
         }
         let analysis = &self.analysis;
-        let project = analysis.project_id.clone().ok_or_else(|| {
-            tagged(
-                Exit::Failed,
-                format!(
-                    "analysis {} has no project_id; the vendor target needs one",
-                    analysis.analysis_id
-                ),
-            )
-        })?;
+        let project = analysis
+            .project_id
+            .clone()
+            .ok_or_else(|| DeliveryError::NoProjectId(analysis.analysis_id.clone()))?;
         let req = VendorUpload {
             analysis_id: summary.analysis_id.clone(),
             project,
@@ -346,10 +337,7 @@ impl<'r, 'a> Run<'r, 'a> {
                 .cloned()
                 .unwrap_or_default(),
         };
-        let report = vendor
-            .deliver(&req)
-            .await
-            .map_err(CommandError::into_anyhow)?;
+        let report = vendor.deliver(&req).await.map_err(anyhow::Error::from)?;
         tracing::info!(steps = report.steps.len(), "vendor steps done");
         let _ = fs_err::remove_dir_all(&scratch);
         result.files_sent = result.delivered.len() as u64;
@@ -773,15 +761,12 @@ async fn confirm_listing(
             extra.len()
         ));
     }
-    Err(tagged(
-        Exit::Failed,
-        format!(
-            "the target {} does not hold exactly this delivery below {prefix}/: {}; the customer \
-             was not told",
-            storage.describe(),
-            what.join(", ")
-        ),
-    ))
+    Err(DeliveryError::TargetMismatch {
+        target: storage.describe(),
+        prefix: prefix.to_owned(),
+        what: what.join(", "),
+    }
+    .into())
 }
 
 #[cfg(test)]
