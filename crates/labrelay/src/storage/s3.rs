@@ -43,7 +43,7 @@ use super::{
     ObjectStorage, PutOptions, PutOutcome, StorageError, clean_etag, multipart_etag, part_size_for,
     percent_decode, validate_key, validate_prefix,
 };
-use crate::config::StorageConfig;
+use crate::config::{CaCerts, StorageConfig};
 use crate::hash::Md5Parts;
 use crate::secret::SecretSpec;
 
@@ -150,9 +150,23 @@ impl S3Storage {
             return Err(config_err("part_concurrency must be at least 1".into()));
         }
         let timeout = Duration::from_secs(config.timeout_secs.unwrap_or(30).max(1));
-        let client = ClientOptions::new()
+        // A private CA for an https:// endpoint, trusted next to the system's roots by
+        // both HTTP clients (object_store's and the uploader's).
+        let ca_key = if config.name.is_empty() {
+            "storage.ca_file".to_owned()
+        } else {
+            format!("storage.{}.ca_file", config.name)
+        };
+        let ca = CaCerts::load_optional(&ca_key, config.ca_file.as_deref())
+            .map_err(|e| config_err(e.to_string()))?;
+        let mut client = ClientOptions::new()
             .with_connect_timeout(timeout)
             .with_timeout(REQUEST_TIMEOUT.max(timeout));
+        for der in ca.iter().flat_map(|ca| &ca.der) {
+            let cert = object_store::Certificate::from_der(der)
+                .map_err(|e| config_err(format!("{ca_key}: {e}")))?;
+            client = client.with_root_certificate(cert);
+        }
         let retry = RetryConfig {
             max_retries: 5,
             retry_timeout: Duration::from_mins(2),
@@ -202,6 +216,7 @@ impl S3Storage {
             timeout,
             REQUEST_TIMEOUT.max(timeout),
             target.clone(),
+            ca.as_ref(),
         )?;
         Ok(S3Storage {
             inner: Arc::new(Inner {
