@@ -304,6 +304,54 @@ async fn amqps_with_the_wrong_ca_is_refused() {
     }
 }
 
+/// Names of this process's threads (Linux truncates them to 15 bytes).
+fn thread_names() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_owned())
+        .collect()
+}
+
+/// lapin runs on tokio: a connection, a publish and a consume start none of
+/// async-global-executor's worker threads and no async-io reactor thread (lapin's
+/// defaults, used before its executor and reactor were set). nextest runs each test in
+/// its own process, so the threads seen are this test's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_lapin_starts_no_executor_threads_of_its_own() {
+    let t = tls!();
+    let url = RedactedUrl::parse(&test_support::require!("AMQPS_URL")).unwrap();
+    let broker = AnyBroker::connect(&url, &amqps_settings(Some(&t.ca)))
+        .await
+        .unwrap();
+    let q = unique("tls-runtime");
+    broker.declare_queue(&QueueSpec::new(&q)).await.unwrap();
+    broker
+        .publish("", &q, b"x", &PublishOptions::new())
+        .await
+        .unwrap();
+    let mut consumer = broker.consume(&q, 1).await.unwrap();
+    let delivery = consumer
+        .next_timeout(Duration::from_secs(20))
+        .await
+        .unwrap()
+        .expect("the message arrives");
+    delivery.ack().await.unwrap();
+    let names = thread_names();
+    assert!(
+        names.iter().any(|n| n.starts_with("lapin-io-loop")),
+        "the connection is up: {names:?}"
+    );
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.starts_with("async-global") || n == "async-io"),
+        "lapin started its own executor or reactor: {names:?}"
+    );
+    drop(consumer);
+    broker.delete_queue(&q).await.unwrap();
+}
+
 // ---------------------------------------------------------------------- ca_file --
 
 /// Every `ca_file` key is checked when the configuration loads: a missing file, a file
