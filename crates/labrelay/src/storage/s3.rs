@@ -8,6 +8,11 @@
 //! with `Content-MD5` and, unless `sign_payload = true`, an unsigned payload; the other
 //! calls go through object_store.
 //!
+//! An `https://` endpoint is checked against the system's root certificates plus those
+//! of `ca_file` (a private CA), in both HTTP clients (object_store's and the
+//! uploader's). A certificate none of them vouches for is a configuration error (exit
+//! 78), not a temporary one.
+//!
 //! Every object carries a `Content-Type` guessed from its key and, when its MD5 is known
 //! before it is published, `X-Amz-Meta-Md5chksum` (see [`s3_put`](super::s3_put)): always
 //! for a single PUT, for a multipart upload only when the caller passes the MD5
@@ -308,6 +313,18 @@ impl S3Storage {
                 // an HTTP status ("HTTP error: error sending request") as unreachable.
                 let mut connect =
                     message.contains("HTTP error") && !message.contains("status code");
+                // A server certificate the trusted roots do not vouch for: retrying
+                // will not help, the configuration (`ca_file`, the endpoint's name) must
+                // change.
+                if let Some(tls) = certificate_error(&e) {
+                    return StorageError::Config {
+                        target,
+                        message: format!(
+                            "TLS: {tls} (for a private CA, set ca_file in [storage.{}])",
+                            self.inner.section
+                        ),
+                    };
+                }
                 let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
                 while let Some(c) = cause {
                     if let Some(io) = c.downcast_ref::<std::io::Error>() {
@@ -1060,6 +1077,20 @@ impl ObjectStorage for S3Storage {
             .map_err(|e| self.error("presign", key, e))?;
         Ok(Some(url))
     }
+}
+
+/// The message of a TLS certificate failure in `e`'s chain of causes (rustls: "invalid
+/// peer certificate: UnknownIssuer"), if there is one.
+pub(super) fn certificate_error(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if text.to_ascii_lowercase().contains("certificate") {
+            return Some(text);
+        }
+        cause = c.source();
+    }
+    None
 }
 
 #[cfg(test)]

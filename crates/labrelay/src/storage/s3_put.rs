@@ -342,6 +342,13 @@ impl Uploader {
     fn transport(&self, key: &str, e: &reqwest::Error) -> StorageError {
         // reqwest's message names the URL: the key and upload id, nothing secret.
         let message = error_chain(e);
+        if let Some(tls) = super::s3::certificate_error(e) {
+            // Not a reason to retry: see S3Storage::error.
+            return StorageError::Config {
+                target: self.target.clone(),
+                message: format!("TLS: {tls} (for a private CA, set ca_file)"),
+            };
+        }
         if e.is_connect() || e.is_timeout() || e.is_request() || e.is_body() {
             StorageError::Connect {
                 target: self.target.clone(),

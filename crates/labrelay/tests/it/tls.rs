@@ -5,6 +5,10 @@
 //! configuration error (exit 78) before any login. And `ca_file` itself: a missing,
 //! empty or corrupt file is a configuration error naming the key and the file.
 //!
+//! S3 over HTTPS goes to Garage through stunnel (Garage speaks plain HTTP only; a TLS
+//! terminator in front of it is how it is deployed), so the requests reach the real S3
+//! server.
+//!
 //! `scripts/services` creates the CAs and the server certificate (for 127.0.0.1,
 //! 127.0.0.2 and localhost); Dovecot's TLS listeners are on 127.0.0.2 because its plain
 //! listener on 127.0.0.1 must offer no STARTTLS (see mail.rs).
@@ -18,7 +22,7 @@ use labrelay::exit::Exit;
 use labrelay::mail::{ImapClient, MailError, Mailer, OutgoingMail};
 use labrelay::queue::{AnyBroker, Broker, BrokerSettings, PublishOptions, QueueSpec};
 use labrelay::secret::{RedactedUrl, SecretSpec};
-use labrelay::storage::{AnyStorage, StorageError};
+use labrelay::storage::{AnyStorage, ObjectStorage, StorageError};
 use test_support::unique;
 
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -431,9 +435,8 @@ fn ca_file_with_one_or_several_certificates_loads() {
     );
 }
 
-/// S3: Garage serves plain HTTP only, so HTTPS with a private CA is not exercised
-/// against a server here; the client is built with the CA loaded, and a CA file that
-/// went bad after the configuration was read stops the target being opened (exit 78).
+/// A CA file that went bad after the configuration was read stops the target being
+/// opened (exit 78), before any request.
 #[test]
 fn s3_target_loads_its_ca_file() {
     let t = tls!();
@@ -457,4 +460,76 @@ fn s3_target_loads_its_ca_file() {
     let text = err.to_string();
     assert!(text.contains("storage.customer.ca_file"), "{text}");
     assert!(text.contains(&ca.display().to_string()), "{text}");
+}
+
+// ------------------------------------------------------------------- S3 (HTTPS) --
+
+/// `[storage.customer]` on the test bucket through the HTTPS endpoint, under a fresh
+/// prefix; `None` when the settings are missing (a failure under `CI=true`).
+fn s3_https(ca_file: Option<&Path>) -> Option<labrelay::config::StorageConfig> {
+    let mut toml = format!(
+        "[storage.customer]\n\
+         url = \"s3://{bucket}/{prefix}\"\n\
+         endpoint = \"{endpoint}\"\n\
+         region = \"{region}\"\n\
+         path_style = true\n\
+         access_key_id = \"{key_id}\"\n\
+         secret_access_key = \"{secret}\"\n\
+         timeout_secs = 30\n",
+        bucket = test_support::require("S3_BUCKET")?,
+        prefix = unique("tls"),
+        endpoint = test_support::require("S3_HTTPS_ENDPOINT")?,
+        region = test_support::require("S3_REGION")?,
+        key_id = test_support::require("S3_ACCESS_KEY_ID")?,
+        secret = test_support::require("S3_SECRET_ACCESS_KEY")?,
+    );
+    if let Some(ca) = ca_file {
+        toml = format!("{toml}ca_file = \"{}\"\n", ca.display());
+    }
+    Some(
+        Config::from_toml(&toml)
+            .unwrap()
+            .storage("customer")
+            .unwrap()
+            .clone(),
+    )
+}
+
+#[tokio::test]
+async fn s3_over_https_with_ca_file_round_trips() {
+    let t = tls!();
+    let Some(section) = s3_https(Some(&t.ca)) else {
+        return;
+    };
+    // open_checked sends HeadBucket through object_store's client; put goes through
+    // the uploader's own client: both must trust the CA.
+    let s = AnyStorage::open_checked(&section).await.unwrap();
+    s.put_bytes("a/b.txt", bytes::Bytes::from_static(b"over https"))
+        .await
+        .unwrap();
+    assert_eq!(&s.get_bytes("a/b.txt").await.unwrap()[..], b"over https");
+    s.delete("a/b.txt").await.unwrap();
+    assert!(s.head("a/b.txt").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn s3_over_https_with_the_wrong_ca_is_refused() {
+    let t = tls!();
+    let secret = test_support::require!("S3_SECRET_ACCESS_KEY");
+    for ca_file in [Some(t.other_ca.as_path()), None] {
+        let Some(section) = s3_https(ca_file) else {
+            return;
+        };
+        let err = AnyStorage::open_checked(&section).await.unwrap_err();
+        assert!(matches!(err, StorageError::Config { .. }), "{err:?}");
+        assert_certificate_refused(&err, err.exit(), &secret);
+        // The uploader's client too (a put skips the HeadBucket of open_checked).
+        let s = AnyStorage::open(&section).unwrap();
+        let err = s
+            .put_bytes("never.txt", bytes::Bytes::from_static(b"x"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StorageError::Config { .. }), "{err:?}");
+        assert_certificate_refused(&err, err.exit(), &secret);
+    }
 }
