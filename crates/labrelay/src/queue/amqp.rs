@@ -32,7 +32,9 @@
 //! (`tokio-reactor-trait`), so lapin starts no async-global-executor threads and no
 //! async-io reactor thread. What remains of lapin 2's own design is one `lapin-io-loop`
 //! thread per connection, which drives the socket, and the blocking TCP/TLS connect,
-//! which runs on tokio's blocking pool. The lock file still lists async-io 1 and 2,
+//! which runs on tokio's blocking pool. A connection therefore lives as long as the
+//! runtime it was opened on (tools have one, made by `cli::run_main`); its sockets are
+//! registered with that runtime's reactor. The lock file still lists async-io 1 and 2,
 //! async-global-executor and async-executor: lapin 2.5 depends on
 //! `async-global-executor-trait` and `async-reactor-trait` without a feature to turn
 //! them off, so they are compiled (and unused). lapin 3 makes the runtime a feature
