@@ -98,6 +98,7 @@ impl MailServers {
             password: None,
             timeout_secs: 20,
             hello_name: Some("delivery-tests.labrelay.test".into()),
+            ca_file: None,
         }
     }
 
@@ -127,6 +128,7 @@ impl MailServers {
             password: SecretSpec::parse(&pass),
             folder: "INBOX".into(),
             timeout_secs: 20,
+            ca_file: None,
         };
         let mut c = ImapClient::connect(&cfg).unwrap();
         c.select("INBOX").unwrap();

@@ -209,6 +209,9 @@ pub struct StorageConfig {
     /// S3: allow a plain-HTTP endpoint.
     #[serde(default)]
     pub allow_http: bool,
+    /// S3: PEM file of CA certificates trusted for the HTTPS endpoint in addition to
+    /// the system's (a private CA).
+    pub ca_file: Option<PathBuf>,
     /// S3: include the SHA-256 of every upload in its signature instead of
     /// `UNSIGNED-PAYLOAD` (uploads always carry `Content-MD5`). Only for servers that
     /// refuse unsigned payloads; costs a SHA-256 pass on both ends.
@@ -319,6 +322,8 @@ pub struct SmtpConfig {
     pub timeout_secs: u64,
     /// Name sent in EHLO (default: the host name).
     pub hello_name: Option<String>,
+    /// PEM file of CA certificates trusted in addition to the system's (a private CA).
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `[imap]`.
@@ -342,6 +347,8 @@ pub struct ImapConfig {
     /// Seconds before a network operation is abandoned.
     #[serde(default = "default_mail_timeout")]
     pub timeout_secs: u64,
+    /// PEM file of CA certificates trusted in addition to the system's (a private CA).
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_mail_timeout() -> u64 {
@@ -369,6 +376,9 @@ pub struct QueueConfig {
     /// redelivered, unless its consumer is alive and renews the lease.
     #[serde(default = "default_lease")]
     pub lease_secs: u64,
+    /// `amqps://`: PEM file of CA certificates trusted in addition to the system's (a
+    /// private CA).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for QueueConfig {
@@ -379,6 +389,7 @@ impl Default for QueueConfig {
             prefetch: default_prefetch(),
             max_deliveries: default_max_deliveries(),
             lease_secs: default_lease(),
+            ca_file: None,
         }
     }
 }
@@ -399,6 +410,63 @@ fn default_lease() -> u64 {
 pub struct ScheduleConfig {
     /// Hours (local time) when tools start no new work, e.g. `"0-6,22-23"`.
     pub rest_hours: Option<String>,
+}
+
+/// The certificates of a `ca_file` key: trusted roots added to the system's for one
+/// TLS connection (a facility's private CA).
+#[derive(Debug, Clone)]
+pub struct CaCerts {
+    /// The file, for messages.
+    pub path: PathBuf,
+    /// The file's text (PEM), for libraries that take PEM.
+    pub pem: String,
+    /// The certificates, DER-encoded, in file order.
+    pub der: Vec<rustls_pki_types::CertificateDer<'static>>,
+}
+
+impl CaCerts {
+    /// Read and check the PEM file of key `key` (`imap.ca_file`): it must hold at least
+    /// one certificate, and each must be usable as a trust anchor. Any problem is a
+    /// [`ConfigError::Invalid`] naming the key and the file (exit 78).
+    pub fn load(key: &str, path: &Path) -> Result<CaCerts, ConfigError> {
+        use rustls_pki_types::CertificateDer;
+        use rustls_pki_types::pem::PemObject as _;
+
+        let invalid = |message: String| ConfigError::Invalid {
+            key: key.to_owned(),
+            message: format!("{}: {message}", path.display()),
+        };
+        let bytes = fs_err::read(path).map_err(|e| ConfigError::Invalid {
+            key: key.to_owned(),
+            // fs-err's message already names the file.
+            message: e.to_string(),
+        })?;
+        let pem = String::from_utf8(bytes)
+            .map_err(|_| invalid("not a PEM file (not text)".to_owned()))?;
+        let der = CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid(format!("not a valid PEM file: {e}")))?;
+        if der.is_empty() {
+            return Err(invalid(
+                "holds no certificate (expected PEM blocks \"-----BEGIN CERTIFICATE-----\")"
+                    .to_owned(),
+            ));
+        }
+        for (i, cert) in der.iter().enumerate() {
+            webpki::anchor_from_trusted_cert(cert)
+                .map_err(|e| invalid(format!("certificate {} is not usable: {e}", i + 1)))?;
+        }
+        Ok(CaCerts {
+            path: path.to_owned(),
+            pem,
+            der,
+        })
+    }
+
+    /// [`CaCerts::load`] for an optional key.
+    pub fn load_optional(key: &str, path: Option<&Path>) -> Result<Option<CaCerts>, ConfigError> {
+        path.map(|p| CaCerts::load(key, p)).transpose()
+    }
 }
 
 /// How to find config files.
@@ -539,6 +607,28 @@ impl Config {
                 key: "schedule.rest_hours".into(),
                 message,
             })?;
+        }
+        // A private CA that cannot be read is reported now, before any work, rather
+        // than by the first connection.
+        let ca_files = self
+            .storage
+            .iter()
+            .map(|(name, s)| (format!("storage.{name}.ca_file"), &s.ca_file))
+            .chain(
+                self.smtp
+                    .iter()
+                    .map(|s| ("smtp.ca_file".to_owned(), &s.ca_file)),
+            )
+            .chain(
+                self.imap
+                    .iter()
+                    .map(|i| ("imap.ca_file".to_owned(), &i.ca_file)),
+            )
+            .chain([("queue.ca_file".to_owned(), &self.queue.ca_file)]);
+        for (key, path) in ca_files {
+            if let Some(path) = path {
+                CaCerts::load(&key, path)?;
+            }
         }
         if let Some(db) = &self.state.database
             && !self.databases.contains_key(db)

@@ -8,7 +8,8 @@
 //!
 //! The socket is opened here rather than by the imap crate's builder, which connects
 //! without a timeout; TLS is the crate's own rustls connector with the system's root
-//! certificates.
+//! certificates, plus those of `[imap] ca_file` (a private CA) when set. A certificate
+//! that none of them vouches for is refused (exit 78), never accepted.
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -17,10 +18,10 @@ use std::time::{Duration, Instant};
 use ::imap::extensions::idle::SetReadTimeout;
 use ::imap::types::UnsolicitedResponse;
 use base64::Engine as _;
-use rustls_connector::{RustlsConnector, TlsStream};
+use rustls_connector::{RustlsConnectorConfig, TlsStream};
 
 use super::MailError;
-use crate::config::{ImapConfig, TlsMode};
+use crate::config::{CaCerts, ImapConfig, TlsMode};
 
 /// A message flag.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -286,12 +287,22 @@ fn tcp_connect(
     })
 }
 
-fn tls_wrap(tcp: TcpStream, host: &str, server: &str) -> Result<Transport, MailError> {
-    let connector = RustlsConnector::new_with_native_certs().map_err(|e| {
+fn tls_wrap(
+    tcp: TcpStream,
+    host: &str,
+    server: &str,
+    ca: Option<&CaCerts>,
+) -> Result<Transport, MailError> {
+    let mut roots = RustlsConnectorConfig::new_with_native_certs().map_err(|e| {
         MailError::Config(format!(
             "TLS for IMAP server {server}: root certificates: {e}"
         ))
     })?;
+    if let Some(ca) = ca {
+        // Each certificate was checked to be a usable trust anchor when it was loaded.
+        roots.add_parsable_certificates(ca.der.clone());
+    }
+    let connector = roots.connector_with_no_client_auth();
     let tls = connector.connect(host, tcp).map_err(|e| {
         let message = e.to_string();
         // A certificate the system does not trust, or for another name, will not get
@@ -364,14 +375,18 @@ impl ImapClient {
         let server = format!("{}:{port}", cfg.host);
         let password = cfg.password.resolve()?;
         let timeout = Duration::from_secs(cfg.timeout_secs.max(1));
+        // Checked before connecting, so a bad file is a configuration error whatever
+        // the server's state.
+        let ca = CaCerts::load_optional("imap.ca_file", cfg.ca_file.as_deref())
+            .map_err(|e| MailError::Config(e.to_string()))?;
 
         let mut tcp = tcp_connect(&cfg.host, port, timeout, &server)?;
         let (transport, greeted) = match cfg.security {
             TlsMode::None => (Transport::Plain(tcp), false),
-            TlsMode::Tls => (tls_wrap(tcp, &cfg.host, &server)?, false),
+            TlsMode::Tls => (tls_wrap(tcp, &cfg.host, &server, ca.as_ref())?, false),
             TlsMode::Starttls => {
                 starttls(&mut tcp, &server)?;
-                (tls_wrap(tcp, &cfg.host, &server)?, true)
+                (tls_wrap(tcp, &cfg.host, &server, ca.as_ref())?, true)
             }
         };
 
@@ -810,6 +825,7 @@ mod tests {
             password: crate::secret::SecretSpec::parse("hunter2-imap"),
             folder: "INBOX".into(),
             timeout_secs: 5,
+            ca_file: None,
         };
         let err = ImapClient::connect(&cfg).unwrap_err();
         assert_eq!(err.exit(), crate::exit::Exit::TempFail, "{err}");

@@ -12,13 +12,13 @@ use std::time::Duration;
 
 use lettre::address::{Address, Envelope};
 use lettre::transport::smtp::authentication::Credentials;
-use lettre::transport::smtp::client::{Tls, TlsParameters};
+use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::transport::smtp::extension::ClientId;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
 
 use super::message::OutgoingMail;
 use super::{MailError, outbox};
-use crate::config::{SmtpConfig, TlsMode};
+use crate::config::{CaCerts, SmtpConfig, TlsMode};
 
 /// Where messages go: an SMTP server, or `.eml` files in the outbox directory.
 ///
@@ -231,13 +231,23 @@ impl Mailer {
 }
 
 impl SmtpMailer {
-    /// A transport for `cfg`; resolves the password now.
+    /// A transport for `cfg`; resolves the password and reads `ca_file` now.
     pub fn new(cfg: &SmtpConfig) -> Result<SmtpMailer, MailError> {
         let port = cfg.port.unwrap_or_else(|| default_port(cfg.security));
         let server = format!("{}:{port}", cfg.host);
+        let ca = CaCerts::load_optional("smtp.ca_file", cfg.ca_file.as_deref())
+            .map_err(|e| MailError::Config(e.to_string()))?;
         let tls_params = || {
-            TlsParameters::new(cfg.host.clone())
-                .map_err(|e| MailError::Config(format!("TLS for SMTP server {server}: {e}")))
+            let tls_error = |e: lettre::transport::smtp::Error| {
+                MailError::Config(format!("TLS for SMTP server {server}: {e}"))
+            };
+            // The system's roots (through the platform verifier), plus the private CA.
+            let mut builder = TlsParameters::builder(cfg.host.clone());
+            for der in ca.iter().flat_map(|ca| &ca.der) {
+                builder = builder
+                    .add_root_certificate(Certificate::from_der(der.to_vec()).map_err(tls_error)?);
+            }
+            builder.build_rustls().map_err(tls_error)
         };
         let tls = match cfg.security {
             TlsMode::None => Tls::None,
@@ -354,6 +364,7 @@ mod tests {
             password: None,
             timeout_secs: 5,
             hello_name: Some("labrelay.test".into()),
+            ca_file: None,
         }
     }
 

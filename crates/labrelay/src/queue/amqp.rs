@@ -22,6 +22,25 @@
 //! Connections are named (`labrelay <program> pid <pid>`) so they can be told apart in
 //! the management UI. Errors and logs show the URL only redacted.
 //!
+//! **TLS.** `amqps://` trusts the system's root certificates plus those of
+//! [`BrokerSettings::ca_file`] (`[queue] ca_file`, a private CA), read and checked before
+//! the first connection. A certificate none of them vouches for is a configuration
+//! error (exit 78), not a reason to reconnect.
+//!
+//! **Runtime.** lapin runs on the caller's tokio runtime: its tasks are spawned with
+//! `tokio-executor-trait` and its socket and timers use tokio's reactor
+//! (`tokio-reactor-trait`), so lapin starts no async-global-executor threads and no
+//! async-io reactor thread. What remains of lapin 2's own design is one `lapin-io-loop`
+//! thread per connection, which drives the socket, and the blocking TCP/TLS connect,
+//! which runs on tokio's blocking pool. A connection therefore lives as long as the
+//! runtime it was opened on (tools have one, made by `cli::run_main`); its sockets are
+//! registered with that runtime's reactor. The lock file still lists async-io 1 and 2,
+//! async-global-executor and async-executor: lapin 2.5 depends on
+//! `async-global-executor-trait` and `async-reactor-trait` without a feature to turn
+//! them off, so they are compiled (and unused). lapin 3 makes the runtime a feature
+//! (`tokio`, through async-rs); moving to it changes lapin's API and is left for its
+//! own change.
+//!
 //! [`Consumer::next`]: super::Consumer::next
 
 use std::collections::BTreeMap;
@@ -38,6 +57,7 @@ use lapin::options::{
 };
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::publisher_confirm::Confirmation;
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -48,6 +68,7 @@ use super::{
     Broker, BrokerSettings, Consumer, ConsumerInner, Delivery, ExchangeKind, PublishOptions,
     QueueError, QueueKind, QueueSpec, Settle, connection_name, validate_name,
 };
+use crate::config::CaCerts;
 use crate::secret::RedactedUrl;
 
 /// First pause before reconnecting; doubled up to [`BACKOFF_MAX`].
@@ -78,6 +99,8 @@ struct Shared {
     /// Connection name prefix; each connection adds its role.
     name: String,
     reconnect_for: Duration,
+    /// `amqps://`: extra trusted CA certificates (PEM), from `ca_file`.
+    ca_pem: Option<String>,
 }
 
 struct Publisher {
@@ -137,8 +160,15 @@ impl Shared {
         let properties = self
             .properties
             .clone()
-            .with_connection_name(LongString::from(format!("{} ({role})", self.name)));
-        Connection::connect_uri(self.uri.clone(), properties).await
+            .with_connection_name(LongString::from(format!("{} ({role})", self.name)))
+            // The runtime we are called on (see the module documentation).
+            .with_executor(tokio_executor_trait::Tokio::current())
+            .with_reactor(tokio_reactor_trait::Tokio);
+        let tls = OwnedTLSConfig {
+            identity: None,
+            cert_chain: self.ca_pem.clone(),
+        };
+        Connection::connect_uri_with_config(self.uri.clone(), properties, tls).await
     }
 
     /// Connect, retrying transient failures until `deadline`.
@@ -171,6 +201,16 @@ impl Shared {
                 what: self.shown.clone(),
                 message,
             },
+            // A certificate the trusted roots do not vouch for (or for another name)
+            // will not get better by reconnecting: that is configuration.
+            _ if e.to_string().to_ascii_lowercase().contains("certificate") => {
+                QueueError::InvalidConfig {
+                    what: self.shown.clone(),
+                    message: format!(
+                        "TLS: {e} (for a private CA, set [queue] ca_file to its PEM file)"
+                    ),
+                }
+            }
             _ => QueueError::Connect {
                 url: self.shown.clone(),
                 message: e.to_string(),
@@ -214,6 +254,7 @@ impl AmqpBroker {
     /// an unreachable broker fails fast with [`QueueError::Connect`] (exit 75).
     pub async fn connect(url: &RedactedUrl, settings: &BrokerSettings) -> Result<Self, QueueError> {
         let shown = url.redacted();
+        let ca = CaCerts::load_optional("queue.ca_file", settings.ca_file.as_deref())?;
         let mut uri: AMQPUri =
             url.expose()
                 .as_str()
@@ -246,6 +287,7 @@ impl AmqpBroker {
             properties,
             name: connection_name(settings),
             reconnect_for: settings.reconnect_for,
+            ca_pem: ca.map(|ca| ca.pem),
         });
         let connection = shared
             .connect_once("publisher")

@@ -443,6 +443,9 @@ pub struct BrokerSettings {
     /// RabbitMQ: the connection name shown in the management UI (default
     /// `labrelay <program> pid <pid>`).
     pub connection_name: Option<String>,
+    /// RabbitMQ over `amqps://`: a PEM file of CA certificates trusted in addition to
+    /// the system's (`[queue] ca_file`).
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for BrokerSettings {
@@ -452,6 +455,7 @@ impl Default for BrokerSettings {
             lease: Duration::from_mins(1),
             reconnect_for: Duration::from_mins(1),
             connection_name: None,
+            ca_file: None,
         }
     }
 }
@@ -466,6 +470,7 @@ impl BrokerSettings {
                 .map(SecretSpec::resolve)
                 .transpose()?,
             lease: Duration::from_secs(config.lease_secs.max(1)),
+            ca_file: config.ca_file.clone(),
             ..BrokerSettings::default()
         })
     }

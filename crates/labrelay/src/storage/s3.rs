@@ -8,6 +8,11 @@
 //! with `Content-MD5` and, unless `sign_payload = true`, an unsigned payload; the other
 //! calls go through object_store.
 //!
+//! An `https://` endpoint is checked against the system's root certificates plus those
+//! of `ca_file` (a private CA), in both HTTP clients (object_store's and the
+//! uploader's). A certificate none of them vouches for is a configuration error (exit
+//! 78), not a temporary one.
+//!
 //! Every object carries a `Content-Type` guessed from its key and, when its MD5 is known
 //! before it is published, `X-Amz-Meta-Md5chksum` (see [`s3_put`](super::s3_put)): always
 //! for a single PUT, for a multipart upload only when the caller passes the MD5
@@ -43,7 +48,7 @@ use super::{
     ObjectStorage, PutOptions, PutOutcome, StorageError, clean_etag, multipart_etag, part_size_for,
     percent_decode, validate_key, validate_prefix,
 };
-use crate::config::StorageConfig;
+use crate::config::{CaCerts, StorageConfig};
 use crate::hash::Md5Parts;
 use crate::secret::SecretSpec;
 
@@ -153,9 +158,23 @@ impl S3Storage {
             return Err(config_err("part_concurrency must be at least 1".into()));
         }
         let timeout = Duration::from_secs(config.timeout_secs.unwrap_or(30).max(1));
-        let client = ClientOptions::new()
+        // A private CA for an https:// endpoint, trusted next to the system's roots by
+        // both HTTP clients (object_store's and the uploader's).
+        let ca_key = if config.name.is_empty() {
+            "storage.ca_file".to_owned()
+        } else {
+            format!("storage.{}.ca_file", config.name)
+        };
+        let ca = CaCerts::load_optional(&ca_key, config.ca_file.as_deref())
+            .map_err(|e| config_err(e.to_string()))?;
+        let mut client = ClientOptions::new()
             .with_connect_timeout(timeout)
             .with_timeout(REQUEST_TIMEOUT.max(timeout));
+        for der in ca.iter().flat_map(|ca| &ca.der) {
+            let cert = object_store::Certificate::from_der(der)
+                .map_err(|e| config_err(format!("{ca_key}: {e}")))?;
+            client = client.with_root_certificate(cert);
+        }
         // object_store's own retries (list, head, delete, complete) follow the one
         // policy of crate::retry: the same attempts, backoff and deadline.
         let policy = crate::retry::policy();
@@ -212,6 +231,7 @@ impl S3Storage {
             timeout,
             REQUEST_TIMEOUT.max(timeout),
             target.clone(),
+            ca.as_ref(),
         )?;
         Ok(S3Storage {
             inner: Arc::new(Inner {
@@ -303,6 +323,18 @@ impl S3Storage {
                 // an HTTP status ("HTTP error: error sending request") as unreachable.
                 let mut connect =
                     message.contains("HTTP error") && !message.contains("status code");
+                // A server certificate the trusted roots do not vouch for: retrying
+                // will not help, the configuration (`ca_file`, the endpoint's name) must
+                // change.
+                if let Some(tls) = certificate_error(&e) {
+                    return StorageError::Config {
+                        target,
+                        message: format!(
+                            "TLS: {tls} (for a private CA, set ca_file in [storage.{}])",
+                            self.inner.section
+                        ),
+                    };
+                }
                 let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
                 while let Some(c) = cause {
                     if let Some(io) = c.downcast_ref::<std::io::Error>() {
@@ -1080,6 +1112,20 @@ impl ObjectStorage for S3Storage {
             .map_err(|e| self.error("presign", key, e))?;
         Ok(Some(url))
     }
+}
+
+/// The message of a TLS certificate failure in `e`'s chain of causes (rustls: "invalid
+/// peer certificate: UnknownIssuer"), if there is one.
+pub(super) fn certificate_error(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if text.to_ascii_lowercase().contains("certificate") {
+            return Some(text);
+        }
+        cause = c.source();
+    }
+    None
 }
 
 #[cfg(test)]

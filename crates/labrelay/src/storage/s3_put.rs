@@ -69,6 +69,9 @@ pub(super) enum Dest<'a> {
 }
 
 impl Uploader {
+    // One call site (S3Storage::open), which has every piece at hand; a settings struct
+    // would only repeat these names.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         credential: AwsCredential,
         region: &str,
@@ -77,17 +80,28 @@ impl Uploader {
         connect_timeout: Duration,
         timeout: Duration,
         target: String,
+        ca: Option<&crate::config::CaCerts>,
     ) -> Result<Uploader, StorageError> {
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(connect_timeout)
-            .timeout(timeout)
-            // Proxies from the environment (HTTPS_PROXY, NO_PROXY) apply as they do to
-            // object_store's client for the other calls.
-            .build()
-            .map_err(|e| StorageError::Config {
+            .timeout(timeout);
+        // `ca_file`: trusted next to the system's roots, as by object_store's client.
+        for der in ca.iter().flat_map(|ca| &ca.der) {
+            let cert = reqwest::Certificate::from_der(der).map_err(|e| StorageError::Config {
                 target: target.clone(),
-                message: format!("cannot build the HTTP client: {e}"),
+                message: format!(
+                    "ca_file {}: {e}",
+                    ca.map_or_else(String::new, |c| c.path.display().to_string())
+                ),
             })?;
+            builder = builder.add_root_certificate(cert);
+        }
+        // Proxies from the environment (HTTPS_PROXY, NO_PROXY) apply as they do to
+        // object_store's client for the other calls.
+        let client = builder.build().map_err(|e| StorageError::Config {
+            target: target.clone(),
+            message: format!("cannot build the HTTP client: {e}"),
+        })?;
         Ok(Uploader {
             client,
             credential,
@@ -315,6 +329,13 @@ impl Uploader {
     fn transport(&self, key: &str, e: &reqwest::Error) -> StorageError {
         // reqwest's message names the URL: the key and upload id, nothing secret.
         let message = error_chain(e);
+        if let Some(tls) = super::s3::certificate_error(e) {
+            // Not a reason to retry: see S3Storage::error.
+            return StorageError::Config {
+                target: self.target.clone(),
+                message: format!("TLS: {tls} (for a private CA, set ca_file)"),
+            };
+        }
         if e.is_connect() || e.is_timeout() || e.is_request() || e.is_body() {
             StorageError::Connect {
                 target: self.target.clone(),
@@ -391,6 +412,7 @@ mod tests {
             Duration::from_secs(1),
             Duration::from_secs(1),
             "s3://bucket".into(),
+            None,
         )
         .unwrap();
         assert_eq!(

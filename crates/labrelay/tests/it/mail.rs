@@ -41,6 +41,7 @@ impl Servers {
             password: None,
             timeout_secs: 20,
             hello_name: Some("client.labrelay.test".into()),
+            ca_file: None,
         }
     }
 
@@ -57,6 +58,7 @@ impl Servers {
             password: SecretSpec::parse(password),
             folder: "INBOX".into(),
             timeout_secs: 20,
+            ca_file: None,
         }
     }
 
@@ -637,6 +639,7 @@ fn unreachable_smtp_server_is_a_temporary_failure() {
         password: Some(SecretSpec::parse("smtp-secret-never-shown")),
         timeout_secs: 5,
         hello_name: None,
+        ca_file: None,
     };
     let mailer = Mailer::from_config(Some(&cfg), std::path::Path::new("/nonexistent")).unwrap();
     let mail = OutgoingMail::new("lab@example.org")
@@ -751,6 +754,7 @@ fn plain_smtp(port: u16) -> SmtpConfig {
         password: None,
         timeout_secs: 5,
         hello_name: Some("client.labrelay.test".into()),
+        ca_file: None,
     }
 }
 

@@ -10,3 +10,4 @@ mod queue;
 mod secrets;
 mod ssh;
 mod storage;
+mod tls;
