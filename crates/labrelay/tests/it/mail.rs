@@ -647,7 +647,13 @@ fn unreachable_smtp_server_is_a_temporary_failure() {
         .text("x");
     let err = block_on(mailer.send(&mail)).unwrap_err();
     assert_eq!(err.exit(), Exit::TempFail, "{err}");
-    assert!(matches!(err, MailError::Connect { .. }), "{err:?}");
+    // Retried under the policy, then given up: still 75, no longer transient.
+    let MailError::GaveUp { attempts, last } = &err else {
+        panic!("not retried: {err:?}");
+    };
+    assert_eq!(*attempts, labrelay::retry::policy().attempts, "{err}");
+    assert!(matches!(**last, MailError::Connect { .. }), "{err:?}");
+    assert!(!labrelay::exit::ExitClass::is_transient(&err));
     assert!(!format!("{err} {err:?}").contains("smtp-secret"));
     assert_eq!(classify(&anyhow::Error::new(err)), Exit::TempFail);
 }

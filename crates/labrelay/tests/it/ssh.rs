@@ -194,7 +194,12 @@ async fn unreachable_server_is_a_temporary_failure() {
     // Port 1 on loopback: refused at once.
     p.port = 1;
     let err = SshSession::connect(&p).await.unwrap_err();
-    assert!(matches!(err, SshError::Connect { .. }), "{err:?}");
+    // Retried under the policy, then given up.
+    let SshError::GaveUp { attempts, last } = &err else {
+        panic!("not retried: {err:?}");
+    };
+    assert_eq!(*attempts, labrelay::retry::policy().attempts, "{err}");
+    assert!(matches!(**last, SshError::Connect { .. }), "{err:?}");
     assert!(err.to_string().contains(&format!("{}:1", p.host)), "{err}");
     assert_eq!(err.exit(), Exit::TempFail);
 }
