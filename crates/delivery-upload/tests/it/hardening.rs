@@ -324,3 +324,100 @@ async fn links_prints_the_current_links_until_the_recorded_expiry() {
     );
     target.cleanup().await;
 }
+
+/// `%E6%8A%A5` → the bytes, as UTF-8 (the request paths of the keys).
+fn percent_decoded(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(b) = path
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(b);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// An S3 endpoint that answers HEAD (the bucket check) and cuts every other request off
+/// after reading its headers: a server that keeps failing temporarily. It records each
+/// request's method and path.
+fn failing_s3_endpoint() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = std::sync::Arc::clone(&seen);
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { break };
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut request = String::new();
+            if reader.read_line(&mut request).unwrap_or(0) == 0 {
+                continue;
+            }
+            // The rest of the head.
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap_or(0) > 2 {
+                line.clear();
+            }
+            let mut words = request.split_whitespace();
+            let method = words.next().unwrap_or_default().to_owned();
+            let path = percent_decoded(words.next().unwrap_or_default());
+            log.lock().unwrap().push((method.clone(), path));
+            if method == "HEAD" {
+                let _ = conn.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+            }
+            // Anything else: the connection closes without an answer.
+        }
+    });
+    (port, seen)
+}
+
+#[tokio::test]
+async fn regression_a_failing_upload_is_sent_attempts_times_not_attempts_squared() {
+    let lims = Lims::new(LimsKind::Sqlite).await.unwrap();
+    let home = Home::new();
+    let (root, expected) = tree(&home.path().join("analysis"), 0);
+    lims.add_analysis("R1", &root).await;
+    let (port, seen) = failing_s3_endpoint();
+    home.config(&format!(
+        "[delivery]\nkey_prefix = \"online\"\n\n\
+         [retry]\nattempts = 3\nbase_delay_ms = 1\nmax_delay_ms = 5\n\n\
+         [storage.flaky]\nurl = \"s3://bucket/p\"\nendpoint = \"http://127.0.0.1:{port}\"\n\
+         region = \"r\"\npath_style = true\nallow_http = true\naccess_key_id = \"k\"\n\
+         secret_access_key = \"s\"\ntimeout_secs = 5\n\n{}",
+        lims.config(STATUS_INSERT)
+    ));
+    let out = home.run(&["--analysis-id", "R1", "--json"]);
+    // Every file failed temporarily: run again later.
+    assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
+    let puts: Vec<String> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(m, _)| m == "PUT")
+        .map(|(_, p)| p.clone())
+        .collect();
+    // Each file was sent exactly `attempts` times: the storage client retried its PUT,
+    // and the upload of the file did not retry the given-up error once more (before the
+    // one retry layer: 4 PUTs inside the request times 3 attempts per file).
+    for (rel, _) in &expected {
+        let sent = puts
+            .iter()
+            .filter(|p| p.ends_with(&format!("/{rel}")))
+            .count();
+        assert_eq!(sent, 3, "{rel}: {puts:?}");
+    }
+    assert_eq!(puts.len(), 3 * expected.len(), "{puts:?}");
+    lims.cleanup().await;
+}
