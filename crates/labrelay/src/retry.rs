@@ -149,6 +149,58 @@ pub fn policy() -> &'static RetryPolicy {
     POLICY.get_or_init(RetryPolicy::default)
 }
 
+/// The pauses of a retry loop that is not one operation to repeat (a reconnect inside a
+/// publish loop, a subscription that waits for the broker to come back): the policy's
+/// exponential backoff with full jitter, until a deadline rather than a number of
+/// attempts.
+#[derive(Debug)]
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    deadline: Instant,
+    failed: u32,
+}
+
+impl Backoff {
+    /// Pauses of the process's policy until `deadline`.
+    pub fn until(deadline: Instant) -> Backoff {
+        let p = policy();
+        Backoff {
+            base: p.base_delay,
+            max: p.max_delay,
+            deadline,
+            failed: 0,
+        }
+    }
+
+    /// Cap each pause at `max` as well (a reconnect should notice a server that is back
+    /// within seconds).
+    #[must_use]
+    pub fn max_pause(mut self, max: Duration) -> Backoff {
+        self.max = self.max.min(max);
+        self.base = self.base.min(self.max);
+        self
+    }
+
+    /// The pause before the next try, or `None` when it would end past the deadline.
+    pub fn pause(&mut self) -> Option<Duration> {
+        self.failed += 1;
+        let p = RetryPolicy {
+            attempts: u32::MAX,
+            base_delay: self.base,
+            max_delay: self.max,
+            deadline: Duration::MAX,
+        };
+        let pause = p.delay(self.failed);
+        (Instant::now() + pause <= self.deadline).then_some(pause)
+    }
+
+    /// Tries that failed so far.
+    pub fn failures(&self) -> u32 {
+        self.failed
+    }
+}
+
 /// Errors the retry layer can judge: transient or not.
 pub trait Transient {
     /// Whether trying again may help.
@@ -469,6 +521,23 @@ mod tests {
         for n in 1..10 {
             assert!(p.delay(n) <= p.delay_cap(n));
         }
+    }
+
+    #[test]
+    fn backoff_pauses_stop_at_the_deadline() {
+        let mut b = Backoff::until(Instant::now() + Duration::from_millis(50))
+            .max_pause(Duration::from_millis(30));
+        let mut slept = Duration::ZERO;
+        while let Some(p) = b.pause() {
+            assert!(p <= Duration::from_millis(30));
+            std::thread::sleep(p);
+            slept += p;
+            assert!(b.failures() < 10_000);
+        }
+        assert!(slept <= Duration::from_millis(50), "{slept:?}");
+        let mut past = Backoff::until(Instant::now());
+        // Only a zero pause fits a deadline that has passed.
+        assert!(past.pause().is_none_or(|p| p.is_zero()));
     }
 
     #[test]

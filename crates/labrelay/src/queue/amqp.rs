@@ -71,9 +71,15 @@ use super::{
 use crate::config::CaCerts;
 use crate::secret::RedactedUrl;
 
-/// First pause before reconnecting; doubled up to [`BACKOFF_MAX`].
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// The longest pause between reconnection attempts: the pauses follow the one retry
+/// policy ([`crate::retry::Backoff`]: `[retry]` base delay, doubling, full jitter), up
+/// to this, until [`BrokerSettings::reconnect_for`] has passed, so that a broker that is
+/// back is noticed within seconds.
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+fn backoff(deadline: Instant) -> crate::retry::Backoff {
+    crate::retry::Backoff::until(deadline.into_std()).max_pause(BACKOFF_MAX)
+}
 /// A confirm that takes longer than this is treated as a broken connection.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 /// Heartbeat asked for unless the URL sets one: a dead peer is noticed within ~2× this.
@@ -173,19 +179,20 @@ impl Shared {
 
     /// Connect, retrying transient failures until `deadline`.
     async fn connect_until(&self, deadline: Instant) -> Result<Connection, QueueError> {
-        let mut pause = BACKOFF_MIN;
+        let mut backoff = backoff(deadline);
         loop {
             match self.connect_once("publisher").await {
                 Ok(c) => return Ok(c),
                 Err(e) => {
                     let e = self.connect_error(&e);
-                    if !matches!(e, QueueError::Connect { .. }) || Instant::now() + pause > deadline
-                    {
+                    if !matches!(e, QueueError::Connect { .. }) {
                         return Err(e);
                     }
+                    let Some(pause) = backoff.pause() else {
+                        return Err(e);
+                    };
                     tracing::info!(url = %self.shown, "reconnecting in {pause:?}: {e}");
                     tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(BACKOFF_MAX);
                 }
             }
         }
@@ -315,7 +322,7 @@ impl AmqpBroker {
         op: impl Fn(Channel) -> BoxFuture<'a, lapin::Result<T>> + Send + Sync,
     ) -> Result<T, QueueError> {
         let deadline = Instant::now() + self.shared.reconnect_for;
-        let mut pause = BACKOFF_MIN;
+        let mut backoff = backoff(deadline);
         loop {
             let channel = {
                 let mut publisher = self.publisher.lock().await;
@@ -330,16 +337,21 @@ impl AmqpBroker {
                 Ok(channel) => op(channel).await,
                 Err(e) => Err(e),
             };
-            match result {
+            let e = match result {
                 Ok(v) => return Ok(v),
-                Err(e) if is_transient(&e) && Instant::now() + pause <= deadline => {
-                    tracing::info!(url = %self.shared.shown, "retrying in {pause:?}: {e}");
-                    self.forget_publisher().await;
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(BACKOFF_MAX);
-                }
-                Err(e) => return Err(self.shared.error(&e, &request)),
-            }
+                Err(e) => e,
+            };
+            let pause = if is_transient(&e) {
+                backoff.pause()
+            } else {
+                None
+            };
+            let Some(pause) = pause else {
+                return Err(self.shared.error(&e, &request));
+            };
+            tracing::info!(url = %self.shared.shown, "retrying in {pause:?}: {e}");
+            self.forget_publisher().await;
+            tokio::time::sleep(pause).await;
         }
     }
 
@@ -363,21 +375,26 @@ impl AmqpBroker {
             });
             return Ok(());
         }
-        let mut pause = BACKOFF_MIN;
+        let mut backoff = backoff(deadline);
         loop {
             let connection = self.shared.connect_until(deadline).await?;
-            match open_publisher(connection).await {
+            let e = match open_publisher(connection).await {
                 Ok(p) => {
                     tracing::info!(url = %self.shared.shown, "connected to RabbitMQ");
                     *slot = Some(p);
                     return Ok(());
                 }
-                Err(e) if is_transient(&e) && Instant::now() + pause <= deadline => {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(BACKOFF_MAX);
-                }
-                Err(e) => return Err(self.shared.connect_error(&e)),
-            }
+                Err(e) => e,
+            };
+            let pause = if is_transient(&e) {
+                backoff.pause()
+            } else {
+                None
+            };
+            let Some(pause) = pause else {
+                return Err(self.shared.connect_error(&e));
+            };
+            tokio::time::sleep(pause).await;
         }
     }
 
@@ -573,7 +590,7 @@ impl Broker for AmqpBroker {
             routing_key: routing_key.to_owned(),
         };
         let deadline = Instant::now() + self.shared.reconnect_for;
-        let mut pause = BACKOFF_MIN;
+        let mut backoff = backoff(deadline);
         // One publish at a time on the confirm channel, so a returned message always
         // belongs to the confirm being awaited.
         let mut publisher = self.publisher.lock().await;
@@ -619,7 +636,7 @@ impl Broker for AmqpBroker {
                     return Err(self.shared.error(&e, &Request::Other("publishing")));
                 }
             };
-            if Instant::now() + pause > deadline {
+            let Some(pause) = backoff.pause() else {
                 return Err(match failure {
                     Some(e) => self.shared.error(&e, &Request::Other("publishing")),
                     None => QueueError::Refused {
@@ -627,7 +644,7 @@ impl Broker for AmqpBroker {
                         routing_key: routing_key.to_owned(),
                     },
                 });
-            }
+            };
             if let Some(e) = failure {
                 tracing::warn!(url = %self.shared.shown,
                     "publish not confirmed ({e}); reconnecting and publishing again");
@@ -636,7 +653,6 @@ impl Broker for AmqpBroker {
                 }
             }
             tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(BACKOFF_MAX);
         }
     }
 
@@ -744,21 +760,20 @@ impl AmqpConsumer {
     }
 
     async fn subscribe_until(&self, deadline: Instant) -> Result<Session, QueueError> {
-        let mut pause = BACKOFF_MIN;
+        let mut backoff = backoff(deadline);
         loop {
             match self.subscribe_once().await {
                 Ok(s) => return Ok(s),
-                Err((e, _)) if is_transient(&e) && Instant::now() + pause <= deadline => {
+                Err((e, _)) if is_transient(&e) => {
+                    let Some(pause) = backoff.pause() else {
+                        return Err(QueueError::ConnectionLost {
+                            url: self.shared.shown.clone(),
+                            message: e.to_string(),
+                        });
+                    };
                     tracing::info!(url = %self.shared.shown, queue = self.queue,
                         "subscribing again in {pause:?}: {e}");
                     tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(BACKOFF_MAX);
-                }
-                Err((e, _)) if is_transient(&e) => {
-                    return Err(QueueError::ConnectionLost {
-                        url: self.shared.shown.clone(),
-                        message: e.to_string(),
-                    });
                 }
                 Err((e, true)) => return Err(self.shared.connect_error(&e)),
                 Err((e, false)) => return Err(self.shared.error(&e, &Request::Other("consuming"))),
