@@ -231,21 +231,18 @@ impl Db {
         let mut conn = self.pool.acquire().await.map_err(|e| self.err(e))?;
         // Server engines: a session lock on the connection that runs the migrations.
         let locked = match self.engine {
-            Engine::Postgres => sqlx::query(&format!(
-                "SELECT pg_advisory_lock({PG_MIGRATE_LOCK_KEY})"
-            ))
-            .execute(&mut *conn)
-            .await
-            .map(drop)
-            .map_err(|e| format!("taking the migration lock: {e}")),
+            Engine::Postgres => {
+                sqlx::query(&format!("SELECT pg_advisory_lock({PG_MIGRATE_LOCK_KEY})"))
+                    .execute(&mut *conn)
+                    .await
+                    .map(drop)
+                    .map_err(|e| format!("taking the migration lock: {e}"))
+            }
             Engine::Mysql => mysql_get_lock(&mut conn).await,
             Engine::Sqlite => Ok(()),
         };
         let result = match locked {
-            Ok(()) => m
-                .run_direct(&mut *conn)
-                .await
-                .map_err(|e| e.to_string()),
+            Ok(()) => m.run_direct(&mut *conn).await.map_err(|e| e.to_string()),
             Err(e) => Err(e),
         };
         if self.engine != Engine::Sqlite {
@@ -406,12 +403,8 @@ async fn lock_file(path: std::path::PathBuf) -> Result<std::fs::File, String> {
             .map_err(|e| format!("taking the migration lock: {e}"))?
             .into_parts()
             .0;
-        file.lock().map_err(|e| {
-            format!(
-                "taking the migration lock: locking {}: {e}",
-                path.display()
-            )
-        })?;
+        file.lock()
+            .map_err(|e| format!("taking the migration lock: locking {}: {e}", path.display()))?;
         Ok(file)
     })
     .await
@@ -425,7 +418,10 @@ fn sqlite_file(url: &url::Url) -> Option<std::path::PathBuf> {
         .trim_start_matches("sqlite:")
         .trim_start_matches("//");
     let path = rest.split('?').next().unwrap_or("");
-    if path.is_empty() || path.starts_with(':') || url.query_pairs().any(|(k, v)| k == "mode" && v == "memory") {
+    if path.is_empty()
+        || path.starts_with(':')
+        || url.query_pairs().any(|(k, v)| k == "mode" && v == "memory")
+    {
         return None;
     }
     Some(std::path::PathBuf::from(path))

@@ -166,7 +166,10 @@ async fn migrate_concurrently(url: &RedactedUrl) {
         .into_iter()
         .filter_map(Result::err)
         .collect();
-    assert!(failures.is_empty(), "concurrent migrations failed: {failures:#?}");
+    assert!(
+        failures.is_empty(),
+        "concurrent migrations failed: {failures:#?}"
+    );
 
     let migrations = std::fs::read_dir(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite"),
@@ -218,8 +221,7 @@ async fn regression_concurrent_start_migrates_sqlite_once() {
     for round in 0..5 {
         let path = dir.path().join(format!("{round}/state.db"));
         // As the state database's default URL (`sqlite://<data_dir>/state.db?mode=rwc`).
-        let url =
-            RedactedUrl::parse(&format!("sqlite://{}?mode=rwc", path.display())).unwrap();
+        let url = RedactedUrl::parse(&format!("sqlite://{}?mode=rwc", path.display())).unwrap();
         migrate_concurrently(&url).await;
         assert!(path.with_file_name("state.db.migrate-lock").exists());
     }
