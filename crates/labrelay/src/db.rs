@@ -230,6 +230,7 @@ impl Db {
         };
         let mut conn = self.pool.acquire().await.map_err(|e| self.err(e))?;
         // Server engines: a session lock on the connection that runs the migrations.
+        // PostgreSQL waits for it as long as the session's statement_timeout allows.
         let locked = match self.engine {
             Engine::Postgres => {
                 sqlx::query(&format!("SELECT pg_advisory_lock({PG_MIGRATE_LOCK_KEY})"))
