@@ -21,6 +21,12 @@ const TOOLS: [&str; 6] = [
     "job-worker",
 ];
 
+/// This checkout's root, from this test's own build (the `test_support` library may be
+/// a build shared with another checkout of the workspace, whose root it would name).
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
 /// The target dir this test binary was built into (`<target>/debug/deps/install-…`).
 fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
@@ -45,7 +51,7 @@ fn install(prefix: &Path, home: &Path) -> Output {
             bin.display()
         );
     }
-    let mut cmd = Command::new(test_support::workspace_root().join("scripts/install"));
+    let mut cmd = Command::new(root().join("scripts/install"));
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("LABRELAY_") {
             cmd.env_remove(k);
@@ -119,7 +125,7 @@ fn install_puts_tools_man_pages_completions_and_config_into_a_prefix() {
         }
     }
 
-    let example = read(&test_support::workspace_root().join("examples/config.toml"));
+    let example = read(&root().join("examples/config.toml"));
     let config = prefix.join("etc/labrelay/config.toml");
     assert_eq!(read(&config), example);
     assert_eq!(
