@@ -168,9 +168,18 @@ pub fn command<A: ToolArgs>() -> clap::Command {
             clap::Command::new(MAN)
                 .about("Print the man page (roff) to stdout")
                 .long_about(format!(
-                    "Print the man page (roff) to stdout. scripts/install installs it; \
-                     to read it without installing: `{name} man | man -l -`."
-                )),
+                    "Print the man page (roff) to stdout; to read it without installing: \
+                     `{name} man | man -l -`. With --dir, write this page and one per \
+                     subcommand ({name}-SUBCOMMAND.1) into DIR instead and print their \
+                     paths, as scripts/install does."
+                ))
+                .arg(
+                    clap::Arg::new("dir")
+                        .long("dir")
+                        .value_name("DIR")
+                        .help("Write every page of the tool into DIR")
+                        .value_parser(clap::value_parser!(PathBuf)),
+                ),
         );
     if own_subcommands {
         cmd
@@ -193,12 +202,12 @@ pub enum Parsed<A> {
 }
 
 /// The commands every tool has, answered without configuration or servers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Builtin {
     /// `TOOL completions SHELL`.
     Completions(clap_complete::Shell),
-    /// `TOOL man`.
-    Man,
+    /// `TOOL man`, or `TOOL man --dir DIR`.
+    Man(Option<PathBuf>),
 }
 
 impl Builtin {
@@ -213,14 +222,48 @@ impl Builtin {
                 let name = cmd.get_name().to_owned();
                 clap_complete::generate(shell, &mut cmd, name, &mut buf);
             }
-            Builtin::Man => clap_mangen::Man::new(cmd)
-                .render(&mut buf)
-                .map_err(|e| anyhow::Error::new(e).context("rendering the man page"))?,
+            Builtin::Man(None) => {
+                // The tool's own page comes first.
+                if let Some((_, page)) = man_pages(cmd)?.into_iter().next() {
+                    buf = page;
+                }
+            }
+            Builtin::Man(Some(dir)) => {
+                for (file, page) in man_pages(cmd)? {
+                    let path = dir.join(file);
+                    fs_err::write(&path, page)?;
+                    writeln!(buf, "{}", path.display())?;
+                }
+            }
         }
         out.write_all(&buf)?;
         out.flush()?;
         Ok(Exit::Ok)
     }
+}
+
+/// The man pages of a command: its own (`TOOL.1`) and one per visible subcommand, all
+/// levels (`TOOL-SUB.1`), which the SUBCOMMANDS section of the parent page refers to.
+fn man_pages(cmd: clap::Command) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    fn collect(cmd: clap::Command, pages: &mut Vec<(String, Vec<u8>)>) -> anyhow::Result<()> {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            collect(sub.clone(), pages)?;
+        }
+        let man = clap_mangen::Man::new(cmd);
+        let mut page = Vec::new();
+        man.render(&mut page)
+            .map_err(|e| anyhow::Error::new(e).context("rendering the man page"))?;
+        pages.push((man.get_filename(), page));
+        Ok(())
+    }
+    // Built first so that subcommands know their full names (`delivery-upload-renew`);
+    // `help` has no page of its own.
+    let mut cmd = cmd.disable_help_subcommand(true);
+    cmd.build();
+    let mut pages = Vec::new();
+    collect(cmd, &mut pages)?;
+    pages.reverse();
+    Ok(pages)
 }
 
 /// Parse a command line (program name first) for tool `A`.
@@ -245,7 +288,9 @@ where
                 })?;
             Ok(Parsed::Builtin(Builtin::Completions(shell)))
         }
-        Some((MAN, _)) => Ok(Parsed::Builtin(Builtin::Man)),
+        Some((MAN, sub)) => Ok(Parsed::Builtin(Builtin::Man(
+            sub.get_one::<PathBuf>("dir").cloned(),
+        ))),
         _ => A::from_arg_matches_mut(&mut matches)
             .map(Parsed::Tool)
             .map_err(|e| e.format(&mut cmd)),
@@ -394,7 +439,11 @@ mod tests {
 
     #[test]
     fn completions_and_man_need_none_of_the_tools_required_arguments() {
-        assert_eq!(builtin(&["man"]), Builtin::Man);
+        assert_eq!(builtin(&["man"]), Builtin::Man(None));
+        assert_eq!(
+            builtin(&["man", "--dir", "/x"]),
+            Builtin::Man(Some(PathBuf::from("/x")))
+        );
         for (name, shell) in [
             ("bash", clap_complete::Shell::Bash),
             ("zsh", clap_complete::Shell::Zsh),
@@ -405,7 +454,7 @@ mod tests {
         // Global flags are accepted around them (no config is read either way).
         assert_eq!(
             builtin(&["--config", "/nonexistent.toml", "man", "-q"]),
-            Builtin::Man
+            Builtin::Man(None)
         );
     }
 
@@ -450,7 +499,10 @@ mod tests {
         let parse = |argv: &[&str]| {
             parse::<FlatArgs, _, _>(std::iter::once("flat-tool").chain(argv.iter().copied()))
         };
-        assert!(matches!(parse(&["man"]), Ok(Parsed::Builtin(Builtin::Man))));
+        assert!(matches!(
+            parse(&["man"]),
+            Ok(Parsed::Builtin(Builtin::Man(None)))
+        ));
         assert!(matches!(
             parse(&["completions", "fish", "-q"]),
             Ok(Parsed::Builtin(Builtin::Completions(
@@ -495,7 +547,7 @@ mod tests {
 
     #[test]
     fn man_page_is_roff_with_the_tools_options_and_exit_status() {
-        let page = written(Builtin::Man);
+        let page = written(Builtin::Man(None));
         assert!(
             page.lines().any(|l| l.starts_with(".TH demo-tool")),
             "{page}"
@@ -503,6 +555,39 @@ mod tests {
         assert!(page.contains("site"), "{page}");
         assert!(page.contains("completions"), "{page}");
         assert!(page.contains("EXIT STATUS"), "{page}");
+    }
+
+    #[test]
+    fn man_dir_writes_a_page_for_the_tool_and_each_subcommand() {
+        let dir = tempfile::tempdir().unwrap();
+        let listed = written(Builtin::Man(Some(dir.path().to_path_buf())));
+        let mut files: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        files.sort();
+        assert_eq!(
+            files,
+            [
+                "demo-tool-completions.1",
+                "demo-tool-man.1",
+                "demo-tool-renew.1",
+                "demo-tool.1"
+            ]
+        );
+        // stdout lists the written files, the tool's own page first.
+        let first = listed.lines().next().unwrap();
+        assert!(first.ends_with("/demo-tool.1"), "{listed}");
+        assert_eq!(listed.lines().count(), 4, "{listed}");
+        let renew = std::fs::read_to_string(dir.path().join("demo-tool-renew.1")).unwrap();
+        assert!(
+            renew
+                .lines()
+                .any(|l| l.starts_with(".TH demo-tool-renew 1")),
+            "{renew}"
+        );
+        let main = std::fs::read_to_string(dir.path().join("demo-tool.1")).unwrap();
+        assert_eq!(main, written(Builtin::Man(None)));
     }
 
     #[test]

@@ -109,8 +109,29 @@ fn install_puts_tools_man_pages_completions_and_config_into_a_prefix() {
             "{tool} man is not a man page:\n{page}"
         );
         assert!(page.contains("EXIT STATUS"), "{tool}:\n{page}");
-        let installed = prefix.join("share/man/man1").join(format!("{tool}.1"));
+        let man1 = prefix.join("share/man/man1");
+        let installed = man1.join(format!("{tool}.1"));
         assert_eq!(read(&installed), page, "{}", installed.display());
+        // Every page a SUBCOMMANDS section refers to (`code\-submit\-man(1)`) is there.
+        let mut pages = vec![page];
+        let mut seen = 0;
+        while let Some(page) = pages.pop() {
+            for line in page
+                .lines()
+                .filter(|l| l.ends_with("(1)") && !l.contains(' '))
+            {
+                let name = line.trim_end_matches("(1)").replace("\\-", "-");
+                let path = man1.join(format!("{name}.1"));
+                assert!(
+                    path.exists(),
+                    "{tool}: {name}(1) is referred to but not installed"
+                );
+                pages.push(read(&path));
+                seen += 1;
+            }
+        }
+        // At least the pages of `completions` and `man`.
+        assert!(seen >= 2, "{tool}: {seen} subcommand pages");
 
         for script in [
             format!("share/bash-completion/completions/{tool}"),
