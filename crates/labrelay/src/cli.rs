@@ -8,7 +8,8 @@
 //!
 //! It also gives every tool two commands of its own: `TOOL completions SHELL` prints a
 //! shell completion script (clap_complete) and `TOOL man` the man page as roff
-//! (clap_mangen), both to stdout. They are added to the tool's clap command (so its
+//! (clap_mangen), both to stdout (`TOOL man --dir DIR` writes the pages of the tool and
+//! of each subcommand into DIR instead). They are added to the tool's clap command (so its
 //! `--help` lists them) and answered before any configuration is read, so they work
 //! with no config file and no server; `scripts/install` uses them. A tool keeps its own
 //! arguments and subcommands unchanged, except that a positional argument given first
