@@ -6,6 +6,17 @@
 //! migration exists once per engine under `migrations/<engine>/`, with the same number
 //! and name, so the three schemas stay in step (a test checks they list the same files).
 //! This module does not know any tool's tables beyond running their migrations.
+//!
+//! Several tools or listeners may start at the same moment on a fresh database, and
+//! each runs the migrations. [`Db::migrate`] therefore holds a lock around them on every
+//! engine, so one process migrates and the others then find the schema up to date:
+//! PostgreSQL a session advisory lock (`pg_advisory_lock`), MariaDB/MySQL a named lock
+//! (`GET_LOCK`) on the same connection, SQLite an exclusive `flock` on a file beside the
+//! database (`state.db.migrate-lock`). sqlx's own migration lock is not enough: it is a
+//! no-op on SQLite (two processes then both apply migration 1 and one dies with
+//! `UNIQUE constraint failed: _sqlx_migrations.version`), and on MariaDB its
+//! `GET_LOCK(name, -1)` returns NULL at once instead of waiting (MariaDB takes no
+//! negative timeout). The regression tests start several migrations at once per engine.
 
 use std::time::Duration;
 
@@ -196,19 +207,63 @@ impl Db {
         Ok(db)
     }
 
-    /// Apply labrelay's migrations for this engine (idempotent).
+    /// Apply labrelay's migrations for this engine (idempotent), holding the engine's
+    /// migration lock so that processes starting together migrate one after another.
     pub async fn migrate(&self) -> Result<(), DbError> {
         let m = match self.engine {
             Engine::Sqlite => &MIGRATE_SQLITE,
             Engine::Postgres => &MIGRATE_POSTGRES,
             Engine::Mysql => &MIGRATE_MYSQL,
         };
-        m.run(&self.pool).await.map_err(|e| DbError::Migrate {
+        let failed = |message: String| DbError::Migrate {
             url: self.url.to_string(),
-            message: e.to_string(),
-        })?;
+            message,
+        };
+        // SQLite: the file lock is taken before any connection, so a process waiting for
+        // it holds no SQLite lock the migrating one could need.
+        let _file_lock = match self.engine {
+            Engine::Sqlite => match self.sqlite_lock_path() {
+                Some(path) => Some(lock_file(path).await.map_err(failed)?),
+                None => None,
+            },
+            Engine::Postgres | Engine::Mysql => None,
+        };
+        let mut conn = self.pool.acquire().await.map_err(|e| self.err(e))?;
+        // Server engines: a session lock on the connection that runs the migrations.
+        // PostgreSQL waits for it as long as the session's statement_timeout allows.
+        let locked = match self.engine {
+            Engine::Postgres => {
+                sqlx::query(&format!("SELECT pg_advisory_lock({PG_MIGRATE_LOCK_KEY})"))
+                    .execute(&mut *conn)
+                    .await
+                    .map(drop)
+                    .map_err(|e| format!("taking the migration lock: {e}"))
+            }
+            Engine::Mysql => mysql_get_lock(&mut conn).await,
+            Engine::Sqlite => Ok(()),
+        };
+        let result = match locked {
+            Ok(()) => m.run_direct(&mut *conn).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        if self.engine != Engine::Sqlite {
+            // Closing the session releases its locks whatever happened above; the pool
+            // opens a new connection when one is needed. (Not for SQLite: the last
+            // connection of an in-memory database is the database.)
+            let _ = conn.close().await;
+        }
+        result.map_err(failed)?;
         tracing::debug!(url = %self.url, migrations = m.iter().count(), "schema up to date");
         Ok(())
+    }
+
+    /// The file whose `flock` serialises migrations of a SQLite database file; `None` for
+    /// an in-memory database, which no other process can see.
+    fn sqlite_lock_path(&self) -> Option<std::path::PathBuf> {
+        let path = sqlite_file(self.url.expose())?;
+        let mut name = path.file_name()?.to_os_string();
+        name.push(".migrate-lock");
+        Some(path.with_file_name(name))
     }
 
     /// The pool.
@@ -309,16 +364,77 @@ where
     }
 }
 
-fn prepare_sqlite_path(url: &url::Url, read_only: bool) -> Result<(), String> {
+/// PostgreSQL advisory lock key of labrelay's migrations (advisory locks are scoped to
+/// the current database). The ASCII bytes of "labrelay".
+const PG_MIGRATE_LOCK_KEY: i64 = 0x6c61_6272_656c_6179;
+
+/// How long a process waits for another one's migrations on MariaDB/MySQL.
+const MYSQL_MIGRATE_LOCK_WAIT_SECS: u32 = 300;
+
+/// Take labrelay's migration lock for the current database on this MariaDB/MySQL
+/// session. Named locks are server-wide, so the name includes the database (hashed:
+/// MySQL limits names to 64 characters).
+async fn mysql_get_lock(conn: &mut sqlx::AnyConnection) -> Result<(), String> {
+    let row = sqlx::query(&format!(
+        "SELECT GET_LOCK(SHA1(CONCAT('labrelay migrate ', DATABASE())), \
+         {MYSQL_MIGRATE_LOCK_WAIT_SECS})"
+    ))
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(|e| format!("taking the migration lock: {e}"))?;
+    // 1 = taken, 0 = timed out, NULL = error.
+    match row.try_get::<Option<i64>, _>(0) {
+        Ok(Some(1)) => Ok(()),
+        Ok(_) => Err(format!(
+            "another process held the migration lock for {MYSQL_MIGRATE_LOCK_WAIT_SECS} s"
+        )),
+        Err(e) => Err(format!("taking the migration lock: {e}")),
+    }
+}
+
+/// Take an exclusive `flock` on `path` (created if missing), waiting on a blocking
+/// thread. The lock lasts as long as the returned file is open.
+async fn lock_file(path: std::path::PathBuf) -> Result<std::fs::File, String> {
+    tokio::task::spawn_blocking(move || {
+        let file = fs_err::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| format!("taking the migration lock: {e}"))?
+            .into_parts()
+            .0;
+        file.lock()
+            .map_err(|e| format!("taking the migration lock: locking {}: {e}", path.display()))?;
+        Ok(file)
+    })
+    .await
+    .map_err(|e| format!("taking the migration lock: {e}"))?
+}
+
+/// The file of a `sqlite:` URL; `None` for an in-memory database.
+fn sqlite_file(url: &url::Url) -> Option<std::path::PathBuf> {
     let rest = url
         .as_str()
         .trim_start_matches("sqlite:")
         .trim_start_matches("//");
     let path = rest.split('?').next().unwrap_or("");
-    if path.is_empty() || path.starts_with(':') || read_only {
+    if path.is_empty()
+        || path.starts_with(':')
+        || url.query_pairs().any(|(k, v)| k == "mode" && v == "memory")
+    {
+        return None;
+    }
+    Some(std::path::PathBuf::from(path))
+}
+
+fn prepare_sqlite_path(url: &url::Url, read_only: bool) -> Result<(), String> {
+    let Some(path) = sqlite_file(url) else {
+        return Ok(());
+    };
+    if read_only {
         return Ok(());
     }
-    let path = std::path::Path::new(path);
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)
             .map_err(|e| format!("cannot create directory {}: {e}", parent.display()))?;

@@ -6,6 +6,7 @@
 
 mod cli;
 mod common;
+mod concurrent_start;
 mod crashloop;
 mod deliver;
 mod hardening;

@@ -134,3 +134,95 @@ async fn wrong_password_is_a_configuration_error() {
     assert_eq!(err.exit(), Exit::Config, "{err}");
     assert!(!err.to_string().contains("hunter2-secret"));
 }
+
+/// Several tools or listeners starting at once on a fresh database each run the
+/// migrations; all must succeed and the schema be migrated exactly once.
+async fn migrate_concurrently(url: &RedactedUrl) {
+    const STARTS: usize = 6;
+    // Each its own pool, as separate processes have; connected first so that the
+    // migrations, not the connects, start together.
+    let mut dbs = Vec::new();
+    for _ in 0..STARTS {
+        dbs.push(
+            Db::connect(&DatabaseConfig::from_url(url.clone()))
+                .await
+                .unwrap(),
+        );
+    }
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(STARTS));
+    let mut tasks = tokio::task::JoinSet::new();
+    for db in dbs {
+        let barrier = barrier.clone();
+        tasks.spawn(async move {
+            barrier.wait().await;
+            let r = db.migrate().await.map_err(|e| e.to_string());
+            db.close().await;
+            r
+        });
+    }
+    let failures: Vec<String> = tasks
+        .join_all()
+        .await
+        .into_iter()
+        .filter_map(Result::err)
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "concurrent migrations failed: {failures:#?}"
+    );
+
+    let migrations = std::fs::read_dir(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite"),
+    )
+    .unwrap()
+    .count() as i64;
+    let db = Db::connect(&DatabaseConfig::from_url(url.clone()))
+        .await
+        .unwrap();
+    let row = sqlx::query("SELECT COUNT(*), COUNT(DISTINCT version) FROM _sqlx_migrations")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    let (rows, versions): (i64, i64) = (row.try_get(0).unwrap(), row.try_get(1).unwrap());
+    assert_eq!((rows, versions), (migrations, migrations));
+    let done: i64 = sqlx::query("SELECT COUNT(*) FROM _sqlx_migrations WHERE success")
+        .fetch_one(db.pool())
+        .await
+        .unwrap()
+        .try_get(0)
+        .unwrap();
+    assert_eq!(done, migrations);
+    // And the schema works.
+    db.kv_set("start", "n", "1").await.unwrap();
+    db.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn regression_concurrent_start_migrates_postgres_once() {
+    let admin = test_support::require!("PG_URL");
+    let tmp = TempDb::create(&admin).await;
+    migrate_concurrently(&tmp.url).await;
+    tmp.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn regression_concurrent_start_migrates_mariadb_once() {
+    let admin = test_support::require!("MYSQL_URL");
+    let tmp = TempDb::create(&admin).await;
+    migrate_concurrently(&tmp.url).await;
+    tmp.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn regression_concurrent_start_migrates_sqlite_once() {
+    // The reported bug: `UNIQUE constraint failed: _sqlx_migrations.version`. A few
+    // fresh files, because one race is lost only most of the time without the lock.
+    let dir = test_support::tempdir();
+    for round in 0..5 {
+        let path = dir.path().join(format!("{round}/state.db"));
+        // As the state database's default URL (`sqlite://<data_dir>/state.db?mode=rwc`).
+        let url = RedactedUrl::parse(&format!("sqlite://{}?mode=rwc", path.display())).unwrap();
+        migrate_concurrently(&url).await;
+        assert!(path.with_file_name("state.db.migrate-lock").exists());
+    }
+}
