@@ -349,7 +349,10 @@ fn percent_decoded(path: &str) -> String {
 /// An S3 endpoint that answers HEAD (the bucket check) and cuts every other request off
 /// after reading its headers: a server that keeps failing temporarily. It records each
 /// request's method and path.
-fn failing_s3_endpoint() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>) {
+/// The requests an endpoint saw: method and decoded path.
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>;
+
+fn failing_s3_endpoint() -> (u16, Seen) {
     use std::io::{BufRead, BufReader, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();

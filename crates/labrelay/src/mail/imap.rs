@@ -370,7 +370,21 @@ fn starttls(stream: &mut TcpStream, server: &str) -> Result<(), MailError> {
 impl ImapClient {
     /// Connect, log in with the configured password and read the capabilities. Selects
     /// nothing: call [`ImapClient::select`] (usually with `cfg.folder`).
+    ///
+    /// A server that cannot be reached (or answers a temporary failure) is tried again
+    /// under [`crate::retry::policy`]; a refused login or a TLS problem is not.
     pub fn connect(cfg: &ImapConfig) -> Result<ImapClient, MailError> {
+        let port = cfg.port.unwrap_or_else(|| default_port(cfg.security));
+        crate::retry::run_blocking(
+            crate::retry::policy(),
+            &format!("connecting to IMAP server {}:{port}", cfg.host),
+            |_| ImapClient::connect_once(cfg),
+        )
+        .map(|done| done.value)
+        .map_err(crate::retry::Failed::into_error)
+    }
+
+    fn connect_once(cfg: &ImapConfig) -> Result<ImapClient, MailError> {
         let port = cfg.port.unwrap_or_else(|| default_port(cfg.security));
         let server = format!("{}:{port}", cfg.host);
         let password = cfg.password.resolve()?;

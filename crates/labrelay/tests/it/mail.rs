@@ -610,6 +610,21 @@ fn outbox_mode_writes_a_complete_eml_without_any_server() {
 }
 
 #[test]
+fn unreachable_imap_server_is_retried_then_a_temporary_failure() {
+    let s = servers!();
+    let mut cfg = s.imap_config("alice", "x");
+    // Port 1 on loopback: refused at once.
+    cfg.port = Some(1);
+    let err = ImapClient::connect(&cfg).unwrap_err();
+    assert_eq!(err.exit(), Exit::TempFail, "{err}");
+    let MailError::GaveUp { attempts, last } = &err else {
+        panic!("not retried: {err:?}");
+    };
+    assert_eq!(*attempts, labrelay::retry::policy().attempts, "{err}");
+    assert!(matches!(**last, MailError::Connect { .. }), "{err:?}");
+}
+
+#[test]
 fn wrong_imap_password_is_a_configuration_error_that_does_not_show_it() {
     let s = servers!();
     let password = format!("wrong-{}", unique("pw"));
