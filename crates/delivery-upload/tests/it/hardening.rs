@@ -424,3 +424,53 @@ async fn regression_a_failing_upload_is_sent_attempts_times_not_attempts_squared
     assert_eq!(puts.len(), 3 * expected.len(), "{puts:?}");
     lims.cleanup().await;
 }
+
+#[tokio::test]
+async fn regression_status_times_fit_a_strict_mariadb_datetime_column() {
+    let target = TargetFixture::new(TargetKind::Local, "").await.unwrap();
+    let Some(lims) = Lims::new(LimsKind::Mariadb).await else {
+        return;
+    };
+    let db = lims.db().await;
+    // Strict mode (MariaDB's default) refuses a value a DATETIME cannot hold, such as an
+    // RFC 3339 string with `T` and an offset, instead of storing zeros.
+    let mode: String = sqlx::Row::get(
+        &sqlx::query("SELECT @@SESSION.sql_mode")
+            .fetch_one(db.pool())
+            .await
+            .unwrap(),
+        0,
+    );
+    assert!(mode.contains("STRICT_TRANS_TABLES"), "{mode}");
+    sqlx::query(
+        "CREATE TABLE t_delivery_time (plan_code VARCHAR(255) NOT NULL, \
+         delivered DATETIME NOT NULL)",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let home = Home::new();
+    let (root, _) = tree(&home.path().join("analysis"), 0);
+    lims.add_analysis("T1", &root).await;
+    home.config(&format!(
+        "[delivery]\nkey_prefix = \"online\"\n\n{}\n{}",
+        target.toml,
+        lims.config(
+            "INSERT INTO t_delivery_time (plan_code, delivered) VALUES (:analysis_id, :delivered_at)"
+        )
+    ));
+    let out = home.run(&["--analysis-id", "T1", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let row = sqlx::query(
+        "SELECT plan_code, delivered > NOW() - INTERVAL 1 DAY AND delivered < NOW() + INTERVAL 1 DAY \
+         FROM t_delivery_time",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(labrelay::db::text(&row, 0).unwrap(), "T1");
+    let recent: i64 = sqlx::Row::get(&row, 1);
+    assert_eq!(recent, 1, "the delivery time was stored as a real date");
+    db.close().await;
+    lims.cleanup().await;
+}
