@@ -68,6 +68,9 @@ async fn regression_no_customer_address_fails_and_a_resume_rechecks_the_target()
     let staff = mails_of_kind(&home, "delivery-failure");
     assert_eq!(staff.len(), 1, "{:?}", home.outbox());
     assert!(staff[0].contains("staff@labrelay.test"));
+    // The staff mail names the target the delivery went to: `[storage.t]` and its URL.
+    let subject = labrelay::mail::parse(staff[0].as_bytes()).unwrap().subject;
+    assert!(subject.contains("交付到 t (file:///"), "{subject}");
     assert!(lims.status_rows().await.is_empty());
 
     // What reached the target is damaged behind our back: one file deleted, one
@@ -473,4 +476,25 @@ async fn regression_status_times_fit_a_strict_mariadb_datetime_column() {
     assert_eq!(recent, 1, "the delivery time was stored as a real date");
     db.close().await;
     lims.cleanup().await;
+}
+
+#[tokio::test]
+async fn regression_a_relative_analysis_path_in_the_lims_is_refused_naming_it() {
+    let target = TargetFixture::new(TargetKind::Local, "").await.unwrap();
+    let lims = Lims::new(LimsKind::Sqlite).await.unwrap();
+    let home = Home::new();
+    lims.add_analysis("P1", std::path::Path::new("data/P1"))
+        .await;
+    home.config(&format!(
+        "[delivery]\nkey_prefix = \"online\"\n\n{}\n{}",
+        target.toml,
+        lims.config(STATUS_INSERT)
+    ));
+    let out = home.run(&["--analysis-id", "P1"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("relative analysis_path \"data/P1\"") && err.contains("must be absolute"),
+        "{err}"
+    );
 }

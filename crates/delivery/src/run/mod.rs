@@ -1038,3 +1038,22 @@ pub async fn renew(
     }
     Ok(Exit::Ok)
 }
+
+#[cfg(test)]
+mod wording_tests {
+    use super::*;
+
+    #[test]
+    fn times_and_counts_read_as_people_write_them() {
+        assert_eq!(
+            human_time("2026-11-30T20:57:03+08:00"),
+            "2026-11-30 12:57 UTC"
+        );
+        assert_eq!(human_time("2026-11-30T12:57:59Z"), "2026-11-30 12:57 UTC");
+        // Not a time: shown as it is, never hidden.
+        assert_eq!(human_time("tomorrow"), "tomorrow");
+        assert_eq!(count(0, "file"), "0 files");
+        assert_eq!(count(1, "file"), "1 file");
+        assert_eq!(count(2, "mail"), "2 mails");
+    }
+}
