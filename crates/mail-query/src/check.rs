@@ -165,6 +165,13 @@ const POSTGRES_DENIED: &[(&str, &str)] = &[
     ("pg_terminate_backend", "administers the server"),
     ("pg_cancel_backend", "administers the server"),
     ("pg_reload_conf", "administers the server"),
+    (
+        "pg_stat_reset*",
+        "administers the server (resets statistics)",
+    ),
+    ("pg_log_*", "administers the server"),
+    ("pg_export_snapshot", "administers the server"),
+    ("pg_wal_replay_*", "administers the server"),
     ("pg_rotate_logfile", "administers the server"),
     ("pg_switch_wal", "administers the server"),
     ("pg_promote", "administers the server"),
@@ -372,6 +379,22 @@ fn check_tokens(
             }
         }
     }
+    if engine == Engine::Postgres {
+        // `U&"\0070g_sleep"` names pg_sleep in escapes the denylist would not see.
+        for w in piece.windows(3) {
+            if let [a, b, c] = w
+                && matches!(&a.token, Token::Word(w) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case("u"))
+                && b.token == Token::Ampersand
+                && matches!(&c.token, Token::Word(w) if w.quote_style.is_some())
+            {
+                return Some(
+                    "Unicode-escaped identifier U&\"…\" (hides a name from the check; \
+                     write the name itself)"
+                        .to_owned(),
+                );
+            }
+        }
+    }
     let first_word = match significant.first().map(|t| &t.token) {
         Some(Token::Word(w)) if w.quote_style.is_none() => w.value.to_ascii_uppercase(),
         Some(Token::LParen) => "(".to_owned(),
@@ -415,6 +438,12 @@ fn check_tokens(
         }
         let next = |k: usize| words.get(i + k).map_or("", String::as_str);
         match words[i].as_str() {
+            "INTO" if matches!(next(1), "OUTFILE" | "DUMPFILE") => {
+                return Some(format!(
+                    "INTO {} (writes a file on the database server)",
+                    next(1)
+                ));
+            }
             "INTO" => {
                 return Some("INTO (SELECT … INTO writes a table, variables or a file)".to_owned());
             }

@@ -135,7 +135,7 @@ mod check {
         assert_eq!(recs[1]["verdict"], "refused");
         assert_eq!(
             recs[1]["reason"],
-            "statement 2: INTO (SELECT … INTO writes a table, variables or a file)"
+            "statement 2: INTO OUTFILE (writes a file on the database server)"
         );
         assert_eq!(
             recs[2],

@@ -306,6 +306,15 @@ fn postgres_specific_bypasses_are_refused() {
         ("SELECT 1 FROM t FOR UPDATE SKIP LOCKED", "FOR UPDATE"),
         ("SELECT pg_notify('c', 'x')", "function pg_notify"),
         ("SELECT pg_reload_conf()", "function pg_reload_conf"),
+        ("SELECT pg_stat_reset()", "function pg_stat_reset"),
+        (
+            "SELECT U&\"\\0070g_sleep\"(1)",
+            "Unicode-escaped identifier",
+        ),
+        (
+            "SELECT u&\"d!0070g_sleep\" UESCAPE '!' (1)",
+            "Unicode-escaped identifier",
+        ),
         ("SELECT * FROM (SELECT * FROM lo_get(1)) x", "lo_get"),
     ] {
         assert_refused(e, sql, want);
@@ -318,11 +327,15 @@ fn mariadb_specific_bypasses_are_refused() {
     for (sql, want) in [
         (
             "SELECT * FROM t INTO OUTFILE '/tmp/x'",
-            "INTO (SELECT … INTO",
+            "INTO OUTFILE (writes a file",
         ),
         (
             "SELECT * FROM t INTO DUMPFILE '/tmp/x'",
-            "INTO (SELECT … INTO",
+            "INTO DUMPFILE (writes a file",
+        ),
+        (
+            "SELECT * FROM t INTO /* x */ outfile '/tmp/x'",
+            "INTO OUTFILE (writes a file",
         ),
         ("SELECT 1 INTO @v", "INTO (SELECT … INTO"),
         (
