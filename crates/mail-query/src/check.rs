@@ -426,11 +426,11 @@ fn check_tokens(
             }
             Token::SingleQuotedString(s) | Token::DoubleQuotedString(s)
                 if matches!(engine, Engine::Mariadb | Engine::Postgres)
-                    && (s.contains("\\'") || s.contains("\\\"")) =>
+                    && (s.contains("\\'") || s.contains("\\\"") || s.ends_with('\\')) =>
             {
                 return Some(
-                    "backslash-escaped quote in a string literal (where the string ends \
-                     depends on the server's settings; double the quote instead: 'it''s')"
+                    "backslash before a quote in a string literal (where the string ends \
+                     depends on the server's settings; double a quote instead: 'it''s')"
                         .to_owned(),
                 );
             }

@@ -78,6 +78,7 @@ fn read_only_queries_are_accepted_on_every_engine() {
     assert_accepted(Engine::Sqlite, "SELECT [name] FROM samples");
     assert_accepted(Engine::Sqlite, "SELECT 'it''s' AS quoted");
     assert_accepted(Engine::Oracle, "SELECT dbms_random.value FROM dual");
+    assert_accepted(Engine::Oracle, "SELECT q'[it's; DROP TABLE x]' FROM dual");
     assert_accepted(Engine::Oracle, "SELECT * FROM samples WHERE ROWNUM <= 10");
 }
 
@@ -289,7 +290,10 @@ fn postgres_specific_bypasses_are_refused() {
             "SELECT * FROM t FOR KEY SHARE",
             "FOR KEY SHARE (locks rows)",
         ),
-        ("SELECT 'a\\'; DROP TABLE t; --'", "statement 2: DROP TABLE"),
+        (
+            "SELECT 'a\\'; DROP TABLE t; --'",
+            "backslash before a quote",
+        ),
         ("SELECT E'\\''; DROP TABLE t", "statement 2: DROP TABLE"),
         (
             "SELECT 1 /* /* */ ; DROP TABLE t; /* */ */; DROP TABLE u",
@@ -307,6 +311,12 @@ fn postgres_specific_bypasses_are_refused() {
         ("SELECT pg_notify('c', 'x')", "function pg_notify"),
         ("SELECT pg_reload_conf()", "function pg_reload_conf"),
         ("SELECT pg_stat_reset()", "function pg_stat_reset"),
+        // With standard_conforming_strings off the server reads one string up to the
+        // second quote and runs pg_sleep; the parser would see two strings.
+        (
+            "SELECT 'a\\' , ' , pg_sleep(1) -- '",
+            "backslash before a quote",
+        ),
         (
             "SELECT U&\"\\0070g_sleep\"(1)",
             "Unicode-escaped identifier",
@@ -347,9 +357,9 @@ fn mariadb_specific_bypasses_are_refused() {
         ("SELECT 1 /*M! , SLEEP(10) */", "executable comment"),
         (
             "SELECT 'a\\'; DROP TABLE t; -- '",
-            "backslash-escaped quote",
+            "backslash before a quote",
         ),
-        ("SELECT \"a\\\"\"", "backslash-escaped quote"),
+        ("SELECT \"a\\\"\"", "backslash before a quote"),
         ("SELECT 1 # ; \n; DROP TABLE t", "statement 2: DROP TABLE"),
         (
             "SELECT GET_LOCK('x', 10)",
@@ -453,6 +463,11 @@ fn oracle_specific_bypasses_are_refused() {
         (
             "SELECT bfilename('DIR', 'f') FROM dual",
             "function bfilename",
+        ),
+        // Oracle's q'[…]' quoting: the quote inside does not end the string.
+        (
+            "SELECT q'[x']' , dbms_lock.sleep(1) -- ' FROM dual",
+            "function dbms_lock.sleep",
         ),
         (
             "SELECT * FROM t FOR UPDATE NOWAIT",
