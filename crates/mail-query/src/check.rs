@@ -369,7 +369,7 @@ fn check_tokens(
     if engine == Engine::Mariadb {
         for t in piece {
             if let Token::Whitespace(Whitespace::MultiLineComment(c)) = &t.token
-                && (c.starts_with('!') || c.starts_with("M!"))
+                && (c.starts_with('!') || c.starts_with("M!") || c.starts_with("m!"))
             {
                 return Some(
                     "executable comment /*! … */ (MariaDB and MySQL run its content; \
