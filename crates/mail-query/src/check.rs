@@ -287,7 +287,20 @@ pub fn check(engine: Engine, text: &str) -> Vec<Statement> {
         let significant: Vec<&TokenWithSpan> =
             piece.iter().filter(|t| !is_whitespace(&t.token)).collect();
         let Some(first) = significant.first() else {
-            continue; // only comments and blanks: nothing would run
+            // Only comments and blanks: nothing would run, unless MariaDB would run a
+            // comment (`SELECT 1; /*! DROP TABLE t */`).
+            if let Some(refusal) = executable_comment(engine, piece) {
+                let text = piece
+                    .iter()
+                    .map(|t| t.token.to_string())
+                    .collect::<String>();
+                out.push(Statement {
+                    index: out.len() + 1,
+                    sql: text.trim().to_owned(),
+                    refusal: Some(refusal),
+                });
+            }
+            continue;
         };
         // The text runs to the last comment before the semicolon, so a refused
         // executable comment (`SELECT 1 /*! … */`) is quoted with its statement.
@@ -360,24 +373,33 @@ fn full_width(c: char) -> String {
     format!("full-width character '{c}' outside a string (not SQL; write ASCII punctuation)")
 }
 
+/// MariaDB and MySQL run the content of `/*! … */` and `/*M! … */` comments.
+fn executable_comment(engine: Engine, piece: &[TokenWithSpan]) -> Option<String> {
+    if engine != Engine::Mariadb {
+        return None;
+    }
+    piece.iter().find_map(|t| match &t.token {
+        Token::Whitespace(Whitespace::MultiLineComment(c))
+            if c.starts_with('!') || c.starts_with("M!") || c.starts_with("m!") =>
+        {
+            Some(
+                "executable comment /*! … */ (MariaDB and MySQL run its content; write \
+                 the SQL without it)"
+                    .to_owned(),
+            )
+        }
+        _ => None,
+    })
+}
+
 /// Layer 1: what the tokens alone say.
 fn check_tokens(
     engine: Engine,
     piece: &[TokenWithSpan],
     significant: &[&TokenWithSpan],
 ) -> Option<String> {
-    if engine == Engine::Mariadb {
-        for t in piece {
-            if let Token::Whitespace(Whitespace::MultiLineComment(c)) = &t.token
-                && (c.starts_with('!') || c.starts_with("M!") || c.starts_with("m!"))
-            {
-                return Some(
-                    "executable comment /*! … */ (MariaDB and MySQL run its content; \
-                     write the SQL without it)"
-                        .to_owned(),
-                );
-            }
-        }
+    if let Some(refusal) = executable_comment(engine, piece) {
+        return Some(refusal);
     }
     if engine == Engine::Postgres {
         // `U&"\0070g_sleep"` names pg_sleep in escapes the denylist would not see.

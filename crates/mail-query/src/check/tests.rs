@@ -431,6 +431,25 @@ fn a_trailing_comment_is_quoted_with_its_statement() {
 }
 
 #[test]
+fn an_executable_comment_alone_is_a_refused_statement() {
+    let got = check(
+        Engine::Mariadb,
+        "SELECT 1; /*! DROP TABLE t */;\n-- plain\n",
+    );
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(got[0].accepted());
+    assert_eq!(got[1].sql, "/*! DROP TABLE t */");
+    assert!(
+        got[1]
+            .reason()
+            .is_some_and(|r| r.starts_with("statement 2: executable comment")),
+        "{got:?}"
+    );
+    // Elsewhere a comment is a comment.
+    assert_eq!(check(Engine::Postgres, "SELECT 1; /*! x */").len(), 1);
+}
+
+#[test]
 fn writes_and_session_changes_are_refused_on_every_engine() {
     for engine in ALL {
         for (sql, want) in COMMON_REFUSED {
