@@ -169,6 +169,10 @@ const POSTGRES_DENIED: &[(&str, &str)] = &[
         "pg_stat_reset*",
         "administers the server (resets statistics)",
     ),
+    (
+        "pg_stat_statements_reset",
+        "administers the server (resets statistics)",
+    ),
     ("pg_log_*", "administers the server"),
     ("pg_export_snapshot", "administers the server"),
     ("pg_wal_replay_*", "administers the server"),

@@ -208,6 +208,10 @@ const POSTGRES_REFUSED: &[(&str, &str)] = &[
     ("SELECT pg_notify('c', 'x')", "function pg_notify"),
     ("SELECT pg_reload_conf()", "function pg_reload_conf"),
     ("SELECT pg_stat_reset()", "function pg_stat_reset"),
+    (
+        "SELECT pg_stat_statements_reset()",
+        "function pg_stat_statements_reset",
+    ),
     // With standard_conforming_strings off the server reads one string up to the
     // second quote and runs pg_sleep; the parser would see two strings.
     (
