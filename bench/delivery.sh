@@ -513,7 +513,7 @@ if want sftp; then
     for _ in $(seq 100); do [[ -s $WORK/probe/port ]] && break; sleep 0.1; done
     if [[ -s $WORK/probe/port ]]; then
         our_config "$WORK/probe/config.toml" "$(cat "$WORK/probe/port")"
-        sed -i "s|^data_dir = .*|data_dir = \"$WORK/probe-state\"|; s|^\[delivery\]\$|[delivery]\nattempts = 1|" \
+        sed -i "s|^data_dir = .*|data_dir = \"$WORK/probe-state\"|; s|^\[delivery\]\$|[retry]\nattempts = 1\n\n[delivery]|" \
             "$WORK/probe/config.toml"
         # Expected to fail (the probe hangs up after the KEXINIT).
         bounded 60 "$WORK/with-ours" "$OURS" --config "$WORK/probe/config.toml" -q \
