@@ -10,7 +10,9 @@
 
 pub mod check;
 pub mod config;
+pub mod export;
 pub mod input;
+pub mod run;
 
 use std::path::PathBuf;
 
