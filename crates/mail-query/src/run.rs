@@ -16,7 +16,8 @@
 //! row cap stops reading and reports `truncated`. The statement is sent as plain text
 //! (PostgreSQL's simple query protocol, MySQL's text protocol), so every value arrives
 //! as the server's own text rendering: numerics keep their exact digits and no type is
-//! unsupported. Dates and timestamps become ISO 8601 (`T` between date and time),
+//! unsupported. Dates and timestamps become ISO 8601 (`T` between date and time;
+//! PostgreSQL `timestamptz` in UTC, the time zone sqlx opens every session with),
 //! booleans `true`/`false`, binary values lower-case hex.
 //!
 //! This module does not use `labrelay::db::Db`: its `Any` pool cannot decode

@@ -345,13 +345,31 @@ async fn sqlite_integers_reals_and_blobs_are_rendered_as_documented() {
 }
 
 #[tokio::test]
-async fn postgres_bytea_timestamptz_and_date_are_rendered_as_documented() {
+async fn postgres_values_are_rendered_as_documented_whatever_the_server_defaults() {
     let admin = test_support::require!("PG_URL");
     let t = TempDb::server(&admin).await;
+    // Server defaults that would change the rendering; the run sets its own (and the
+    // driver's startup sets TimeZone = UTC, so timestamptz is always in UTC).
+    t.exec(&format!(
+        "ALTER DATABASE {} SET timezone = 'Asia/Shanghai'",
+        t.name
+    ))
+    .await;
+    t.exec(&format!(
+        "ALTER DATABASE {} SET DateStyle = 'SQL, DMY'",
+        t.name
+    ))
+    .await;
+    t.exec(&format!(
+        "ALTER DATABASE {} SET bytea_output = 'escape'",
+        t.name
+    ))
+    .await;
     let (r, bytes) = run(
         &t,
         "SELECT '\\x00ff10'::bytea AS b, '2026-03-01 08:30:00+00'::timestamptz AT TIME ZONE 'UTC' AS ts, \
-         DATE '2026-03-01' AS d, 1.5::float8 AS f",
+         '2026-03-01 08:30:00+00'::timestamptz AS tz, DATE '2026-03-01' AS d, TIME '08:30:00' AS tm, \
+         INTERVAL '1 day 2 hours' AS iv, 1.5::float8 AS f",
         limits(0, 30),
         Output { format: Format::Tsv, bom: false },
     )
@@ -359,7 +377,8 @@ async fn postgres_bytea_timestamptz_and_date_are_rendered_as_documented() {
     assert_eq!(r.unwrap().rows, 1);
     assert_eq!(
         std::str::from_utf8(&bytes).unwrap(),
-        "b\tts\td\tf\n00ff10\t2026-03-01T08:30:00\t2026-03-01\t1.5\n"
+        "b\tts\ttz\td\ttm\tiv\tf\n\
+         00ff10\t2026-03-01T08:30:00\t2026-03-01T08:30:00+00\t2026-03-01\t08:30:00\tP1DT2H\t1.5\n"
     );
     t.cleanup().await;
 }
@@ -383,6 +402,8 @@ async fn writes_are_refused(t: &TempDb) {
         "INSERT INTO t VALUES (2)",
         "UPDATE t SET id = 3",
         "DELETE FROM t",
+        // DDL commits implicitly on MariaDB: only the session default (SET SESSION
+        // TRANSACTION READ ONLY) keeps the statement after that commit read-only.
         "CREATE TABLE made (id int)",
         "DROP TABLE t",
     ] {
