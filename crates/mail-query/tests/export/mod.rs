@@ -684,3 +684,72 @@ async fn csv_bom_for_excel() {
     assert_eq!(bytes, "\u{feff}n\r\n名\r\n".as_bytes());
     t.cleanup().await;
 }
+
+/// Resident memory now and its peak since the last reset, in KiB (Linux).
+fn rss_kib() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let field = |name: &str| -> u64 {
+        let line = status.lines().find(|l| l.starts_with(name)).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// nextest runs each test in its own process, so the peak belongs to this export.
+async fn memory_stays_flat(t: &TempDb, sql: &str) {
+    // Warm up (connection, buffers, allocator), then reset the peak to the current RSS.
+    let (r, _) = run(t, sql, limits(1000, 60), CSV).await;
+    r.unwrap();
+    std::fs::write("/proc/self/clear_refs", "5").unwrap();
+    let (before, _) = rss_kib();
+    let dir = test_support::tempdir();
+    let path = dir.path().join("big.csv");
+    let o = run_to_file(&t.cfg, sql, limits(0, 120), CSV, &path)
+        .await
+        .unwrap();
+    assert_eq!(o.rows, 200_000);
+    let size = std::fs::metadata(&path).unwrap().len();
+    let (_, peak) = rss_kib();
+    let growth_kib = peak.saturating_sub(before);
+    eprintln!("file {} KiB, peak RSS growth {growth_kib} KiB", size / 1024);
+    // Holding the rows would need more than the file's size; streaming needs buffers.
+    assert!(size > 12 * 1024 * 1024, "file only {size} bytes");
+    assert!(growth_kib < 8 * 1024, "peak RSS grew by {growth_kib} KiB");
+    // Control: the measurement does see a whole result held in memory.
+    let held = std::fs::read(&path).unwrap();
+    let (_, peak) = rss_kib();
+    assert!(
+        peak.saturating_sub(before) > size / 1024 / 2,
+        "peak RSS missed {} KiB held in memory",
+        held.len() / 1024
+    );
+}
+
+#[tokio::test]
+async fn postgres_export_of_200000_rows_keeps_memory_flat() {
+    let admin = test_support::require!("PG_URL");
+    let t = TempDb::server(&admin).await;
+    memory_stays_flat(
+        &t,
+        "SELECT n, 'name, \"quoted\" 名字 ' || n AS name, TIMESTAMP '2026-01-01' + n * INTERVAL '1 second' AS at, \
+         n * 1.25::numeric(12,2) AS amount, NULL AS note, repeat('x', 20) AS pad \
+         FROM generate_series(1, 200000) AS n",
+    )
+    .await;
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn mariadb_export_of_200000_rows_keeps_memory_flat() {
+    let admin = test_support::require!("MYSQL_URL");
+    let t = TempDb::server(&admin).await;
+    memory_stays_flat(
+        &t,
+        "SELECT seq AS n, CONCAT('name, \"quoted\" 名字 ', seq) AS name, \
+         TIMESTAMP '2026-01-01 00:00:00' + INTERVAL seq SECOND AS at, \
+         seq * CAST(1.25 AS DECIMAL(12,2)) AS amount, NULL AS note, REPEAT('x', 20) AS pad \
+         FROM seq_1_to_200000",
+    )
+    .await;
+    t.cleanup().await;
+}
