@@ -507,10 +507,17 @@ async fn postgres_sleep_beyond_the_limit_is_query_too_long_and_the_backend_stops
 }
 
 #[tokio::test]
-async fn mariadb_sleep_beyond_the_limit_is_query_too_long() {
+async fn mariadb_sleep_beyond_the_limit_is_query_too_long_and_the_query_stops() {
     let admin = test_support::require!("MYSQL_URL");
     let t = TempDb::server(&admin).await;
     assert_times_out(&t, "SELECT SLEEP(60)").await;
+    let left: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO = 'SELECT SLEEP(60)'",
+    )
+    .fetch_one(t.db.pool())
+    .await
+    .unwrap();
+    assert_eq!(left, 0);
     t.cleanup().await;
 }
 
