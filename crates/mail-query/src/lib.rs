@@ -3,14 +3,18 @@
 //! the result back as files.
 //!
 //! Built so far: the typed `[mail_query]` configuration ([`config`]), the SQL check
-//! ([`check`]) and `mail-query check`, which runs that check on files or stdin. Reading
-//! mail (`--once`, `--watch`) answers "not implemented yet" (exit 2).
+//! ([`check`]) and `mail-query check`, which runs that check on files or stdin; running
+//! one statement read-only with its rows streamed to CSV/TSV ([`run`], [`export`]), a
+//! library step no command calls yet. Reading mail (`--once`, `--watch`) answers "not
+//! implemented yet" (exit 2).
 
 #![deny(missing_docs)]
 
 pub mod check;
 pub mod config;
+pub mod export;
 pub mod input;
+pub mod run;
 
 use std::path::PathBuf;
 

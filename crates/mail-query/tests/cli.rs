@@ -1,5 +1,7 @@
 //! Command-line contract of `mail-query`: help text, usage and configuration errors.
 
+mod export;
+
 const BIN: &str = env!("CARGO_BIN_EXE_mail-query");
 const VALID: &[&str] = &["--once"];
 
