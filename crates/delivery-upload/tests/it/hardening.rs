@@ -498,3 +498,36 @@ async fn regression_a_relative_analysis_path_in_the_lims_is_refused_naming_it() 
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn an_analysis_being_delivered_elsewhere_is_a_temporary_failure_naming_the_holder() {
+    let target = TargetFixture::new(TargetKind::Local, "").await.unwrap();
+    let lims = Lims::new(LimsKind::Sqlite).await.unwrap();
+    let home = Home::new();
+    let (root, _) = tree(&home.path().join("analysis"), 0);
+    lims.add_analysis("L1", &root).await;
+    home.config(&format!(
+        "[delivery]\nkey_prefix = \"online\"\n\n{}\n{}",
+        target.toml,
+        lims.config(STATUS_INSERT)
+    ));
+    // Another process (this test) delivers L1 right now.
+    let held = labrelay::lock::InstanceLock::acquire(&home.data_dir(), "delivery-L1").unwrap();
+    let out = home.run(&["--analysis-id", "L1"]);
+    assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("analysis L1 is being delivered by another process")
+            && err.contains(&format!("(pid {}", std::process::id())),
+        "{err}"
+    );
+    drop(held);
+    let out = home.run(&["--analysis-id", "L1"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // A file whose name is not UTF-8 is delivered under a readable name, and said so.
+    assert!(
+        stderr(&out).contains("is not a UTF-8 name (decoded as GB18030"),
+        "{}",
+        stderr(&out)
+    );
+}
