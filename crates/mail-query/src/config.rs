@@ -401,6 +401,15 @@ mod tests {
                        [databases.erp]\nurl = \"oracle://reader@erp.example.org:1521/ERP\"\n";
 
     #[test]
+    fn the_shipped_example_config_is_valid() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/config.toml");
+        let c = load(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert_eq!(c.databases["lims"].engine, Engine::Mariadb);
+        assert_eq!(c.lookup("样本库").map(|(n, _)| n), Some("lims"));
+    }
+
+    #[test]
     fn every_key_parses_and_engines_come_from_the_url() {
         let c = load(&format!(
             "{DBS}[mail_query]\nfolder = \"SQL\"\nprocessed_folder = \"Done\"\n\
