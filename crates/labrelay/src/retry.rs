@@ -109,31 +109,54 @@ impl RetryPolicy {
     /// `base * 2^(failed-1)`, at most `max_delay`. The pause itself is uniform in
     /// `0..=cap` (full jitter).
     pub fn delay_cap(&self, failed: u32) -> Duration {
-        let factor = 1u32
-            .checked_shl(failed.saturating_sub(1))
-            .unwrap_or(u32::MAX);
-        self.base_delay
-            .checked_mul(factor)
-            .unwrap_or(self.max_delay)
-            .min(self.max_delay)
+        delay_cap(self.base_delay, self.max_delay, failed)
     }
 
     /// The jittered pause after the `failed`-th failed attempt.
     pub fn delay(&self, failed: u32) -> Duration {
-        let cap = self.delay_cap(failed);
-        let ms = u64::try_from(cap.as_millis()).unwrap_or(u64::MAX);
-        Duration::from_millis(rand::rng().random_range(0..=ms))
+        jitter(self.delay_cap(failed))
     }
 
-    /// What to do after the `failed`-th attempt failed with an error that is `transient`,
-    /// `started` being when the first attempt began: `Some(pause)` to try again.
-    fn next(&self, failed: u32, transient: bool, started: Instant) -> Option<Duration> {
-        if !transient || failed >= self.attempts {
-            return None;
-        }
-        let pause = self.delay(failed);
-        (started.elapsed() + pause < self.deadline).then_some(pause)
+    /// After the `failed`-th attempt (the first began at `started`) ended in `error`: the
+    /// pause before the next one (logged), or the error to give back.
+    fn after_failure<E: Transient + std::fmt::Display>(
+        &self,
+        what: &str,
+        failed: u32,
+        error: E,
+        started: Instant,
+    ) -> Result<Duration, Failed<E>> {
+        let pause = (error.is_transient() && failed < self.attempts)
+            .then(|| self.delay(failed))
+            .filter(|pause| started.elapsed() + *pause < self.deadline);
+        let Some(pause) = pause else {
+            return Err(Failed {
+                error,
+                attempts: failed,
+            });
+        };
+        tracing::info!(
+            attempt = failed,
+            of = self.attempts,
+            "{what}: {error}; trying again in {} ms",
+            pause.as_millis()
+        );
+        Ok(pause)
     }
+}
+
+/// `base * 2^(failed-1)`, at most `max`.
+fn delay_cap(base: Duration, max: Duration, failed: u32) -> Duration {
+    let factor = 1u32
+        .checked_shl(failed.saturating_sub(1))
+        .unwrap_or(u32::MAX);
+    base.checked_mul(factor).unwrap_or(max).min(max)
+}
+
+/// A pause uniform in `0..=cap` (full jitter).
+fn jitter(cap: Duration) -> Duration {
+    let ms = u64::try_from(cap.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(rand::rng().random_range(0..=ms))
 }
 
 static POLICY: std::sync::OnceLock<RetryPolicy> = std::sync::OnceLock::new();
@@ -185,13 +208,7 @@ impl Backoff {
     /// The pause before the next try, or `None` when it would end past the deadline.
     pub fn pause(&mut self) -> Option<Duration> {
         self.failed += 1;
-        let p = RetryPolicy {
-            attempts: u32::MAX,
-            base_delay: self.base,
-            max_delay: self.max,
-            deadline: Duration::MAX,
-        };
-        let pause = p.delay(self.failed);
+        let pause = jitter(delay_cap(self.base, self.max, self.failed));
         (Instant::now() + pause <= self.deadline).then_some(pause)
     }
 
@@ -333,23 +350,10 @@ where
                     attempts: attempt,
                 });
             }
-            Err(error) => match policy.next(attempt, error.is_transient(), started) {
-                Some(pause) => {
-                    tracing::info!(
-                        attempt,
-                        of = policy.attempts,
-                        "{what}: {error}; trying again in {} ms",
-                        pause.as_millis()
-                    );
-                    tokio::time::sleep(pause).await;
-                }
-                None => {
-                    return Err(Failed {
-                        error,
-                        attempts: attempt,
-                    });
-                }
-            },
+            Err(error) => {
+                let pause = policy.after_failure(what, attempt, error, started)?;
+                tokio::time::sleep(pause).await;
+            }
         }
     }
 }
@@ -375,23 +379,10 @@ where
                     attempts: attempt,
                 });
             }
-            Err(error) => match policy.next(attempt, error.is_transient(), started) {
-                Some(pause) => {
-                    tracing::info!(
-                        attempt,
-                        of = policy.attempts,
-                        "{what}: {error}; trying again in {} ms",
-                        pause.as_millis()
-                    );
-                    std::thread::sleep(pause);
-                }
-                None => {
-                    return Err(Failed {
-                        error,
-                        attempts: attempt,
-                    });
-                }
-            },
+            Err(error) => {
+                let pause = policy.after_failure(what, attempt, error, started)?;
+                std::thread::sleep(pause);
+            }
         }
     }
 }
