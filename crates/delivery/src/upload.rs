@@ -452,7 +452,7 @@ async fn one_file(ctx: &Ctx, entry: &Entry, key: &str) -> anyhow::Result<Deliver
     let multipart = &multipart;
     labrelay::retry::run(
         labrelay::retry::policy(),
-        &format!("uploading {}", entry.rel),
+        || format!("uploading {}", entry.rel),
         |attempt| async move {
             match multipart {
                 Some(s3) => multipart_file(ctx, s3, entry, key, attempt).await,

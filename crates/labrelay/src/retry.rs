@@ -121,7 +121,7 @@ impl RetryPolicy {
     /// pause before the next one (logged), or the error to give back.
     fn after_failure<E: Transient + std::fmt::Display>(
         &self,
-        what: &str,
+        what: impl Fn() -> String,
         failed: u32,
         error: E,
         started: Instant,
@@ -138,7 +138,8 @@ impl RetryPolicy {
         tracing::info!(
             attempt = failed,
             of = self.attempts,
-            "{what}: {error}; trying again in {} ms",
+            "{}: {error}; trying again in {} ms",
+            what(),
             pause.as_millis()
         );
         Ok(pause)
@@ -329,9 +330,11 @@ impl<E: Into<anyhow::Error>> Failed<E> {
 
 /// Run `op` (given the 1-based attempt number) until it succeeds, fails with an error
 /// that is not transient, runs out of attempts or passes the deadline.
+///
+/// `what` names the operation for the log line of a retry; it is only called then.
 pub async fn run<T, E, F, Fut>(
     policy: &RetryPolicy,
-    what: &str,
+    what: impl Fn() -> String,
     mut op: F,
 ) -> Result<Attempted<T>, Failed<E>>
 where
@@ -351,7 +354,7 @@ where
                 });
             }
             Err(error) => {
-                let pause = policy.after_failure(what, attempt, error, started)?;
+                let pause = policy.after_failure(&what, attempt, error, started)?;
                 tokio::time::sleep(pause).await;
             }
         }
@@ -361,7 +364,7 @@ where
 /// [`run`] for blocking code (ssh2, IMAP): the pauses sleep the thread.
 pub fn run_blocking<T, E, F>(
     policy: &RetryPolicy,
-    what: &str,
+    what: impl Fn() -> String,
     mut op: F,
 ) -> Result<Attempted<T>, Failed<E>>
 where
@@ -380,7 +383,7 @@ where
                 });
             }
             Err(error) => {
-                let pause = policy.after_failure(what, attempt, error, started)?;
+                let pause = policy.after_failure(&what, attempt, error, started)?;
                 std::thread::sleep(pause);
             }
         }
@@ -416,10 +419,14 @@ mod tests {
     #[tokio::test]
     async fn transient_errors_are_retried_up_to_the_attempts() {
         let calls = AtomicU32::new(0);
-        let r: Result<Attempted<()>, _> = run(&quick(4), "op", |_| async {
-            calls.fetch_add(1, Ordering::SeqCst);
-            Err(TestError(Exit::TempFail))
-        })
+        let r: Result<Attempted<()>, _> = run(
+            &quick(4),
+            || "op".into(),
+            |_| async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err(TestError(Exit::TempFail))
+            },
+        )
         .await;
         let failed = r.unwrap_err();
         assert_eq!(failed.attempts, 4);
@@ -428,13 +435,17 @@ mod tests {
 
     #[tokio::test]
     async fn success_after_failures_reports_the_attempts() {
-        let r = run(&quick(5), "op", |n| async move {
-            if n < 3 {
-                Err(TestError(Exit::TempFail))
-            } else {
-                Ok(n * 10)
-            }
-        })
+        let r = run(
+            &quick(5),
+            || "op".into(),
+            |n| async move {
+                if n < 3 {
+                    Err(TestError(Exit::TempFail))
+                } else {
+                    Ok(n * 10)
+                }
+            },
+        )
         .await
         .unwrap();
         assert_eq!(r.value, 30);
@@ -444,8 +455,12 @@ mod tests {
     #[tokio::test]
     async fn permanent_errors_are_not_retried() {
         for exit in [Exit::Failed, Exit::Config, Exit::Usage] {
-            let r: Result<Attempted<()>, _> =
-                run(&quick(5), "op", |_| async move { Err(TestError(exit)) }).await;
+            let r: Result<Attempted<()>, _> = run(
+                &quick(5),
+                || "op".into(),
+                |_| async move { Err(TestError(exit)) },
+            )
+            .await;
             assert_eq!(r.unwrap_err().attempts, 1, "{exit:?}");
         }
     }
@@ -453,8 +468,11 @@ mod tests {
     #[test]
     fn exhausted_errors_keep_their_class_but_are_not_retried_again() {
         // The inner layer retried 4 times and gave up.
-        let inner: Result<Attempted<()>, _> =
-            run_blocking(&quick(4), "part 3", |_| Err(TestError(Exit::TempFail)));
+        let inner: Result<Attempted<()>, _> = run_blocking(
+            &quick(4),
+            || "part 3".into(),
+            |_| Err(TestError(Exit::TempFail)),
+        );
         let err = inner.unwrap_err().into_anyhow(|| "uploading part 3".into());
         assert_eq!(crate::exit::classify(&err), Exit::TempFail);
         assert!(!crate::exit::is_transient(&err));
@@ -462,11 +480,14 @@ mod tests {
         // An outer layer sees a non-transient error: one attempt, no multiplication.
         let mut outer_calls = 0;
         let mut err = Some(err);
-        let outer: Result<Attempted<()>, Failed<anyhow::Error>> =
-            run_blocking(&quick(3), "file", |_| {
+        let outer: Result<Attempted<()>, Failed<anyhow::Error>> = run_blocking(
+            &quick(3),
+            || "file".into(),
+            |_| {
                 outer_calls += 1;
                 Err(err.take().unwrap_or_else(|| anyhow::anyhow!("again")))
-            });
+            },
+        );
         assert_eq!(outer.unwrap_err().attempts, 1);
         assert_eq!(outer_calls, 1);
     }
@@ -474,7 +495,7 @@ mod tests {
     #[test]
     fn a_single_attempt_keeps_the_error_as_it_is() {
         let r: Result<Attempted<()>, _> =
-            run_blocking(&quick(4), "op", |_| Err(TestError(Exit::Config)));
+            run_blocking(&quick(4), || "op".into(), |_| Err(TestError(Exit::Config)));
         let err = r.unwrap_err().into_anyhow(|| "op".into());
         assert!(err.downcast_ref::<TestError>().is_some());
     }
@@ -489,7 +510,7 @@ mod tests {
         };
         let started = Instant::now();
         let r: Result<Attempted<()>, _> =
-            run_blocking(&policy, "op", |_| Err(TestError(Exit::TempFail)));
+            run_blocking(&policy, || "op".into(), |_| Err(TestError(Exit::TempFail)));
         let attempts = r.unwrap_err().attempts;
         assert!(attempts < 1000, "{attempts}");
         // No pause runs past the deadline (generous bound: this is not a timing test).

@@ -306,7 +306,7 @@ impl SshSession {
     pub fn connect_blocking(p: &SshParams) -> Result<SshSession, SshError> {
         crate::retry::run_blocking(
             crate::retry::policy(),
-            &format!("connecting to {}", p.server()),
+            || format!("connecting to {}", p.server()),
             |_| SshSession::connect_once(p),
         )
         .map(|done| done.value)

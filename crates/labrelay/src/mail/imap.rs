@@ -377,7 +377,7 @@ impl ImapClient {
         let port = cfg.port.unwrap_or_else(|| default_port(cfg.security));
         crate::retry::run_blocking(
             crate::retry::policy(),
-            &format!("connecting to IMAP server {}:{port}", cfg.host),
+            || format!("connecting to IMAP server {}:{port}", cfg.host),
             |_| ImapClient::connect_once(cfg),
         )
         .map(|done| done.value)

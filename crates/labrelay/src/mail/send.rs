@@ -159,7 +159,7 @@ impl Mailer {
                 // then lost the connection before its reply may deliver it twice.
                 let done = crate::retry::run(
                     crate::retry::policy(),
-                    &format!("sending {message_id} to {}", smtp.server),
+                    || format!("sending {message_id} to {}", smtp.server),
                     |_| async {
                         smtp.transport
                             .send_raw(envelope, &bytes)

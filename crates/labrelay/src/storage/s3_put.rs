@@ -150,11 +150,15 @@ impl Uploader {
             Dest::Part { .. } => Vec::new(),
         };
         // The one retry layer of a buffered upload: the same bytes are sent again.
-        let what = match dest {
-            Dest::Object => format!("PUT {key}"),
-            Dest::Part { number, .. } => format!("PUT {key} part {number}"),
+        let part = match dest {
+            Dest::Object => None,
+            Dest::Part { number, .. } => Some(number),
         };
-        crate::retry::run(crate::retry::policy(), &what, |_| {
+        let what = || match part {
+            None => format!("PUT {key}"),
+            Some(number) => format!("PUT {key} part {number}"),
+        };
+        crate::retry::run(crate::retry::policy(), what, |_| {
             self.put_once(key, &url, &content_md5, &headers, digest, data.clone())
         })
         .await
@@ -218,7 +222,7 @@ impl Uploader {
         let headers = object_headers(key, md5);
         crate::retry::run(
             crate::retry::policy(),
-            &format!("CreateMultipartUpload {key}"),
+            || format!("CreateMultipartUpload {key}"),
             |_| self.create_multipart_once(key, &url, &headers),
         )
         .await
@@ -274,9 +278,11 @@ impl Uploader {
     /// missing bucket is a configuration error naming `section`.
     pub(super) async fn head_bucket(&self, section: &str) -> Result<(), StorageError> {
         let url = self.base.clone();
-        crate::retry::run(crate::retry::policy(), "HeadBucket", |_| {
-            self.head_bucket_once(&url, section)
-        })
+        crate::retry::run(
+            crate::retry::policy(),
+            || "HeadBucket".into(),
+            |_| self.head_bucket_once(&url, section),
+        )
         .await
         .map(|done| done.value)
         .map_err(crate::retry::Failed::into_error)
