@@ -188,21 +188,7 @@ fn now() -> String {
 }
 
 fn opt_text(row: &AnyRow, col: &str) -> Result<Option<String>, sqlx::Error> {
-    match row.try_get::<Option<String>, _>(col) {
-        Ok(v) => Ok(v),
-        Err(sqlx::Error::ColumnDecode { .. }) => {
-            let bytes: Option<Vec<u8>> = row.try_get(col)?;
-            bytes
-                .map(|b| {
-                    String::from_utf8(b).map_err(|e| sqlx::Error::ColumnDecode {
-                        index: col.to_owned(),
-                        source: Box::new(e),
-                    })
-                })
-                .transpose()
-        }
-        Err(e) => Err(e),
-    }
+    labrelay::db::opt_text(row, col)
 }
 
 fn text(row: &AnyRow, col: &str) -> Result<String, sqlx::Error> {

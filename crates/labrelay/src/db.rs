@@ -364,6 +364,28 @@ where
     }
 }
 
+/// [`text`] for a column that may be NULL.
+pub fn opt_text<I>(row: &sqlx::any::AnyRow, index: I) -> Result<Option<String>, sqlx::Error>
+where
+    I: sqlx::ColumnIndex<sqlx::any::AnyRow> + Copy + std::fmt::Debug,
+{
+    match row.try_get::<Option<String>, _>(index) {
+        Ok(v) => Ok(v),
+        Err(sqlx::Error::ColumnDecode { .. }) => {
+            let bytes: Option<Vec<u8>> = row.try_get(index)?;
+            bytes
+                .map(|b| {
+                    String::from_utf8(b).map_err(|e| sqlx::Error::ColumnDecode {
+                        index: format!("{index:?}"),
+                        source: Box::new(e),
+                    })
+                })
+                .transpose()
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// PostgreSQL advisory lock key of labrelay's migrations (advisory locks are scoped to
 /// the current database). The ASCII bytes of "labrelay".
 const PG_MIGRATE_LOCK_KEY: i64 = 0x6c61_6272_656c_6179;

@@ -25,6 +25,8 @@ const KEYS: &[&str] = &[
     "authserv_id",
     "staff_cc",
     "language",
+    "refusal_reply",
+    "dkim_keys",
     "databases",
 ];
 
@@ -78,6 +80,15 @@ pub struct MailQueryConfig {
     /// Language of replies.
     #[serde(default)]
     pub language: Language,
+    /// Send a short refusal (no data) to a sender that is not trusted or not allowed;
+    /// off by default, since a forged From would turn refusals into backscatter.
+    #[serde(default)]
+    pub refusal_reply: bool,
+    /// DKIM key records by DNS name (`selector._domainkey.domain` = `"v=DKIM1; k=rsa;
+    /// p=…"`), used instead of DNS for these names: for sites without DNS for their
+    /// internal domains, and for tests.
+    #[serde(default)]
+    pub dkim_keys: BTreeMap<String, String>,
     /// The databases that may be queried, by the name a mail uses.
     #[serde(default)]
     pub databases: BTreeMap<String, QueryDatabase>,
@@ -181,6 +192,8 @@ impl Default for MailQueryConfig {
             authserv_id: None,
             staff_cc: Vec::new(),
             language: Language::default(),
+            refusal_reply: false,
+            dkim_keys: BTreeMap::new(),
             databases: BTreeMap::new(),
         }
     }
@@ -274,6 +287,22 @@ impl MailQueryConfig {
                 ));
             }
             _ => {}
+        }
+        for (name, record) in &self.dkim_keys {
+            if !name.contains("._domainkey.") {
+                return Err(invalid(
+                    &format!("dkim_keys.{name:?}"),
+                    "must be a DNS name selector._domainkey.domain",
+                ));
+            }
+            if let Err(e) = <mail_auth::common::verify::DomainKey as mail_auth::common::parse::TxtRecordParser>::parse(
+                record.as_bytes(),
+            ) {
+                return Err(invalid(
+                    &format!("dkim_keys.{name:?}"),
+                    format!("not a DKIM key record: {e}"),
+                ));
+            }
         }
         for (i, a) in self.staff_cc.iter().enumerate() {
             if !is_address(a) {

@@ -2,11 +2,12 @@
 //! the sender and the SQL, runs the query read-only on the named database and mails
 //! the result back as files.
 //!
-//! Built so far: the typed `[mail_query]` configuration ([`config`]), the SQL check
-//! ([`check`]) and `mail-query check`, which runs that check on files or stdin; running
-//! one statement read-only with its rows streamed to CSV/TSV ([`run`], [`export`]), a
-//! library step no command calls yet. Reading mail (`--once`, `--watch`) answers "not
-//! implemented yet" (exit 2).
+//! The parts: the typed `[mail_query]` configuration ([`config`]); what a mail asks
+//! for ([`request`]); whether its sender is trusted ([`trust`]); the SQL check
+//! ([`check`]); running one statement read-only into a CSV/TSV file ([`run`],
+//! [`export`]); the reply, zipped and split ([`reply`]); one request from record to
+//! sent reply ([`process`], logged in [`state`]); and where requests come from
+//! (`--eml`, `--once`, `--watch`: [`intake`]).
 
 #![deny(missing_docs)]
 
@@ -14,7 +15,13 @@ pub mod check;
 pub mod config;
 pub mod export;
 pub mod input;
+pub mod intake;
+pub mod process;
+pub mod reply;
+pub mod request;
 pub mod run;
+pub mod state;
+pub mod trust;
 
 use std::path::PathBuf;
 
@@ -39,14 +46,19 @@ use crate::config::MailQueryConfig;
   mail-query --once                 # cron: answer what is new, then exit
   mail-query --watch                # stay connected (IMAP IDLE)
   mail-query --once --dry-run --json
+  mail-query --eml message.eml      # one message (procmail, Postfix pipe: --eml -)
+  mail-query log --since 2026-11-01
   mail-query check --engine postgres query.sql   # why would this SQL be refused?"))]
 pub struct Args {
     /// Process new mail once and exit (for cron)
-    #[arg(long, conflicts_with = "watch")]
+    #[arg(long, conflicts_with_all = ["watch", "eml"])]
     pub once: bool,
     /// Stay connected and answer mail as it arrives (IMAP IDLE)
-    #[arg(long)]
+    #[arg(long, conflicts_with = "eml")]
     pub watch: bool,
+    /// Answer one raw RFC 822 message from FILE (`-`: stdin), e.g. from a mail filter
+    #[arg(long, value_name = "FILE")]
+    pub eml: Option<PathBuf>,
     /// IMAP folder to read (default: [mail_query] folder, else [imap] folder)
     #[arg(long, value_name = "FOLDER")]
     pub folder: Option<String>,
@@ -77,6 +89,31 @@ pub enum Command {
   mail-query check --database lims --json < query.sql
   mail-query check --engine sqlite a.sql b.sql"))]
     Check(CheckArgs),
+    /// The request log: who asked what, when, and the answer
+    ///
+    /// One line per request (with `--json` one record): when it was received, the
+    /// sender, the database, statements, rows, the verdict and the reply's Message-ID.
+    #[command(after_help = labrelay::after_help!("\
+  mail-query log --since 2026-11-01
+  mail-query log --json | jq 'select(.verdict == \"refused\")'"))]
+    Log(LogArgs),
+}
+
+/// Arguments of `mail-query log`.
+#[derive(Debug, clap::Args)]
+pub struct LogArgs {
+    /// Only requests received on or after DATE (YYYY-MM-DD, UTC, or RFC 3339)
+    #[arg(long, value_name = "DATE", value_parser = parse_since)]
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+fn parse_since(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&chrono::Utc));
+    }
+    chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
+        .map(|d| d.and_time(chrono::NaiveTime::MIN).and_utc())
+        .map_err(|_| format!("{s:?} is not a date (YYYY-MM-DD or RFC 3339)"))
 }
 
 /// Arguments of `mail-query check`.
@@ -101,14 +138,98 @@ impl ToolArgs for Args {
 }
 
 /// Run the tool.
-#[allow(clippy::unused_async)] // the mail commands to come are async
 pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
     // Checked first, whatever the command: a bad [mail_query] exits 78 before any work.
     let config = MailQueryConfig::from_config(&ctx.config)?;
     match args.command {
-        Some(Command::Check(check)) => run_check(&check, &config, &ctx.out),
-        None => Err(labrelay::cli::not_implemented("mail-query")),
+        Some(Command::Check(check)) => return run_check(&check, &config, &ctx.out),
+        Some(Command::Log(log)) => return run_log(&log, &ctx).await,
+        None => {}
     }
+    if config.trust == config::Trust::Allowlist {
+        tracing::warn!(
+            "trust = \"allowlist\": senders are not authenticated; a forged From address \
+             on the allowlist gets data"
+        );
+    }
+    let shared = std::sync::Arc::new(ctx.config);
+    let ctx_config = &*shared;
+    let imap = || {
+        ctx_config.imap.clone().ok_or_else(|| {
+            ConfigError::Missing("[imap] section (the mailbox requests arrive in)".into())
+        })
+    };
+    let folders = |imap: &labrelay::config::ImapConfig| intake::Folders {
+        inbox: args
+            .folder
+            .clone()
+            .or_else(|| config.folder.clone())
+            .unwrap_or_else(|| imap.folder.clone()),
+        processed: config.processed_folder.clone(),
+        rejected: config.rejected_folder.clone(),
+    };
+    if let Some(file) = &args.eml {
+        let raw = read_bytes(file)?;
+        let service = process::Service::open(shared.clone(), config, args.dry_run).await?;
+        return intake::eml(&service, &raw, &ctx.out).await;
+    }
+    if !args.once && !args.watch {
+        return Err(labrelay::exit::usage(
+            "give --once, --watch, --eml FILE or a command (see --help)",
+        ));
+    }
+    let imap = imap()?;
+    let folders = folders(&imap);
+    let _lock = if args.dry_run {
+        None
+    } else {
+        Some(labrelay::lock::InstanceLock::acquire(
+            &ctx_config.data_dir(),
+            "mail-query",
+        )?)
+    };
+    let service = process::Service::open(shared.clone(), config, args.dry_run).await?;
+    if args.watch {
+        intake::watch(&service, ctx_config, &imap, &folders, &ctx.out).await
+    } else {
+        let tally = intake::once(&service, ctx_config, &imap, &folders, &ctx.out).await?;
+        Ok(tally.exit())
+    }
+}
+
+fn read_bytes(file: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    if file.as_os_str() == "-" {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut buf)
+            .context("reading the message from stdin")?;
+        Ok(buf)
+    } else {
+        Ok(fs_err::read(file)?)
+    }
+}
+
+async fn run_log(args: &LogArgs, ctx: &Context) -> anyhow::Result<Exit> {
+    let db = labrelay::db::Db::open_state(&ctx.config).await?;
+    let rows = state::Requests::new(db).list(args.since).await?;
+    for r in &rows {
+        ctx.out.emit("request", r, || {
+            format!(
+                "{}  {}  {}  {}  {} statements, {} rows  {}{}",
+                r.received_at,
+                r.sender.as_deref().unwrap_or("-"),
+                r.database.as_deref().unwrap_or("-"),
+                r.verdict.as_deref().unwrap_or(r.stage.as_str()),
+                r.statements,
+                r.rows,
+                r.reply_message_id.as_deref().unwrap_or("-"),
+                r.reason
+                    .as_deref()
+                    .map(|x| format!("  ({x})"))
+                    .unwrap_or_default(),
+            )
+        })?;
+    }
+    Ok(Exit::Ok)
 }
 
 /// One statement's JSON record.
@@ -228,14 +349,7 @@ fn run_check(args: &CheckArgs, config: &MailQueryConfig, out: &Printer) -> anyho
 }
 
 fn read(file: &std::path::Path) -> anyhow::Result<String> {
-    let bytes = if file.as_os_str() == "-" {
-        let mut buf = Vec::new();
-        std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut buf)
-            .context("reading SQL from stdin")?;
-        buf
-    } else {
-        fs_err::read(file)?
-    };
+    let bytes = read_bytes(file)?;
     input::decode(&bytes).with_context(|| format!("reading {}", file.display()))
 }
 

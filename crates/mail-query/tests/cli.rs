@@ -1,6 +1,7 @@
 //! Command-line contract of `mail-query`: help text, usage and configuration errors.
 
 mod export;
+mod requests;
 
 const BIN: &str = env!("CARGO_BIN_EXE_mail-query");
 const VALID: &[&str] = &["--once"];
@@ -16,8 +17,17 @@ fn usage_and_config_errors_have_their_exit_codes() {
 }
 
 #[test]
-fn unbuilt_command_says_so_with_exit_2() {
-    test_support::cli::assert_not_implemented_yet(BIN, VALID);
+fn mailbox_modes_need_an_imap_section_and_say_so_with_exit_78() {
+    let home = test_support::tempdir();
+    for mode in ["--once", "--watch"] {
+        let out = test_support::cli::run(BIN, home.path(), &["--no-config", mode]);
+        assert_eq!(out.status.code(), Some(78), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("[imap]"), "{err}");
+        assert!(out.stdout.is_empty());
+    }
+    let out = test_support::cli::run(BIN, home.path(), &["--no-config"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
 
 mod check {

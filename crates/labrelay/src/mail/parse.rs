@@ -429,12 +429,23 @@ impl IncomingMail {
     /// In-Reply-To this message, References the thread plus this message. Add the body
     /// and attachments, then send.
     pub fn reply(&self, from: impl Into<String>) -> OutgoingMail {
-        let mut out = OutgoingMail::new(from).subject(reply_subject(&self.subject));
         let targets: Vec<&MailAddress> = if self.reply_to.is_empty() {
             self.from.iter().collect()
         } else {
             self.reply_to.iter().collect()
         };
+        self.reply_with(from.into(), &targets)
+    }
+
+    /// [`IncomingMail::reply`] addressed to the From address alone, whatever Reply-To
+    /// says: for answers that must reach only the authenticated sender.
+    pub fn reply_to_sender(&self, from: impl Into<String>) -> OutgoingMail {
+        let targets: Vec<&MailAddress> = self.from.iter().collect();
+        self.reply_with(from.into(), &targets)
+    }
+
+    fn reply_with(&self, from: String, targets: &[&MailAddress]) -> OutgoingMail {
+        let mut out = OutgoingMail::new(from).subject(reply_subject(&self.subject));
         for t in targets {
             out = out.to(t.to_string());
         }

@@ -11,18 +11,18 @@ use mail_query::config::Format;
 use mail_query::run::{Limits, Outcome, Output, RunError, run_to_file};
 
 /// A fresh database, dropped on `cleanup`.
-struct TempDb {
+pub(crate) struct TempDb {
     admin: Option<Db>,
     name: String,
     /// Full access, for setting up and checking.
     db: Db,
     /// The section the executor gets.
-    cfg: DatabaseConfig,
+    pub(crate) cfg: DatabaseConfig,
     _dir: Option<tempfile::TempDir>,
 }
 
 impl TempDb {
-    async fn server(admin_url: &str) -> TempDb {
+    pub(crate) async fn server(admin_url: &str) -> TempDb {
         let admin = Db::connect(&DatabaseConfig::from_url(
             RedactedUrl::parse(admin_url).unwrap(),
         ))
@@ -46,7 +46,7 @@ impl TempDb {
         }
     }
 
-    async fn sqlite() -> TempDb {
+    pub(crate) async fn sqlite() -> TempDb {
         let dir = test_support::tempdir();
         let path = dir.path().join("q.db");
         let url = RedactedUrl::parse(&format!("sqlite://{}", path.display())).unwrap();
@@ -61,18 +61,18 @@ impl TempDb {
         }
     }
 
-    async fn exec(&self, sql: &str) {
+    pub(crate) async fn exec(&self, sql: &str) {
         sqlx::query(sql).execute(self.db.pool()).await.unwrap();
     }
 
-    async fn count(&self, table: &str) -> i64 {
+    pub(crate) async fn count(&self, table: &str) -> i64 {
         sqlx::query_scalar::<_, i64>(&format!("SELECT COUNT(*) FROM {table}"))
             .fetch_one(self.db.pool())
             .await
             .unwrap()
     }
 
-    async fn cleanup(self) {
+    pub(crate) async fn cleanup(self) {
         self.db.close().await;
         if let Some(admin) = self.admin {
             let force = if admin.engine() == Engine::Postgres {

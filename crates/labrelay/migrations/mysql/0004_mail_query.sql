@@ -1,0 +1,27 @@
+-- mail-query: one row per request mail, written before anything else is done with it
+-- (intake is durable first). `id` is the SHA-256 of the Message-ID (of the raw message
+-- when it has none), so a message seen again is never answered twice. `stage` says how
+-- far the answer went: received -> built (reply mails on disk) -> replied (accepted by
+-- SMTP or written to the outbox) -> filed (moved to processed/rejected folder).
+CREATE TABLE IF NOT EXISTS mail_query_requests (
+    id               CHAR(64) NOT NULL PRIMARY KEY,
+    message_id       LONGTEXT,
+    source           LONGTEXT NOT NULL,
+    raw_path         LONGTEXT NOT NULL,
+    sender           LONGTEXT,
+    database_name    LONGTEXT,
+    stage            VARCHAR(16) NOT NULL,
+    verdict          LONGTEXT,
+    reason           LONGTEXT,
+    statements       BIGINT NOT NULL DEFAULT 0,
+    rows_total       BIGINT NOT NULL DEFAULT 0,
+    files            BIGINT NOT NULL DEFAULT 0,
+    mails            BIGINT NOT NULL DEFAULT 0,
+    mails_sent       BIGINT NOT NULL DEFAULT 0,
+    reply_message_id LONGTEXT,
+    received_at      VARCHAR(40) NOT NULL,
+    replied_at       VARCHAR(40),
+    filed_at         VARCHAR(40),
+    updated_at       VARCHAR(40) NOT NULL
+) CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci;
+CREATE INDEX IF NOT EXISTS mail_query_requests_received ON mail_query_requests (received_at);
