@@ -328,8 +328,15 @@ where
         .max_blocking_threads(MAX_BLOCKING_THREADS)
         .build()
         .map_err(|e| anyhow::Error::new(e).context("starting the async runtime"))?;
-    runtime.block_on(run(args, ctx))
+    let result = runtime.block_on(run(args, ctx));
+    // A blocking call the tool stopped waiting for (an IMAP IDLE when a stop signal
+    // came) must not hold the exit: give such threads a moment, then leave them.
+    runtime.shutdown_timeout(SHUTDOWN_GRACE);
+    result
 }
+
+/// How long the exit waits for blocking threads still running after the tool returned.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Blocking threads of a tool's runtime (file and SSH I/O).
 pub const MAX_BLOCKING_THREADS: usize = 64;

@@ -251,9 +251,20 @@ async fn pass(
     Ok(tally)
 }
 
+/// How [`watch`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchEnd {
+    /// SIGTERM or SIGINT: stop.
+    Stop,
+    /// SIGHUP: load the configuration again and go on.
+    Reload,
+}
+
 /// Stay connected: answer what is there, wait for new mail (IDLE), answer again; after
-/// an error, reconnect with backoff. Returns on SIGTERM/SIGINT once the pass in
-/// progress is finished.
+/// an error, reconnect with backoff. Returns on SIGTERM/SIGINT ([`WatchEnd::Stop`]) and
+/// on SIGHUP ([`WatchEnd::Reload`]). A pass in progress is dropped at that moment: its
+/// requests keep their recorded stage and the mails stay in the folder, so the next
+/// pass finishes them (queries that were running are run again).
 ///
 /// # Errors
 /// Configuration errors, or a server unreachable for longer than the reconnect deadline
@@ -264,16 +275,18 @@ pub async fn watch(
     imap: &ImapConfig,
     folders: &Folders,
     out: &Printer,
-) -> anyhow::Result<Exit> {
+) -> anyhow::Result<WatchEnd> {
     let shutdown = labrelay::cli::shutdown_signal();
     tokio::pin!(shutdown);
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let deadline_secs = labrelay::retry::policy().deadline.as_secs().max(60);
     let mut backoff: Option<labrelay::retry::Backoff> = None;
     loop {
         if resting(config) {
             tracing::info!("rest hours: no new queries start; checking again in a minute");
             tokio::select! {
-                () = &mut shutdown => return Ok(Exit::Ok),
+                () = &mut shutdown => return Ok(WatchEnd::Stop),
+                _ = hangup.recv() => return Ok(WatchEnd::Reload),
                 () = tokio::time::sleep(Duration::from_mins(1)) => continue,
             }
         }
@@ -281,7 +294,11 @@ pub async fn watch(
         let failed = tokio::select! {
             () = &mut shutdown => {
                 tracing::info!("stopping: signal received");
-                return Ok(Exit::Ok);
+                return Ok(WatchEnd::Stop);
+            }
+            _ = hangup.recv() => {
+                tracing::info!("SIGHUP: reloading the configuration");
+                return Ok(WatchEnd::Reload);
             }
             r = session(service, config, imap, folders, out, &mut worked) => r.err(),
         };
@@ -305,7 +322,8 @@ pub async fn watch(
             pause.as_secs_f64()
         );
         tokio::select! {
-            () = &mut shutdown => return Ok(Exit::Ok),
+            () = &mut shutdown => return Ok(WatchEnd::Stop),
+            _ = hangup.recv() => return Ok(WatchEnd::Reload),
             () = tokio::time::sleep(pause) => {}
         }
     }

@@ -89,6 +89,17 @@ pub enum Command {
   mail-query check --database lims --json < query.sql
   mail-query check --engine sqlite a.sql b.sql"))]
     Check(CheckArgs),
+    /// Run one SQL file as a mailed request would run, into a result file
+    ///
+    /// The same path as a request, without mail: the SQL check, then each statement
+    /// read-only on the queryable database NAME with its row cap and time limit, rows
+    /// streamed to OUTPUT (one file per statement: `OUTPUT`, or `STEM-N.EXT` beside it
+    /// when the file holds several). For admins reproducing an answer, and for
+    /// benchmarks. Exit 1 when a statement is refused or fails.
+    #[command(after_help = labrelay::after_help!("\
+  mail-query export --database lims --output runs.csv runs.sql
+  mail-query export --database lims --format xlsx --output report.xlsx report.sql"))]
+    Export(ExportArgs),
     /// The request log: who asked what, when, and the answer
     ///
     /// One line per request (with `--json` one record): when it was received, the
@@ -97,6 +108,26 @@ pub enum Command {
   mail-query log --since 2026-11-01
   mail-query log --json | jq 'select(.verdict == \"refused\")'"))]
     Log(LogArgs),
+}
+
+/// Arguments of `mail-query export`.
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    /// The queryable database ([mail_query.databases.NAME] or an alias)
+    #[arg(long, value_name = "NAME")]
+    pub database: String,
+    /// File format (default: [mail_query] format)
+    #[arg(long, value_parser = ["csv", "tsv", "xlsx"])]
+    pub format: Option<String>,
+    /// Start CSV with a UTF-8 byte order mark (for Excel)
+    #[arg(long)]
+    pub bom: bool,
+    /// The result file
+    #[arg(long, short, value_name = "FILE")]
+    pub output: PathBuf,
+    /// The SQL file (`-`: stdin)
+    #[arg(value_name = "SQL")]
+    pub sql: PathBuf,
 }
 
 /// Arguments of `mail-query log`.
@@ -144,6 +175,7 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
     match args.command {
         Some(Command::Check(check)) => return run_check(&check, &config, &ctx.out),
         Some(Command::Log(log)) => return run_log(&log, &ctx).await,
+        Some(Command::Export(export)) => return run_export(&export, &config, &ctx).await,
         None => {}
     }
     if config.trust == config::Trust::Allowlist {
@@ -188,12 +220,61 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
             "mail-query",
         )?)
     };
-    let service = process::Service::open(shared.clone(), config, args.dry_run).await?;
     if args.watch {
-        intake::watch(&service, ctx_config, &imap, &folders, &ctx.out).await
-    } else {
-        let tally = intake::once(&service, ctx_config, &imap, &folders, &ctx.out).await?;
-        Ok(tally.exit())
+        return watch(&args, shared, config, &ctx.out).await;
+    }
+    let service = process::Service::open(shared.clone(), config, args.dry_run).await?;
+    let tally = intake::once(&service, ctx_config, &imap, &folders, &ctx.out).await?;
+    Ok(tally.exit())
+}
+
+/// `--watch`, reloading the configuration on SIGHUP. A configuration that fails to
+/// load or check is reported and the running one kept.
+async fn watch(
+    args: &Args,
+    mut config: std::sync::Arc<labrelay::config::Config>,
+    mut mq: MailQueryConfig,
+    out: &Printer,
+) -> anyhow::Result<Exit> {
+    loop {
+        let imap = config.imap.clone().ok_or_else(|| {
+            ConfigError::Missing("[imap] section (the mailbox requests arrive in)".into())
+        })?;
+        let folders = intake::Folders {
+            inbox: args
+                .folder
+                .clone()
+                .or_else(|| mq.folder.clone())
+                .unwrap_or_else(|| imap.folder.clone()),
+            processed: mq.processed_folder.clone(),
+            rejected: mq.rejected_folder.clone(),
+        };
+        let service = process::Service::open(config.clone(), mq.clone(), args.dry_run).await?;
+        match intake::watch(&service, &config, &imap, &folders, out).await? {
+            intake::WatchEnd::Stop => return Ok(Exit::Ok),
+            intake::WatchEnd::Reload => {}
+        }
+        let loaded = labrelay::config::Config::load(&labrelay::config::LoadOptions {
+            explicit: args.global.config.clone(),
+            no_config: args.global.no_config,
+        })
+        .map_err(anyhow::Error::new)
+        .and_then(|l| {
+            let m = MailQueryConfig::from_config(&l.config)?;
+            if l.config.imap.is_none() {
+                return Err(ConfigError::Missing("[imap] section".into()).into());
+            }
+            Ok((l.config, m))
+        });
+        match loaded {
+            Ok((c, m)) => {
+                labrelay::retry::set_policy(c.retry.clone());
+                config = std::sync::Arc::new(c);
+                mq = m;
+                tracing::info!("configuration reloaded");
+            }
+            Err(e) => tracing::error!("configuration not reloaded, keeping the running one: {e:#}"),
+        }
     }
 }
 
@@ -206,6 +287,95 @@ fn read_bytes(file: &std::path::Path) -> anyhow::Result<Vec<u8>> {
     } else {
         Ok(fs_err::read(file)?)
     }
+}
+
+/// One exported statement's JSON record.
+#[derive(serde::Serialize)]
+struct ExportRecord {
+    index: usize,
+    file: String,
+    rows: u64,
+    truncated: bool,
+    seconds: f64,
+}
+
+async fn run_export(
+    args: &ExportArgs,
+    config: &MailQueryConfig,
+    ctx: &Context,
+) -> anyhow::Result<Exit> {
+    let (name, db) = config
+        .lookup(&args.database)
+        .ok_or_else(|| ConfigError::Missing(format!("[mail_query.databases.{}]", args.database)))?;
+    let section = ctx.config.database(&db.database)?;
+    let text = read(&args.sql)?;
+    let statements = check::check(db.engine, &text);
+    if let Some(r) = statements.iter().find_map(check::Statement::reason) {
+        tracing::error!("{r}");
+        return Ok(Exit::Failed);
+    }
+    if statements.is_empty() {
+        return Err(labrelay::exit::usage("the SQL file holds no statement"));
+    }
+    let format = match args.format.as_deref() {
+        Some("tsv") => config::Format::Tsv,
+        Some("xlsx") => config::Format::Xlsx,
+        Some(_) => config::Format::Csv,
+        None => config.format,
+    };
+    let limits = run::Limits {
+        max_rows: db.max_rows.unwrap_or(config.max_rows),
+        max_query_seconds: db.max_query_seconds.unwrap_or(config.max_query_seconds),
+    };
+    let many = statements.len() > 1;
+    for s in &statements {
+        let path = if many {
+            let stem = args
+                .output
+                .file_stem()
+                .unwrap_or_default()
+                .to_string_lossy();
+            let ext = args
+                .output
+                .extension()
+                .map(|e| format!(".{}", e.to_string_lossy()));
+            args.output
+                .with_file_name(format!("{stem}-{}{}", s.index, ext.unwrap_or_default()))
+        } else {
+            args.output.clone()
+        };
+        let started = std::time::Instant::now();
+        let outcome = run::run_to_file(
+            section,
+            &s.sql,
+            limits,
+            run::Output {
+                format,
+                bom: args.bom,
+            },
+            &path,
+        )
+        .await
+        .with_context(|| format!("{name}: statement {}", s.index))?;
+        let record = ExportRecord {
+            index: s.index,
+            file: path.display().to_string(),
+            rows: outcome.rows,
+            truncated: outcome.truncated,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        ctx.out.emit("export", &record, || {
+            format!(
+                "statement {}: {} rows{} in {:.2} s -> {}",
+                record.index,
+                record.rows,
+                if record.truncated { " (truncated)" } else { "" },
+                record.seconds,
+                record.file
+            )
+        })?;
+    }
+    Ok(Exit::Ok)
 }
 
 async fn run_log(args: &LogArgs, ctx: &Context) -> anyhow::Result<Exit> {

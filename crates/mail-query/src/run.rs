@@ -137,9 +137,6 @@ pub enum RunError {
         /// How many statements the check found.
         count: usize,
     },
-    /// `format = "xlsx"` is not built yet (1); no file is written.
-    #[error("format xlsx is not supported yet; use csv or tsv")]
-    XlsxNotSupported,
 }
 
 impl labrelay::exit::ExitClass for RunError {
@@ -176,7 +173,7 @@ pub async fn run_to_file(
     let file_format = match output.format {
         Format::Csv => FileFormat::Csv { bom: output.bom },
         Format::Tsv => FileFormat::Tsv,
-        Format::Xlsx => return Err(RunError::XlsxNotSupported),
+        Format::Xlsx => FileFormat::Xlsx,
     };
     let shown = db.url.to_string();
     let mut url = db.url.clone();

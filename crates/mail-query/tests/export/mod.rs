@@ -15,7 +15,7 @@ pub(crate) struct TempDb {
     admin: Option<Db>,
     name: String,
     /// Full access, for setting up and checking.
-    db: Db,
+    pub(crate) db: Db,
     /// The section the executor gets.
     pub(crate) cfg: DatabaseConfig,
     _dir: Option<tempfile::TempDir>,
@@ -653,13 +653,14 @@ async fn unreachable_database_is_exit_75() {
 }
 
 #[tokio::test]
-async fn xlsx_is_a_clear_error_not_csv() {
+async fn xlsx_holds_numbers_as_numbers_and_everything_else_as_text() {
     let t = TempDb::sqlite().await;
     let dir = test_support::tempdir();
     let path = dir.path().join("f.xlsx");
-    let e = run_to_file(
+    let o = run_to_file(
         &t.cfg,
-        "SELECT 1",
+        "SELECT 1200 AS reads, '样本二' AS name, '007' AS code, NULL AS missing, 2.5 AS ratio \
+         UNION ALL SELECT 7, 'a<b&c', '12345678901234567', NULL, -0.125",
         limits(0, 30),
         Output {
             format: Format::Xlsx,
@@ -668,9 +669,41 @@ async fn xlsx_is_a_clear_error_not_csv() {
         &path,
     )
     .await
-    .unwrap_err();
-    assert!(matches!(e, RunError::XlsxNotSupported), "{e:?}");
-    assert!(!path.exists());
+    .unwrap();
+    assert_eq!((o.rows, o.truncated), (2, false));
+    let mut z = zip::ZipArchive::new(std::fs::File::open(&path).unwrap()).unwrap();
+    let mut sheet = String::new();
+    std::io::Read::read_to_string(
+        &mut z.by_name("xl/worksheets/sheet1.xml").unwrap(),
+        &mut sheet,
+    )
+    .unwrap();
+    let cell = |r: &str| -> String {
+        let start = sheet
+            .find(&format!("<c r=\"{r}\""))
+            .unwrap_or_else(|| panic!("no cell {r} in {sheet}"));
+        let end = start + sheet[start..].find("</c>").unwrap();
+        sheet[start..end].to_owned()
+    };
+    assert!(cell("A1").contains(">reads<"), "{}", cell("A1"));
+    assert!(cell("A2").contains("<v>1200</v>"), "{}", cell("A2"));
+    assert!(cell("B2").contains("样本二"), "{}", cell("B2"));
+    assert!(cell("C2").contains(">007<"), "{}", cell("C2"));
+    assert!(!cell("C2").contains("<v>"), "{}", cell("C2"));
+    assert!(
+        !sheet.contains("<c r=\"D2\""),
+        "NULL must be an empty cell: {sheet}"
+    );
+    assert!(cell("E2").contains("<v>2.5</v>"), "{}", cell("E2"));
+    assert!(cell("B3").contains("a&lt;b&amp;c"), "{}", cell("B3"));
+    assert!(cell("C3").contains(">12345678901234567<"), "{}", cell("C3"));
+    assert!(cell("E3").contains("<v>-0.125</v>"), "{}", cell("E3"));
+    // No temporary row files are left beside the result.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("f.xlsx")]);
     t.cleanup().await;
 }
 

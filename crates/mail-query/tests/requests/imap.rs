@@ -344,3 +344,80 @@ async fn kill_9_crash_loop_answers_each_request_once_and_files_it_once() {
     mail.cleanup(&f);
     t.cleanup().await;
 }
+
+/// `--watch`: answers mail as it arrives (IDLE), reloads its configuration on SIGHUP
+/// (here: the reply language), and stops with exit 0 on SIGTERM.
+#[tokio::test]
+async fn watch_answers_as_mail_arrives_reloads_on_sighup_and_stops_on_sigterm() {
+    let mail = mail!();
+    let t = TempDb::sqlite().await;
+    t.exec("CREATE TABLE t (n INTEGER)").await;
+    t.exec("INSERT INTO t VALUES (1)").await;
+    let signer = Signer::new();
+    let f = mail.folders();
+    let base = mail.config(&f, t.cfg.url.expose().as_str(), &signer);
+    let home = Home::new(&base);
+    let mut cmd = test_support::cli::command(crate::BIN, home.dir.path());
+    cmd.env("MQ_TEST_IMAP_PASSWORD", &mail.carol)
+        .arg("--config")
+        .arg(&home.config)
+        .args(["--json", "-v", "--watch"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    let pid = child.id().to_string();
+    let signal = |sig: &str| {
+        let st = std::process::Command::new("kill")
+            .args([sig, pid.as_str()])
+            .status()
+            .unwrap();
+        assert!(st.success(), "kill {sig} {pid}");
+    };
+    let first = mail
+        .send(&f, &signer, "database: lims", "SELECT n FROM t")
+        .await;
+    let replies = mail.wait_count("alice", &f.replies, 1);
+    assert_eq!(replies.len(), 1, "no answer from --watch");
+    let reply = labrelay::mail::parse(&replies[0]).unwrap();
+    assert_eq!(reply.in_reply_to, vec![first]);
+    assert!(reply.body_text().unwrap().contains("Database: lims"));
+
+    // Chinese replies from now on, without a restart.
+    let text = std::fs::read_to_string(&home.config).unwrap();
+    std::fs::write(
+        &home.config,
+        text.replace("[mail_query]\n", "[mail_query]\nlanguage = \"zh\"\n"),
+    )
+    .unwrap();
+    signal("-HUP");
+    std::thread::sleep(Duration::from_millis(500));
+    let second = mail
+        .send(&f, &signer, "database: lims", "SELECT n FROM t")
+        .await;
+    let replies = mail.wait_count("alice", &f.replies, 2);
+    let zh = replies
+        .iter()
+        .map(|r| labrelay::mail::parse(r).unwrap())
+        .find(|m| m.in_reply_to == vec![second.clone()])
+        .expect("no answer after SIGHUP");
+    assert!(
+        zh.body_text().unwrap().contains("数据库：lims"),
+        "{:?}",
+        zh.body_text()
+    );
+
+    let stopping = Instant::now();
+    signal("-TERM");
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "--watch took {:?} to stop",
+        stopping.elapsed()
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("configuration reloaded"), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
+    mail.cleanup(&f);
+    t.cleanup().await;
+}

@@ -564,3 +564,127 @@ async fn dry_run_records_nothing_and_sends_nothing() {
     assert!(log.stdout.is_empty(), "{log:?}");
     t.cleanup().await;
 }
+
+/// A query that would run for hours, with `max_query_seconds = 2`: answered "query too
+/// long" within the limit plus 2 s, and the server is no longer running it. (A mailed
+/// `pg_sleep(600)` / `SLEEP(600)` never gets this far: the check refuses sleep
+/// functions; the executor's own tests cancel them.)
+async fn long_query_is_answered_query_too_long(t: TempDb, sql: &str, running: &str) {
+    let signer = Signer::new();
+    let home = Home::new(&format!(
+        "[databases.lims]\nurl = \"{}\"\n[mail_query]\nmax_query_seconds = 2\n\
+         [mail_query.dkim_keys]\n\"s1._domainkey.{LAB}\" = \"{}\"\n\
+         [mail_query.databases.lims]\ndatabase = \"lims\"\nallow = [\"@{LAB}\"]\n",
+        t.cfg.url.expose(),
+        signer.record
+    ));
+    let m = request(
+        &format!("alice@{LAB}"),
+        "sql@labrelay.test",
+        "database: lims",
+        &[("slow.sql", sql)],
+    );
+    let started = std::time::Instant::now();
+    let out = home.eml(&signer.sign(&raw(&m), LAB, false));
+    let took = started.elapsed();
+    let r = record(&out);
+    assert_eq!(r["verdict"], "failed", "{r}");
+    assert!(
+        r["reason"].as_str().unwrap().contains("query too long"),
+        "{r}"
+    );
+    assert!(took < std::time::Duration::from_secs(4), "took {took:?}");
+    let body = parse_file(&home.outbox()[0]).body_text().unwrap();
+    assert!(
+        body.contains("slow.sql #1: error: query too long: cancelled after 2 s"),
+        "{body}"
+    );
+    // The cancel reaches the backend asynchronously: it must be gone by the limit + 2 s.
+    loop {
+        let left: i64 = sqlx::query_scalar(running)
+            .bind(sql)
+            .fetch_one(t.db.pool())
+            .await
+            .unwrap();
+        if left == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(4),
+            "the server still runs {sql} after {:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn postgres_long_query_is_answered_query_too_long_and_stopped() {
+    let admin = test_support::require!("PG_URL");
+    long_query_is_answered_query_too_long(
+        TempDb::server(&admin).await,
+        "SELECT COUNT(*) FROM generate_series(1, 100000000000) g",
+        "SELECT COUNT(*) FROM pg_stat_activity WHERE query = $1 AND state = 'active'",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn mariadb_long_query_is_answered_query_too_long_and_stopped() {
+    let admin = test_support::require!("MYSQL_URL");
+    long_query_is_answered_query_too_long(
+        TempDb::server(&admin).await,
+        "SELECT COUNT(*) FROM seq_1_to_1000000 a, seq_1_to_1000000 b",
+        "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO = ?",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn export_runs_a_file_as_a_request_would() {
+    let t = samples().await;
+    let signer = Signer::new();
+    let home = Home::new(&sqlite_config(&t, &signer, ""));
+    let sql = home.dir.path().join("q.sql");
+    std::fs::write(
+        &sql,
+        "SELECT id, name FROM samples ORDER BY id;\nSELECT 1 AS one",
+    )
+    .unwrap();
+    let out_file = home.dir.path().join("out.tsv");
+    let out = home.run(&[
+        "--json",
+        "export",
+        "--database",
+        "样本库",
+        "--format",
+        "tsv",
+        "--output",
+        out_file.to_str().unwrap(),
+        sql.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let first = home.dir.path().join("out-1.tsv");
+    assert_eq!(
+        std::fs::read_to_string(&first).unwrap(),
+        "id\tname\n1\tS-001\n2\t样本二\n3\ta,\"b\"\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(home.dir.path().join("out-2.tsv")).unwrap(),
+        "one\n1\n"
+    );
+    std::fs::write(&sql, "DELETE FROM samples").unwrap();
+    let refused = home.run(&[
+        "export",
+        "--database",
+        "lims",
+        "--output",
+        out_file.to_str().unwrap(),
+        sql.to_str().unwrap(),
+    ]);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("DELETE is not a read-only query"));
+    assert_eq!(t.count("samples").await, 3);
+    t.cleanup().await;
+}
