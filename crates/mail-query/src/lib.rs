@@ -16,6 +16,8 @@ pub mod config;
 pub mod export;
 pub mod input;
 pub mod intake;
+#[cfg(feature = "oracle")]
+mod oracle;
 pub mod process;
 pub mod reply;
 pub mod request;

@@ -156,6 +156,7 @@ enum Kind {
     Postgres,
     Mysql,
     Sqlite,
+    Oracle,
 }
 
 /// Run `sql` (one statement, accepted by the check) on `db` read-only and write its rows
@@ -190,6 +191,7 @@ pub async fn run_to_file(
         "mysql" => (Kind::Mysql, raw.to_owned()),
         "mariadb" => (Kind::Mysql, raw.replacen("mariadb://", "mysql://", 1)),
         "sqlite" => (Kind::Sqlite, raw.to_owned()),
+        "oracle" => (Kind::Oracle, raw.to_owned()),
         other => {
             return Err(RunError::Config {
                 url: shown,
@@ -201,7 +203,16 @@ pub async fn run_to_file(
         Kind::Postgres => crate::check::Engine::Postgres,
         Kind::Mysql => crate::check::Engine::Mariadb,
         Kind::Sqlite => crate::check::Engine::Sqlite,
+        Kind::Oracle => crate::check::Engine::Oracle,
     };
+    if kind == Kind::Oracle && !cfg!(feature = "oracle") {
+        return Err(RunError::Config {
+            url: shown,
+            message: "this mail-query was built without Oracle support (cargo feature \
+                      `oracle`, which needs Oracle Instant Client at run time)"
+                .into(),
+        });
+    }
     // Only the statement count is enforced here, not the verdict: the read-only
     // transaction is the layer below the check, and is tested on its own.
     let count = crate::check::check(engine, sql).len();
@@ -222,12 +233,50 @@ pub async fn run_to_file(
         Kind::Postgres => run_postgres(&ctx, &raw, sql, &mut writer).await?,
         Kind::Mysql => run_mysql(&ctx, &raw, sql, &mut writer).await?,
         Kind::Sqlite => run_sqlite(&ctx, &raw, sql, &mut writer).await?,
+        Kind::Oracle => {
+            let (outcome, back) = run_oracle(&ctx, url.expose(), sql, writer).await?;
+            writer = back;
+            outcome
+        }
     };
     writer.finish().map_err(|source| RunError::Write {
         path: path.to_owned(),
         source,
     })?;
     Ok(outcome)
+}
+
+/// Oracle's client library is blocking: the statement runs on a blocking thread, which
+/// hands the writer back when done.
+#[cfg(feature = "oracle")]
+async fn run_oracle(
+    ctx: &Ctx,
+    url: &url::Url,
+    sql: &str,
+    mut writer: RowWriter,
+) -> Result<(Outcome, RowWriter), RunError> {
+    let (url, shown, sql, limits) = (url.clone(), ctx.shown.clone(), sql.to_owned(), ctx.limits);
+    tokio::task::spawn_blocking(move || {
+        crate::oracle::run_blocking(&url, &shown, &sql, limits, &mut writer).map(|o| (o, writer))
+    })
+    .await
+    .map_err(|e| RunError::Query {
+        message: format!("the Oracle worker thread failed: {e}"),
+    })?
+}
+
+#[cfg(not(feature = "oracle"))]
+#[allow(clippy::unused_async)] // the same signature as with the feature
+async fn run_oracle(
+    ctx: &Ctx,
+    _url: &url::Url,
+    _sql: &str,
+    _writer: RowWriter,
+) -> Result<(Outcome, RowWriter), RunError> {
+    Err(RunError::Config {
+        url: ctx.shown.clone(),
+        message: "built without the `oracle` feature".into(),
+    })
 }
 
 struct Ctx {
@@ -330,6 +379,8 @@ impl Ctx {
                     _ => RunError::Query { message },
                 }
             }
+            // Oracle errors never come through sqlx (crate::oracle maps its own).
+            Kind::Oracle => RunError::Query { message },
             Kind::Sqlite => {
                 // Primary result codes: 9 SQLITE_INTERRUPT, 8 SQLITE_READONLY, 23 SQLITE_AUTH.
                 let code = db

@@ -688,3 +688,29 @@ async fn export_runs_a_file_as_a_request_would() {
     assert_eq!(t.count("samples").await, 3);
     t.cleanup().await;
 }
+
+#[test]
+fn oracle_without_the_feature_is_a_configuration_error_naming_it() {
+    let home = Home::new(
+        "[databases.erp]\nurl = \"oracle://reader@127.0.0.1:1/ERP\"\n\
+         [mail_query.databases.erp]\ndatabase = \"erp\"\nallow = [\"@lab.example\"]\n",
+    );
+    let sql = home.dir.path().join("q.sql");
+    std::fs::write(&sql, "SELECT 1 FROM dual").unwrap();
+    let out = home.run(&[
+        "export",
+        "--database",
+        "erp",
+        "--output",
+        home.dir.path().join("o.csv").to_str().unwrap(),
+        sql.to_str().unwrap(),
+    ]);
+    if cfg!(feature = "oracle") {
+        // Built with Oracle: nothing listens on port 1, or no Instant Client is there.
+        assert_ne!(out.status.code(), Some(0), "{out:?}");
+    } else {
+        assert_eq!(out.status.code(), Some(78), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("without Oracle support"), "{err}");
+    }
+}
