@@ -492,14 +492,10 @@ impl SshSession {
         Ok(Some(out))
     }
 
-    /// A blocking `exec` for short internal commands (`mv`, `md5sum`) run on a blocking
-    /// thread: stdout is read to the end before stderr, so a command writing more than
+    /// A blocking `exec` for commands run on a blocking thread (`mv`, `md5sum`, a remote
+    /// export): stdout is read to the end before stderr, so a command writing more than
     /// the channel window (2 MiB) to stderr would stall until `timeout`.
-    pub(crate) fn exec_blocking(
-        &self,
-        command: &str,
-        timeout: Duration,
-    ) -> Result<Output, SshError> {
+    pub fn exec_blocking(&self, command: &str, timeout: Duration) -> Result<Output, SshError> {
         let previous = self.session.timeout();
         self.session.set_timeout(duration_ms(timeout));
         let result = (|| -> Result<Output, ssh2::Error> {

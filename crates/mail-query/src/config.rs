@@ -33,6 +33,7 @@ const KEYS: &[&str] = &[
 /// The keys of `[mail_query.databases.NAME]`.
 const DATABASE_KEYS: &[&str] = &[
     "database",
+    "remote",
     "aliases",
     "allow",
     "max_rows",
@@ -110,6 +111,8 @@ pub struct QueryDatabase {
     pub max_rows: Option<u64>,
     /// Overrides `[mail_query] max_query_seconds`.
     pub max_query_seconds: Option<u64>,
+    /// Export on the database host over SSH instead of through a connection.
+    pub remote: Option<crate::remote::RemoteExport>,
     /// The engine, from the `[databases.X]` URL; filled in at load.
     #[serde(skip, default = "default_engine")]
     pub engine: Engine,
@@ -360,6 +363,17 @@ impl MailQueryConfig {
                     ));
                 }
             }
+            if let Some(r) = &db.remote {
+                if !config.ssh.contains_key(&r.ssh) {
+                    return Err(invalid(
+                        &key("remote.ssh"),
+                        format!("no [ssh.{}] section", r.ssh),
+                    ));
+                }
+                if let Some((k, p)) = r.problem() {
+                    return Err(invalid(&key(&format!("remote.{k}")), p));
+                }
+            }
             if db.max_rows == Some(0) {
                 return Err(invalid(&key("max_rows"), "must be at least 1"));
             }
@@ -529,6 +543,23 @@ mod tests {
                 "[databases.l]\nurl = \"sqlite::memory:\"\n[mail_query.databases.x]\n\
                  database = \"l\"\n[mail_query.databases.y]\ndatabase = \"l\"\naliases = [\"X\"]\n",
                 "mail_query.databases.y.aliases[0]",
+            ),
+            (
+                "[databases.l]\nurl = \"sqlite::memory:\"\n[mail_query.databases.x]\n\
+                 database = \"l\"\n[mail_query.databases.x.remote]\nssh = \"nope\"\n\
+                 command = [\"x\", \"{sql}\", \"{output}\"]\n",
+                "mail_query.databases.x.remote.ssh",
+            ),
+            (
+                "[databases.l]\nurl = \"sqlite::memory:\"\n[ssh.h]\nhost = \"h\"\nuser = \"u\"\n\
+                 [mail_query.databases.x]\ndatabase = \"l\"\n[mail_query.databases.x.remote]\n\
+                 ssh = \"h\"\ncommand = [\"psql\", \"-f\", \"{sql}\"]\n",
+                "mail_query.databases.x.remote.command",
+            ),
+            (
+                "[databases.l]\nurl = \"sqlite::memory:\"\n[mail_query]\n\
+                 dkim_keys = { \"s._domainkey.x.org\" = \"v=DKIM1; p=!!\" }\n",
+                "dkim_keys",
             ),
         ] {
             let err = load(text).unwrap_err();

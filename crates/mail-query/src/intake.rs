@@ -132,7 +132,7 @@ fn resting(config: &labrelay::config::Config) -> bool {
 /// # Errors
 /// As [`Service::handle`].
 pub async fn eml(service: &Service, raw: &[u8], out: &Printer) -> anyhow::Result<Exit> {
-    let record = service.handle(raw, "eml").await?;
+    let record = service.handle(raw, "eml", None).await?;
     if !service.dry_run() {
         service.filed(&record.id).await?;
     }
@@ -191,7 +191,7 @@ async fn pass(
     let results: Vec<(u32, anyhow::Result<Record>)> = futures::stream::iter(raws)
         .map(|(uid, raw)| {
             let source = &source;
-            async move { (uid, service.handle(&raw, source).await) }
+            async move { (uid, service.handle(&raw, source, Some(uid)).await) }
         })
         .buffered(workers)
         .collect()

@@ -19,6 +19,7 @@ pub mod intake;
 #[cfg(feature = "oracle")]
 mod oracle;
 pub mod process;
+pub mod remote;
 pub mod reply;
 pub mod request;
 pub mod run;
@@ -309,7 +310,6 @@ async fn run_export(
     let (name, db) = config
         .lookup(&args.database)
         .ok_or_else(|| ConfigError::Missing(format!("[mail_query.databases.{}]", args.database)))?;
-    let section = ctx.config.database(&db.database)?;
     let text = read(&args.sql)?;
     let statements = check::check(db.engine, &text);
     if let Some(r) = statements.iter().find_map(check::Statement::reason) {
@@ -325,6 +325,8 @@ async fn run_export(
         Some(_) => config::Format::Csv,
         None => config.format,
     };
+    let format = remote::format_for(db, format);
+
     let limits = run::Limits {
         max_rows: db.max_rows.unwrap_or(config.max_rows),
         max_query_seconds: db.max_query_seconds.unwrap_or(config.max_query_seconds),
@@ -347,8 +349,9 @@ async fn run_export(
             args.output.clone()
         };
         let started = std::time::Instant::now();
-        let outcome = run::run_to_file(
-            section,
+        let outcome = remote::run_statement(
+            &ctx.config,
+            db,
             &s.sql,
             limits,
             run::Output {

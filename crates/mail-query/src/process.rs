@@ -24,7 +24,7 @@ use crate::check;
 use crate::config::{Format, Language, MailQueryConfig};
 use crate::reply::{self, Lang, StatementLine};
 use crate::request::{self, Request};
-use crate::run::{self, Limits, Output, RunError};
+use crate::run::{Limits, Output, RunError};
 use crate::state::{Built, Requests, Stage};
 use crate::trust::{self, Checker};
 
@@ -190,13 +190,19 @@ impl Service {
         &self.mq
     }
 
-    /// Handle one raw message from `source` (`imap:FOLDER` or `eml`). Returns its record
+    /// Handle one raw message from `source` (`imap:FOLDER` with its UID, or `eml`).
+    /// Returns its record
     /// once every reply mail is accepted (the caller then files the mail and calls
     /// [`Service::filed`]).
     ///
     /// # Errors
     /// [`Later`] and unreachable databases/servers (try again), configuration errors.
-    pub async fn handle(&self, raw: &[u8], source: &str) -> anyhow::Result<Record> {
+    pub async fn handle(
+        &self,
+        raw: &[u8],
+        source: &str,
+        imap_uid: Option<u32>,
+    ) -> anyhow::Result<Record> {
         let mail = labrelay::mail::parse(raw)?;
         let id = crate::state::request_id(mail.message_id.as_deref(), raw);
         let sender = mail.from.as_ref().map(|a| a.address.clone());
@@ -219,6 +225,7 @@ impl Service {
                 &id,
                 mail.message_id.as_deref(),
                 source,
+                imap_uid,
                 &raw_path.to_string_lossy(),
                 sender.as_deref(),
             )
@@ -458,8 +465,7 @@ impl Service {
             });
         };
         fs_err::create_dir_all(results)?;
-        let section = self.config.database(&db.database)?;
-        let format = req.format.unwrap_or(self.mq.format);
+        let format = crate::remote::format_for(db, req.format.unwrap_or(self.mq.format));
         let ext = match format {
             Format::Csv => "csv",
             Format::Tsv => "tsv",
@@ -476,8 +482,9 @@ impl Service {
             let file_name = format!("{}-{}.{ext}", f.stem, s.index);
             let path = results.join(&file_name);
             let started = Instant::now();
-            let done = run::run_to_file(
-                section,
+            let done = crate::remote::run_statement(
+                &self.config,
+                db,
                 &s.sql,
                 limits,
                 Output { format, bom: false },
@@ -507,7 +514,22 @@ impl Service {
                     return Err(e.into());
                 }
                 Err(e) => {
-                    tracing::info!(database = name, statement = s.index, error = %e, "statement failed");
+                    // The database's message may quote the SQL: only at debug level.
+                    let what = match &e {
+                        RunError::Timeout { .. } => "query too long",
+                        RunError::Syntax { .. } => "syntax error",
+                        RunError::PermissionDenied { .. } => "permission denied",
+                        RunError::ReadOnly { .. } => "tried to write",
+                        RunError::Write { .. } => "result file not written",
+                        _ => "database error",
+                    };
+                    tracing::info!(
+                        database = name,
+                        statement = s.index,
+                        what,
+                        "statement failed"
+                    );
+                    tracing::debug!(error = %e, "statement error");
                     line.error = Some(e.to_string());
                     let _ = fs_err::remove_file(&path);
                 }

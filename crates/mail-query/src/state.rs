@@ -65,6 +65,8 @@ pub struct RequestRow {
     pub message_id: Option<String>,
     /// Where it came from: `imap:FOLDER` or `eml`.
     pub source: String,
+    /// Its UID in that folder when it was recorded (IMAP only).
+    pub imap_uid: Option<i64>,
     /// The raw copy in the data directory.
     pub raw_path: String,
     /// The From address.
@@ -148,7 +150,7 @@ fn now() -> String {
     Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-const COLUMNS: &str = "id, message_id, source, raw_path, sender, database_name, stage, \
+const COLUMNS: &str = "id, message_id, source, imap_uid, raw_path, sender, database_name, stage, \
                        verdict, reason, statements, rows_total, files, mails, mails_sent, \
                        reply_message_id, received_at, replied_at, filed_at";
 
@@ -173,6 +175,7 @@ impl Requests {
             id: text(row, "id")?,
             message_id: opt_text(row, "message_id")?,
             source: text(row, "source")?,
+            imap_uid: row.try_get("imap_uid")?,
             raw_path: text(row, "raw_path")?,
             sender: opt_text(row, "sender")?,
             database: opt_text(row, "database_name")?,
@@ -212,6 +215,7 @@ impl Requests {
         id: &str,
         message_id: Option<&str>,
         source: &str,
+        imap_uid: Option<u32>,
         raw_path: &str,
         sender: Option<&str>,
     ) -> anyhow::Result<(RequestRow, bool)> {
@@ -227,14 +231,15 @@ impl Requests {
             ""
         };
         let sql = format!(
-            "{verb} mail_query_requests (id, message_id, source, raw_path, sender, stage, \
-             received_at, updated_at) VALUES ({}){tail}",
-            (1..=8).map(|n| self.p(n)).collect::<Vec<_>>().join(", ")
+            "{verb} mail_query_requests (id, message_id, source, imap_uid, raw_path, sender, \
+             stage, received_at, updated_at) VALUES ({}){tail}",
+            (1..=9).map(|n| self.p(n)).collect::<Vec<_>>().join(", ")
         );
         let done = sqlx::query(&sql)
             .bind(id)
             .bind(message_id.map(str::to_owned))
             .bind(source)
+            .bind(imap_uid.map(i64::from))
             .bind(raw_path)
             .bind(sender.map(str::to_owned))
             .bind(Stage::Received.as_str())

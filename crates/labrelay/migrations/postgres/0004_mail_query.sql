@@ -3,10 +3,12 @@
 -- when it has none), so a message seen again is never answered twice. `stage` says how
 -- far the answer went: received -> built (reply mails on disk) -> replied (accepted by
 -- SMTP or written to the outbox) -> filed (moved to processed/rejected folder).
+-- `source` is `imap:FOLDER` (with the message's UID in `imap_uid`) or `eml`.
 CREATE TABLE IF NOT EXISTS mail_query_requests (
     id               TEXT NOT NULL PRIMARY KEY,
     message_id       TEXT,
     source           TEXT NOT NULL,
+    imap_uid         BIGINT,
     raw_path         TEXT NOT NULL,
     sender           TEXT,
     database_name    TEXT,

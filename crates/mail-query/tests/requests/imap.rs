@@ -241,6 +241,19 @@ async fn round_trip(t: TempDb, yield_gb: &str) {
     assert_eq!(mail.count("carol", &f.processed), 1);
     assert_eq!(mail.count("carol", &f.rejected), 1);
     assert_eq!(t.count("runs").await, 2);
+    // The request log has both, with where they came from.
+    let log = home.run(&["log", "--json"]);
+    let rows: Vec<serde_json::Value> = String::from_utf8(log.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for r in &rows {
+        assert_eq!(r["source"], format!("imap:{}", f.inbox), "{r}");
+        assert!(r["imap_uid"].as_i64().is_some_and(|u| u > 0), "{r}");
+        assert_eq!(r["stage"], "filed", "{r}");
+    }
     // Nothing new: a second pass sends nothing.
     let again = once(&home, &mail);
     assert_eq!(again.status.code(), Some(0), "{again:?}");

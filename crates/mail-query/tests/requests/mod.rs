@@ -714,3 +714,62 @@ fn oracle_without_the_feature_is_a_configuration_error_naming_it() {
         assert!(err.contains("without Oracle support"), "{err}");
     }
 }
+
+/// `[mail_query.databases.NAME.remote]`: the statement exported on the database host
+/// over SSH (the test sshd; `psql --csv` as the export command) and fetched by SFTP,
+/// with the row cap applied while fetching; a failing command is a failed statement.
+#[tokio::test]
+async fn remote_export_over_ssh_answers_with_the_fetched_csv() {
+    let admin = test_support::require!("PG_URL");
+    let port = test_support::require!("SFTP_PORT");
+    let user = test_support::require!("SFTP_USER");
+    let key = test_support::require!("SFTP_KEY");
+    let known_hosts = test_support::require!("SFTP_KNOWN_HOSTS");
+    let t = TempDb::server(&admin).await;
+    t.exec("CREATE TABLE runs (id INTEGER, flowcell TEXT)")
+        .await;
+    t.exec("INSERT INTO runs VALUES (1, 'HX,1'), (2, 'HY'), (3, 'HZ')")
+        .await;
+    let signer = Signer::new();
+    let url = t.cfg.url.expose().to_string();
+    let home = Home::new(&format!(
+        "[databases.lims]\nurl = \"{url}\"\n\
+         [ssh.dbhost]\nhost = \"127.0.0.1\"\nport = {port}\nuser = \"{user}\"\n\
+         key_file = \"{key}\"\nknown_hosts = \"{known_hosts}\"\n\
+         [mail_query.dkim_keys]\n\"s1._domainkey.{LAB}\" = \"{}\"\n\
+         [mail_query.databases.lims]\ndatabase = \"lims\"\nallow = [\"@{LAB}\"]\nmax_rows = 2\n\
+         [mail_query.databases.lims.remote]\nssh = \"dbhost\"\n\
+         command = [\"psql\", \"--csv\", \"-X\", \"-q\", \"-v\", \"ON_ERROR_STOP=1\", \
+         \"-f\", \"{{sql}}\", \"-o\", \"{{output}}\", \"{url}\"]\n",
+        signer.record
+    ));
+    let m = request(
+        &format!("alice@{LAB}"),
+        "sql@labrelay.test",
+        "database: lims\nformat: xlsx",
+        &[(
+            "runs.sql",
+            "SELECT id, flowcell FROM runs ORDER BY id;\nSELECT nosuchcolumn FROM runs",
+        )],
+    );
+    let r = record(&home.eml(&signer.sign(&raw(&m), LAB, false)));
+    assert_eq!(r["verdict"], "failed", "{r}");
+    assert_eq!(r["rows"], 2, "{r}");
+    let reply = parse_file(&home.outbox()[0]);
+    let body = reply.body_text().unwrap();
+    assert!(body.contains("runs.sql #1: 2 rows"), "{body}");
+    assert!(body.contains("(truncated at 2 rows)"), "{body}");
+    assert!(
+        body.contains("runs.sql #2: error: the database reported: the export command on"),
+        "{body}"
+    );
+    assert!(body.contains("nosuchcolumn"), "{body}");
+    let files = unzip(reply.attachments[0].data.clone());
+    // Remote exports are CSV whatever the request asked for.
+    assert_eq!(files[0].0, "runs-1.csv");
+    assert_eq!(
+        String::from_utf8(files[0].1.clone()).unwrap(),
+        "id,flowcell\n1,\"HX,1\"\n2,HY\n"
+    );
+    t.cleanup().await;
+}
