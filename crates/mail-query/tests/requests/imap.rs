@@ -434,3 +434,68 @@ async fn watch_answers_as_mail_arrives_reloads_on_sighup_and_stops_on_sigterm() 
     mail.cleanup(&f);
     t.cleanup().await;
 }
+
+/// A Foxmail-style GBK request (GBK body, RFC 2047 GBK subject and sender name,
+/// RFC 2231 GBK attachment name, GBK SQL) carried by Postfix and Dovecot, answered
+/// with `--once` in Chinese.
+#[tokio::test]
+async fn gbk_request_through_postfix_and_dovecot_is_answered_in_chinese() {
+    use base64::Engine as _;
+    let mail = mail!();
+    let t = TempDb::sqlite().await;
+    t.exec("CREATE TABLE samples (id INTEGER, name TEXT)").await;
+    t.exec("INSERT INTO samples VALUES (1, '样本一'), (2, '样本二')")
+        .await;
+    let signer = Signer::new();
+    let f = mail.folders();
+    let home = Home::new(&mail.config(&f, t.cfg.url.expose().as_str(), &signer));
+    let gbk = |s: &str| encoding_rs::GBK.encode(s).0.into_owned();
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let name_pct = gbk("样本.sql").iter().fold(String::new(), |mut s, b| {
+        let _ = std::fmt::Write::write_fmt(&mut s, format_args!("%{b:02X}"));
+        s
+    });
+    let id = format!("<{}@{}>", test_support::unique("gbk"), mail.domain);
+    let from = format!("alice+{}@{}", f.replies, mail.domain);
+    let to = format!("carol+{}@{}", f.inbox, mail.domain);
+    let raw = format!(
+        "From: =?GBK?B?{name}?= <{from}>\r\nTo: {to}\r\nSubject: =?GBK?B?{subject}?=\r\n\
+         Message-ID: {id}\r\nDate: Mon, 30 Nov 2026 10:00:00 +0800\r\nMIME-Version: 1.0\r\n\
+         X-Mailer: Foxmail 7.2\r\nContent-Type: multipart/mixed; boundary=\"fx\"\r\n\r\n\
+         --fx\r\nContent-Type: text/plain; charset=\"GBK\"\r\nContent-Transfer-Encoding: base64\r\n\r\n\
+         {body}\r\n--fx\r\nContent-Type: application/octet-stream\r\n\
+         Content-Disposition: attachment; filename*=GBK''{name_pct}\r\n\
+         Content-Transfer-Encoding: base64\r\n\r\n{sql}\r\n--fx--\r\n",
+        name = b64(&gbk("张三")),
+        subject = b64(&gbk("样本查询")),
+        body = b64(&gbk("您好：\r\n数据库：lims\r\n")),
+        sql = b64(&gbk("SELECT name FROM samples ORDER BY id")),
+    );
+    let bytes = signer.sign(raw.as_bytes(), &mail.domain, false);
+    mail.mailer()
+        .send_raw(Some(&from), &[to.as_str()], &id, &bytes)
+        .await
+        .unwrap();
+    mail.wait_count("carol", &f.inbox, 1);
+    let out = once(&home, &mail);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let replies = mail.wait_count("alice", &f.replies, 1);
+    let reply = labrelay::mail::parse(&replies[0]).unwrap();
+    assert_eq!(reply.in_reply_to, vec![id]);
+    assert!(reply.subject.contains("样本查询"), "{}", reply.subject);
+    let body = reply.body_text().unwrap();
+    assert!(body.contains("样本.sql 第 1 条：2 行"), "{body}");
+    let zip = reply
+        .attachments
+        .iter()
+        .find(|a| a.name.as_deref() == Some("result.zip"))
+        .unwrap();
+    let files = unzip(zip.data.clone());
+    assert_eq!(files[0].0, "样本-1.csv");
+    assert_eq!(
+        String::from_utf8(files[0].1.clone()).unwrap(),
+        "name\r\n样本一\r\n样本二\r\n"
+    );
+    mail.cleanup(&f);
+    t.cleanup().await;
+}

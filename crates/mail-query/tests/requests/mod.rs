@@ -773,3 +773,29 @@ async fn remote_export_over_ssh_answers_with_the_fetched_csv() {
     );
     t.cleanup().await;
 }
+
+#[tokio::test]
+async fn allowlist_mode_answers_unsigned_mail_and_warns_at_every_start() {
+    let t = samples().await;
+    let signer = Signer::new();
+    let home = Home::new(&sqlite_config(&t, &signer, "trust = \"allowlist\""));
+    let m = request(
+        &format!("alice@{LAB}"),
+        "sql@labrelay.test",
+        "database: lims",
+        &[("q.sql", "SELECT COUNT(*) AS n FROM samples")],
+    );
+    let out = home.eml(&raw(&m));
+    assert_eq!(record(&out)["verdict"], "answered", "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("senders are not authenticated"), "{err}");
+    // The allowlist itself still holds.
+    let bob = request(
+        &format!("bob@{LAB}"),
+        "sql@labrelay.test",
+        "database: lims",
+        &[("q.sql", "SELECT 1")],
+    );
+    assert_eq!(record(&home.eml(&raw(&bob)))["verdict"], "refused");
+    t.cleanup().await;
+}
