@@ -730,7 +730,7 @@ async fn multipart_once(
         ctx.state.clear_multipart(&ctx.run_id, key).await?;
         journal = None;
     }
-    let (upload, done_parts) = if let Some(j) = journal {
+    let (upload, done_parts, prehashed) = if let Some(j) = journal {
         tracing::info!(
             key,
             journaled = j.parts.len(),
@@ -743,9 +743,26 @@ async fn multipart_once(
                 upload_id: j.upload_id,
             },
             j.parts,
+            None,
         )
     } else {
-        let u = s3.create_multipart(key).await?;
+        // rclone checks a multipart object by its X-Amz-Meta-Md5chksum, and metadata is
+        // fixed when the upload starts: read the file once first for its MD5, as rclone
+        // does (a resumed upload keeps the metadata of the run that started it).
+        let path = entry.path.clone();
+        let (hashed_size, md5, _) =
+            tokio::task::spawn_blocking(move || hash_file_blocking(&path, false))
+                .await
+                .map_err(|e| anyhow::anyhow!("hashing task failed: {e}"))??;
+        if hashed_size != size {
+            return Err(StorageError::Changed {
+                path: entry.path.clone(),
+                expected: size,
+                actual: hashed_size,
+            }
+            .into());
+        }
+        let u = s3.create_multipart_with_md5(key, Some(md5)).await?;
         ctx.state
             .start_multipart(
                 &ctx.run_id,
@@ -756,7 +773,7 @@ async fn multipart_once(
                 entry.mtime_ns,
             )
             .await?;
-        (u, HashMap::new())
+        (u, HashMap::new(), Some(md5))
     };
     let mut reader = PartReader {
         file: fs_err::File::open(&entry.path)?,
@@ -906,6 +923,19 @@ async fn multipart_once(
         }
     }
     let md5 = hex::encode(reader.whole.finalize());
+    if let Some(pre) = prehashed
+        && hex::encode(pre) != md5
+    {
+        // The object's metadata names the MD5 read before: the file changed meanwhile.
+        return Err(integrity(
+            &ctx.storage,
+            key,
+            format!(
+                "the file changed while it was sent (MD5 {} before, {md5} while sending)",
+                hex::encode(pre)
+            ),
+        ));
+    }
     let sha256 = reader.sha.map(|s| hex::encode(s.finalize()));
     ctx.state
         .record_files(
@@ -1037,31 +1067,11 @@ pub async fn hash_files(
                 .await
                 .map_err(|_| anyhow::anyhow!("hashing slots closed"))?;
             let path = entry.path.clone();
-            let (size, md5, sha) = tokio::task::spawn_blocking(move || {
-                let mut f = fs_err::File::open(&path)?;
-                let mut md5 = Md5::new();
-                let mut sha = sha256.then(Sha256::new);
-                let mut buf = vec![0u8; 1024 * 1024];
-                let mut size = 0u64;
-                loop {
-                    let n = f.read(&mut buf)?;
-                    if n == 0 {
-                        break;
-                    }
-                    md5.update(&buf[..n]);
-                    if let Some(s) = &mut sha {
-                        s.update(&buf[..n]);
-                    }
-                    size += n as u64;
-                }
-                Ok::<_, std::io::Error>((
-                    size,
-                    hex::encode(md5.finalize()),
-                    sha.map(|s| hex::encode(s.finalize())),
-                ))
-            })
-            .await
-            .map_err(|e| anyhow::anyhow!("hashing task failed: {e}"))??;
+            let (size, md5, sha) =
+                tokio::task::spawn_blocking(move || hash_file_blocking(&path, sha256))
+                    .await
+                    .map_err(|e| anyhow::anyhow!("hashing task failed: {e}"))??;
+            let md5 = hex::encode(md5);
             if size != entry.size {
                 return Err(StorageError::Changed {
                     path: entry.path.clone(),
@@ -1099,4 +1109,32 @@ pub async fn hash_files(
     }
     out.sort_by(|a, b| a.key.cmp(&b.key));
     Ok(out)
+}
+
+/// Read `path` to the end: its size, MD5 (raw) and, with `sha256`, SHA-256 (hex).
+fn hash_file_blocking(
+    path: &std::path::Path,
+    sha256: bool,
+) -> std::io::Result<(u64, [u8; 16], Option<String>)> {
+    let mut f = fs_err::File::open(path)?;
+    let mut md5 = Md5::new();
+    let mut sha = sha256.then(Sha256::new);
+    let mut buf = vec![0u8; 1024 * 1024];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        md5.update(&buf[..n]);
+        if let Some(s) = &mut sha {
+            s.update(&buf[..n]);
+        }
+        size += n as u64;
+    }
+    Ok((
+        size,
+        md5.finalize().into(),
+        sha.map(|s| hex::encode(s.finalize())),
+    ))
 }

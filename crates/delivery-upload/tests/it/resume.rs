@@ -107,6 +107,37 @@ async fn kill_9_during_multipart_then_rerun_sends_only_missing_parts() {
         .unwrap();
     assert_eq!(got.md5_hex, local_md5);
     assert_eq!(got.size, 200 * 1024 * 1024);
+    // rclone's X-Amz-Meta-Md5chksum on the multipart object: set when the first run
+    // started the upload, kept by the resume.
+    let url = target
+        .storage
+        .presign_get(big_key, std::time::Duration::from_mins(5))
+        .await
+        .unwrap()
+        .unwrap();
+    let head = std::process::Command::new("curl")
+        .args([
+            "-sf",
+            "-r",
+            "0-0",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            url.as_str(),
+        ])
+        .output()
+        .unwrap();
+    assert!(head.status.success(), "{head:?}");
+    let headers = String::from_utf8_lossy(&head.stdout).to_lowercase();
+    let want = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(hex::decode(&local_md5).unwrap())
+    };
+    assert!(
+        headers.contains(&format!("x-amz-meta-md5chksum: {}", want.to_lowercase())),
+        "{headers}"
+    );
     let md5sum = target
         .storage
         .get_bytes("online/K1/md5sum.txt")
