@@ -125,81 +125,72 @@ pub struct Summary<'a> {
     pub max_rows: u64,
 }
 
+/// The words of an answer, per language.
+struct Words {
+    head: fn(&str, usize, usize, usize) -> String,
+    error: fn(&str, usize, &str) -> String,
+    result: fn(&str, usize, u64, f64, &str) -> String,
+    truncated: fn(u64) -> String,
+    ignored: &'static str,
+    separator: &'static str,
+    attached: &'static str,
+}
+
+const EN: Words = Words {
+    head: |db, n, ok, failed| {
+        format!("Database: {db}\nStatements: {n} ({ok} answered, {failed} failed)\n")
+    },
+    error: |file, i, e| format!("{file} #{i}: error: {e}"),
+    result: |file, i, rows, secs, r| format!("{file} #{i}: {rows} rows in {secs:.1} s -> {r}"),
+    truncated: |max| format!(" (truncated at {max} rows)"),
+    ignored: "Ignored attachments: ",
+    separator: ", ",
+    attached: "The results are in the attached result.zip.",
+};
+
+const ZH: Words = Words {
+    head: |db, n, ok, failed| {
+        format!("数据库：{db}\n语句：{n} 条（成功 {ok} 条，失败 {failed} 条）\n")
+    },
+    error: |file, i, e| format!("{file} 第 {i} 条：错误：{e}"),
+    result: |file, i, rows, secs, r| {
+        format!("{file} 第 {i} 条：{rows} 行，用时 {secs:.1} 秒 -> {r}")
+    },
+    truncated: |max| format!("（结果已截断，仅前 {max} 行）"),
+    ignored: "未使用的附件：",
+    separator: "，",
+    attached: "结果见附件 result.zip。",
+};
+
 /// The body of an answered request.
 pub fn answer_text(lang: Lang, s: &Summary<'_>) -> String {
-    let mut t = String::new();
+    let w = match lang {
+        Lang::En => &EN,
+        Lang::Zh => &ZH,
+    };
     let ok = s.statements.iter().filter(|l| l.error.is_none()).count();
-    match lang {
-        Lang::En => {
-            let _ = writeln!(
-                t,
-                "Database: {}\nStatements: {} ({} answered, {} failed)\n",
-                s.database,
-                s.statements.len(),
-                ok,
-                s.statements.len() - ok
-            );
-            for l in s.statements {
-                let _ = match (&l.result, &l.error) {
-                    (_, Some(e)) => writeln!(t, "{} #{}: error: {e}", l.file, l.index),
-                    (Some(r), None) => writeln!(
-                        t,
-                        "{} #{}: {} rows in {:.1} s -> {r}{}",
-                        l.file,
-                        l.index,
-                        l.rows,
-                        l.seconds,
-                        if l.truncated {
-                            format!(" (truncated at {} rows)", s.max_rows)
-                        } else {
-                            String::new()
-                        }
-                    ),
-                    (None, None) => Ok(()),
-                };
+    let mut t = (w.head)(s.database, s.statements.len(), ok, s.statements.len() - ok);
+    t.push('\n');
+    for l in s.statements {
+        let line = match (&l.result, &l.error) {
+            (_, Some(e)) => (w.error)(&l.file, l.index, e),
+            (Some(r), None) => {
+                let mut line = (w.result)(&l.file, l.index, l.rows, l.seconds, r);
+                if l.truncated {
+                    line.push_str(&(w.truncated)(s.max_rows));
+                }
+                line
             }
-            if !s.ignored.is_empty() {
-                let _ = writeln!(t, "\nIgnored attachments: {}", s.ignored.join(", "));
-            }
-            if ok > 0 {
-                let _ = writeln!(t, "\nThe results are in the attached {ZIP_NAME}.");
-            }
-        }
-        Lang::Zh => {
-            let _ = writeln!(
-                t,
-                "数据库：{}\n语句：{} 条（成功 {} 条，失败 {} 条）\n",
-                s.database,
-                s.statements.len(),
-                ok,
-                s.statements.len() - ok
-            );
-            for l in s.statements {
-                let _ = match (&l.result, &l.error) {
-                    (_, Some(e)) => writeln!(t, "{} 第 {} 条：错误：{e}", l.file, l.index),
-                    (Some(r), None) => writeln!(
-                        t,
-                        "{} 第 {} 条：{} 行，用时 {:.1} 秒 -> {r}{}",
-                        l.file,
-                        l.index,
-                        l.rows,
-                        l.seconds,
-                        if l.truncated {
-                            format!("（结果已截断，仅前 {} 行）", s.max_rows)
-                        } else {
-                            String::new()
-                        }
-                    ),
-                    (None, None) => Ok(()),
-                };
-            }
-            if !s.ignored.is_empty() {
-                let _ = writeln!(t, "\n未使用的附件：{}", s.ignored.join("，"));
-            }
-            if ok > 0 {
-                let _ = writeln!(t, "\n结果见附件 {ZIP_NAME}。");
-            }
-        }
+            (None, None) => continue,
+        };
+        t.push_str(&line);
+        t.push('\n');
+    }
+    if !s.ignored.is_empty() {
+        let _ = writeln!(t, "\n{}{}", w.ignored, s.ignored.join(w.separator));
+    }
+    if ok > 0 {
+        let _ = writeln!(t, "\n{}", w.attached);
     }
     t
 }

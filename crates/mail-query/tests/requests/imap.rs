@@ -440,7 +440,6 @@ async fn watch_answers_as_mail_arrives_reloads_on_sighup_and_stops_on_sigterm() 
 /// with `--once` in Chinese.
 #[tokio::test]
 async fn gbk_request_through_postfix_and_dovecot_is_answered_in_chinese() {
-    use base64::Engine as _;
     let mail = mail!();
     let t = TempDb::sqlite().await;
     t.exec("CREATE TABLE samples (id INTEGER, name TEXT)").await;
@@ -449,28 +448,18 @@ async fn gbk_request_through_postfix_and_dovecot_is_answered_in_chinese() {
     let signer = Signer::new();
     let f = mail.folders();
     let home = Home::new(&mail.config(&f, t.cfg.url.expose().as_str(), &signer));
-    let gbk = |s: &str| encoding_rs::GBK.encode(s).0.into_owned();
-    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
-    let name_pct = gbk("样本.sql").iter().fold(String::new(), |mut s, b| {
-        let _ = std::fmt::Write::write_fmt(&mut s, format_args!("%{b:02X}"));
-        s
-    });
     let id = format!("<{}@{}>", test_support::unique("gbk"), mail.domain);
     let from = format!("alice+{}@{}", f.replies, mail.domain);
     let to = format!("carol+{}@{}", f.inbox, mail.domain);
-    let raw = format!(
-        "From: =?GBK?B?{name}?= <{from}>\r\nTo: {to}\r\nSubject: =?GBK?B?{subject}?=\r\n\
-         Message-ID: {id}\r\nDate: Mon, 30 Nov 2026 10:00:00 +0800\r\nMIME-Version: 1.0\r\n\
-         X-Mailer: Foxmail 7.2\r\nContent-Type: multipart/mixed; boundary=\"fx\"\r\n\r\n\
-         --fx\r\nContent-Type: text/plain; charset=\"GBK\"\r\nContent-Transfer-Encoding: base64\r\n\r\n\
-         {body}\r\n--fx\r\nContent-Type: application/octet-stream\r\n\
-         Content-Disposition: attachment; filename*=GBK''{name_pct}\r\n\
-         Content-Transfer-Encoding: base64\r\n\r\n{sql}\r\n--fx--\r\n",
-        name = b64(&gbk("张三")),
-        subject = b64(&gbk("样本查询")),
-        body = b64(&gbk("您好：\r\n数据库：lims\r\n")),
-        sql = b64(&gbk("SELECT name FROM samples ORDER BY id")),
-    );
+    let raw = super::foxmail_gbk(&super::Foxmail {
+        from: &from,
+        to: &to,
+        message_id: &id,
+        subject: "样本查询",
+        body: "您好：\r\n数据库：lims\r\n",
+        file: "样本.sql",
+        sql: "SELECT name FROM samples ORDER BY id",
+    });
     let bytes = signer.sign(raw.as_bytes(), &mail.domain, false);
     mail.mailer()
         .send_raw(Some(&from), &[to.as_str()], &id, &bytes)

@@ -82,6 +82,43 @@ pub(crate) fn request(from: &str, to: &str, body: &str, sql: &[(&str, &str)]) ->
     m
 }
 
+/// A Foxmail-style request: GBK text body in base64, RFC 2047 GBK sender name and
+/// subject, an RFC 2231 GBK attachment name and GBK SQL.
+pub(crate) struct Foxmail<'a> {
+    pub(crate) from: &'a str,
+    pub(crate) to: &'a str,
+    pub(crate) message_id: &'a str,
+    pub(crate) subject: &'a str,
+    pub(crate) body: &'a str,
+    pub(crate) file: &'a str,
+    pub(crate) sql: &'a str,
+}
+
+pub(crate) fn foxmail_gbk(m: &Foxmail<'_>) -> String {
+    let gbk = |s: &str| encoding_rs::GBK.encode(s).0.into_owned();
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let name_pct = gbk(m.file).iter().fold(String::new(), |mut s, b| {
+        let _ = std::fmt::Write::write_fmt(&mut s, format_args!("%{b:02X}"));
+        s
+    });
+    format!(
+        "From: =?GBK?B?{name}?= <{from}>\r\nTo: {to}\r\nSubject: =?GBK?B?{subject}?=\r\n\
+         Message-ID: {id}\r\nDate: Mon, 30 Nov 2026 10:00:00 +0800\r\nMIME-Version: 1.0\r\n\
+         X-Mailer: Foxmail 7.2\r\nContent-Type: multipart/mixed; boundary=\"fx\"\r\n\r\n\
+         --fx\r\nContent-Type: text/plain; charset=\"GBK\"\r\nContent-Transfer-Encoding: base64\r\n\r\n\
+         {body}\r\n--fx\r\nContent-Type: application/octet-stream\r\n\
+         Content-Disposition: attachment; filename*=GBK''{name_pct}\r\n\
+         Content-Transfer-Encoding: base64\r\n\r\n{sql}\r\n--fx--\r\n",
+        name = b64(&gbk("张三")),
+        from = m.from,
+        to = m.to,
+        id = m.message_id,
+        subject = b64(&gbk(m.subject)),
+        body = b64(&gbk(m.body)),
+        sql = b64(&gbk(m.sql)),
+    )
+}
+
 pub(crate) fn raw(m: &OutgoingMail) -> Vec<u8> {
     m.build().unwrap().formatted()
 }
@@ -431,28 +468,15 @@ async fn gbk_request_with_an_alias_gets_a_chinese_answer() {
     let t = samples().await;
     let signer = Signer::new();
     let home = Home::new(&sqlite_config(&t, &signer, ""));
-    let gbk = |s: &str| encoding_rs::GBK.encode(s).0.into_owned();
-    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
-    let name_pct = gbk("查询.sql").iter().fold(String::new(), |mut s, b| {
-        let _ = std::fmt::Write::write_fmt(&mut s, format_args!("%{b:02X}"));
-        s
+    let raw = foxmail_gbk(&Foxmail {
+        from: &format!("alice@{LAB}"),
+        to: "sql@labrelay.test",
+        message_id: &format!("<{}@{LAB}>", test_support::unique("gbk")),
+        subject: "查询样本",
+        body: "您好：\r\n数据库：样本库\r\n谢谢",
+        file: "查询.sql",
+        sql: "SELECT name FROM samples WHERE name = '样本二'",
     });
-    // Foxmail style: GBK text body in base64, RFC 2231 GBK attachment name, GBK SQL.
-    let raw = format!(
-        "From: =?GBK?B?{from_name}?= <alice@{LAB}>\r\nTo: sql@labrelay.test\r\n\
-         Subject: =?GBK?B?{subject}?=\r\nMessage-ID: <{id}@{LAB}>\r\n\
-         Date: Mon, 30 Nov 2026 10:00:00 +0800\r\nMIME-Version: 1.0\r\n\
-         Content-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n\
-         --b1\r\nContent-Type: text/plain; charset=\"GBK\"\r\nContent-Transfer-Encoding: base64\r\n\r\n\
-         {body}\r\n--b1\r\nContent-Type: application/octet-stream\r\n\
-         Content-Disposition: attachment; filename*=GBK''{name_pct}\r\n\
-         Content-Transfer-Encoding: base64\r\n\r\n{sql}\r\n--b1--\r\n",
-        from_name = b64(&gbk("张三")),
-        subject = b64(&gbk("查询样本")),
-        id = test_support::unique("gbk"),
-        body = b64(&gbk("您好：\r\n数据库：样本库\r\n谢谢")),
-        sql = b64(&gbk("SELECT name FROM samples WHERE name = '样本二'")),
-    );
     let r = record(&home.eml(&signer.sign(raw.as_bytes(), LAB, false)));
     assert_eq!(r["verdict"], "answered", "{r}");
     assert_eq!(r["rows"], 1);
