@@ -156,7 +156,7 @@ pub async fn once(
         return Ok(Tally::default());
     }
     let mut conn = Imap::connect(imap).await?;
-    let tally = pass(service, &mut conn, folders, out).await;
+    let tally = pass(service, &mut conn, folders, out, true).await;
     conn.logout().await;
     tally
 }
@@ -178,6 +178,7 @@ async fn pass(
     conn: &mut Imap,
     folders: &Folders,
     out: &Printer,
+    stop_on_config: bool,
 ) -> anyhow::Result<Tally> {
     prepare(conn, folders, service.dry_run()).await?;
     let uids = conn.call(|c| c.uid_search("ALL")).await?;
@@ -218,16 +219,21 @@ async fn pass(
                     tracing::warn!(uid, "request left for a later pass: {e:#}");
                     tally.later += 1;
                 }
-                Exit::Config => stop = Some(e),
+                Exit::Config => {
+                    // A database or host this request needs refuses our configuration:
+                    // the request waits, the others go on; `--once` exits 78 at the end.
+                    tracing::error!(uid, "request left for a later pass: {e:#}");
+                    tally.later += 1;
+                    if stop_on_config {
+                        stop.get_or_insert(e);
+                    }
+                }
                 _ => {
                     tracing::error!(uid, "request not answered: {e:#}");
                     tally.later += 1;
                 }
             },
         }
-    }
-    if let Some(e) = stop {
-        return Err(e);
     }
     if !service.dry_run() {
         // Requests replied to whose mail was moved before a crash let us record it.
@@ -237,16 +243,23 @@ async fn pass(
                 let still_here = if id.is_empty() {
                     false
                 } else {
-                    !conn
-                        .call(move |c| c.search_message_id(&id))
-                        .await?
-                        .is_empty()
+                    match conn.call(move |c| c.search_message_id(&id)).await {
+                        Ok(uids) => !uids.is_empty(),
+                        Err(e) => {
+                            // Left as it is; the next pass asks again.
+                            tracing::warn!(request = %row.id, "cannot look for a filed request: {e:#}");
+                            true
+                        }
+                    }
                 };
                 if !still_here {
                     service.filed(&row.id).await?;
                 }
             }
         }
+    }
+    if let Some(e) = stop {
+        return Err(e);
     }
     Ok(tally)
 }
@@ -345,7 +358,7 @@ async fn session(
             conn.logout().await;
             return Ok(());
         }
-        pass(service, &mut conn, folders, out).await?;
+        pass(service, &mut conn, folders, out, false).await?;
         *worked = true;
         // New mail or not, another pass after the wait is cheap.
         conn.call(|c| c.idle(IDLE_WAIT)).await?;

@@ -140,6 +140,10 @@ fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
         f.sync_all()?;
     }
     fs_err::rename(&tmp, path)?;
+    // The rename itself must survive a power cut before the stage says the file is there.
+    if let Some(dir) = path.parent() {
+        fs_err::File::open(dir)?.sync_all()?;
+    }
     Ok(())
 }
 
@@ -204,7 +208,9 @@ impl Service {
         imap_uid: Option<u32>,
     ) -> anyhow::Result<Record> {
         let mail = labrelay::mail::parse(raw)?;
-        let id = crate::state::request_id(mail.message_id.as_deref(), raw);
+        let sender_address = mail.from.as_ref().map(|a| a.address.to_lowercase());
+        let id =
+            crate::state::request_id(mail.message_id.as_deref(), sender_address.as_deref(), raw);
         let sender = mail.from.as_ref().map(|a| a.address.clone());
         if self.dry_run {
             return self.check_only(&id, &mail).await;
@@ -334,6 +340,18 @@ impl Service {
                 None,
             ));
         };
+        // An address no reply can go to is refused now, not after the queries ran (a
+        // reply that cannot be built would leave the request to be run again forever).
+        if let Err(e) = OutgoingMail::new(self.from.clone())
+            .to(from.clone())
+            .build()
+        {
+            return Ok(refuse(
+                format!("the From address cannot be answered: {e}"),
+                false,
+                None,
+            ));
+        }
         match self.checker.check(mail).await {
             trust::Verdict::Trusted(how) => tracing::debug!(how, "sender trusted"),
             trust::Verdict::Untrusted(why) => {
@@ -500,6 +518,7 @@ impl Service {
                 truncated: false,
                 seconds,
                 error: None,
+                kind: None,
             };
             match done {
                 Ok(outcome) => {
@@ -530,6 +549,7 @@ impl Service {
                         "statement failed"
                     );
                     tracing::debug!(error = %e, "statement error");
+                    line.kind = Some(what);
                     line.error = Some(e.to_string());
                     let _ = fs_err::remove_file(&path);
                 }
@@ -548,12 +568,16 @@ impl Service {
         );
         Ok(Decision {
             verdict: if failed == 0 { "answered" } else { "failed" },
+            // Categories only: the database's own messages may quote the SQL, and the
+            // reason is logged and printed; the reply has them in full.
             reason: (failed > 0).then(|| {
-                let first = lines
-                    .iter()
-                    .find_map(|l| l.error.clone())
-                    .unwrap_or_default();
-                format!("{failed} of {statements} statements failed: {first}")
+                let kinds: Vec<&str> = lines.iter().filter_map(|l| l.kind).collect();
+                let mut kinds_unique = kinds.clone();
+                kinds_unique.dedup();
+                format!(
+                    "{failed} of {statements} statements failed ({})",
+                    kinds_unique.join(", ")
+                )
             }),
             database,
             reply: true,
@@ -575,7 +599,8 @@ impl Service {
         if results.exists() {
             fs_err::remove_dir_all(&results)?;
         }
-        let d = self.decide(mail, &req, Some(&results)).await?;
+        let mut d = self.decide(mail, &req, Some(&results)).await?;
+        d.body = reply::cap_body(std::mem::take(&mut d.body));
         let lang = self.lang(&req);
         let mut mails = Vec::new();
         if d.reply {
@@ -665,10 +690,26 @@ impl Service {
         let start = usize::try_from(sent).unwrap_or(0);
         for (i, message_id) in envelope.message_ids.iter().enumerate().skip(start) {
             let bytes = fs_err::read(dir.join(format!("reply-{}.eml", i + 1)))?;
-            self.mailer
+            match self
+                .mailer
                 .send_raw(Some(&envelope.from), &recipients, message_id, &bytes)
-                .await?;
-            self.requests.set_sent(id, i as u64 + 1, n).await?;
+                .await
+            {
+                Ok(_) => self.requests.set_sent(id, i as u64 + 1, n).await?,
+                Err(e) if labrelay::exit::ExitClass::is_transient(&e) => return Err(e.into()),
+                Err(e) => {
+                    // The server refuses this mail for good (an address it rejects, a
+                    // size it will not take): trying again would loop forever.
+                    tracing::error!(request = id, "reply {} of {n} refused: {e}", i + 1);
+                    self.requests
+                        .give_up(
+                            id,
+                            &format!("the reply was refused by the mail server: {e}"),
+                        )
+                        .await?;
+                    return Ok(());
+                }
+            }
         }
         if n == 0 {
             self.requests.set_sent(id, 0, 0).await?;

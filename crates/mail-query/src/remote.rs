@@ -237,7 +237,7 @@ fn copy_records(
         }
         let mut cut = None;
         for (i, b) in buf.iter().enumerate() {
-            if records == 0 {
+            if records == 0 && header.len() < 64 * 1024 {
                 header.push(*b);
             }
             match b {

@@ -110,6 +110,26 @@ pub struct StatementLine {
     pub seconds: f64,
     /// Why it produced no result, in plain words.
     pub error: Option<String>,
+    /// The error's category ("syntax error", "query too long", …), for logs.
+    pub kind: Option<&'static str>,
+}
+
+/// The longest body text (bytes): each mail of a reply repeats it, and its encoded
+/// size must stay inside the room kept for headers and text.
+pub const MAX_BODY: usize = 12 * 1024;
+
+/// `text` cut to [`MAX_BODY`] at a line end, saying how much was left out.
+pub fn cap_body(text: String) -> String {
+    if text.len() <= MAX_BODY {
+        return text;
+    }
+    let mut end = MAX_BODY - 200;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let end = text[..end].rfind('\n').unwrap_or(end);
+    let left = text[end..].lines().filter(|l| !l.trim().is_empty()).count();
+    format!("{}\n… ({left} more lines not shown)\n", &text[..end])
 }
 
 /// The summary of an answered request.

@@ -120,15 +120,17 @@ pub struct Built<'a> {
     pub reply_message_id: Option<&'a str>,
 }
 
-/// The id of a request: SHA-256 of its Message-ID and its body (line ends ignored), so
+/// The id of a request: SHA-256 of its Message-ID, sender and body (line ends ignored), so
 /// the same message delivered again (more Received headers) is one request, while a
 /// different message that reuses a Message-ID (a forgery sent first) is not taken for
 /// it; without a Message-ID, of the whole message.
-pub fn request_id(message_id: Option<&str>, raw: &[u8]) -> String {
+pub fn request_id(message_id: Option<&str>, sender: Option<&str>, raw: &[u8]) -> String {
     let mut h = Sha256::new();
     if let Some(id) = message_id {
         h.update(b"message-id:");
         h.update(id.trim().as_bytes());
+        h.update(b"\nfrom:");
+        h.update(sender.unwrap_or_default().as_bytes());
         h.update(b"\nbody:");
         let body = raw
             .windows(4)
@@ -338,6 +340,30 @@ impl Requests {
             .bind(Stage::Filed.as_str())
             .bind(&t)
             .bind(&t)
+            .bind(id)
+            .execute(self.db.pool())
+            .await
+            .map_err(|e| self.db.err(e))?;
+        Ok(())
+    }
+
+    /// Give up on sending the reply of `id` (the server refused it for good): the
+    /// request counts as replied (so its mail is filed), verdict `failed`.
+    pub async fn give_up(&self, id: &str, reason: &str) -> anyhow::Result<()> {
+        let sql = format!(
+            "UPDATE mail_query_requests SET stage = {}, verdict = {}, reason = {}, \
+             updated_at = {} WHERE id = {}",
+            self.p(1),
+            self.p(2),
+            self.p(3),
+            self.p(4),
+            self.p(5)
+        );
+        sqlx::query(&sql)
+            .bind(Stage::Replied.as_str())
+            .bind("failed")
+            .bind(reason)
+            .bind(now())
             .bind(id)
             .execute(self.db.pool())
             .await

@@ -138,6 +138,10 @@ impl Checker {
         let Some(from) = &mail.from else {
             return Verdict::Untrusted("the message has no From address".into());
         };
+        // Which From a signature or our MTA vouched for must not be a question.
+        if let Some(why) = several_senders(mail.headers()) {
+            return Verdict::Untrusted(why);
+        }
         let Some((_, from_domain)) = from.address.rsplit_once('@') else {
             return Verdict::Untrusted(format!("From {:?} has no domain", from.address));
         };
@@ -209,6 +213,34 @@ fn describe(r: &DkimResult) -> String {
     }
 }
 
+/// Why a message names more than one sender: several From headers, or several
+/// addresses in one (`@` outside quoted strings).
+fn several_senders(headers: &[(String, String)]) -> Option<String> {
+    let froms: Vec<&str> = headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("From"))
+        .map(|(_, v)| v.as_str())
+        .collect();
+    if froms.len() > 1 {
+        return Some(format!("the message has {} From headers", froms.len()));
+    }
+    let value = froms.first()?;
+    let mut quoted = false;
+    let mut ats = 0;
+    let mut chars = value.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if quoted => {
+                chars.next();
+            }
+            '"' => quoted = !quoted,
+            '@' if !quoted => ats += 1,
+            _ => {}
+        }
+    }
+    (ats > 1).then(|| "the From header names more than one address".to_owned())
+}
+
 /// The `authentication-results` verdict from `headers` (top first).
 pub fn authentication_results(
     headers: &[(String, String)],
@@ -226,8 +258,15 @@ pub fn authentication_results(
     };
     let (_, methods) = parse_results(value);
     for m in &methods {
-        if m.method == "dmarc" && m.result == "pass" {
-            return Verdict::Trusted(format!("{authserv_id}: dmarc=pass"));
+        // DMARC's verdict is about the From domain it names: it must be ours.
+        if m.method == "dmarc"
+            && m.result == "pass"
+            && m.prop("header.from")
+                .is_some_and(|d| d.trim_end_matches('.').eq_ignore_ascii_case(from_domain))
+        {
+            return Verdict::Trusted(format!(
+                "{authserv_id}: dmarc=pass header.from={from_domain}"
+            ));
         }
     }
     for m in &methods {
@@ -274,40 +313,73 @@ impl Finding {
     }
 }
 
-/// The authserv-id and the methods of an Authentication-Results value (RFC 8601),
-/// comments removed.
+/// The authserv-id and the methods of an Authentication-Results value (RFC 8601):
+/// comments (nested, with `\` escapes) removed; a quoted string (with `\` escapes) is
+/// one piece of its token, so a `;` or `=` inside it (a quoted `smtp.mailfrom` the
+/// sender chose) never starts another result.
 fn parse_results(value: &str) -> (String, Vec<Finding>) {
-    let mut clean = String::with_capacity(value.len());
+    let mut segments: Vec<Vec<String>> = vec![Vec::new()];
+    let mut token = String::new();
     let mut depth = 0u32;
     let mut quoted = false;
-    for c in value.chars() {
-        match c {
-            '"' if depth == 0 => {
-                quoted = !quoted;
-                clean.push(c);
+    let mut chars = value.chars();
+    let flush = |token: &mut String, segments: &mut Vec<Vec<String>>| {
+        if !token.is_empty()
+            && let Some(seg) = segments.last_mut()
+        {
+            seg.push(std::mem::take(token));
+        }
+    };
+    while let Some(c) = chars.next() {
+        if quoted {
+            match c {
+                '\\' => {
+                    if let Some(n) = chars.next() {
+                        token.push(n);
+                    }
+                }
+                '"' => quoted = false,
+                _ => token.push(c),
             }
-            '(' if !quoted => depth += 1,
-            ')' if !quoted && depth > 0 => depth -= 1,
-            _ if depth == 0 => clean.push(c),
-            _ => {}
+            continue;
+        }
+        if depth > 0 {
+            match c {
+                '\\' => {
+                    chars.next();
+                }
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '"' => quoted = true,
+            '(' => depth = 1,
+            ';' => {
+                flush(&mut token, &mut segments);
+                segments.push(Vec::new());
+            }
+            c if c.is_whitespace() => flush(&mut token, &mut segments),
+            _ => token.push(c),
         }
     }
-    let mut parts = clean.split(';');
-    let id = parts
+    flush(&mut token, &mut segments);
+    let mut segments = segments.into_iter();
+    let id = segments
         .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_owned();
-    let methods = parts
-        .filter_map(|p| {
-            let mut words = p.split_whitespace();
-            let (method, result) = words.next()?.split_once('=')?;
+        .and_then(|s| s.into_iter().next())
+        .unwrap_or_default();
+    let methods = segments
+        .filter_map(|seg| {
+            let mut words = seg.into_iter();
+            let first = words.next()?;
+            let (method, result) = first.split_once('=')?;
             let props = words
                 .filter_map(|w| {
                     let (k, v) = w.split_once('=')?;
-                    Some((k.to_owned(), v.trim_matches('"').to_owned()))
+                    Some((k.to_owned(), v.to_owned()))
                 })
                 .collect();
             Some(Finding {
@@ -340,6 +412,17 @@ mod tests {
         assert!(!allowed(&allow, "xalice@lab.org"));
         assert!(!allowed(&allow, "bob@evilcore.lab.org"));
         assert!(!allowed(&allow, "bob@x.core.lab.org"));
+    }
+
+    #[test]
+    fn one_sender_only() {
+        let from = |v: &str| vec![("From".to_owned(), v.to_owned())];
+        assert_eq!(several_senders(&from("Alice <a@lab.org>")), None);
+        assert_eq!(several_senders(&from("\"a@b\" <a@lab.org>")), None);
+        assert!(several_senders(&from("a@lab.org, b@evil.com")).is_some());
+        let mut two = from("a@lab.org");
+        two.push(("from".to_owned(), "b@evil.com".to_owned()));
+        assert!(several_senders(&two).is_some());
     }
 
     #[test]
@@ -382,6 +465,30 @@ mod tests {
             "mail.lab.org",
         );
         assert!(matches!(v, Verdict::Trusted(_)), "{v:?}");
+        // A quoted value the sender chose cannot add a result of its own.
+        let v = authentication_results(
+            &h(&[
+                "mx.lab.org; spf=pass smtp.mailfrom=\"x; dmarc=pass header.from=lab.org \"@evil.com",
+            ]),
+            ours,
+            "lab.org",
+        );
+        assert!(matches!(v, Verdict::Untrusted(_)), "{v:?}");
+        let v = authentication_results(
+            &h(&[
+                "mx.lab.org; spf=pass (a \\) comment; dmarc=pass header.from=lab.org) smtp.mailfrom=x",
+            ]),
+            ours,
+            "lab.org",
+        );
+        assert!(matches!(v, Verdict::Untrusted(_)), "{v:?}");
+        // DMARC passed for another From domain.
+        let v = authentication_results(
+            &h(&["mx.lab.org; dmarc=pass header.from=evil.com"]),
+            ours,
+            "lab.org",
+        );
+        assert!(matches!(v, Verdict::Untrusted(_)), "{v:?}");
         let v = authentication_results(
             &h(&["mx.lab.org; dkim=pass header.d=other.org; spf=pass"]),
             ours,

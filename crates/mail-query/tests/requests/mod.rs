@@ -779,6 +779,9 @@ async fn remote_export_over_ssh_answers_with_the_fetched_csv() {
     let r = record(&home.eml(&signer.sign(&raw(&m), LAB, false)));
     assert_eq!(r["verdict"], "failed", "{r}");
     assert_eq!(r["rows"], 2, "{r}");
+    // The reason (logged, printed) names the kind of error, never the SQL it quotes.
+    let reason = r["reason"].as_str().unwrap();
+    assert_eq!(reason, "1 of 2 statements failed (database error)", "{r}");
     let reply = parse_file(&home.outbox()[0]);
     let body = reply.body_text().unwrap();
     assert!(body.contains("runs.sql #1: 2 rows"), "{body}");
