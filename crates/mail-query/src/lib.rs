@@ -181,28 +181,8 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
         Some(Command::Export(export)) => return run_export(&export, &config, &ctx).await,
         None => {}
     }
-    if config.trust == config::Trust::Allowlist {
-        tracing::warn!(
-            "trust = \"allowlist\": senders are not authenticated; a forged From address \
-             on the allowlist gets data"
-        );
-    }
     let shared = std::sync::Arc::new(ctx.config);
     let ctx_config = &*shared;
-    let imap = || {
-        ctx_config.imap.clone().ok_or_else(|| {
-            ConfigError::Missing("[imap] section (the mailbox requests arrive in)".into())
-        })
-    };
-    let folders = |imap: &labrelay::config::ImapConfig| intake::Folders {
-        inbox: args
-            .folder
-            .clone()
-            .or_else(|| config.folder.clone())
-            .unwrap_or_else(|| imap.folder.clone()),
-        processed: config.processed_folder.clone(),
-        rejected: config.rejected_folder.clone(),
-    };
     if let Some(file) = &args.eml {
         let raw = read_bytes(file)?;
         let service = process::Service::open(shared.clone(), config, args.dry_run).await?;
@@ -213,8 +193,7 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
             "give --once, --watch, --eml FILE or a command (see --help)",
         ));
     }
-    let imap = imap()?;
-    let folders = folders(&imap);
+    let (imap, folders) = mailbox(&args, ctx_config, &config)?;
     let _lock = if args.dry_run {
         None
     } else {
@@ -240,18 +219,7 @@ async fn watch(
     out: &Printer,
 ) -> anyhow::Result<Exit> {
     loop {
-        let imap = config.imap.clone().ok_or_else(|| {
-            ConfigError::Missing("[imap] section (the mailbox requests arrive in)".into())
-        })?;
-        let folders = intake::Folders {
-            inbox: args
-                .folder
-                .clone()
-                .or_else(|| mq.folder.clone())
-                .unwrap_or_else(|| imap.folder.clone()),
-            processed: mq.processed_folder.clone(),
-            rejected: mq.rejected_folder.clone(),
-        };
+        let (imap, folders) = mailbox(args, &config, &mq)?;
         let service = process::Service::open(config.clone(), mq.clone(), args.dry_run).await?;
         match intake::watch(&service, &config, &imap, &folders, out).await? {
             intake::WatchEnd::Stop => return Ok(Exit::Ok),
@@ -264,9 +232,7 @@ async fn watch(
         .map_err(anyhow::Error::new)
         .and_then(|l| {
             let m = MailQueryConfig::from_config(&l.config)?;
-            if l.config.imap.is_none() {
-                return Err(ConfigError::Missing("[imap] section".into()).into());
-            }
+            mailbox(args, &l.config, &m)?;
             Ok((l.config, m))
         });
         match loaded {
@@ -279,6 +245,27 @@ async fn watch(
             Err(e) => tracing::error!("configuration not reloaded, keeping the running one: {e:#}"),
         }
     }
+}
+
+/// The `[imap]` section and the folders of `--once`/`--watch`.
+fn mailbox(
+    args: &Args,
+    config: &labrelay::config::Config,
+    mq: &MailQueryConfig,
+) -> Result<(labrelay::config::ImapConfig, intake::Folders), ConfigError> {
+    let imap = config.imap.clone().ok_or_else(|| {
+        ConfigError::Missing("[imap] section (the mailbox requests arrive in)".into())
+    })?;
+    let folders = intake::Folders {
+        inbox: args
+            .folder
+            .clone()
+            .or_else(|| mq.folder.clone())
+            .unwrap_or_else(|| imap.folder.clone()),
+        processed: mq.processed_folder.clone(),
+        rejected: mq.rejected_folder.clone(),
+    };
+    Ok((imap, folders))
 }
 
 fn read_bytes(file: &std::path::Path) -> anyhow::Result<Vec<u8>> {

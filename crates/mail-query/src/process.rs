@@ -163,6 +163,12 @@ impl Service {
                 "[mail] from (the address replies are sent from)".into(),
             )
         })?;
+        if mq.trust == crate::config::Trust::Allowlist {
+            tracing::warn!(
+                "trust = \"allowlist\": senders are not authenticated; a forged From address \
+                 on the allowlist gets data"
+            );
+        }
         let checker = Checker::new(&mq)?;
         let mailer = Mailer::from_config(config.smtp.as_ref(), &config.outbox_dir())?;
         let db = labrelay::db::Db::open_state(&config).await?;
@@ -571,12 +577,12 @@ impl Service {
             // Categories only: the database's own messages may quote the SQL, and the
             // reason is logged and printed; the reply has them in full.
             reason: (failed > 0).then(|| {
-                let kinds: Vec<&str> = lines.iter().filter_map(|l| l.kind).collect();
-                let mut kinds_unique = kinds.clone();
-                kinds_unique.dedup();
+                let mut kinds: Vec<&str> = lines.iter().filter_map(|l| l.kind).collect();
+                kinds.sort_unstable();
+                kinds.dedup();
                 format!(
                     "{failed} of {statements} statements failed ({})",
-                    kinds_unique.join(", ")
+                    kinds.join(", ")
                 )
             }),
             database,

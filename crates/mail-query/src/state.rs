@@ -172,6 +172,31 @@ impl Requests {
         self.db.engine().placeholder(n)
     }
 
+    /// `UPDATE … SET c1 = ?, c2 = ?, … WHERE id = ?` with this engine's placeholders:
+    /// bind the columns' values in order, then the id.
+    fn update_sql(&self, columns: &[&str]) -> String {
+        let sets: Vec<String> = columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c} = {}", self.p(i + 1)))
+            .collect();
+        format!(
+            "UPDATE mail_query_requests SET {} WHERE id = {}",
+            sets.join(", "),
+            self.p(columns.len() + 1)
+        )
+    }
+
+    /// The rows `sql` selects with `arg` bound.
+    async fn rows(&self, sql: &str, arg: String) -> anyhow::Result<Vec<RequestRow>> {
+        let rows = sqlx::query(sql)
+            .bind(arg)
+            .fetch_all(self.db.pool())
+            .await
+            .map_err(|e| self.db.err(e))?;
+        Ok(rows.iter().map(Self::row).collect::<Result<Vec<_>, _>>()?)
+    }
+
     fn row(row: &AnyRow) -> Result<RequestRow, sqlx::Error> {
         Ok(RequestRow {
             id: text(row, "id")?,
@@ -259,22 +284,19 @@ impl Requests {
 
     /// The verdict is known and the reply mails are on disk.
     pub async fn set_built(&self, id: &str, b: &Built<'_>) -> anyhow::Result<()> {
-        let sql = format!(
-            "UPDATE mail_query_requests SET stage = {}, database_name = {}, verdict = {}, \
-             reason = {}, statements = {}, rows_total = {}, files = {}, mails = {}, \
-             mails_sent = 0, reply_message_id = {}, updated_at = {} WHERE id = {}",
-            self.p(1),
-            self.p(2),
-            self.p(3),
-            self.p(4),
-            self.p(5),
-            self.p(6),
-            self.p(7),
-            self.p(8),
-            self.p(9),
-            self.p(10),
-            self.p(11)
-        );
+        let sql = self.update_sql(&[
+            "stage",
+            "database_name",
+            "verdict",
+            "reason",
+            "statements",
+            "rows_total",
+            "files",
+            "mails",
+            "mails_sent",
+            "reply_message_id",
+            "updated_at",
+        ]);
         #[allow(clippy::cast_possible_wrap)] // counts are far below i64::MAX
         sqlx::query(&sql)
             .bind(Stage::Built.as_str())
@@ -285,6 +307,7 @@ impl Requests {
             .bind(b.rows as i64)
             .bind(b.files as i64)
             .bind(b.mails as i64)
+            .bind(0_i64)
             .bind(b.reply_message_id.map(str::to_owned))
             .bind(now())
             .bind(id)
@@ -303,15 +326,7 @@ impl Requests {
         } else {
             Stage::Built
         };
-        let sql = format!(
-            "UPDATE mail_query_requests SET mails_sent = {}, stage = {}, replied_at = {}, \
-             updated_at = {} WHERE id = {}",
-            self.p(1),
-            self.p(2),
-            self.p(3),
-            self.p(4),
-            self.p(5)
-        );
+        let sql = self.update_sql(&["mails_sent", "stage", "replied_at", "updated_at"]);
         #[allow(clippy::cast_possible_wrap)]
         sqlx::query(&sql)
             .bind(sent as i64)
@@ -328,14 +343,7 @@ impl Requests {
     /// The request mail is filed (or has nothing to file).
     pub async fn set_filed(&self, id: &str) -> anyhow::Result<()> {
         let t = now();
-        let sql = format!(
-            "UPDATE mail_query_requests SET stage = {}, filed_at = {}, updated_at = {} \
-             WHERE id = {}",
-            self.p(1),
-            self.p(2),
-            self.p(3),
-            self.p(4)
-        );
+        let sql = self.update_sql(&["stage", "filed_at", "updated_at"]);
         sqlx::query(&sql)
             .bind(Stage::Filed.as_str())
             .bind(&t)
@@ -350,15 +358,7 @@ impl Requests {
     /// Give up on sending the reply of `id` (the server refused it for good): the
     /// request counts as replied (so its mail is filed), verdict `failed`.
     pub async fn give_up(&self, id: &str, reason: &str) -> anyhow::Result<()> {
-        let sql = format!(
-            "UPDATE mail_query_requests SET stage = {}, verdict = {}, reason = {}, \
-             updated_at = {} WHERE id = {}",
-            self.p(1),
-            self.p(2),
-            self.p(3),
-            self.p(4),
-            self.p(5)
-        );
+        let sql = self.update_sql(&["stage", "verdict", "reason", "updated_at"]);
         sqlx::query(&sql)
             .bind(Stage::Replied.as_str())
             .bind("failed")
@@ -381,12 +381,7 @@ impl Requests {
              ORDER BY received_at, id",
             self.p(1)
         );
-        let rows = sqlx::query(&sql)
-            .bind(since)
-            .fetch_all(self.db.pool())
-            .await
-            .map_err(|e| self.db.err(e))?;
-        Ok(rows.iter().map(Self::row).collect::<Result<Vec<_>, _>>()?)
+        self.rows(&sql, since).await
     }
 
     /// Requests not yet filed, oldest first (a run finishes these first).
@@ -396,11 +391,6 @@ impl Requests {
              ORDER BY received_at, id",
             self.p(1)
         );
-        let rows = sqlx::query(&sql)
-            .bind(Stage::Filed.as_str())
-            .fetch_all(self.db.pool())
-            .await
-            .map_err(|e| self.db.err(e))?;
-        Ok(rows.iter().map(Self::row).collect::<Result<Vec<_>, _>>()?)
+        self.rows(&sql, Stage::Filed.as_str().to_owned()).await
     }
 }
