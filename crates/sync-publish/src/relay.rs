@@ -1,0 +1,473 @@
+//! Outbox to broker. A captured row is first *prepared* (its changed fields found, a
+//! version stamped, the message stored in the row: state `ready`), in one transaction
+//! with the field versions it sets; then published with a publisher confirm and marked
+//! `sent`. A crash between the two publishes the same message (same event id) again,
+//! which the receiving inbox drops.
+
+use std::collections::BTreeMap;
+
+use labrelay::queue::{AnyBroker, Broker, PublishOptions, QueueError};
+use labrelay::secret::Secret;
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::{AnyConnection, Row};
+
+use crate::event::{self, Event, FORMAT, Op, Ref, Version};
+use crate::site::{Site, canonical};
+
+/// Counts of one relay pass.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct RelayStats {
+    /// Messages published and confirmed.
+    pub sent: u64,
+    /// Captured rows with nothing to send (temporary, unchanged, not published here).
+    pub skipped: u64,
+    /// Messages no site's queue accepts.
+    pub unrouted: u64,
+}
+
+/// What preparing one outbox row gave.
+enum Prepared {
+    Ready(Box<Event>),
+    Skipped(&'static str),
+}
+
+/// The publishing half shared by relay, bootstrap and repair.
+pub struct Publisher<'a> {
+    /// The broker.
+    pub broker: &'a AnyBroker,
+    /// The exchange.
+    pub exchange: String,
+    /// This site's name.
+    pub site: String,
+    /// This site's key.
+    pub key: Secret,
+}
+
+impl Publisher<'_> {
+    /// Sign and publish a serialized event; `Ok(false)` when no queue takes it.
+    pub async fn publish(
+        &self,
+        event_id: &str,
+        routing_key: &str,
+        body: &[u8],
+    ) -> Result<bool, QueueError> {
+        let opts = PublishOptions::new()
+            .message_id(event_id)
+            .header(event::SITE_HEADER, self.site.clone())
+            .header(
+                event::SIGNATURE_HEADER,
+                event::sign(self.key.expose().as_bytes(), body),
+            );
+        match self
+            .broker
+            .publish(&self.exchange, routing_key, body, &opts)
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(QueueError::Unroutable { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Serialize and publish an event.
+    pub async fn publish_event(&self, ev: &Event) -> anyhow::Result<bool> {
+        let body = serde_json::to_vec(ev)?;
+        Ok(self.publish(&ev.id, &ev.routing_key(), &body).await?)
+    }
+}
+
+/// Declare the exchange and every consuming site's queue and bindings, so a message
+/// published before a consumer first starts waits for it.
+pub async fn declare_topology(site: &Site, broker: &AnyBroker) -> Result<(), QueueError> {
+    let plan = &site.plan;
+    broker
+        .declare_exchange(&plan.cfg.exchange, labrelay::queue::ExchangeKind::Topic)
+        .await?;
+    for (name, s) in &plan.cfg.sites {
+        if !s.consume {
+            continue;
+        }
+        let queue = plan.queue_name(name);
+        let spec = labrelay::queue::QueueSpec::new(&queue).with_max_deliveries(
+            // The consumer dead-letters after `max_failures` itself, with the reason;
+            // the broker's limit only catches a consumer that crashes on a message.
+            plan.cfg.max_failures.saturating_mul(2).max(2),
+        );
+        broker.declare_queue(&spec).await?;
+        for pattern in plan.bindings(name) {
+            broker.bind(&queue, &plan.cfg.exchange, &pattern).await?;
+        }
+    }
+    Ok(())
+}
+
+struct OutboxRow {
+    id: i64,
+    object_type: String,
+    local_key: String,
+    right_key: Option<String>,
+    op: String,
+    captured_ms: i64,
+}
+
+/// Prepare up to one batch of new outbox rows; returns how many rows it handled.
+async fn prepare_batch(site: &Site, stats: &mut RelayStats) -> anyhow::Result<usize> {
+    let e = site.engine();
+    let mut tx = site.db.pool().begin().await.map_err(|e| site.db.err(e))?;
+    let mut clock = site.lock_clock(&mut tx).await?;
+    let sql = format!(
+        "SELECT id, object_type, local_key, right_key, op, captured_ms FROM labrelay_sync_outbox \
+         WHERE state = 'new' ORDER BY id LIMIT {}",
+        site.plan.cfg.batch
+    );
+    let rows = sqlx::query(&sql)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(|e| site.db.err(e))?;
+    let mut batch = Vec::with_capacity(rows.len());
+    for r in &rows {
+        batch.push(OutboxRow {
+            id: r.try_get(0).map_err(|e| site.db.err(e))?,
+            object_type: labrelay::db::text(r, 1)?,
+            local_key: labrelay::db::text(r, 2)?,
+            right_key: labrelay::db::opt_text(r, 3)?,
+            op: labrelay::db::text(r, 4)?,
+            captured_ms: r.try_get(5).map_err(|e| site.db.err(e))?,
+        });
+    }
+    for row in &batch {
+        let prepared = prepare_row(site, &mut tx, &mut clock, row).await?;
+        match prepared {
+            Prepared::Ready(ev) => {
+                let body = serde_json::to_string(&*ev)?;
+                let sql = format!(
+                    "UPDATE labrelay_sync_outbox SET state = 'ready', event_id = {}, routing_key = {}, event = {} WHERE id = {}",
+                    e.placeholder(1),
+                    e.placeholder(2),
+                    e.placeholder(3),
+                    e.placeholder(4)
+                );
+                sqlx::query(&sql)
+                    .bind(&ev.id)
+                    .bind(ev.routing_key())
+                    .bind(body)
+                    .bind(row.id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| site.db.err(e))?;
+            }
+            Prepared::Skipped(note) => {
+                stats.skipped += 1;
+                let sql = format!(
+                    "UPDATE labrelay_sync_outbox SET state = 'skipped', note = {} WHERE id = {}",
+                    e.placeholder(1),
+                    e.placeholder(2)
+                );
+                sqlx::query(&sql)
+                    .bind(note)
+                    .bind(row.id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| site.db.err(e))?;
+            }
+        }
+    }
+    site.save_clock(&mut tx, clock).await?;
+    tx.commit().await.map_err(|e| site.db.err(e))?;
+    Ok(batch.len())
+}
+
+fn new_event(site: &Site, object_type: &str, op: Op, object: Ref, version: Version) -> Event {
+    Event {
+        format: FORMAT,
+        id: uuid::Uuid::new_v4().to_string(),
+        site: site.name().to_owned(),
+        object_type: object_type.to_owned(),
+        op,
+        object,
+        right: None,
+        version,
+        fields: BTreeMap::new(),
+        versions: BTreeMap::new(),
+    }
+}
+
+/// The wire values of an object row: references become [`Ref`]s. Returns the values
+/// and their canonical texts (a reference compares by uuid).
+pub async fn wire_values(
+    site: &Site,
+    conn: &mut AnyConnection,
+    o: &crate::config::ObjectSpec,
+    values: &BTreeMap<String, Value>,
+    record: bool,
+) -> anyhow::Result<BTreeMap<String, (Value, Option<String>)>> {
+    let mut out = BTreeMap::new();
+    for f in &o.fields {
+        let v = values.get(&f.name).cloned().unwrap_or(Value::Null);
+        let entry = match (&f.reference, &v) {
+            (Some(target), v) if !v.is_null() => {
+                let key = match v {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                let r = site.ref_of(conn, target, &key, record).await?;
+                let canon = canonical(&Value::String(r.uuid.clone()));
+                (serde_json::to_value(&r)?, canon)
+            }
+            _ => {
+                let canon = canonical(&v);
+                (v, canon)
+            }
+        };
+        out.insert(f.name.clone(), entry);
+    }
+    Ok(out)
+}
+
+async fn prepare_row(
+    site: &Site,
+    conn: &mut AnyConnection,
+    clock: &mut event::Clock,
+    row: &OutboxRow,
+) -> anyhow::Result<Prepared> {
+    let plan = site.plan.clone();
+    let Some(op) = Op::parse(&row.op) else {
+        return Ok(Prepared::Skipped("unknown operation"));
+    };
+    if !plan.publishes(site.name(), &row.object_type, op.as_str()) {
+        return Ok(Prepared::Skipped("topic not published by this site"));
+    }
+    let stamp = |clock: &mut event::Clock| {
+        clock.tick(u64::try_from(row.captured_ms).unwrap_or(0));
+        clock.version(site.name())
+    };
+    if let Some(o) = plan.objects.get(&row.object_type) {
+        match op {
+            Op::Save => {
+                let Some(obj) = site.read_object(conn, o, &row.local_key).await? else {
+                    return Ok(Prepared::Skipped("row gone before it was relayed"));
+                };
+                if obj.temporary {
+                    return Ok(Prepared::Skipped("temporary"));
+                }
+                let me = site.ref_of(conn, &o.name, &obj.key, true).await?;
+                let wire = wire_values(site, conn, o, &obj.values, true).await?;
+                let stored = site.stored_fields(conn, &o.name, &me.uuid).await?;
+                let changed: Vec<(&String, &(Value, Option<String>))> = wire
+                    .iter()
+                    .filter(|(name, (_, canon))| {
+                        stored.get(*name).is_none_or(|(old, _)| old != canon)
+                    })
+                    .collect();
+                let deleted = stored.contains_key("_deleted");
+                if changed.is_empty() && !deleted {
+                    return Ok(Prepared::Skipped("no synced field changed"));
+                }
+                let version = stamp(clock);
+                let mut ev = new_event(site, &o.name, Op::Save, me.clone(), version.clone());
+                // A re-created object (after a delete) is sent whole.
+                let send: Vec<_> = if deleted {
+                    wire.iter().collect()
+                } else {
+                    changed
+                };
+                for (name, (value, canon)) in send {
+                    site.store_field(conn, &o.name, &me.uuid, name, canon.as_deref(), &version)
+                        .await?;
+                    ev.fields.insert(name.clone(), value.clone());
+                }
+                if deleted {
+                    remove_field(site, conn, &o.name, &me.uuid, "_deleted").await?;
+                }
+                Ok(Prepared::Ready(Box::new(ev)))
+            }
+            Op::Delete => {
+                let me = site.ref_of(conn, &o.name, &row.local_key, false).await?;
+                let stored = site.stored_fields(conn, &o.name, &me.uuid).await?;
+                if stored.is_empty() {
+                    return Ok(Prepared::Skipped("deleted before it was ever sent"));
+                }
+                let version = stamp(clock);
+                site.store_field(conn, &o.name, &me.uuid, "_deleted", Some("true"), &version)
+                    .await?;
+                Ok(Prepared::Ready(Box::new(new_event(
+                    site,
+                    &o.name,
+                    Op::Delete,
+                    me,
+                    version,
+                ))))
+            }
+            Op::Connect | Op::Disconnect => Ok(Prepared::Skipped("not an operation on objects")),
+        }
+    } else if let Some(l) = plan.links.get(&row.object_type) {
+        if !matches!(op, Op::Connect | Op::Disconnect) {
+            return Ok(Prepared::Skipped("not an operation on links"));
+        }
+        let Some(right_key) = &row.right_key else {
+            return Ok(Prepared::Skipped("link row without its right key"));
+        };
+        let left = site
+            .ref_of(conn, &l.left.object, &row.local_key, true)
+            .await?;
+        let right = site.ref_of(conn, &l.right.object, right_key, true).await?;
+        let id = Event::link_id(&left.uuid, &right.uuid);
+        let version = stamp(clock);
+        let linked = if op == Op::Connect { "true" } else { "false" };
+        site.store_field(conn, &l.name, &id, "_linked", Some(linked), &version)
+            .await?;
+        let mut ev = new_event(site, &l.name, op, left, version);
+        ev.right = Some(right);
+        Ok(Prepared::Ready(Box::new(ev)))
+    } else {
+        Ok(Prepared::Skipped("type not configured"))
+    }
+}
+
+/// Remove one stored field.
+pub async fn remove_field(
+    site: &Site,
+    conn: &mut AnyConnection,
+    object_type: &str,
+    uuid: &str,
+    field: &str,
+) -> anyhow::Result<()> {
+    let e = site.engine();
+    let sql = format!(
+        "DELETE FROM labrelay_sync_fields WHERE object_type = {} AND uuid = {} AND field = {}",
+        e.placeholder(1),
+        e.placeholder(2),
+        e.placeholder(3)
+    );
+    sqlx::query(&sql)
+        .bind(object_type)
+        .bind(uuid)
+        .bind(field)
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| site.db.err(e))?;
+    Ok(())
+}
+
+/// Publish the prepared rows, oldest first; stop at the first broker error (the row
+/// stays `ready` and goes out on the next run).
+async fn publish_ready(
+    site: &Site,
+    publisher: &Publisher<'_>,
+    stats: &mut RelayStats,
+) -> anyhow::Result<usize> {
+    let sql = format!(
+        "SELECT id, event_id, routing_key, event FROM labrelay_sync_outbox WHERE state = 'ready' ORDER BY id LIMIT {}",
+        site.plan.cfg.batch
+    );
+    let rows = sqlx::query(&sql)
+        .fetch_all(site.db.pool())
+        .await
+        .map_err(|e| site.db.err(e))?;
+    let mut sent = Vec::new();
+    let mut unrouted = Vec::new();
+    let mut failure = None;
+    for r in &rows {
+        let id: i64 = r.try_get(0).map_err(|e| site.db.err(e))?;
+        let event_id = labrelay::db::text(r, 1)?;
+        let routing_key = labrelay::db::text(r, 2)?;
+        let body = labrelay::db::text(r, 3)?;
+        match publisher
+            .publish(&event_id, &routing_key, body.as_bytes())
+            .await
+        {
+            Ok(true) => sent.push(id),
+            Ok(false) => unrouted.push(id),
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    mark(site, &sent, "sent").await?;
+    mark(site, &unrouted, "unrouted").await?;
+    stats.sent += sent.len() as u64;
+    stats.unrouted += unrouted.len() as u64;
+    if let Some(e) = failure {
+        return Err(e.into());
+    }
+    Ok(rows.len())
+}
+
+async fn mark(site: &Site, ids: &[i64], state: &str) -> anyhow::Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    for chunk in ids.chunks(500) {
+        let list: Vec<String> = chunk.iter().map(i64::to_string).collect();
+        let sql = format!(
+            "UPDATE labrelay_sync_outbox SET state = '{state}', sent_ms = {} WHERE id IN ({})",
+            event::now_ms(),
+            list.join(", ")
+        );
+        sqlx::query(&sql)
+            .execute(site.db.pool())
+            .await
+            .map_err(|e| site.db.err(e))?;
+    }
+    Ok(())
+}
+
+/// One pass: prepare and publish until the outbox has nothing new or ready.
+pub async fn relay_pass(site: &Site, publisher: &Publisher<'_>) -> anyhow::Result<RelayStats> {
+    let mut stats = RelayStats::default();
+    loop {
+        // Rows left `ready` by an earlier run go first, in their order.
+        let sent_rows = publish_ready(site, publisher, &mut stats).await?;
+        let prepared = prepare_batch(site, &mut stats).await?;
+        if sent_rows == 0 && prepared == 0 {
+            return Ok(stats);
+        }
+    }
+}
+
+/// Outbox rows by state.
+pub async fn outbox_counts(site: &Site) -> anyhow::Result<BTreeMap<String, i64>> {
+    let rows = sqlx::query("SELECT state, COUNT(*) FROM labrelay_sync_outbox GROUP BY state")
+        .fetch_all(site.db.pool())
+        .await
+        .map_err(|e| site.db.err(e))?;
+    let mut out = BTreeMap::new();
+    for r in rows {
+        out.insert(
+            labrelay::db::text(&r, 0)?,
+            r.try_get::<i64, _>(1).map_err(|e| site.db.err(e))?,
+        );
+    }
+    Ok(out)
+}
+
+/// Add an outbox row by hand (`emit`).
+pub async fn emit(
+    site: &Site,
+    object_type: &str,
+    op: Op,
+    key: &str,
+    right_key: Option<&str>,
+) -> anyhow::Result<()> {
+    let e = site.engine();
+    let sql = format!(
+        "INSERT INTO labrelay_sync_outbox (object_type, local_key, right_key, op, captured_ms) VALUES ({}, {}, {}, {}, {})",
+        e.placeholder(1),
+        e.placeholder(2),
+        e.placeholder(3),
+        e.placeholder(4),
+        e.placeholder(5)
+    );
+    sqlx::query(&sql)
+        .bind(object_type)
+        .bind(key)
+        .bind(right_key.map(str::to_owned))
+        .bind(op.as_str())
+        .bind(i64::try_from(event::now_ms()).unwrap_or(i64::MAX))
+        .execute(site.db.pool())
+        .await
+        .map_err(|e| site.db.err(e))?;
+    Ok(())
+}
