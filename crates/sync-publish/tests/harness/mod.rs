@@ -284,6 +284,7 @@ right = { column = "lab_id", object = "lab" }
 
 /// A configured set of sites.
 pub struct World {
+    pub exchange: String,
     pub home: tempfile::TempDir,
     pub config: PathBuf,
     pub sites: Vec<SiteDb>,
@@ -310,10 +311,12 @@ impl World {
             )
         );
         toml.push_str(&sync_toml(&exchange, &refs, "a"));
+        toml = toml.replace("[queue]\n", "[queue]\nprefetch = 50\n");
         let config = test_support::write_config(home.path(), &toml);
         std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o600))
             .unwrap();
         let w = World {
+            exchange,
             home,
             config,
             sites,
@@ -322,6 +325,10 @@ impl World {
             w.ok(&["install", "--site", s.name]);
         }
         Some(w)
+    }
+
+    pub fn exchange(&self) -> String {
+        self.exchange.clone()
     }
 
     pub fn site(&self, name: &str) -> &SiteDb {

@@ -226,3 +226,339 @@ async fn a_lab_arriving_before_its_pi_is_parked_then_applied() {
     assert_eq!(w.json(&["status", "--site", "b"])["parked"], 0);
     w.drop().await;
 }
+
+/// Publish a raw message as if from a site.
+async fn publish_raw(
+    amqp: &str,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    headers: &[(&str, String)],
+) {
+    use labrelay::queue::{AnyBroker, Broker, BrokerSettings, PublishOptions};
+    let broker = AnyBroker::connect(
+        &labrelay::secret::RedactedUrl::parse(amqp).unwrap(),
+        &BrokerSettings::default(),
+    )
+    .await
+    .unwrap();
+    let mut opts = PublishOptions::new().message_id(uuid_like());
+    for (k, v) in headers {
+        opts = opts.header(*k, v.clone());
+    }
+    broker.publish(exchange, routing_key, body, &opts).await.unwrap();
+}
+
+fn uuid_like() -> String {
+    test_support::unique("ev")
+}
+
+fn user_event(site: &str, name: Option<&str>, email: &str) -> Vec<u8> {
+    use sync_publish::event::{Event, FORMAT, Op, Ref, Version, now_ms};
+    let mut fields = std::collections::BTreeMap::new();
+    fields.insert(
+        "name".to_owned(),
+        name.map_or(serde_json::Value::Null, |n| serde_json::Value::String(n.into())),
+    );
+    fields.insert("email".to_owned(), serde_json::Value::String(email.into()));
+    let ev = Event {
+        format: FORMAT,
+        id: uuid_like(),
+        site: site.into(),
+        object_type: "user".into(),
+        op: Op::Save,
+        object: Ref {
+            uuid: uuid_like(),
+            origin: site.into(),
+            key: "99999".into(),
+        },
+        right: None,
+        version: Version::new(now_ms(), 0, site),
+        fields,
+        versions: std::collections::BTreeMap::new(),
+    };
+    serde_json::to_vec(&ev).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forged_unsigned_and_poison_messages_go_to_the_dead_letter_queue_and_the_queue_flows() {
+    use sync_publish::event::{SIGNATURE_HEADER, SITE_HEADER, sign};
+    let amqp = test_support::require!("AMQP_URL");
+    let Some(w) = World::new(&[Engine::Sqlite, Engine::Postgres], Some(&amqp)).await else {
+        return;
+    };
+    // Declare the queues (a first relay does).
+    w.ok(&["relay", "--site", "b"]);
+    let exchange = w.exchange();
+    let key_b = "signing-key-of-site-b";
+    let good = user_event("b", Some("Mallory"), "m@x.org");
+    // Unsigned.
+    publish_raw(&amqp, &exchange, "b.user.save", &good, &[]).await;
+    // Signed with the wrong key.
+    publish_raw(
+        &amqp,
+        &exchange,
+        "b.user.save",
+        &good,
+        &[(SITE_HEADER, "b".into()), (SIGNATURE_HEADER, sign(b"not-the-key-of-b", &good))],
+    )
+    .await;
+    // Correctly signed but cannot be applied (NOT NULL name): fails, retried, dead.
+    let poison = user_event("b", None, "p@x.org");
+    publish_raw(
+        &amqp,
+        &exchange,
+        "b.user.save",
+        &poison,
+        &[(SITE_HEADER, "b".into()), (SIGNATURE_HEADER, sign(key_b.as_bytes(), &poison))],
+    )
+    .await;
+    // A real change behind them still arrives.
+    w.site("b")
+        .exec("INSERT INTO users (name, email) VALUES ('Real', 'real@x.org')")
+        .await;
+    w.ok(&["relay", "--site", "b"]);
+    let out = w.json(&["consume", "--site", "a", "--once"]);
+    assert_eq!(out["stats"]["applied"], 1, "{out}");
+    assert_eq!(out["stats"]["dead"], 3, "{out}");
+    let users = w.site("a").users().await;
+    assert_eq!(users.keys().collect::<Vec<_>>(), ["real@x.org"]);
+    let st = w.json(&["status", "--site", "a"]);
+    assert_eq!(st["dead"], 3, "{st}");
+    assert_eq!(st["dead_queue"], 3, "{st}");
+    let reasons = w
+        .site("a")
+        .rows("SELECT reason FROM labrelay_sync_dead ORDER BY id")
+        .await;
+    assert!(reasons[0][0].contains("unsigned"), "{reasons:?}");
+    assert!(reasons[1][0].contains("bad signature"), "{reasons:?}");
+    assert!(reasons[2][0].contains("NOT NULL") || reasons[2][0].contains("null"), "{reasons:?}");
+    w.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn changes_made_while_the_broker_is_unreachable_wait_in_the_outbox_and_all_arrive() {
+    let amqp = test_support::require!("AMQP_URL");
+    let Some(w) = World::new(&[Engine::Mysql, Engine::Sqlite], Some(&amqp)).await else {
+        return;
+    };
+    w.ok(&["relay", "--site", "a"]);
+    // The same sites with a broker nobody listens on.
+    let text = std::fs::read_to_string(&w.config).unwrap();
+    let down = w.home.path().join("down.toml");
+    std::fs::write(
+        &down,
+        text.replace(&amqp, "amqp://guest:guest@127.0.0.1:9/%2f"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&down, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    for i in 0..20 {
+        w.site("a")
+            .exec(&format!("INSERT INTO users (name, email) VALUES ('U{i}', 'u{i}@x.org')"))
+            .await;
+        let out = test_support::cli::run(
+            crate::BIN,
+            w.home.path(),
+            &["--config", down.to_str().unwrap(), "relay", "--site", "a"],
+        );
+        assert_eq!(out.status.code(), Some(75), "{out:?}");
+    }
+    assert_eq!(w.json(&["status", "--site", "a"])["backlog"], 20);
+    w.sync();
+    assert_eq!(w.site("b").users().await.len(), 20);
+    assert_eq!(w.json(&["status", "--site", "a"])["backlog"], 0);
+    w.drop().await;
+}
+
+/// A pseudo-random number below `n` (no rand dependency in tests).
+fn below(n: u64) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    u64::from(nanos.wrapping_mul(2_654_435_761)) % n
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_consumer_killed_at_random_moments_applies_every_change_once() {
+    let amqp = test_support::require!("AMQP_URL");
+    let Some(w) = World::new(&[Engine::Postgres, Engine::Mysql], Some(&amqp)).await else {
+        return;
+    };
+    let (a, b) = (w.site("a"), w.site("b"));
+    a.exec("INSERT INTO org_unit (name) VALUES ('Chemistry')").await;
+    for i in 0..300 {
+        a.exec(&format!(
+            "INSERT INTO users (name, email, org_unit_id) SELECT 'P{i}', 'p{i}@x.org', id FROM org_unit"
+        ))
+        .await;
+    }
+    w.ok(&["relay", "--site", "a"]);
+    let mut killed = 0;
+    for _ in 0..12 {
+        let mut child = test_support::cli::command(crate::BIN, w.home.path())
+            .args(["--config", w.config.to_str().unwrap(), "consume", "--site", "b"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(150 + below(600)));
+        if child.try_wait().unwrap().is_none() {
+            killed += 1;
+        }
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &child.id().to_string()])
+            .status();
+        let _ = child.wait();
+    }
+    assert!(killed >= 10, "only {killed} runs were killed mid-way");
+    w.ok(&["consume", "--site", "b", "--once"]);
+    assert_eq!(b.int("SELECT COUNT(*) FROM users").await, 300);
+    assert_eq!(b.int("SELECT COUNT(DISTINCT email) FROM users").await, 300);
+    assert_eq!(b.int("SELECT COUNT(*) FROM org_unit").await, 1);
+    assert_eq!(
+        b.int("SELECT COUNT(*) FROM labrelay_sync_inbox").await,
+        301,
+        "one inbox row per event"
+    );
+    assert_eq!(a.users().await, b.users().await);
+    w.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bootstrap_of_ten_thousand_history_objects_converges_a_fresh_site_and_changes_nothing_at_the_source()
+ {
+    let amqp = test_support::require!("AMQP_URL");
+    let Some(w) = World::new(&[Engine::Postgres, Engine::Mysql], Some(&amqp)).await else {
+        return;
+    };
+    let (a, b) = (w.site("a"), w.site("b"));
+    // History written before syncing was installed.
+    w.ok(&["uninstall", "--site", "a"]);
+    a.exec("INSERT INTO org_unit (name) VALUES ('History')").await;
+    a.exec(
+        "INSERT INTO users (name, email, phone, org_unit_id) \
+         SELECT 'User ' || g, 'user' || g || '@x.org', CAST(g AS TEXT), (SELECT id FROM org_unit) \
+         FROM generate_series(1, 10000) AS g",
+    )
+    .await;
+    w.ok(&["install", "--site", "a"]);
+    let fingerprint = "SELECT COUNT(*) + SUM(id) + SUM(LENGTH(name)) + SUM(LENGTH(phone)) FROM users";
+    let before = a.int(fingerprint).await;
+    let started = std::time::Instant::now();
+    let out = w.json(&["bootstrap", "--site", "a"]);
+    assert_eq!(out["published"]["user"], 10000, "{out}");
+    assert_eq!(out["published"]["org_unit"], 1, "{out}");
+    eprintln!("bootstrap of 10,000 users: {:?}", started.elapsed());
+    let started = std::time::Instant::now();
+    let consumed = w.json(&["consume", "--site", "b", "--once"]);
+    eprintln!("apply of 10,000 users: {:?}", started.elapsed());
+    assert_eq!(consumed["stats"]["applied"], 10001, "{consumed}");
+    assert_eq!(b.int("SELECT COUNT(*) FROM users").await, 10000);
+    assert_eq!(a.users().await, b.users().await);
+    // Nothing written at the source: same rows, empty outbox, no identities recorded.
+    assert_eq!(a.int(fingerprint).await, before);
+    for t in ["labrelay_sync_outbox", "labrelay_sync_ids", "labrelay_sync_fields"] {
+        assert_eq!(a.int(&format!("SELECT COUNT(*) FROM {t}")).await, 0, "{t}");
+    }
+    // A second bootstrap rewrites nothing at the receiver.
+    w.json(&["bootstrap", "--site", "a"]);
+    let again = w.json(&["consume", "--site", "b", "--once"]);
+    assert_eq!(again["stats"]["applied"], 0, "{again}");
+    assert_eq!(again["stats"]["unchanged"], 10001, "{again}");
+    // Later edits at the source win over the bootstrap's lowest versions.
+    a.exec("UPDATE users SET phone = 'new' WHERE email = 'user7@x.org'").await;
+    w.ok(&["relay", "--site", "a"]);
+    w.ok(&["consume", "--site", "b", "--once"]);
+    assert_eq!(b.users().await["user7@x.org"][3], "new");
+    w.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reconcile_finds_hand_made_drift_and_repair_fixes_it() {
+    let amqp = test_support::require!("AMQP_URL");
+    let Some(w) = World::new(&[Engine::Postgres, Engine::Sqlite], Some(&amqp)).await else {
+        return;
+    };
+    let (a, b) = (w.site("a"), w.site("b"));
+    a.exec("INSERT INTO users (name, email, phone) VALUES ('Xu', 'xu@x.org', '1'), ('Yan', 'yan@x.org', '2')")
+        .await;
+    w.sync();
+    assert_eq!(w.run(&["reconcile", "--site", "a", "--with", "b"]).status.code(), Some(0));
+    // Someone edits b's database behind the triggers' back.
+    b.exec(
+        "INSERT INTO labrelay_sync_applying (token) VALUES (1); \
+         UPDATE users SET phone = 'drift' WHERE email = 'xu@x.org'; \
+         DELETE FROM users WHERE email = 'yan@x.org'; \
+         DELETE FROM labrelay_sync_applying;",
+    )
+    .await;
+    let out = w.run(&["--json", "reconcile", "--site", "a", "--with", "b"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let found: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = found.iter().map(|f| f["kind"].as_str().unwrap()).collect();
+    assert_eq!(found.len(), 2, "{text}");
+    assert!(kinds.contains(&"missing_at_other"), "{text}");
+    // b's phone has no version: it changed outside sync, so a's versioned value is newer.
+    assert!(kinds.contains(&"stale_at_other"), "{text}");
+    w.ok(&["reconcile", "--site", "a", "--with", "b", "--repair"]);
+    w.ok(&["consume", "--site", "b", "--once"]);
+    assert_eq!(a.users().await, b.users().await);
+    let out = w.ok(&["reconcile", "--site", "a", "--with", "b"]);
+    assert!(out.contains("0 difference"), "{out}");
+    w.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn emit_records_a_change_for_sites_without_triggers_and_install_is_idempotent() {
+    let amqp = test_support::require!("AMQP_URL");
+    let Some(w) = World::new(&[Engine::Mysql, Engine::Postgres], Some(&amqp)).await else {
+        return;
+    };
+    // Install twice; uninstall removes the triggers, so writes are no longer captured.
+    w.ok(&["install", "--site", "a"]);
+    w.ok(&["uninstall", "--site", "a"]);
+    w.ok(&["uninstall", "--site", "a"]);
+    let a = w.site("a");
+    a.exec("INSERT INTO users (name, email) VALUES ('Hook', 'hook@x.org')").await;
+    assert_eq!(a.int("SELECT COUNT(*) FROM labrelay_sync_outbox").await, 0);
+    let id = a.int("SELECT id FROM users WHERE email = 'hook@x.org'").await;
+    let mut child = test_support::cli::command(crate::BIN, w.home.path())
+        .args(["--config", w.config.to_str().unwrap(), "emit", "--site", "a"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "{{\"type\":\"user\",\"op\":\"save\",\"key\":{id}}}").unwrap();
+    }
+    assert!(child.wait().unwrap().success());
+    // A bad line is a usage error naming the line.
+    let out = test_support::cli::command(crate::BIN, w.home.path())
+        .args(["--config", w.config.to_str().unwrap(), "emit", "--site", "a"])
+        .stdin(std::fs::File::open(write_tmp(&w, "{\"type\":\"robot\",\"op\":\"save\",\"key\":1}\n")).unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("line 1"));
+    w.sync();
+    assert!(w.site("b").users().await.contains_key("hook@x.org"));
+    // --print shows the SQL and runs nothing.
+    let sql = w.ok(&["install", "--site", "a", "--print"]);
+    assert!(sql.contains("CREATE TRIGGER labrelay_sync_user_ins AFTER INSERT ON `users`"), "{sql}");
+    a.exec("INSERT INTO users (name, email) VALUES ('Later', 'later@x.org')").await;
+    assert_eq!(a.int("SELECT COUNT(*) FROM labrelay_sync_outbox WHERE state = 'new'").await, 0);
+    w.drop().await;
+}
+
+fn write_tmp(w: &World, text: &str) -> std::path::PathBuf {
+    let p = w.home.path().join(test_support::unique("stdin"));
+    std::fs::write(&p, text).unwrap();
+    p
+}
