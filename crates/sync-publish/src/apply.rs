@@ -169,18 +169,61 @@ async fn exec(
         .rows_affected())
 }
 
-/// Apply one checked event (from the queue or from the parked table).
-pub async fn apply(
+/// The result of applying one event: its outcome and, when it created an object here,
+/// that object's (type, uuid), which parked events may be waiting for.
+pub type Applied = (Outcome, Option<(String, String)>);
+
+/// Apply one checked event (from the queue or from the parked table) in its own
+/// transaction.
+pub async fn apply(site: &Site, ev: &Event, from_parked: bool) -> anyhow::Result<Applied> {
+    let mut out = apply_batch(site, std::slice::from_ref(ev), from_parked).await?;
+    Ok(out.remove(0))
+}
+
+/// Apply events in one transaction (one commit for the lot): all or none.
+pub async fn apply_batch(
     site: &Site,
-    ev: &Event,
+    events: &[Event],
     from_parked: bool,
-) -> anyhow::Result<(Outcome, Option<(String, String)>)> {
-    let e = site.engine();
+) -> anyhow::Result<Vec<Applied>> {
     let mut conn = site.db.pool().acquire().await.map_err(|e| site.db.err(e))?;
     let mut tx = sqlx::Connection::begin(&mut *conn)
         .await
         .map_err(|e| site.db.err(e))?;
     begin_applying(site, &mut tx).await?;
+    let mut results = Vec::with_capacity(events.len());
+    let mut observed = false;
+    let mut clock = site.lock_clock(&mut tx).await?;
+    let mut unmapped = BTreeMap::new();
+    for ev in events {
+        let r = apply_in(site, &mut tx, ev, from_parked, &mut unmapped).await?;
+        if matches!(r.0, Outcome::Applied | Outcome::Unchanged) {
+            observed = true;
+            for v in ev.versions.values().chain(std::iter::once(&ev.version)) {
+                if let Some((wall, counter, _)) = v.parts() {
+                    clock.observe(wall, counter);
+                }
+            }
+        }
+        results.push(r);
+    }
+    if observed {
+        site.save_clock(&mut tx, clock).await?;
+    }
+    end_applying(site, &mut tx).await?;
+    tx.commit().await.map_err(|e| site.db.err(e))?;
+    Ok(results)
+}
+
+/// Apply one event inside the caller's transaction (capture already silenced).
+async fn apply_in(
+    site: &Site,
+    tx: &mut AnyConnection,
+    ev: &Event,
+    from_parked: bool,
+    unmapped: &mut BTreeMap<String, bool>,
+) -> anyhow::Result<Applied> {
+    let e = site.engine();
     let seen = sqlx::query(&format!(
         "SELECT 1 FROM labrelay_sync_inbox WHERE event_id = {}",
         e.placeholder(1)
@@ -192,10 +235,8 @@ pub async fn apply(
     .is_some();
     if seen {
         if from_parked {
-            unpark(site, &mut tx, &ev.id).await?;
+            unpark(site, tx, &ev.id).await?;
         }
-        end_applying(site, &mut tx).await?;
-        tx.commit().await.map_err(|e| site.db.err(e))?;
         return Ok((Outcome::Duplicate, None));
     }
     let mut created = None;
@@ -203,16 +244,16 @@ pub async fn apply(
         Op::Save | Op::Delete => {
             let o = site.plan.objects[&ev.object_type].clone();
             if ev.op == Op::Save {
-                apply_save(site, &mut tx, &o, ev, &mut created).await?
+                apply_save(site, tx, &o, ev, &mut created, unmapped).await?
             } else {
-                apply_delete(site, &mut tx, &o, ev).await?
+                apply_delete(site, tx, &o, ev).await?
             }
         }
-        Op::Connect | Op::Disconnect => apply_link(site, &mut tx, ev).await?,
+        Op::Connect | Op::Disconnect => apply_link(site, tx, ev).await?,
     };
     match &outcome {
         Park::Waiting(ty, uuid) => {
-            unpark(site, &mut tx, &ev.id).await?;
+            unpark(site, tx, &ev.id).await?;
             let sql = format!(
                 "INSERT INTO labrelay_sync_parked (event_id, waiting_type, waiting_uuid, parked_ms, event) VALUES ({}, {}, {}, {}, {})",
                 e.placeholder(1),
@@ -230,16 +271,12 @@ pub async fn apply(
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| site.db.err(e))?;
+            Ok((Outcome::Parked, None))
         }
-        Park::Done(_) => {
-            if from_parked {
-                unpark(site, &mut tx, &ev.id).await?;
-            }
-        }
-    }
-    let result = match outcome {
-        Park::Waiting(..) => Outcome::Parked,
         Park::Done(changed) => {
+            if from_parked {
+                unpark(site, tx, &ev.id).await?;
+            }
             let sql = format!(
                 "INSERT INTO labrelay_sync_inbox (event_id, site, applied_ms, outcome) VALUES ({}, {}, {}, {})",
                 e.placeholder(1),
@@ -247,32 +284,23 @@ pub async fn apply(
                 e.placeholder(3),
                 e.placeholder(4)
             );
-            let o = if changed { "applied" } else { "unchanged" };
+            let word = if *changed { "applied" } else { "unchanged" };
             sqlx::query(&sql)
                 .bind(&ev.id)
                 .bind(&ev.site)
                 .bind(i64::try_from(event::now_ms()).unwrap_or(i64::MAX))
-                .bind(o)
+                .bind(word)
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| site.db.err(e))?;
-            let mut clock = site.lock_clock(&mut tx).await?;
-            for v in ev.versions.values().chain(std::iter::once(&ev.version)) {
-                if let Some((wall, counter, _)) = v.parts() {
-                    clock.observe(wall, counter);
-                }
-            }
-            site.save_clock(&mut tx, clock).await?;
-            if changed {
+            let outcome = if *changed {
                 Outcome::Applied
             } else {
                 Outcome::Unchanged
-            }
+            };
+            Ok((outcome, created))
         }
-    };
-    end_applying(site, &mut tx).await?;
-    tx.commit().await.map_err(|e| site.db.err(e))?;
-    Ok((result, created))
+    }
 }
 
 async fn unpark(site: &Site, conn: &mut AnyConnection, event_id: &str) -> anyhow::Result<()> {
@@ -304,6 +332,7 @@ async fn resolve_object(
     spec: &ObjectSpec,
     wanted: &Ref,
     fields: &BTreeMap<String, Value>,
+    unmapped: &mut BTreeMap<String, bool>,
 ) -> anyhow::Result<Option<String>> {
     if let Some(k) = site.local_key(conn, &spec.name, wanted).await? {
         return Ok(Some(k));
@@ -312,6 +341,30 @@ async fn resolve_object(
         return Ok(None);
     }
     let e = site.engine();
+    let key_text = match e {
+        Engine::Mysql => format!("CAST({} AS CHAR)", q(e, &spec.key)),
+        Engine::Postgres | Engine::Sqlite => format!("CAST({} AS TEXT)", q(e, &spec.key)),
+    };
+    // Only rows without an identity can be adopted; once per transaction, find out
+    // whether there are any (rows this transaction inserts get one at once).
+    if !unmapped.contains_key(&spec.name) {
+        let sql = format!(
+            "SELECT 1 FROM {table} WHERE {key_text} NOT IN \
+             (SELECT local_key FROM labrelay_sync_ids WHERE object_type = {p}) LIMIT 1",
+            table = q(e, &spec.table),
+            p = e.placeholder(1)
+        );
+        let any = sqlx::query(&sql)
+            .bind(spec.name.clone())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(|e| site.db.err(e))?
+            .is_some();
+        unmapped.insert(spec.name.clone(), any);
+    }
+    if unmapped.get(&spec.name) == Some(&false) {
+        return Ok(None);
+    }
     let mut conds = Vec::new();
     for (i, m) in spec.match_fields.iter().enumerate() {
         let f = spec.field(m).map_or(m.as_str(), |f| f.column.as_str());
@@ -324,10 +377,7 @@ async fn resolve_object(
         key = q(e, &spec.key),
         table = q(e, &spec.table),
         conds = conds.join(" AND "),
-        cast = match e {
-            Engine::Mysql => format!("CAST({} AS CHAR)", q(e, &spec.key)),
-            Engine::Postgres | Engine::Sqlite => format!("CAST({} AS TEXT)", q(e, &spec.key)),
-        },
+        cast = key_text,
         p = e.placeholder(n + 1),
     );
     let mut query = sqlx::query(&sql);
@@ -355,6 +405,7 @@ async fn apply_save(
     spec: &ObjectSpec,
     ev: &Event,
     created: &mut Option<(String, String)>,
+    unmapped: &mut BTreeMap<String, bool>,
 ) -> anyhow::Result<Park> {
     let e = site.engine();
     // References first: anything missing parks the whole change.
@@ -387,7 +438,7 @@ async fn apply_save(
             }
         }
     }
-    let key = resolve_object(site, conn, spec, &ev.object, &ev.fields).await?;
+    let key = resolve_object(site, conn, spec, &ev.object, &ev.fields, unmapped).await?;
     let stored = site
         .stored_fields(conn, &spec.name, &ev.object.uuid)
         .await?;
@@ -489,17 +540,18 @@ async fn apply_save(
             .await?;
         *created = Some((spec.name.clone(), ev.object.uuid.clone()));
     }
-    for f in &newer {
-        site.store_field(
-            conn,
-            &spec.name,
-            &ev.object.uuid,
-            f,
-            canon.get(*f).cloned().flatten().as_deref(),
-            ev.field_version(f),
-        )
+    let stored_now: Vec<(&str, Option<&str>, &Version)> = newer
+        .iter()
+        .map(|f| {
+            (
+                f.as_str(),
+                canon.get(*f).and_then(Option::as_deref),
+                ev.field_version(f),
+            )
+        })
+        .collect();
+    site.store_fields(conn, &spec.name, &ev.object.uuid, &stored_now)
         .await?;
-    }
     if stored.contains_key("_deleted") {
         crate::relay::remove_field(site, conn, &spec.name, &ev.object.uuid, "_deleted").await?;
     }
@@ -660,6 +712,9 @@ async fn apply_link(site: &Site, conn: &mut AnyConnection, ev: &Event) -> anyhow
 /// Apply the parked events waiting for `(type, uuid)`, and those they unblock.
 pub async fn retry_parked(site: &Site, waiting: Option<(String, String)>) -> anyhow::Result<u64> {
     let e = site.engine();
+    if count(site, "SELECT COUNT(*) FROM labrelay_sync_parked").await? == 0 {
+        return Ok(0);
+    }
     let mut queue: Vec<Option<(String, String)>> = vec![waiting];
     let mut applied = 0;
     while let Some(w) = queue.pop() {

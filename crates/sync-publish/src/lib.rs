@@ -414,12 +414,15 @@ async fn consume(ctx: &Context, site: &str, once: bool) -> anyhow::Result<Exit> 
         ..ConsumeStats::default()
     };
     let queue = s.plan.queue_name(site);
-    let prefetch = ctx.config.queue.prefetch.max(1);
+    let batch_size = s.plan.cfg.batch.clamp(1, 1000);
+    let prefetch = u16::try_from(batch_size)
+        .unwrap_or(1000)
+        .max(ctx.config.queue.prefetch);
     let mut consumer = broker.consume(&queue, prefetch).await?;
     let stop = labrelay::cli::shutdown_signal();
     tokio::pin!(stop);
     loop {
-        let delivery = if once {
+        let first = if once {
             match consumer.next_timeout(Duration::from_millis(500)).await? {
                 Some(d) => d,
                 None => break,
@@ -430,7 +433,15 @@ async fn consume(ctx: &Context, site: &str, once: bool) -> anyhow::Result<Exit> 
                 d = consumer.next() => d?,
             }
         };
-        handle(&s, &keys, delivery, &mut stats).await?;
+        // Whatever else is already waiting goes into the same transaction.
+        let mut batch = vec![first];
+        while batch.len() < batch_size {
+            match consumer.next_timeout(Duration::from_millis(2)).await? {
+                Some(d) => batch.push(d),
+                None => break,
+            }
+        }
+        handle_batch(&s, &keys, batch, &mut stats).await?;
     }
     ctx.out.emit("consume", &serde_json::json!({ "site": site, "stats": &stats }), || {
         format!(
@@ -441,56 +452,109 @@ async fn consume(ctx: &Context, site: &str, once: bool) -> anyhow::Result<Exit> 
     Ok(Exit::Ok)
 }
 
-async fn handle(
+/// Check a batch of deliveries, apply the good ones in one transaction, then settle
+/// them. If the transaction fails, each message is tried alone, so one bad message
+/// neither blocks nor sinks the others.
+async fn handle_batch(
     s: &Site,
     keys: &BTreeMap<String, Secret>,
-    delivery: Delivery,
+    batch: Vec<Delivery>,
     stats: &mut ConsumeStats,
 ) -> anyhow::Result<()> {
-    let checked = match apply::check_delivery(s, keys, &delivery.body, &delivery.headers) {
-        Ok(c) => c,
-        Err(Refused(reason)) => {
-            tracing::warn!(site = %s.name(), reason, "refused a message; it goes to the dead-letter queue");
-            apply::record_dead(s, &delivery, &reason).await?;
-            stats.dead += 1;
-            delivery.reject().await?;
-            return Ok(());
-        }
-    };
-    let ev = checked.event;
-    if !s.plan.accepts(s.name(), &ev.object_type, ev.op.as_str()) {
-        stats.ignored += 1;
-        delivery.ack().await?;
-        return Ok(());
-    }
-    match apply::apply(s, &ev, false).await {
-        Ok((outcome, created)) => {
-            match outcome {
-                Outcome::Applied => stats.applied += 1,
-                Outcome::Unchanged => stats.unchanged += 1,
-                Outcome::Duplicate => stats.duplicate += 1,
-                Outcome::Parked => stats.parked += 1,
-                Outcome::Ignored => stats.ignored += 1,
+    let mut good: Vec<(Delivery, event::Event)> = Vec::with_capacity(batch.len());
+    for delivery in batch {
+        match apply::check_delivery(s, keys, &delivery.body, &delivery.headers) {
+            Ok(c)
+                if !s
+                    .plan
+                    .accepts(s.name(), &c.event.object_type, c.event.op.as_str()) =>
+            {
+                stats.ignored += 1;
+                delivery.ack().await?;
             }
-            if created.is_some() {
-                stats.unparked += apply::retry_parked(s, created).await?;
-            }
-            delivery.ack().await?;
-        }
-        Err(err) => {
-            let permanent = err.chain().any(|c| c.downcast_ref::<Refused>().is_some());
-            let reason = labrelay::secret::scrub(&format!("{err:#}")).into_owned();
-            if permanent || delivery.delivery_count >= s.plan.cfg.max_failures {
-                tracing::warn!(site = %s.name(), event = %ev.id, reason, "giving up on a change; it goes to the dead-letter queue");
+            Ok(c) => good.push((delivery, c.event)),
+            Err(Refused(reason)) => {
+                tracing::warn!(site = %s.name(), reason, "refused a message; it goes to the dead-letter queue");
                 apply::record_dead(s, &delivery, &reason).await?;
                 stats.dead += 1;
                 delivery.reject().await?;
-            } else {
-                tracing::warn!(site = %s.name(), event = %ev.id, attempt = delivery.delivery_count, reason, "applying a change failed; it comes again");
-                stats.retried += 1;
-                delivery.nack_requeue().await?;
             }
         }
+    }
+    if good.is_empty() {
+        return Ok(());
+    }
+    let events: Vec<event::Event> = good.iter().map(|(_, ev)| ev.clone()).collect();
+    match apply::apply_batch(s, &events, false).await {
+        Ok(results) => {
+            let mut created = Vec::new();
+            for ((delivery, _), (outcome, new)) in good.into_iter().zip(results) {
+                stats.count(&outcome);
+                delivery.ack().await?;
+                created.extend(new);
+            }
+            if !created.is_empty()
+                && apply::count(s, "SELECT COUNT(*) FROM labrelay_sync_parked").await? > 0
+            {
+                for c in created {
+                    stats.unparked += apply::retry_parked(s, Some(c)).await?;
+                }
+            }
+        }
+        Err(err) if good.len() == 1 => {
+            let (delivery, ev) = good.remove(0);
+            give_up_or_retry(s, delivery, &ev, &err, stats).await?;
+        }
+        Err(_) => {
+            for (delivery, ev) in good {
+                match apply::apply(s, &ev, false).await {
+                    Ok((outcome, created)) => {
+                        stats.count(&outcome);
+                        delivery.ack().await?;
+                        if created.is_some() {
+                            stats.unparked += apply::retry_parked(s, created).await?;
+                        }
+                    }
+                    Err(err) => give_up_or_retry(s, delivery, &ev, &err, stats).await?,
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+impl ConsumeStats {
+    fn count(&mut self, outcome: &Outcome) {
+        match outcome {
+            Outcome::Applied => self.applied += 1,
+            Outcome::Unchanged => self.unchanged += 1,
+            Outcome::Duplicate => self.duplicate += 1,
+            Outcome::Parked => self.parked += 1,
+            Outcome::Ignored => self.ignored += 1,
+        }
+    }
+}
+
+/// A message that failed to apply: dead-lettered with the reason when it can never
+/// apply or failed `max_failures` times, else requeued.
+async fn give_up_or_retry(
+    s: &Site,
+    delivery: Delivery,
+    ev: &event::Event,
+    err: &anyhow::Error,
+    stats: &mut ConsumeStats,
+) -> anyhow::Result<()> {
+    let permanent = err.chain().any(|c| c.downcast_ref::<Refused>().is_some());
+    let reason = labrelay::secret::scrub(&format!("{err:#}")).into_owned();
+    if permanent || delivery.delivery_count >= s.plan.cfg.max_failures {
+        tracing::warn!(site = %s.name(), event = %ev.id, reason, "giving up on a change; it goes to the dead-letter queue");
+        apply::record_dead(s, &delivery, &reason).await?;
+        stats.dead += 1;
+        delivery.reject().await?;
+    } else {
+        tracing::warn!(site = %s.name(), event = %ev.id, attempt = delivery.delivery_count, reason, "applying a change failed; it comes again");
+        stats.retried += 1;
+        delivery.nack_requeue().await?;
     }
     Ok(())
 }

@@ -272,11 +272,13 @@ async fn prepare_row(
                 } else {
                     changed
                 };
+                let mut stored_now = Vec::with_capacity(send.len());
                 for (name, (value, canon)) in send {
-                    site.store_field(conn, &o.name, &me.uuid, name, canon.as_deref(), &version)
-                        .await?;
+                    stored_now.push((name.as_str(), canon.as_deref(), &version));
                     ev.fields.insert(name.clone(), value.clone());
                 }
+                site.store_fields(conn, &o.name, &me.uuid, &stored_now)
+                    .await?;
                 if deleted {
                     remove_field(site, conn, &o.name, &me.uuid, "_deleted").await?;
                 }

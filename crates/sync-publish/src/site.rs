@@ -374,24 +374,51 @@ impl Site {
         value: Option<&str>,
         version: &Version,
     ) -> anyhow::Result<()> {
+        self.store_fields(conn, object_type, uuid, &[(field, value, version)])
+            .await
+    }
+
+    /// Store several fields' values and versions of one object in one statement.
+    pub async fn store_fields(
+        &self,
+        conn: &mut AnyConnection,
+        object_type: &str,
+        uuid: &str,
+        fields: &[(&str, Option<&str>, &Version)],
+    ) -> anyhow::Result<()> {
+        if fields.is_empty() {
+            return Ok(());
+        }
         let e = self.engine();
-        let p: Vec<String> = (1..=5).map(|n| e.placeholder(n)).collect();
+        let mut n = 0;
+        let mut rows = Vec::with_capacity(fields.len());
+        for _ in fields {
+            let p: Vec<String> = (1..=5).map(|k| e.placeholder(n + k)).collect();
+            n += 5;
+            rows.push(format!("({})", p.join(", ")));
+        }
+        let head = format!(
+            "INSERT INTO labrelay_sync_fields (object_type, uuid, field, value, version) VALUES {}",
+            rows.join(", ")
+        );
         let sql = match e {
             Engine::Postgres | Engine::Sqlite => format!(
-                "INSERT INTO labrelay_sync_fields (object_type, uuid, field, value, version) VALUES ({}, {}, {}, {}, {}) \
-                 ON CONFLICT (object_type, uuid, field) DO UPDATE SET value = excluded.value, version = excluded.version",
-                p[0], p[1], p[2], p[3], p[4]
+                "{head} ON CONFLICT (object_type, uuid, field) DO UPDATE SET value = excluded.value, version = excluded.version"
             ),
-            Engine::Mysql => "INSERT INTO labrelay_sync_fields (object_type, uuid, field, value, version) VALUES (?, ?, ?, ?, ?) \
-                 ON DUPLICATE KEY UPDATE value = VALUES(value), version = VALUES(version)"
-                .to_owned(),
+            Engine::Mysql => format!(
+                "{head} ON DUPLICATE KEY UPDATE value = VALUES(value), version = VALUES(version)"
+            ),
         };
-        sqlx::query(&sql)
-            .bind(object_type)
-            .bind(uuid)
-            .bind(field)
-            .bind(value.map(str::to_owned))
-            .bind(version.0.as_str())
+        let mut query = sqlx::query(&sql);
+        for (field, value, version) in fields {
+            query = query
+                .bind(object_type.to_owned())
+                .bind(uuid.to_owned())
+                .bind((*field).to_owned())
+                .bind(value.map(str::to_owned))
+                .bind(version.0.clone());
+        }
+        query
             .execute(&mut *conn)
             .await
             .map_err(|e| self.db.err(e))?;

@@ -246,7 +246,10 @@ async fn publish_raw(
     for (k, v) in headers {
         opts = opts.header(*k, v.clone());
     }
-    broker.publish(exchange, routing_key, body, &opts).await.unwrap();
+    broker
+        .publish(exchange, routing_key, body, &opts)
+        .await
+        .unwrap();
 }
 
 fn uuid_like() -> String {
@@ -258,7 +261,9 @@ fn user_event(site: &str, name: Option<&str>, email: &str) -> Vec<u8> {
     let mut fields = std::collections::BTreeMap::new();
     fields.insert(
         "name".to_owned(),
-        name.map_or(serde_json::Value::Null, |n| serde_json::Value::String(n.into())),
+        name.map_or(serde_json::Value::Null, |n| {
+            serde_json::Value::String(n.into())
+        }),
     );
     fields.insert("email".to_owned(), serde_json::Value::String(email.into()));
     let ev = Event {
@@ -300,7 +305,10 @@ async fn forged_unsigned_and_poison_messages_go_to_the_dead_letter_queue_and_the
         &exchange,
         "b.user.save",
         &good,
-        &[(SITE_HEADER, "b".into()), (SIGNATURE_HEADER, sign(b"not-the-key-of-b", &good))],
+        &[
+            (SITE_HEADER, "b".into()),
+            (SIGNATURE_HEADER, sign(b"not-the-key-of-b", &good)),
+        ],
     )
     .await;
     // Correctly signed but cannot be applied (NOT NULL name): fails, retried, dead.
@@ -310,7 +318,10 @@ async fn forged_unsigned_and_poison_messages_go_to_the_dead_letter_queue_and_the
         &exchange,
         "b.user.save",
         &poison,
-        &[(SITE_HEADER, "b".into()), (SIGNATURE_HEADER, sign(key_b.as_bytes(), &poison))],
+        &[
+            (SITE_HEADER, "b".into()),
+            (SIGNATURE_HEADER, sign(key_b.as_bytes(), &poison)),
+        ],
     )
     .await;
     // A real change behind them still arrives.
@@ -332,7 +343,10 @@ async fn forged_unsigned_and_poison_messages_go_to_the_dead_letter_queue_and_the
         .await;
     assert!(reasons[0][0].contains("unsigned"), "{reasons:?}");
     assert!(reasons[1][0].contains("bad signature"), "{reasons:?}");
-    assert!(reasons[2][0].contains("NOT NULL") || reasons[2][0].contains("null"), "{reasons:?}");
+    assert!(
+        reasons[2][0].contains("NOT NULL") || reasons[2][0].contains("null"),
+        "{reasons:?}"
+    );
     w.drop().await;
 }
 
@@ -354,7 +368,9 @@ async fn changes_made_while_the_broker_is_unreachable_wait_in_the_outbox_and_all
     std::fs::set_permissions(&down, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     for i in 0..20 {
         w.site("a")
-            .exec(&format!("INSERT INTO users (name, email) VALUES ('U{i}', 'u{i}@x.org')"))
+            .exec(&format!(
+                "INSERT INTO users (name, email) VALUES ('U{i}', 'u{i}@x.org')"
+            ))
             .await;
         let out = test_support::cli::run(
             crate::BIN,
@@ -386,7 +402,8 @@ async fn a_consumer_killed_at_random_moments_applies_every_change_once() {
         return;
     };
     let (a, b) = (w.site("a"), w.site("b"));
-    a.exec("INSERT INTO org_unit (name) VALUES ('Chemistry')").await;
+    a.exec("INSERT INTO org_unit (name) VALUES ('Chemistry')")
+        .await;
     for i in 0..300 {
         a.exec(&format!(
             "INSERT INTO users (name, email, org_unit_id) SELECT 'P{i}', 'p{i}@x.org', id FROM org_unit"
@@ -397,7 +414,13 @@ async fn a_consumer_killed_at_random_moments_applies_every_change_once() {
     let mut killed = 0;
     for _ in 0..12 {
         let mut child = test_support::cli::command(crate::BIN, w.home.path())
-            .args(["--config", w.config.to_str().unwrap(), "consume", "--site", "b"])
+            .args([
+                "--config",
+                w.config.to_str().unwrap(),
+                "consume",
+                "--site",
+                "b",
+            ])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -435,7 +458,8 @@ async fn bootstrap_of_ten_thousand_history_objects_converges_a_fresh_site_and_ch
     let (a, b) = (w.site("a"), w.site("b"));
     // History written before syncing was installed.
     w.ok(&["uninstall", "--site", "a"]);
-    a.exec("INSERT INTO org_unit (name) VALUES ('History')").await;
+    a.exec("INSERT INTO org_unit (name) VALUES ('History')")
+        .await;
     a.exec(
         "INSERT INTO users (name, email, phone, org_unit_id) \
          SELECT 'User ' || g, 'user' || g || '@x.org', CAST(g AS TEXT), (SELECT id FROM org_unit) \
@@ -443,7 +467,8 @@ async fn bootstrap_of_ten_thousand_history_objects_converges_a_fresh_site_and_ch
     )
     .await;
     w.ok(&["install", "--site", "a"]);
-    let fingerprint = "SELECT COUNT(*) + SUM(id) + SUM(LENGTH(name)) + SUM(LENGTH(phone)) FROM users";
+    let fingerprint =
+        "SELECT COUNT(*) + SUM(id) + SUM(LENGTH(name)) + SUM(LENGTH(phone)) FROM users";
     let before = a.int(fingerprint).await;
     let started = std::time::Instant::now();
     let out = w.json(&["bootstrap", "--site", "a"]);
@@ -458,7 +483,11 @@ async fn bootstrap_of_ten_thousand_history_objects_converges_a_fresh_site_and_ch
     assert_eq!(a.users().await, b.users().await);
     // Nothing written at the source: same rows, empty outbox, no identities recorded.
     assert_eq!(a.int(fingerprint).await, before);
-    for t in ["labrelay_sync_outbox", "labrelay_sync_ids", "labrelay_sync_fields"] {
+    for t in [
+        "labrelay_sync_outbox",
+        "labrelay_sync_ids",
+        "labrelay_sync_fields",
+    ] {
         assert_eq!(a.int(&format!("SELECT COUNT(*) FROM {t}")).await, 0, "{t}");
     }
     // A second bootstrap rewrites nothing at the receiver.
@@ -467,7 +496,8 @@ async fn bootstrap_of_ten_thousand_history_objects_converges_a_fresh_site_and_ch
     assert_eq!(again["stats"]["applied"], 0, "{again}");
     assert_eq!(again["stats"]["unchanged"], 10001, "{again}");
     // Later edits at the source win over the bootstrap's lowest versions.
-    a.exec("UPDATE users SET phone = 'new' WHERE email = 'user7@x.org'").await;
+    a.exec("UPDATE users SET phone = 'new' WHERE email = 'user7@x.org'")
+        .await;
     w.ok(&["relay", "--site", "a"]);
     w.ok(&["consume", "--site", "b", "--once"]);
     assert_eq!(b.users().await["user7@x.org"][3], "new");
@@ -484,7 +514,12 @@ async fn reconcile_finds_hand_made_drift_and_repair_fixes_it() {
     a.exec("INSERT INTO users (name, email, phone) VALUES ('Xu', 'xu@x.org', '1'), ('Yan', 'yan@x.org', '2')")
         .await;
     w.sync();
-    assert_eq!(w.run(&["reconcile", "--site", "a", "--with", "b"]).status.code(), Some(0));
+    assert_eq!(
+        w.run(&["reconcile", "--site", "a", "--with", "b"])
+            .status
+            .code(),
+        Some(0)
+    );
     // Someone edits b's database behind the triggers' back.
     b.exec(
         "INSERT INTO labrelay_sync_applying (token) VALUES (1); \
@@ -524,11 +559,20 @@ async fn emit_records_a_change_for_sites_without_triggers_and_install_is_idempot
     w.ok(&["uninstall", "--site", "a"]);
     w.ok(&["uninstall", "--site", "a"]);
     let a = w.site("a");
-    a.exec("INSERT INTO users (name, email) VALUES ('Hook', 'hook@x.org')").await;
+    a.exec("INSERT INTO users (name, email) VALUES ('Hook', 'hook@x.org')")
+        .await;
     assert_eq!(a.int("SELECT COUNT(*) FROM labrelay_sync_outbox").await, 0);
-    let id = a.int("SELECT id FROM users WHERE email = 'hook@x.org'").await;
+    let id = a
+        .int("SELECT id FROM users WHERE email = 'hook@x.org'")
+        .await;
     let mut child = test_support::cli::command(crate::BIN, w.home.path())
-        .args(["--config", w.config.to_str().unwrap(), "emit", "--site", "a"])
+        .args([
+            "--config",
+            w.config.to_str().unwrap(),
+            "emit",
+            "--site",
+            "a",
+        ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -541,8 +585,20 @@ async fn emit_records_a_change_for_sites_without_triggers_and_install_is_idempot
     assert!(child.wait().unwrap().success());
     // A bad line is a usage error naming the line.
     let out = test_support::cli::command(crate::BIN, w.home.path())
-        .args(["--config", w.config.to_str().unwrap(), "emit", "--site", "a"])
-        .stdin(std::fs::File::open(write_tmp(&w, "{\"type\":\"robot\",\"op\":\"save\",\"key\":1}\n")).unwrap())
+        .args([
+            "--config",
+            w.config.to_str().unwrap(),
+            "emit",
+            "--site",
+            "a",
+        ])
+        .stdin(
+            std::fs::File::open(write_tmp(
+                &w,
+                "{\"type\":\"robot\",\"op\":\"save\",\"key\":1}\n",
+            ))
+            .unwrap(),
+        )
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
@@ -551,9 +607,17 @@ async fn emit_records_a_change_for_sites_without_triggers_and_install_is_idempot
     assert!(w.site("b").users().await.contains_key("hook@x.org"));
     // --print shows the SQL and runs nothing.
     let sql = w.ok(&["install", "--site", "a", "--print"]);
-    assert!(sql.contains("CREATE TRIGGER labrelay_sync_user_ins AFTER INSERT ON `users`"), "{sql}");
-    a.exec("INSERT INTO users (name, email) VALUES ('Later', 'later@x.org')").await;
-    assert_eq!(a.int("SELECT COUNT(*) FROM labrelay_sync_outbox WHERE state = 'new'").await, 0);
+    assert!(
+        sql.contains("CREATE TRIGGER labrelay_sync_user_ins AFTER INSERT ON `users`"),
+        "{sql}"
+    );
+    a.exec("INSERT INTO users (name, email) VALUES ('Later', 'later@x.org')")
+        .await;
+    assert_eq!(
+        a.int("SELECT COUNT(*) FROM labrelay_sync_outbox WHERE state = 'new'")
+            .await,
+        0
+    );
     w.drop().await;
 }
 
