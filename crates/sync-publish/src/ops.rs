@@ -103,12 +103,19 @@ pub async fn bootstrap(site: &Site, publisher: &Publisher<'_>) -> anyhow::Result
         }
         let snaps = snapshot(site, &object_type).await?;
         let mut n = 0;
-        for snap in snaps.values() {
-            let ev = snapshot_event(site, &object_type, snap, &Version::zero(site.name()));
-            if publisher.publish_event(&ev).await? {
-                n += 1;
-            } else {
-                stats.unrouted += 1;
+        let all: Vec<&Snap> = snaps.values().collect();
+        for chunk in all.chunks(site.plan.cfg.batch) {
+            let mut events = Vec::with_capacity(chunk.len());
+            for snap in chunk {
+                let ev = snapshot_event(site, &object_type, snap, &Version::zero(site.name()));
+                events.push((ev.id.clone(), ev.routing_key(), serde_json::to_vec(&ev)?));
+            }
+            for routed in publisher.publish_many(&events).await? {
+                if routed {
+                    n += 1;
+                } else {
+                    stats.unrouted += 1;
+                }
             }
         }
         stats.published.insert(object_type, n);

@@ -70,12 +70,38 @@ impl Publisher<'_> {
         }
     }
 
+    /// Sign and publish several serialized events (pipelined confirms); one entry per
+    /// event, `false` when no queue takes it.
+    pub async fn publish_many(
+        &self,
+        events: &[(String, String, Vec<u8>)],
+    ) -> Result<Vec<bool>, QueueError> {
+        let messages: Vec<labrelay::queue::Outgoing> = events
+            .iter()
+            .map(|(id, routing_key, body)| labrelay::queue::Outgoing {
+                routing_key: routing_key.clone(),
+                options: PublishOptions::new()
+                    .message_id(id.as_str())
+                    .header(event::SITE_HEADER, self.site.clone())
+                    .header(
+                        event::SIGNATURE_HEADER,
+                        event::sign(self.key.expose().as_bytes(), body),
+                    ),
+                body: body.clone(),
+            })
+            .collect();
+        self.broker.publish_batch(&self.exchange, &messages).await
+    }
+
     /// Serialize and publish an event.
     pub async fn publish_event(&self, ev: &Event) -> anyhow::Result<bool> {
         let body = serde_json::to_vec(ev)?;
         Ok(self.publish(&ev.id, &ev.routing_key(), &body).await?)
     }
 }
+
+/// The least delivery limit of a site's queue at the broker.
+pub const BROKER_DELIVERY_LIMIT: u32 = 20;
 
 /// Declare the exchange and every consuming site's queue and bindings, so a message
 /// published before a consumer first starts waits for it.
@@ -91,8 +117,13 @@ pub async fn declare_topology(site: &Site, broker: &AnyBroker) -> Result<(), Que
         let queue = plan.queue_name(name);
         let spec = labrelay::queue::QueueSpec::new(&queue).with_max_deliveries(
             // The consumer dead-letters after `max_failures` itself, with the reason;
-            // the broker's limit only catches a consumer that crashes on a message.
-            plan.cfg.max_failures.saturating_mul(2).max(2),
+            // the broker's limit only catches a message that crashes the consumer
+            // every time. Every message a killed consumer held counts one delivery, so
+            // the limit is generous: a restart loop must not bury healthy messages.
+            plan.cfg
+                .max_failures
+                .saturating_mul(4)
+                .max(BROKER_DELIVERY_LIMIT),
         );
         broker.declare_queue(&spec).await?;
         for pattern in plan.bindings(name) {
@@ -367,33 +398,31 @@ async fn publish_ready(
         .fetch_all(site.db.pool())
         .await
         .map_err(|e| site.db.err(e))?;
-    let mut sent = Vec::new();
-    let mut unrouted = Vec::new();
-    let mut failure = None;
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut events = Vec::with_capacity(rows.len());
     for r in &rows {
-        let id: i64 = r.try_get(0).map_err(|e| site.db.err(e))?;
-        let event_id = labrelay::db::text(r, 1)?;
-        let routing_key = labrelay::db::text(r, 2)?;
-        let body = labrelay::db::text(r, 3)?;
-        match publisher
-            .publish(&event_id, &routing_key, body.as_bytes())
-            .await
-        {
-            Ok(true) => sent.push(id),
-            Ok(false) => unrouted.push(id),
-            Err(e) => {
-                failure = Some(e);
-                break;
-            }
+        ids.push(r.try_get::<i64, _>(0).map_err(|e| site.db.err(e))?);
+        events.push((
+            labrelay::db::text(r, 1)?,
+            labrelay::db::text(r, 2)?,
+            labrelay::db::text(r, 3)?.into_bytes(),
+        ));
+    }
+    // An error leaves every row of the batch `ready`: the next run sends them again
+    // (the receivers' inboxes drop what already arrived).
+    let routed = publisher.publish_many(&events).await?;
+    let (mut sent, mut unrouted) = (Vec::new(), Vec::new());
+    for (id, ok) in ids.into_iter().zip(routed) {
+        if ok {
+            sent.push(id);
+        } else {
+            unrouted.push(id);
         }
     }
     mark(site, &sent, "sent").await?;
     mark(site, &unrouted, "unrouted").await?;
     stats.sent += sent.len() as u64;
     stats.unrouted += unrouted.len() as u64;
-    if let Some(e) = failure {
-        return Err(e.into());
-    }
     Ok(rows.len())
 }
 

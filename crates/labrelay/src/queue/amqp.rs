@@ -109,6 +109,20 @@ struct Shared {
     ca_pem: Option<String>,
 }
 
+/// The AMQP properties of a publish: persistent, timestamped, id and headers.
+fn properties(options: &PublishOptions) -> BasicProperties {
+    let mut properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_timestamp(u64::try_from(chrono::Utc::now().timestamp()).unwrap_or(0));
+    if let Some(id) = &options.message_id {
+        properties = properties.with_message_id(ShortString::from(id.as_str()));
+    }
+    if !options.headers.is_empty() {
+        properties = properties.with_headers(header_table(&options.headers));
+    }
+    properties
+}
+
 struct Publisher {
     connection: Connection,
     channel: Channel,
@@ -307,6 +321,99 @@ impl AmqpBroker {
             shared,
             publisher: Arc::new(Mutex::new(Some(publisher))),
         })
+    }
+
+    /// Publish several messages to one exchange with their confirms pipelined: all are
+    /// sent, then all confirms awaited, which is many times faster than one
+    /// [`Broker::publish`] after the other. `Ok(routed)` has one entry per message,
+    /// `false` for a mandatory message no queue took. If anything goes wrong on the way
+    /// (connection lost, a nack, a confirm late), the messages are published again one
+    /// by one with [`Broker::publish`]'s reconnects, so a consumer may see some twice;
+    /// `Err` means that failed too and any of the messages may be unconfirmed.
+    pub async fn publish_batch(
+        &self,
+        exchange: &str,
+        messages: &[super::Outgoing],
+    ) -> Result<Vec<bool>, QueueError> {
+        if let Some(routed) = self.publish_pipelined(exchange, messages).await {
+            return Ok(routed);
+        }
+        let mut routed = Vec::with_capacity(messages.len());
+        for m in messages {
+            match self
+                .publish(exchange, &m.routing_key, &m.body, &m.options)
+                .await
+            {
+                Ok(()) => routed.push(true),
+                Err(QueueError::Unroutable { .. }) => routed.push(false),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(routed)
+    }
+
+    /// The fast path of [`AmqpBroker::publish_batch`]; `None` when it did not work out.
+    async fn publish_pipelined(
+        &self,
+        exchange: &str,
+        messages: &[super::Outgoing],
+    ) -> Option<Vec<bool>> {
+        // Which confirm carries a returned (unroutable) message is not reliable when
+        // confirms are pipelined, so returns are matched by message id: every message
+        // needs a distinct one, or the batch goes the slow way.
+        let ids: std::collections::HashSet<&str> = messages
+            .iter()
+            .filter_map(|m| m.options.message_id.as_deref())
+            .collect();
+        if ids.len() != messages.len() {
+            return None;
+        }
+        let deadline = Instant::now() + self.shared.reconnect_for;
+        let mut publisher = self.publisher.lock().await;
+        self.ensure_publisher(&mut publisher, deadline).await.ok()?;
+        let p = publisher.as_ref()?;
+        let mut confirms = Vec::with_capacity(messages.len());
+        for m in messages {
+            let confirm = p
+                .channel
+                .basic_publish(
+                    exchange,
+                    &m.routing_key,
+                    BasicPublishOptions {
+                        mandatory: m.options.mandatory,
+                        immediate: false,
+                    },
+                    &m.body,
+                    properties(&m.options),
+                )
+                .await
+                .ok()?;
+            confirms.push(confirm);
+        }
+        let mut returned = std::collections::HashSet::new();
+        for confirm in confirms {
+            match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+                Ok(Ok(Confirmation::Ack(None))) => {}
+                Ok(Ok(Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r)))) => {
+                    let id = r.delivery.properties.message_id().as_ref()?.to_string();
+                    if !ids.contains(id.as_str()) || !returned.insert(id) {
+                        return None;
+                    }
+                }
+                _ => return None,
+            }
+        }
+        Some(
+            messages
+                .iter()
+                .map(|m| {
+                    m.options
+                        .message_id
+                        .as_ref()
+                        .is_none_or(|id| !returned.contains(id))
+                })
+                .collect(),
+        )
     }
 
     /// The redacted URL.
@@ -572,15 +679,7 @@ impl Broker for AmqpBroker {
         body: &[u8],
         options: &PublishOptions,
     ) -> Result<(), QueueError> {
-        let mut properties = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_timestamp(u64::try_from(chrono::Utc::now().timestamp()).unwrap_or(0));
-        if let Some(id) = &options.message_id {
-            properties = properties.with_message_id(ShortString::from(id.as_str()));
-        }
-        if !options.headers.is_empty() {
-            properties = properties.with_headers(header_table(&options.headers));
-        }
+        let properties = properties(options);
         let publish_options = BasicPublishOptions {
             mandatory: options.mandatory,
             immediate: false,

@@ -476,6 +476,17 @@ impl BrokerSettings {
     }
 }
 
+/// One message of [`AnyBroker::publish_batch`].
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// The routing key.
+    pub routing_key: String,
+    /// The body.
+    pub body: Vec<u8>,
+    /// Id, headers, mandatory.
+    pub options: PublishOptions,
+}
+
 /// A broker chosen at run time from a URL scheme: `amqp://`/`amqps://` (RabbitMQ) or
 /// `sqlite://PATH` (embedded).
 #[derive(Debug, Clone)]
@@ -492,6 +503,34 @@ impl AnyBroker {
         let url = config.queue_url()?;
         let settings = BrokerSettings::from_config(&config.queue)?;
         AnyBroker::connect(&url, &settings).await
+    }
+
+    /// Publish several messages to one exchange. RabbitMQ pipelines them (see
+    /// [`AmqpBroker::publish_batch`]); the embedded broker stores them one by one. One
+    /// entry per message: `false` when it was mandatory and no queue took it. After
+    /// `Err`, any of them may be unconfirmed: publish them again (consumers deduplicate).
+    pub async fn publish_batch(
+        &self,
+        exchange: &str,
+        messages: &[Outgoing],
+    ) -> Result<Vec<bool>, QueueError> {
+        match self {
+            AnyBroker::Amqp(b) => b.publish_batch(exchange, messages).await,
+            AnyBroker::Sqlite(b) => {
+                let mut routed = Vec::with_capacity(messages.len());
+                for m in messages {
+                    match b
+                        .publish(exchange, &m.routing_key, &m.body, &m.options)
+                        .await
+                    {
+                        Ok(()) => routed.push(true),
+                        Err(QueueError::Unroutable { .. }) => routed.push(false),
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(routed)
+            }
+        }
     }
 
     /// Connect to the broker named by `url`.

@@ -264,7 +264,39 @@ contract!(
     prefetch_is_respected,
     two_consumers_share_without_double_delivery,
     two_processes_consume_one_queue_at_once,
+    batch_publish_keeps_order_and_reports_unroutable_messages,
 );
+
+async fn batch_publish_keeps_order_and_reports_unroutable_messages(fx: &Fixture) {
+    let b = fx.broker().await;
+    let x = fx.exchange("batch");
+    let q = fx.queue("batch");
+    b.declare_exchange(&x, ExchangeKind::Topic).await.unwrap();
+    b.declare_queue(&QueueSpec::new(&q)).await.unwrap();
+    b.bind(&q, &x, "a.#").await.unwrap();
+    let messages: Vec<labrelay::queue::Outgoing> = (0..300)
+        .map(|i| labrelay::queue::Outgoing {
+            // Every seventh message matches no binding.
+            routing_key: if i % 7 == 3 {
+                format!("b.{i}")
+            } else {
+                format!("a.{i}")
+            },
+            body: format!("m{i}").into_bytes(),
+            options: id(i),
+        })
+        .collect();
+    let routed = b.publish_batch(&x, &messages).await.unwrap();
+    let want: Vec<bool> = (0..300).map(|i| i % 7 != 3).collect();
+    assert_eq!(routed, want);
+    let mut c = b.consume(&q, 50).await.unwrap();
+    for i in (0..300).filter(|i| i % 7 != 3) {
+        let d = next(&mut c).await;
+        assert_eq!(d.body, format!("m{i}").into_bytes(), "in publish order");
+        d.ack().await.unwrap();
+    }
+    nothing(&mut c).await;
+}
 
 async fn round_trip_keeps_body_headers_and_id(fx: &Fixture) {
     let b = fx.broker().await;
