@@ -269,11 +269,13 @@ contract!(
 
 async fn batch_publish_keeps_order_and_reports_unroutable_messages(fx: &Fixture) {
     let b = fx.broker().await;
-    let x = fx.exchange("batch");
+    let exchange = fx.exchange("batch");
     let q = fx.queue("batch");
-    b.declare_exchange(&x, ExchangeKind::Topic).await.unwrap();
+    b.declare_exchange(&exchange, ExchangeKind::Topic)
+        .await
+        .unwrap();
     b.declare_queue(&QueueSpec::new(&q)).await.unwrap();
-    b.bind(&q, &x, "a.#").await.unwrap();
+    b.bind(&q, &exchange, "a.#").await.unwrap();
     let messages: Vec<labrelay::queue::Outgoing> = (0..300)
         .map(|i| labrelay::queue::Outgoing {
             // Every seventh message matches no binding.
@@ -286,7 +288,7 @@ async fn batch_publish_keeps_order_and_reports_unroutable_messages(fx: &Fixture)
             options: id(i),
         })
         .collect();
-    let routed = b.publish_batch(&x, &messages).await.unwrap();
+    let routed = b.publish_batch(&exchange, &messages).await.unwrap();
     let want: Vec<bool> = (0..300).map(|i| i % 7 != 3).collect();
     assert_eq!(routed, want);
     let mut c = b.consume(&q, 50).await.unwrap();
