@@ -179,7 +179,19 @@ pub async fn reconcile(
         let theirs = snapshot(other, &object_type).await?;
         let uuids: BTreeSet<&String> = mine.keys().chain(theirs.keys()).collect();
         for uuid in uuids {
+            let spec = &site.plan.objects[&object_type];
+            // Where deletes are not allowed, a site that deleted its row while the
+            // others hold it deactivated is in sync: that is what its delete meant.
+            let deactivated = |snap: &Snap| {
+                !spec.allow_delete
+                    && spec
+                        .active
+                        .as_ref()
+                        .is_some_and(|a| snap.values.get(a) == Some(&Value::Bool(false)))
+            };
             let finding = match (mine.get(uuid), theirs.get(uuid)) {
+                (Some(a), None) if deactivated(a) => None,
+                (None, Some(b)) if deactivated(b) => None,
                 (Some(_), None) => Some(("missing_at_other", Vec::new())),
                 (None, Some(_)) => Some(("missing_here", Vec::new())),
                 (Some(a), Some(b)) => {

@@ -100,3 +100,64 @@ fn password_columns_are_refused_unless_a_rule_opts_in() {
     );
     assert!(sql.contains("labrelay_sync_outbox"), "{sql}");
 }
+
+#[test]
+fn demo_sync_converges_three_sqlite_sites_over_the_embedded_queue() {
+    let dir = test_support::tempdir();
+    let out = std::process::Command::new(test_support::workspace_root().join("scripts/demo-sync"))
+        .arg(dir.path())
+        .env("LABRELAY_DEMO_NO_BUILD", "1")
+        .env("LABRELAY_SYNC_PUBLISH", BIN)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text.matches("Alice Chen | 0755-1234").count(), 3, "{text}");
+    assert_eq!(text.matches("Bob | 0").count(), 2, "{text}");
+    assert!(
+        text.contains("shenzhen vs jinan: 0 difference(s)"),
+        "{text}"
+    );
+    // The password hash stays at its site.
+    assert_eq!(text.matches("stays-home").count(), 1, "{text}");
+}
+
+#[test]
+fn the_example_configuration_is_valid_for_every_site() {
+    let home = test_support::tempdir();
+    let cfg = test_support::workspace_root().join("examples/sync/sites.toml");
+    for (site, trigger) in [
+        (
+            "sdu",
+            "EXECUTE FUNCTION labrelay_sync_capture('user', 'id', 'save')",
+        ),
+        (
+            "wuhan",
+            "CREATE TRIGGER labrelay_sync_user_ins AFTER INSERT ON `users`",
+        ),
+        (
+            "college",
+            "CREATE TRIGGER labrelay_sync_user_ins AFTER INSERT ON \"users\"",
+        ),
+    ] {
+        let out = test_support::cli::run(
+            BIN,
+            home.path(),
+            &[
+                "--config",
+                cfg.to_str().unwrap(),
+                "install",
+                "--site",
+                site,
+                "--print",
+            ],
+        );
+        let sql = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{site}: {out:?}");
+        assert!(sql.contains(trigger), "{site}: {sql}");
+    }
+}
