@@ -439,6 +439,11 @@ async fn apply_save(
         }
     }
     let key = resolve_object(site, conn, spec, &ev.object, &ev.fields, unmapped).await?;
+    // A change to some fields of an object this site does not have (its creation is
+    // still on the way, or only a bootstrap will bring it) waits for the object.
+    if key.is_none() && spec.fields.iter().any(|f| !ev.fields.contains_key(&f.name)) {
+        return Ok(Park::Waiting(spec.name.clone(), ev.object.uuid.clone()));
+    }
     let stored = site
         .stored_fields(conn, &spec.name, &ev.object.uuid)
         .await?;

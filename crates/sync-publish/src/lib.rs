@@ -100,8 +100,9 @@ pub enum Command {
         /// Keep relaying until SIGTERM
         #[arg(long)]
         follow: bool,
-        /// With --follow: how often to look at the outbox
-        #[arg(long, value_name = "MS", default_value_t = 200)]
+        /// With --follow: how often to look at the outbox (PostgreSQL sites are also
+        /// woken by the triggers at once)
+        #[arg(long, value_name = "MS", default_value_t = 100)]
         interval_ms: u64,
     },
     /// Apply the other sites' changes until SIGTERM (or --once)
@@ -350,6 +351,11 @@ async fn relay(
         key: keys[site].clone(),
     };
     let mut total = relay::RelayStats::default();
+    let mut wake = if follow {
+        relay::Wakeup::listen(&ctx.config, &s).await
+    } else {
+        relay::Wakeup::Poll
+    };
     let stop = labrelay::cli::shutdown_signal();
     tokio::pin!(stop);
     loop {
@@ -371,9 +377,10 @@ async fn relay(
         }
         tokio::select! {
             () = &mut stop => break,
-            () = tokio::time::sleep(interval) => {}
+            () = wake.wait(interval) => {}
         }
     }
+    broker.close().await;
     ctx.out.emit("relay", &serde_json::json!({ "site": site, "sent": total.sent, "skipped": total.skipped, "unrouted": total.unrouted }), || {
         format!("{site}: {} sent, {} skipped, {} unrouted", total.sent, total.skipped, total.unrouted)
     })?;
@@ -391,6 +398,8 @@ struct ConsumeStats {
     dead: u64,
     retried: u64,
     unparked: u64,
+    /// Transactions the applied messages took.
+    transactions: u64,
 }
 
 async fn consume(ctx: &Context, site: &str, once: bool) -> anyhow::Result<Exit> {
@@ -443,6 +452,8 @@ async fn consume(ctx: &Context, site: &str, once: bool) -> anyhow::Result<Exit> 
         }
         handle_batch(&s, &keys, batch, &mut stats).await?;
     }
+    consumer.close().await;
+    broker.close().await;
     ctx.out.emit("consume", &serde_json::json!({ "site": site, "stats": &stats }), || {
         format!(
             "{site}: {} applied, {} unchanged, {} duplicate, {} parked, {} unparked, {} ignored, {} dead, {} retried",
@@ -485,6 +496,7 @@ async fn handle_batch(
         return Ok(());
     }
     let events: Vec<event::Event> = good.iter().map(|(_, ev)| ev.clone()).collect();
+    stats.transactions += 1;
     match apply::apply_batch(s, &events, false).await {
         Ok(results) => {
             let mut created = Vec::new();
@@ -571,6 +583,7 @@ async fn bootstrap(ctx: &Context, site: &str) -> anyhow::Result<Exit> {
         key: keys[site].clone(),
     };
     let stats = ops::bootstrap(&s, &publisher).await?;
+    broker.close().await;
     ctx.out.emit("bootstrap", &serde_json::json!({ "site": site, "published": &stats.published, "unrouted": stats.unrouted }), || {
         let parts: Vec<String> = stats.published.iter().map(|(t, n)| format!("{n} {t}")).collect();
         format!("{site}: published {} ({} unrouted)", parts.join(", "), stats.unrouted)
@@ -602,6 +615,9 @@ async fn reconcile(ctx: &Context, site: &str, with: &str, repair: bool) -> anyho
         key: keys[site].clone(),
     });
     let findings = ops::reconcile(&s, &other, publisher.as_ref()).await?;
+    if let Some(b) = &broker {
+        b.close().await;
+    }
     for f in &findings {
         ctx.out.emit("difference", f, || {
             format!(
@@ -634,6 +650,9 @@ async fn status(ctx: &Context, site: &str) -> anyhow::Result<Exit> {
     let s = open(ctx, site, true).await?;
     let broker = broker(ctx).await.ok();
     let st = ops::status(&s, broker.as_ref()).await?;
+    if let Some(b) = &broker {
+        b.close().await;
+    }
     ctx.out.emit("status", &st, || {
         format!(
             "{}: backlog {}, applied {}, last applied {}, parked {}, dead {}{}",

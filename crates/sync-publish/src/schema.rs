@@ -12,6 +12,10 @@ use labrelay::db::Engine;
 
 use crate::config::{LinkSpec, ObjectSpec, Plan};
 
+/// PostgreSQL: the channel the capture triggers notify (once per transaction: equal
+/// notifications of one transaction are folded), so `relay --follow` wakes at once.
+pub const NOTIFY_CHANNEL: &str = "labrelay_sync";
+
 /// The bookkeeping tables, in creation order.
 pub const TABLES: &[&str] = &[
     "labrelay_sync_outbox",
@@ -355,6 +359,7 @@ BEGIN
     INSERT INTO labrelay_sync_outbox (object_type, local_key, op, captured_ms)
       VALUES (TG_ARGV[0], to_jsonb(NEW) ->> TG_ARGV[1], TG_ARGV[2], {now});
   END IF;
+  PERFORM pg_notify('{NOTIFY_CHANNEL}', '');
   RETURN NULL;
 END
 $fn$"
@@ -371,6 +376,7 @@ BEGIN
     INSERT INTO labrelay_sync_outbox (object_type, local_key, right_key, op, captured_ms)
       VALUES (TG_ARGV[0], to_jsonb(NEW) ->> TG_ARGV[1], to_jsonb(NEW) ->> TG_ARGV[2], 'connect', {now});
   END IF;
+  PERFORM pg_notify('{NOTIFY_CHANNEL}', '');
   RETURN NULL;
 END
 $fn$"

@@ -416,6 +416,15 @@ impl AmqpBroker {
         )
     }
 
+    /// Close the publishing connection (after the last publish; a later call reconnects).
+    /// Closing before the process ends keeps the connection's I/O thread from reporting
+    /// errors while the runtime shuts down.
+    pub async fn close(&self) {
+        if let Some(p) = self.publisher.lock().await.take() {
+            let _ = p.connection.close(200, "done").await;
+        }
+    }
+
     /// The redacted URL.
     pub fn url(&self) -> &str {
         &self.shared.shown
@@ -821,6 +830,7 @@ pub(crate) struct AmqpConsumer {
 }
 
 struct Session {
+    connection: Connection,
     channel: Channel,
     consumer: lapin::Consumer,
 }
@@ -828,6 +838,19 @@ struct Session {
 impl AmqpConsumer {
     pub(crate) fn queue(&self) -> &str {
         &self.queue
+    }
+
+    /// Cancel the subscription and close its connection. Deliveries not yet settled
+    /// return to the queue.
+    pub(crate) async fn close(mut self) {
+        if let Some(session) = self.session.take() {
+            let tag = session.consumer.tag();
+            let _ = session
+                .channel
+                .basic_cancel(tag.as_str(), BasicCancelOptions::default())
+                .await;
+            let _ = session.connection.close(200, "consumer done").await;
+        }
     }
 
     /// Connect and subscribe. The flag tells whether the failure came while connecting
@@ -852,10 +875,14 @@ impl AmqpConsumer {
                     FieldTable::default(),
                 )
                 .await?;
-            Ok(Session { channel, consumer })
+            Ok((channel, consumer))
         };
-        // The channel keeps the connection open; the connection handle can go.
-        subscribed.await.map_err(|e| (e, false))
+        let (channel, consumer) = subscribed.await.map_err(|e| (e, false))?;
+        Ok(Session {
+            connection,
+            channel,
+            consumer,
+        })
     }
 
     async fn subscribe_until(&self, deadline: Instant) -> Result<Session, QueueError> {

@@ -533,6 +533,15 @@ impl AnyBroker {
         }
     }
 
+    /// Close the broker's connections (RabbitMQ), so that nothing is left running while
+    /// the process exits. Call it when done; using the broker afterwards reconnects.
+    pub async fn close(&self) {
+        match self {
+            AnyBroker::Amqp(b) => b.close().await,
+            AnyBroker::Sqlite(_) => {}
+        }
+    }
+
     /// Connect to the broker named by `url`.
     pub async fn connect(url: &RedactedUrl, settings: &BrokerSettings) -> Result<Self, QueueError> {
         match url.expose().scheme() {
@@ -616,6 +625,15 @@ impl std::fmt::Debug for Consumer {
 }
 
 impl Consumer {
+    /// Stop consuming and close the subscription's connection (RabbitMQ). Deliveries
+    /// not settled yet come again.
+    pub async fn close(self) {
+        match self.inner {
+            ConsumerInner::Amqp(c) => c.close().await,
+            ConsumerInner::Sqlite(_) => {}
+        }
+    }
+
     /// The queue consumed.
     pub fn queue(&self) -> &str {
         match &self.inner {

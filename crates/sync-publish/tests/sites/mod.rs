@@ -266,6 +266,10 @@ fn user_event(site: &str, name: Option<&str>, email: &str) -> Vec<u8> {
         }),
     );
     fields.insert("email".to_owned(), serde_json::Value::String(email.into()));
+    // Every field: a change to some fields of an unknown object would wait (parked).
+    fields.insert("phone".to_owned(), serde_json::Value::Null);
+    fields.insert("active".to_owned(), serde_json::Value::Bool(true));
+    fields.insert("org_unit".to_owned(), serde_json::Value::Null);
     let ev = Event {
         format: FORMAT,
         id: uuid_like(),
