@@ -16,6 +16,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sqlx::{AnyConnection, Row};
 
+use crate::cache::Cache;
 use crate::config::{FieldType, ObjectSpec};
 use crate::event::{self, Event, FORMAT, Op, Ref, Version};
 use crate::site::{Site, bind_key, bind_value, canonical, q};
@@ -194,9 +195,9 @@ pub async fn apply_batch(
     let mut results = Vec::with_capacity(events.len());
     let mut observed = false;
     let mut clock = site.lock_clock(&mut tx).await?;
-    let mut unmapped = BTreeMap::new();
+    let mut cache = Cache::prefetch(site, &mut tx, events).await?;
     for ev in events {
-        let r = apply_in(site, &mut tx, ev, from_parked, &mut unmapped).await?;
+        let r = apply_in(site, &mut tx, ev, from_parked, &mut cache).await?;
         if matches!(r.0, Outcome::Applied | Outcome::Unchanged) {
             observed = true;
             for v in ev.versions.values().chain(std::iter::once(&ev.version)) {
@@ -207,6 +208,7 @@ pub async fn apply_batch(
         }
         results.push(r);
     }
+    cache.flush(site, &mut tx).await?;
     if observed {
         site.save_clock(&mut tx, clock).await?;
     }
@@ -221,18 +223,10 @@ async fn apply_in(
     tx: &mut AnyConnection,
     ev: &Event,
     from_parked: bool,
-    unmapped: &mut BTreeMap<String, bool>,
+    cache: &mut Cache,
 ) -> anyhow::Result<Applied> {
     let e = site.engine();
-    let seen = sqlx::query(&format!(
-        "SELECT 1 FROM labrelay_sync_inbox WHERE event_id = {}",
-        e.placeholder(1)
-    ))
-    .bind(&ev.id)
-    .fetch_optional(&mut *tx)
-    .await
-    .map_err(|e| site.db.err(e))?
-    .is_some();
+    let seen = cache.seen(&ev.id);
     if seen {
         if from_parked {
             unpark(site, tx, &ev.id).await?;
@@ -244,12 +238,12 @@ async fn apply_in(
         Op::Save | Op::Delete => {
             let o = site.plan.objects[&ev.object_type].clone();
             if ev.op == Op::Save {
-                apply_save(site, tx, &o, ev, &mut created, unmapped).await?
+                apply_save(site, tx, &o, ev, &mut created, cache).await?
             } else {
-                apply_delete(site, tx, &o, ev).await?
+                apply_delete(site, tx, &o, ev, cache).await?
             }
         }
-        Op::Connect | Op::Disconnect => apply_link(site, tx, ev).await?,
+        Op::Connect | Op::Disconnect => apply_link(site, tx, ev, cache).await?,
     };
     match &outcome {
         Park::Waiting(ty, uuid) => {
@@ -277,22 +271,7 @@ async fn apply_in(
             if from_parked {
                 unpark(site, tx, &ev.id).await?;
             }
-            let sql = format!(
-                "INSERT INTO labrelay_sync_inbox (event_id, site, applied_ms, outcome) VALUES ({}, {}, {}, {})",
-                e.placeholder(1),
-                e.placeholder(2),
-                e.placeholder(3),
-                e.placeholder(4)
-            );
-            let word = if *changed { "applied" } else { "unchanged" };
-            sqlx::query(&sql)
-                .bind(&ev.id)
-                .bind(&ev.site)
-                .bind(i64::try_from(event::now_ms()).unwrap_or(i64::MAX))
-                .bind(word)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| site.db.err(e))?;
+            cache.inbox(ev, if *changed { "applied" } else { "unchanged" });
             let outcome = if *changed {
                 Outcome::Applied
             } else {
@@ -332,9 +311,9 @@ async fn resolve_object(
     spec: &ObjectSpec,
     wanted: &Ref,
     fields: &BTreeMap<String, Value>,
-    unmapped: &mut BTreeMap<String, bool>,
+    cache: &mut Cache,
 ) -> anyhow::Result<Option<String>> {
-    if let Some(k) = site.local_key(conn, &spec.name, wanted).await? {
+    if let Some(k) = cache.local_key(site, conn, &spec.name, wanted).await? {
         return Ok(Some(k));
     }
     if spec.match_fields.is_empty() || !spec.match_fields.iter().all(|m| fields.contains_key(m)) {
@@ -347,7 +326,9 @@ async fn resolve_object(
     };
     // Only rows without an identity can be adopted; once per transaction, find out
     // whether there are any (rows this transaction inserts get one at once).
-    if !unmapped.contains_key(&spec.name) {
+    // The queries below read labrelay_sync_ids: write what the batch recorded first.
+    cache.flush_ids(site, conn).await?;
+    if !cache.unmapped.contains_key(&spec.name) {
         let sql = format!(
             "SELECT 1 FROM {table} WHERE {key_text} NOT IN \
              (SELECT local_key FROM labrelay_sync_ids WHERE object_type = {p}) LIMIT 1",
@@ -360,9 +341,9 @@ async fn resolve_object(
             .await
             .map_err(|e| site.db.err(e))?
             .is_some();
-        unmapped.insert(spec.name.clone(), any);
+        cache.unmapped.insert(spec.name.clone(), any);
     }
-    if unmapped.get(&spec.name) == Some(&false) {
+    if cache.unmapped.get(&spec.name) == Some(&false) {
         return Ok(None);
     }
     let mut conds = Vec::new();
@@ -394,7 +375,7 @@ async fn resolve_object(
         return Ok(None);
     }
     let key = crate::site::read_key(&rows[0], 0, spec.key_type).map_err(|e| site.db.err(e))?;
-    site.record_id(conn, &spec.name, wanted, &key).await?;
+    cache.record_id(&spec.name, wanted, &key);
     tracing::info!(object = %spec.name, uuid = %wanted.uuid, key, "adopted an existing row matching the synced object");
     Ok(Some(key))
 }
@@ -405,7 +386,7 @@ async fn apply_save(
     spec: &ObjectSpec,
     ev: &Event,
     created: &mut Option<(String, String)>,
-    unmapped: &mut BTreeMap<String, bool>,
+    cache: &mut Cache,
 ) -> anyhow::Result<Park> {
     let e = site.engine();
     // References first: anything missing parks the whole change.
@@ -417,7 +398,7 @@ async fn apply_save(
             (Some(target), v) if !v.is_null() => {
                 let target_ref: Ref = serde_json::from_value(v.clone())
                     .map_err(|err| Refused(format!("field {name}: not a reference: {err}")))?;
-                let Some(key) = site.local_key(conn, target, &target_ref).await? else {
+                let Some(key) = cache.local_key(site, conn, target, &target_ref).await? else {
                     return Ok(Park::Waiting(target.clone(), target_ref.uuid));
                 };
                 let tk = site.plan.objects[target].key_type;
@@ -438,15 +419,13 @@ async fn apply_save(
             }
         }
     }
-    let key = resolve_object(site, conn, spec, &ev.object, &ev.fields, unmapped).await?;
+    let key = resolve_object(site, conn, spec, &ev.object, &ev.fields, cache).await?;
     // A change to some fields of an object this site does not have (its creation is
     // still on the way, or only a bootstrap will bring it) waits for the object.
     if key.is_none() && spec.fields.iter().any(|f| !ev.fields.contains_key(&f.name)) {
         return Ok(Park::Waiting(spec.name.clone(), ev.object.uuid.clone()));
     }
-    let stored = site
-        .stored_fields(conn, &spec.name, &ev.object.uuid)
-        .await?;
+    let stored = cache.stored(site, conn, &spec.name, &ev.object.uuid).await?;
     if let Some((_, tomb)) = stored.get("_deleted")
         && tomb >= &ev.version
     {
@@ -529,20 +508,11 @@ async fn apply_save(
             .map_err(|e| site.db.err(e))?;
         let new_key = crate::site::read_key(&row, 0, spec.key_type).map_err(|e| site.db.err(e))?;
         if key.is_some() {
-            exec(
-                site,
-                conn,
-                &format!(
-                    "DELETE FROM labrelay_sync_ids WHERE object_type = {} AND uuid = {}",
-                    e.placeholder(1),
-                    e.placeholder(2)
-                ),
-                &[&spec.name, &ev.object.uuid],
-            )
-            .await?;
+            cache
+                .remove_id(site, conn, &spec.name, &ev.object.uuid)
+                .await?;
         }
-        site.record_id(conn, &spec.name, &ev.object, &new_key)
-            .await?;
+        cache.record_id(&spec.name, &ev.object, &new_key);
         *created = Some((spec.name.clone(), ev.object.uuid.clone()));
     }
     let stored_now: Vec<(&str, Option<&str>, &Version)> = newer
@@ -555,10 +525,11 @@ async fn apply_save(
             )
         })
         .collect();
-    site.store_fields(conn, &spec.name, &ev.object.uuid, &stored_now)
-        .await?;
+    cache.store(&spec.name, &ev.object.uuid, &stored_now);
     if stored.contains_key("_deleted") {
-        crate::relay::remove_field(site, conn, &spec.name, &ev.object.uuid, "_deleted").await?;
+        cache
+            .remove_field(site, conn, &spec.name, &ev.object.uuid, "_deleted")
+            .await?;
     }
     Ok(Park::Done(true))
 }
@@ -568,12 +539,13 @@ async fn apply_delete(
     conn: &mut AnyConnection,
     o: &ObjectSpec,
     ev: &Event,
+    cache: &mut Cache,
 ) -> anyhow::Result<Park> {
     let e = site.engine();
-    let Some(key) = site.local_key(conn, &o.name, &ev.object).await? else {
+    let Some(key) = cache.local_key(site, conn, &o.name, &ev.object).await? else {
         return Ok(Park::Done(false));
     };
-    let stored = site.stored_fields(conn, &o.name, &ev.object.uuid).await?;
+    let stored = cache.stored(site, conn, &o.name, &ev.object.uuid).await?;
     if o.allow_delete {
         // A change newer than the delete (re-created or edited after) keeps the object.
         if stored.values().any(|(_, v)| v > &ev.version) {
@@ -590,15 +562,7 @@ async fn apply_delete(
             .await
             .map_err(|e| site.db.err(e))?
             .rows_affected();
-        site.store_field(
-            conn,
-            &o.name,
-            &ev.object.uuid,
-            "_deleted",
-            Some("true"),
-            &ev.version,
-        )
-        .await?;
+        cache.store(&o.name, &ev.object.uuid, &[("_deleted", Some("true"), &ev.version)]);
         return Ok(Park::Done(n > 0));
     }
     // Deletes are not allowed: the delete is a deactivation with the delete's version.
@@ -624,32 +588,34 @@ async fn apply_delete(
         .execute(&mut *conn)
         .await
         .map_err(|e| site.db.err(e))?;
-    site.store_field(
-        conn,
+    let inactive = canonical(&Value::Bool(false));
+    cache.store(
         &o.name,
         &ev.object.uuid,
-        &active.name,
-        canonical(&Value::Bool(false)).as_deref(),
-        &ev.version,
-    )
-    .await?;
+        &[(&active.name, inactive.as_deref(), &ev.version)],
+    );
     Ok(Park::Done(true))
 }
 
-async fn apply_link(site: &Site, conn: &mut AnyConnection, ev: &Event) -> anyhow::Result<Park> {
+async fn apply_link(
+    site: &Site,
+    conn: &mut AnyConnection,
+    ev: &Event,
+    cache: &mut Cache,
+) -> anyhow::Result<Park> {
     let e = site.engine();
     let l = site.plan.links[&ev.object_type].clone();
     let Some(right) = &ev.right else {
         return Ok(Park::Done(false));
     };
-    let Some(lk) = site.local_key(conn, &l.left.object, &ev.object).await? else {
+    let Some(lk) = cache.local_key(site, conn, &l.left.object, &ev.object).await? else {
         return Ok(Park::Waiting(l.left.object.clone(), ev.object.uuid.clone()));
     };
-    let Some(rk) = site.local_key(conn, &l.right.object, right).await? else {
+    let Some(rk) = cache.local_key(site, conn, &l.right.object, right).await? else {
         return Ok(Park::Waiting(l.right.object.clone(), right.uuid.clone()));
     };
     let id = Event::link_id(&ev.object.uuid, &right.uuid);
-    let stored = site.stored_fields(conn, &l.name, &id).await?;
+    let stored = cache.stored(site, conn, &l.name, &id).await?;
     if stored.get("_linked").is_some_and(|(_, v)| v >= &ev.version) {
         return Ok(Park::Done(false));
     }
@@ -709,8 +675,7 @@ async fn apply_link(site: &Site, conn: &mut AnyConnection, ev: &Event) -> anyhow
     } else {
         "false"
     };
-    site.store_field(conn, &l.name, &id, "_linked", Some(linked), &ev.version)
-        .await?;
+    cache.store(&l.name, &id, &[("_linked", Some(linked), &ev.version)]);
     Ok(Park::Done(changed))
 }
 

@@ -8,6 +8,7 @@
 //! [`config`].
 
 pub mod apply;
+pub mod cache;
 pub mod config;
 pub mod event;
 pub mod ops;

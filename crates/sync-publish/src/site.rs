@@ -386,20 +386,33 @@ impl Site {
         uuid: &str,
         fields: &[(&str, Option<&str>, &Version)],
     ) -> anyhow::Result<()> {
-        if fields.is_empty() {
+        let rows: Vec<(&str, &str, &str, Option<&str>, &Version)> = fields
+            .iter()
+            .map(|(f, v, ver)| (object_type, uuid, *f, *v, *ver))
+            .collect();
+        self.store_field_rows(conn, &rows).await
+    }
+
+    /// Store (type, uuid, field, value, version) rows in one statement (an upsert).
+    pub async fn store_field_rows(
+        &self,
+        conn: &mut AnyConnection,
+        rows: &[(&str, &str, &str, Option<&str>, &Version)],
+    ) -> anyhow::Result<()> {
+        if rows.is_empty() {
             return Ok(());
         }
         let e = self.engine();
         let mut n = 0;
-        let mut rows = Vec::with_capacity(fields.len());
-        for _ in fields {
+        let mut values = Vec::with_capacity(rows.len());
+        for _ in rows {
             let p: Vec<String> = (1..=5).map(|k| e.placeholder(n + k)).collect();
             n += 5;
-            rows.push(format!("({})", p.join(", ")));
+            values.push(format!("({})", p.join(", ")));
         }
         let head = format!(
             "INSERT INTO labrelay_sync_fields (object_type, uuid, field, value, version) VALUES {}",
-            rows.join(", ")
+            values.join(", ")
         );
         let sql = match e {
             Engine::Postgres | Engine::Sqlite => format!(
@@ -410,10 +423,10 @@ impl Site {
             ),
         };
         let mut query = sqlx::query(&sql);
-        for (field, value, version) in fields {
+        for (object_type, uuid, field, value, version) in rows {
             query = query
-                .bind(object_type.to_owned())
-                .bind(uuid.to_owned())
+                .bind((*object_type).to_owned())
+                .bind((*uuid).to_owned())
                 .bind((*field).to_owned())
                 .bind(value.map(str::to_owned))
                 .bind(version.0.clone());
