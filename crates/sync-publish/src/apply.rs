@@ -425,7 +425,9 @@ async fn apply_save(
     if key.is_none() && spec.fields.iter().any(|f| !ev.fields.contains_key(&f.name)) {
         return Ok(Park::Waiting(spec.name.clone(), ev.object.uuid.clone()));
     }
-    let stored = cache.stored(site, conn, &spec.name, &ev.object.uuid).await?;
+    let stored = cache
+        .stored(site, conn, &spec.name, &ev.object.uuid)
+        .await?;
     if let Some((_, tomb)) = stored.get("_deleted")
         && tomb >= &ev.version
     {
@@ -562,7 +564,11 @@ async fn apply_delete(
             .await
             .map_err(|e| site.db.err(e))?
             .rows_affected();
-        cache.store(&o.name, &ev.object.uuid, &[("_deleted", Some("true"), &ev.version)]);
+        cache.store(
+            &o.name,
+            &ev.object.uuid,
+            &[("_deleted", Some("true"), &ev.version)],
+        );
         return Ok(Park::Done(n > 0));
     }
     // Deletes are not allowed: the delete is a deactivation with the delete's version.
@@ -608,7 +614,10 @@ async fn apply_link(
     let Some(right) = &ev.right else {
         return Ok(Park::Done(false));
     };
-    let Some(lk) = cache.local_key(site, conn, &l.left.object, &ev.object).await? else {
+    let Some(lk) = cache
+        .local_key(site, conn, &l.left.object, &ev.object)
+        .await?
+    else {
         return Ok(Park::Waiting(l.left.object.clone(), ev.object.uuid.clone()));
     };
     let Some(rk) = cache.local_key(site, conn, &l.right.object, right).await? else {

@@ -23,6 +23,8 @@ const CHUNK: usize = 500;
 pub struct Cache {
     seen: HashSet<String>,
     ids: HashMap<(String, String), Option<String>>,
+    /// (type, local key) -> identity, for the relay.
+    keys: HashMap<(String, String), Ref>,
     fields: HashMap<(String, String), Fields>,
     /// Per object type: whether rows without an identity exist (adoption possible).
     pub unmapped: BTreeMap<String, bool>,
@@ -119,8 +121,21 @@ impl Cache {
         for key in objects {
             cache.ids.entry(key).or_insert(None);
         }
-        let fuuids: Vec<&str> = field_keys
+        cache.load_fields(site, conn, &field_keys).await?;
+        Ok(cache)
+    }
+
+    /// Read the stored fields of objects (type, uuid) not read yet.
+    pub async fn load_fields(
+        &mut self,
+        site: &Site,
+        conn: &mut AnyConnection,
+        keys: &HashSet<(String, String)>,
+    ) -> anyhow::Result<()> {
+        let e = site.engine();
+        let fuuids: Vec<&str> = keys
             .iter()
+            .filter(|k| !self.fields.contains_key(*k))
             .map(|(_, u)| u.as_str())
             .collect::<HashSet<_>>()
             .into_iter()
@@ -135,8 +150,7 @@ impl Cache {
                 q = q.bind(*u);
             }
             for row in q.fetch_all(&mut *conn).await.map_err(|e| site.db.err(e))? {
-                cache
-                    .fields
+                self.fields
                     .entry((labrelay::db::text(&row, 0)?, labrelay::db::text(&row, 1)?))
                     .or_default()
                     .insert(
@@ -148,10 +162,74 @@ impl Cache {
                     );
             }
         }
-        for key in field_keys {
-            cache.fields.entry(key).or_default();
+        for key in keys {
+            self.fields.entry(key.clone()).or_default();
         }
-        Ok(cache)
+        Ok(())
+    }
+
+    /// Read the identities of local objects (type, key) not read yet.
+    pub async fn load_refs(
+        &mut self,
+        site: &Site,
+        conn: &mut AnyConnection,
+        wanted: &HashSet<(String, String)>,
+    ) -> anyhow::Result<()> {
+        let e = site.engine();
+        let keys: Vec<&str> = wanted
+            .iter()
+            .filter(|k| !self.keys.contains_key(*k))
+            .map(|(_, k)| k.as_str())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        for chunk in keys.chunks(CHUNK) {
+            let sql = format!(
+                "SELECT object_type, local_key, uuid, origin, origin_key FROM labrelay_sync_ids WHERE local_key IN ({})",
+                placeholders(e, 1, chunk.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for k in chunk {
+                q = q.bind(*k);
+            }
+            for row in q.fetch_all(&mut *conn).await.map_err(|e| site.db.err(e))? {
+                let r = Ref {
+                    uuid: labrelay::db::text(&row, 2)?,
+                    origin: labrelay::db::text(&row, 3)?,
+                    key: labrelay::db::text(&row, 4)?,
+                };
+                self.keys.insert(
+                    (labrelay::db::text(&row, 0)?, labrelay::db::text(&row, 1)?),
+                    r,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The identity of a local object, without recording it: recorded, or its home
+    /// uuid. Call [`Cache::load_refs`] for it first.
+    pub fn peek_ref(&self, site: &Site, object_type: &str, key: &str) -> Ref {
+        self.keys
+            .get(&(object_type.to_owned(), key.to_owned()))
+            .cloned()
+            .unwrap_or_else(|| Ref {
+                uuid: crate::event::home_uuid(site.name(), object_type, key),
+                origin: site.name().to_owned(),
+                key: key.to_owned(),
+            })
+    }
+
+    /// The identity of a local object, recorded (at the next flush) when it is new.
+    pub fn ref_of(&mut self, site: &Site, object_type: &str, key: &str) -> Ref {
+        let k = (object_type.to_owned(), key.to_owned());
+        if let Some(r) = self.keys.get(&k) {
+            return r.clone();
+        }
+        let r = self.peek_ref(site, object_type, key);
+        self.keys.insert(k, r.clone());
+        self.record_id(object_type, &r, key);
+        r
     }
 
     /// Whether the event was applied before (or earlier in this batch).
@@ -269,11 +347,8 @@ impl Cache {
         uuid: &str,
         field: &str,
     ) -> anyhow::Result<()> {
-        self.new_fields.remove(&(
-            object_type.to_owned(),
-            uuid.to_owned(),
-            field.to_owned(),
-        ));
+        self.new_fields
+            .remove(&(object_type.to_owned(), uuid.to_owned(), field.to_owned()));
         if let Some(f) = self
             .fields
             .get_mut(&(object_type.to_owned(), uuid.to_owned()))
@@ -333,7 +408,11 @@ impl Cache {
             );
             let mut q = sqlx::query(&sql);
             for (id, from, outcome) in chunk {
-                q = q.bind(id.clone()).bind(from.clone()).bind(now).bind(*outcome);
+                q = q
+                    .bind(id.clone())
+                    .bind(from.clone())
+                    .bind(now)
+                    .bind(*outcome);
             }
             q.execute(&mut *conn).await.map_err(|e| site.db.err(e))?;
         }

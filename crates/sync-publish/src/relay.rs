@@ -4,7 +4,9 @@
 //! `sent`. A crash between the two publishes the same message (same event id) again,
 //! which the receiving inbox drops.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use labrelay::db::Engine;
 
 use labrelay::queue::{AnyBroker, Broker, PublishOptions, QueueError};
 use labrelay::secret::Secret;
@@ -12,8 +14,9 @@ use serde::Serialize;
 use serde_json::Value;
 use sqlx::{AnyConnection, Row};
 
+use crate::cache::Cache;
 use crate::event::{self, Event, FORMAT, Op, Ref, Version};
-use crate::site::{Site, canonical};
+use crate::site::{ObjectRow, Site, canonical};
 
 /// Counts of one relay pass.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -143,8 +146,10 @@ struct OutboxRow {
 }
 
 /// Prepare up to one batch of new outbox rows; returns how many rows it handled.
+///
+/// The rows' objects, identities and field versions are read in set queries, and the
+/// identities, field versions and prepared messages written in multi-row statements.
 async fn prepare_batch(site: &Site, stats: &mut RelayStats) -> anyhow::Result<usize> {
-    let e = site.engine();
     let mut tx = site.db.pool().begin().await.map_err(|e| site.db.err(e))?;
     let mut clock = site.lock_clock(&mut tx).await?;
     let sql = format!(
@@ -167,46 +172,161 @@ async fn prepare_batch(site: &Site, stats: &mut RelayStats) -> anyhow::Result<us
             captured_ms: r.try_get(5).map_err(|e| site.db.err(e))?,
         });
     }
+    if batch.is_empty() {
+        return Ok(0);
+    }
+    let plan = site.plan.clone();
+    // The current rows of the saved objects, one query per type and chunk.
+    let mut objects: HashMap<(String, String), ObjectRow> = HashMap::new();
+    let mut by_type: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for row in &batch {
-        let prepared = prepare_row(site, &mut tx, &mut clock, row).await?;
-        match prepared {
-            Prepared::Ready(ev) => {
-                let body = serde_json::to_string(&*ev)?;
-                let sql = format!(
-                    "UPDATE labrelay_sync_outbox SET state = 'ready', event_id = {}, routing_key = {}, event = {} WHERE id = {}",
-                    e.placeholder(1),
-                    e.placeholder(2),
-                    e.placeholder(3),
-                    e.placeholder(4)
-                );
-                sqlx::query(&sql)
-                    .bind(&ev.id)
-                    .bind(ev.routing_key())
-                    .bind(body)
-                    .bind(row.id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|e| site.db.err(e))?;
+        if row.op == "save" && plan.objects.contains_key(&row.object_type) {
+            by_type
+                .entry(row.object_type.as_str())
+                .or_default()
+                .push(row.local_key.as_str());
+        }
+    }
+    for (ty, keys) in by_type {
+        let o = &plan.objects[ty];
+        for obj in site.read_objects(&mut tx, o, &keys).await? {
+            objects.insert((ty.to_owned(), obj.key.clone()), obj);
+        }
+    }
+    // Identities of the rows' objects and of everything they refer to.
+    let mut wanted: HashSet<(String, String)> = HashSet::new();
+    for row in &batch {
+        if let Some(l) = plan.links.get(&row.object_type) {
+            wanted.insert((l.left.object.clone(), row.local_key.clone()));
+            if let Some(r) = &row.right_key {
+                wanted.insert((l.right.object.clone(), r.clone()));
             }
-            Prepared::Skipped(note) => {
-                stats.skipped += 1;
-                let sql = format!(
-                    "UPDATE labrelay_sync_outbox SET state = 'skipped', note = {} WHERE id = {}",
-                    e.placeholder(1),
-                    e.placeholder(2)
-                );
-                sqlx::query(&sql)
-                    .bind(note)
-                    .bind(row.id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|e| site.db.err(e))?;
+        } else {
+            wanted.insert((row.object_type.clone(), row.local_key.clone()));
+        }
+    }
+    for ((ty, _), obj) in &objects {
+        for f in &plan.objects[ty].fields {
+            if let (Some(target), Some(v)) = (&f.reference, obj.values.get(&f.name))
+                && !v.is_null()
+            {
+                wanted.insert((target.clone(), key_of(v)));
             }
         }
     }
+    let mut cache = Cache::default();
+    cache.load_refs(site, &mut tx, &wanted).await?;
+    // Stored field versions of every object (and link) in the batch.
+    let mut field_keys: HashSet<(String, String)> = HashSet::new();
+    for row in &batch {
+        if let Some(l) = plan.links.get(&row.object_type) {
+            if let Some(r) = &row.right_key {
+                let left = cache.peek_ref(site, &l.left.object, &row.local_key);
+                let right = cache.peek_ref(site, &l.right.object, r);
+                field_keys.insert((l.name.clone(), Event::link_id(&left.uuid, &right.uuid)));
+            }
+        } else if plan.objects.contains_key(&row.object_type) {
+            let me = cache.peek_ref(site, &row.object_type, &row.local_key);
+            field_keys.insert((row.object_type.clone(), me.uuid));
+        }
+    }
+    cache.load_fields(site, &mut tx, &field_keys).await?;
+    let mut updates = Vec::with_capacity(batch.len());
+    for row in &batch {
+        let prepared = prepare_row(site, &mut tx, &mut cache, &objects, &mut clock, row).await?;
+        updates.push(match prepared {
+            Prepared::Ready(ev) => OutboxUpdate {
+                state: "ready",
+                event_id: Some(ev.id.clone()),
+                routing_key: Some(ev.routing_key()),
+                event: Some(serde_json::to_string(&*ev)?),
+                note: None,
+            },
+            Prepared::Skipped(note) => {
+                stats.skipped += 1;
+                OutboxUpdate {
+                    state: "skipped",
+                    event_id: None,
+                    routing_key: None,
+                    event: None,
+                    note: Some(note),
+                }
+            }
+        });
+    }
+    cache.flush(site, &mut tx).await?;
+    write_outbox(site, &mut tx, &batch, &updates).await?;
     site.save_clock(&mut tx, clock).await?;
     tx.commit().await.map_err(|e| site.db.err(e))?;
     Ok(batch.len())
+}
+
+/// A prepared outbox row's new state.
+struct OutboxUpdate {
+    state: &'static str,
+    event_id: Option<String>,
+    routing_key: Option<String>,
+    event: Option<String>,
+    note: Option<&'static str>,
+}
+
+/// Write the prepared rows back, many per statement (an upsert on the row id).
+async fn write_outbox(
+    site: &Site,
+    conn: &mut AnyConnection,
+    batch: &[OutboxRow],
+    updates: &[OutboxUpdate],
+) -> anyhow::Result<()> {
+    let e = site.engine();
+    let pairs: Vec<(&OutboxRow, &OutboxUpdate)> = batch.iter().zip(updates).collect();
+    for chunk in pairs.chunks(300) {
+        let values: Vec<String> = (0..chunk.len())
+            .map(|i| {
+                let p: Vec<String> = (1..=11).map(|k| e.placeholder(i * 11 + k)).collect();
+                format!("({})", p.join(", "))
+            })
+            .collect();
+        let head = format!(
+            "INSERT INTO labrelay_sync_outbox (id, object_type, local_key, right_key, op, captured_ms, \
+             state, event_id, routing_key, event, note) VALUES {}",
+            values.join(", ")
+        );
+        let sql = match e {
+            Engine::Postgres | Engine::Sqlite => format!(
+                "{head} ON CONFLICT (id) DO UPDATE SET state = excluded.state, event_id = excluded.event_id, \
+                 routing_key = excluded.routing_key, event = excluded.event, note = excluded.note"
+            ),
+            Engine::Mysql => format!(
+                "{head} ON DUPLICATE KEY UPDATE state = VALUES(state), event_id = VALUES(event_id), \
+                 routing_key = VALUES(routing_key), event = VALUES(event), note = VALUES(note)"
+            ),
+        };
+        let mut q = sqlx::query(&sql);
+        for (row, u) in chunk {
+            q = q
+                .bind(row.id)
+                .bind(row.object_type.clone())
+                .bind(row.local_key.clone())
+                .bind(row.right_key.clone())
+                .bind(row.op.clone())
+                .bind(row.captured_ms)
+                .bind(u.state)
+                .bind(u.event_id.clone())
+                .bind(u.routing_key.clone())
+                .bind(u.event.clone())
+                .bind(u.note);
+        }
+        q.execute(&mut *conn).await.map_err(|e| site.db.err(e))?;
+    }
+    Ok(())
+}
+
+/// A referenced local key as text.
+fn key_of(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
 }
 
 fn new_event(site: &Site, object_type: &str, op: Op, object: Ref, version: Version) -> Event {
@@ -238,11 +358,33 @@ pub async fn wire_values(
         let v = values.get(&f.name).cloned().unwrap_or(Value::Null);
         let entry = match (&f.reference, &v) {
             (Some(target), v) if !v.is_null() => {
-                let key = match v {
-                    Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                let r = site.ref_of(conn, target, &key, record).await?;
+                let r = site.ref_of(conn, target, &key_of(v), record).await?;
+                let canon = canonical(&Value::String(r.uuid.clone()));
+                (serde_json::to_value(&r)?, canon)
+            }
+            _ => {
+                let canon = canonical(&v);
+                (v, canon)
+            }
+        };
+        out.insert(f.name.clone(), entry);
+    }
+    Ok(out)
+}
+
+/// [`wire_values`] from the batch's view; new identities are recorded there.
+fn wire_values_cached(
+    site: &Site,
+    cache: &mut Cache,
+    o: &crate::config::ObjectSpec,
+    values: &BTreeMap<String, Value>,
+) -> anyhow::Result<BTreeMap<String, (Value, Option<String>)>> {
+    let mut out = BTreeMap::new();
+    for f in &o.fields {
+        let v = values.get(&f.name).cloned().unwrap_or(Value::Null);
+        let entry = match (&f.reference, &v) {
+            (Some(target), v) if !v.is_null() => {
+                let r = cache.ref_of(site, target, &key_of(v));
                 let canon = canonical(&Value::String(r.uuid.clone()));
                 (serde_json::to_value(&r)?, canon)
             }
@@ -259,6 +401,8 @@ pub async fn wire_values(
 async fn prepare_row(
     site: &Site,
     conn: &mut AnyConnection,
+    cache: &mut Cache,
+    objects: &HashMap<(String, String), ObjectRow>,
     clock: &mut event::Clock,
     row: &OutboxRow,
 ) -> anyhow::Result<Prepared> {
@@ -276,15 +420,15 @@ async fn prepare_row(
     if let Some(o) = plan.objects.get(&row.object_type) {
         match op {
             Op::Save => {
-                let Some(obj) = site.read_object(conn, o, &row.local_key).await? else {
+                let Some(obj) = objects.get(&(o.name.clone(), row.local_key.clone())) else {
                     return Ok(Prepared::Skipped("row gone before it was relayed"));
                 };
                 if obj.temporary {
                     return Ok(Prepared::Skipped("temporary"));
                 }
-                let me = site.ref_of(conn, &o.name, &obj.key, true).await?;
-                let wire = wire_values(site, conn, o, &obj.values, true).await?;
-                let stored = site.stored_fields(conn, &o.name, &me.uuid).await?;
+                let me = cache.ref_of(site, &o.name, &obj.key);
+                let wire = wire_values_cached(site, cache, o, &obj.values)?;
+                let stored = cache.stored(site, conn, &o.name, &me.uuid).await?;
                 let changed: Vec<(&String, &(Value, Option<String>))> = wire
                     .iter()
                     .filter(|(name, (_, canon))| {
@@ -308,22 +452,22 @@ async fn prepare_row(
                     stored_now.push((name.as_str(), canon.as_deref(), &version));
                     ev.fields.insert(name.clone(), value.clone());
                 }
-                site.store_fields(conn, &o.name, &me.uuid, &stored_now)
-                    .await?;
+                cache.store(&o.name, &me.uuid, &stored_now);
                 if deleted {
-                    remove_field(site, conn, &o.name, &me.uuid, "_deleted").await?;
+                    cache
+                        .remove_field(site, conn, &o.name, &me.uuid, "_deleted")
+                        .await?;
                 }
                 Ok(Prepared::Ready(Box::new(ev)))
             }
             Op::Delete => {
-                let me = site.ref_of(conn, &o.name, &row.local_key, false).await?;
-                let stored = site.stored_fields(conn, &o.name, &me.uuid).await?;
+                let me = cache.peek_ref(site, &o.name, &row.local_key);
+                let stored = cache.stored(site, conn, &o.name, &me.uuid).await?;
                 if stored.is_empty() {
                     return Ok(Prepared::Skipped("deleted before it was ever sent"));
                 }
                 let version = stamp(clock);
-                site.store_field(conn, &o.name, &me.uuid, "_deleted", Some("true"), &version)
-                    .await?;
+                cache.store(&o.name, &me.uuid, &[("_deleted", Some("true"), &version)]);
                 Ok(Prepared::Ready(Box::new(new_event(
                     site,
                     &o.name,
@@ -341,15 +485,12 @@ async fn prepare_row(
         let Some(right_key) = &row.right_key else {
             return Ok(Prepared::Skipped("link row without its right key"));
         };
-        let left = site
-            .ref_of(conn, &l.left.object, &row.local_key, true)
-            .await?;
-        let right = site.ref_of(conn, &l.right.object, right_key, true).await?;
+        let left = cache.ref_of(site, &l.left.object, &row.local_key);
+        let right = cache.ref_of(site, &l.right.object, right_key);
         let id = Event::link_id(&left.uuid, &right.uuid);
         let version = stamp(clock);
         let linked = if op == Op::Connect { "true" } else { "false" };
-        site.store_field(conn, &l.name, &id, "_linked", Some(linked), &version)
-            .await?;
+        cache.store(&l.name, &id, &[("_linked", Some(linked), &version)]);
         let mut ev = new_event(site, &l.name, op, left, version);
         ev.right = Some(right);
         Ok(Prepared::Ready(Box::new(ev)))

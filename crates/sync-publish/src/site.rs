@@ -228,6 +228,44 @@ impl Site {
             .map_err(|e| self.db.err(e).into())
     }
 
+    /// Objects by local keys (those that exist), in one query per chunk of keys.
+    pub async fn read_objects(
+        &self,
+        conn: &mut AnyConnection,
+        o: &ObjectSpec,
+        keys: &[&str],
+    ) -> anyhow::Result<Vec<ObjectRow>> {
+        let e = self.engine();
+        let mut out = Vec::with_capacity(keys.len());
+        let unique: Vec<&str> = keys
+            .iter()
+            .copied()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        for chunk in unique.chunks(500) {
+            let ph: Vec<String> = (1..=chunk.len()).map(|i| e.placeholder(i)).collect();
+            let sql = format!(
+                "{} WHERE {} IN ({})",
+                self.select_sql(o),
+                q(e, &o.key),
+                ph.join(", ")
+            );
+            let mut query = sqlx::query(&sql);
+            for k in chunk {
+                query = bind_key(query, k, o.key_type);
+            }
+            let rows = query
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(|e| self.db.err(e))?;
+            for r in &rows {
+                out.push(self.decode_object(o, r).map_err(|e| self.db.err(e))?);
+            }
+        }
+        Ok(out)
+    }
+
     /// The identity of a local object: recorded, or its home uuid (recorded when
     /// `record`).
     pub async fn ref_of(
