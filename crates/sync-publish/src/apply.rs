@@ -33,8 +33,6 @@ pub enum Outcome {
     Duplicate,
     /// Waiting for an object it refers to.
     Parked,
-    /// A topic this site does not accept.
-    Ignored,
 }
 
 /// Why an event can never be applied: it goes to the dead-letter queue at once.
@@ -749,11 +747,6 @@ pub async fn record_dead(site: &Site, delivery: &Delivery, reason: &str) -> anyh
         .await
         .map_err(|e| site.db.err(e))?;
     Ok(())
-}
-
-/// The lowest version (for fields nobody changed since syncing began).
-pub fn zero(site: &str) -> Version {
-    Version::zero(site)
 }
 
 /// A count from a one-value query.

@@ -96,26 +96,28 @@ impl Cache {
                 cache.seen.insert(labrelay::db::text(&row, 0)?);
             }
         }
-        let uuids: Vec<&str> = objects
-            .iter()
-            .map(|(_, u)| u.as_str())
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect();
-        for chunk in uuids.chunks(CHUNK) {
-            let sql = format!(
-                "SELECT object_type, uuid, local_key FROM labrelay_sync_ids WHERE uuid IN ({})",
-                placeholders(e, 1, chunk.len())
-            );
-            let mut q = sqlx::query(&sql);
-            for u in chunk {
-                q = q.bind(*u);
-            }
-            for row in q.fetch_all(&mut *conn).await.map_err(|e| site.db.err(e))? {
-                cache.ids.insert(
-                    (labrelay::db::text(&row, 0)?, labrelay::db::text(&row, 1)?),
-                    Some(labrelay::db::text(&row, 2)?),
+        // Grouped by type, so each query uses the (object_type, uuid) primary key.
+        let mut by_type: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for (t, u) in &objects {
+            by_type.entry(t.as_str()).or_default().push(u.as_str());
+        }
+        for (t, uuids) in by_type {
+            for chunk in uuids.chunks(CHUNK) {
+                let sql = format!(
+                    "SELECT uuid, local_key FROM labrelay_sync_ids WHERE object_type = {} AND uuid IN ({})",
+                    e.placeholder(1),
+                    placeholders(e, 2, chunk.len())
                 );
+                let mut q = sqlx::query(&sql).bind(t);
+                for u in chunk {
+                    q = q.bind(*u);
+                }
+                for row in q.fetch_all(&mut *conn).await.map_err(|e| site.db.err(e))? {
+                    cache.ids.insert(
+                        (t.to_owned(), labrelay::db::text(&row, 0)?),
+                        Some(labrelay::db::text(&row, 1)?),
+                    );
+                }
             }
         }
         for key in objects {
@@ -133,33 +135,34 @@ impl Cache {
         keys: &HashSet<(String, String)>,
     ) -> anyhow::Result<()> {
         let e = site.engine();
-        let fuuids: Vec<&str> = keys
-            .iter()
-            .filter(|k| !self.fields.contains_key(*k))
-            .map(|(_, u)| u.as_str())
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect();
-        for chunk in fuuids.chunks(CHUNK) {
-            let sql = format!(
-                "SELECT object_type, uuid, field, value, version FROM labrelay_sync_fields WHERE uuid IN ({})",
-                placeholders(e, 1, chunk.len())
-            );
-            let mut q = sqlx::query(&sql);
-            for u in chunk {
-                q = q.bind(*u);
-            }
-            for row in q.fetch_all(&mut *conn).await.map_err(|e| site.db.err(e))? {
-                self.fields
-                    .entry((labrelay::db::text(&row, 0)?, labrelay::db::text(&row, 1)?))
-                    .or_default()
-                    .insert(
-                        labrelay::db::text(&row, 2)?,
-                        (
-                            labrelay::db::opt_text(&row, 3)?,
-                            Version(labrelay::db::text(&row, 4)?),
-                        ),
-                    );
+        let mut by_type: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for (t, u) in keys.iter().filter(|k| !self.fields.contains_key(*k)) {
+            by_type.entry(t.as_str()).or_default().push(u.as_str());
+        }
+        for (t, uuids) in by_type {
+            for chunk in uuids.chunks(CHUNK) {
+                let sql = format!(
+                    "SELECT uuid, field, value, version FROM labrelay_sync_fields \
+                     WHERE object_type = {} AND uuid IN ({})",
+                    e.placeholder(1),
+                    placeholders(e, 2, chunk.len())
+                );
+                let mut q = sqlx::query(&sql).bind(t);
+                for u in chunk {
+                    q = q.bind(*u);
+                }
+                for row in q.fetch_all(&mut *conn).await.map_err(|e| site.db.err(e))? {
+                    self.fields
+                        .entry((t.to_owned(), labrelay::db::text(&row, 0)?))
+                        .or_default()
+                        .insert(
+                            labrelay::db::text(&row, 1)?,
+                            (
+                                labrelay::db::opt_text(&row, 2)?,
+                                Version(labrelay::db::text(&row, 3)?),
+                            ),
+                        );
+                }
             }
         }
         for key in keys {
@@ -176,32 +179,31 @@ impl Cache {
         wanted: &HashSet<(String, String)>,
     ) -> anyhow::Result<()> {
         let e = site.engine();
-        let keys: Vec<&str> = wanted
-            .iter()
-            .filter(|k| !self.keys.contains_key(*k))
-            .map(|(_, k)| k.as_str())
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect();
-        for chunk in keys.chunks(CHUNK) {
-            let sql = format!(
-                "SELECT object_type, local_key, uuid, origin, origin_key FROM labrelay_sync_ids WHERE local_key IN ({})",
-                placeholders(e, 1, chunk.len())
-            );
-            let mut q = sqlx::query(&sql);
-            for k in chunk {
-                q = q.bind(*k);
-            }
-            for row in q.fetch_all(&mut *conn).await.map_err(|e| site.db.err(e))? {
-                let r = Ref {
-                    uuid: labrelay::db::text(&row, 2)?,
-                    origin: labrelay::db::text(&row, 3)?,
-                    key: labrelay::db::text(&row, 4)?,
-                };
-                self.keys.insert(
-                    (labrelay::db::text(&row, 0)?, labrelay::db::text(&row, 1)?),
-                    r,
+        let mut by_type: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for (t, k) in wanted.iter().filter(|k| !self.keys.contains_key(*k)) {
+            by_type.entry(t.as_str()).or_default().push(k.as_str());
+        }
+        for (t, keys) in by_type {
+            for chunk in keys.chunks(CHUNK) {
+                let sql = format!(
+                    "SELECT local_key, uuid, origin, origin_key FROM labrelay_sync_ids \
+                     WHERE object_type = {} AND local_key IN ({})",
+                    e.placeholder(1),
+                    placeholders(e, 2, chunk.len())
                 );
+                let mut q = sqlx::query(&sql).bind(t);
+                for k in chunk {
+                    q = q.bind(*k);
+                }
+                for row in q.fetch_all(&mut *conn).await.map_err(|e| site.db.err(e))? {
+                    let r = Ref {
+                        uuid: labrelay::db::text(&row, 1)?,
+                        origin: labrelay::db::text(&row, 2)?,
+                        key: labrelay::db::text(&row, 3)?,
+                    };
+                    self.keys
+                        .insert((t.to_owned(), labrelay::db::text(&row, 0)?), r);
+                }
             }
         }
         Ok(())

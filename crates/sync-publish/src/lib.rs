@@ -543,7 +543,6 @@ impl ConsumeStats {
             Outcome::Unchanged => self.unchanged += 1,
             Outcome::Duplicate => self.duplicate += 1,
             Outcome::Parked => self.parked += 1,
-            Outcome::Ignored => self.ignored += 1,
         }
     }
 }

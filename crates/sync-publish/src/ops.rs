@@ -258,17 +258,13 @@ async fn fresh_version(site: &Site, o_type: &str, snap: &Snap) -> anyhow::Result
     let mut clock: Clock = site.lock_clock(&mut tx).await?;
     clock.tick(crate::event::now_ms());
     let version = clock.version(site.name());
-    for (name, canon) in &snap.canon {
-        site.store_field(
-            &mut tx,
-            o_type,
-            &snap.object.uuid,
-            name,
-            canon.as_deref(),
-            &version,
-        )
+    let fields: Vec<(&str, Option<&str>, &Version)> = snap
+        .canon
+        .iter()
+        .map(|(name, canon)| (name.as_str(), canon.as_deref(), &version))
+        .collect();
+    site.store_fields(&mut tx, o_type, &snap.object.uuid, &fields)
         .await?;
-    }
     site.save_clock(&mut tx, clock).await?;
     tx.commit().await.map_err(|e| site.db.err(e))?;
     Ok(version)

@@ -402,20 +402,6 @@ impl Site {
         Ok(out)
     }
 
-    /// Store a field's value and version.
-    pub async fn store_field(
-        &self,
-        conn: &mut AnyConnection,
-        object_type: &str,
-        uuid: &str,
-        field: &str,
-        value: Option<&str>,
-        version: &Version,
-    ) -> anyhow::Result<()> {
-        self.store_fields(conn, object_type, uuid, &[(field, value, version)])
-            .await
-    }
-
     /// Store several fields' values and versions of one object in one statement.
     pub async fn store_fields(
         &self,
