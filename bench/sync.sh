@@ -71,6 +71,15 @@ cleanup() {
     wait 2>/dev/null || true
     for d in $SRC $PGDST; do psql -q "$PG_ADMIN" -c "DROP DATABASE IF EXISTS $d WITH (FORCE)" >/dev/null 2>&1 || true; done
     for d in $MYDST $MYBOOT; do mariadb -h 127.0.0.1 -u root -e "DROP DATABASE IF EXISTS $d" >/dev/null 2>&1 || true; done
+    # The queues hold up to 4 x N messages when a run stops early: never leave them
+    # on the shared broker (a node recovering millions of them starts slowly).
+    if [[ -n ${EXCHANGE:-} ]] && command -v rabbitmqctl >/dev/null; then
+        for q in src pg maria boot; do
+            for name in "$EXCHANGE.$q" "$EXCHANGE.$q.dead"; do
+                timeout 30 rabbitmqctl -q delete_queue "$name" >/dev/null 2>&1 || true
+            done
+        done
+    fi
     rm -rf "$WORK"
 }
 trap cleanup EXIT

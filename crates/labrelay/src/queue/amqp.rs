@@ -85,6 +85,25 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 /// Heartbeat asked for unless the URL sets one: a dead peer is noticed within ~2× this.
 const HEARTBEAT_SECS: u16 = 15;
 const CONNECT_TIMEOUT_MS: u64 = 10_000;
+/// A handshake or request the broker has not answered within this counts as a broken
+/// connection. The TCP connect timeout alone leaves a broker that accepts connections
+/// but never answers (a wedged node) hanging its clients forever.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `request`, or a timed-out I/O error (transient) when the broker has not answered
+/// within [`REQUEST_TIMEOUT`].
+async fn answered<T>(request: impl Future<Output = lapin::Result<T>>) -> lapin::Result<T> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
+        Ok(result) => result,
+        Err(_) => Err(lapin::Error::IOError(Arc::new(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "no answer from the broker within {} s",
+                REQUEST_TIMEOUT.as_secs()
+            ),
+        )))),
+    }
+}
 const DELIVERY_COUNT: &str = "x-delivery-count";
 
 /// A RabbitMQ broker. Cloning is cheap and shares the publishing connection.
@@ -188,7 +207,12 @@ impl Shared {
             identity: None,
             cert_chain: self.ca_pem.clone(),
         };
-        Connection::connect_uri_with_config(self.uri.clone(), properties, tls).await
+        answered(Connection::connect_uri_with_config(
+            self.uri.clone(),
+            properties,
+            tls,
+        ))
+        .await
     }
 
     /// Connect, retrying transient failures until `deadline`.
@@ -421,7 +445,7 @@ impl AmqpBroker {
     /// errors while the runtime shuts down.
     pub async fn close(&self) {
         if let Some(p) = self.publisher.lock().await.take() {
-            let _ = p.connection.close(200, "done").await;
+            let _ = answered(p.connection.close(200, "done")).await;
         }
     }
 
@@ -444,13 +468,13 @@ impl AmqpBroker {
                 let mut publisher = self.publisher.lock().await;
                 self.ensure_publisher(&mut publisher, deadline).await?;
                 match publisher.as_ref() {
-                    Some(p) => p.connection.create_channel().await,
+                    Some(p) => answered(p.connection.create_channel()).await,
                     None => continue,
                 }
             };
             // The channel closes when dropped; a failed request has closed it already.
             let result = match channel {
-                Ok(channel) => op(channel).await,
+                Ok(channel) => answered(op(channel)).await,
                 Err(e) => Err(e),
             };
             let e = match result {
@@ -517,7 +541,7 @@ impl AmqpBroker {
     async fn forget_publisher(&self) {
         if let Some(p) = self.publisher.lock().await.take() {
             // Best effort: the connection is probably gone already.
-            let _ = p.connection.close(200, "reconnecting").await;
+            let _ = answered(p.connection.close(200, "reconnecting")).await;
         }
     }
 
@@ -535,6 +559,10 @@ impl AmqpBroker {
 }
 
 async fn confirm_channel(connection: &Connection) -> Result<Channel, lapin::Error> {
+    answered(confirm_channel_unbounded(connection)).await
+}
+
+async fn confirm_channel_unbounded(connection: &Connection) -> Result<Channel, lapin::Error> {
     let channel = connection.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
@@ -757,7 +785,7 @@ impl Broker for AmqpBroker {
                 tracing::warn!(url = %self.shared.shown,
                     "publish not confirmed ({e}); reconnecting and publishing again");
                 if let Some(p) = publisher.take() {
-                    let _ = p.connection.close(200, "reconnecting").await;
+                    let _ = answered(p.connection.close(200, "reconnecting")).await;
                 }
             }
             tokio::time::sleep(pause).await;
@@ -845,11 +873,13 @@ impl AmqpConsumer {
     pub(crate) async fn close(mut self) {
         if let Some(session) = self.session.take() {
             let tag = session.consumer.tag();
-            let _ = session
-                .channel
-                .basic_cancel(tag.as_str(), BasicCancelOptions::default())
-                .await;
-            let _ = session.connection.close(200, "consumer done").await;
+            let _ = answered(
+                session
+                    .channel
+                    .basic_cancel(tag.as_str(), BasicCancelOptions::default()),
+            )
+            .await;
+            let _ = answered(session.connection.close(200, "consumer done")).await;
         }
     }
 
@@ -877,7 +907,7 @@ impl AmqpConsumer {
                 .await?;
             Ok((channel, consumer))
         };
-        let (channel, consumer) = subscribed.await.map_err(|e| (e, false))?;
+        let (channel, consumer) = answered(subscribed).await.map_err(|e| (e, false))?;
         Ok(Session {
             connection,
             channel,

@@ -811,6 +811,35 @@ async fn rabbitmq_unreachable_is_a_temporary_failure() {
     assert!(!shown.contains("s3cret"), "{shown}");
 }
 
+/// A broker that accepts connections and never answers (a wedged node) fails the
+/// connect as temporary instead of hanging it.
+#[tokio::test]
+async fn rabbitmq_that_never_answers_is_a_temporary_failure() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Accept and hold the connections, reading nothing.
+    let held = std::thread::spawn(move || {
+        let mut open = Vec::new();
+        for stream in listener.incoming().take(1) {
+            open.push(stream);
+            std::thread::sleep(Duration::from_secs(40));
+        }
+    });
+    let url = RedactedUrl::parse(&format!("amqp://guest:s3cret@127.0.0.1:{port}/%2f")).unwrap();
+    let started = Instant::now();
+    let err = AnyBroker::connect(&url, &Fixture::settings())
+        .await
+        .unwrap_err();
+    assert_eq!(err.exit(), Exit::TempFail, "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(35),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!err.to_string().contains("s3cret"), "{err}");
+    drop(held);
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

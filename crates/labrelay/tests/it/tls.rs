@@ -294,6 +294,7 @@ async fn amqps_with_ca_file_publishes_and_consumes() {
     delivery.ack().await.unwrap();
     drop(consumer);
     broker.delete_queue(&q).await.unwrap();
+    broker.delete_queue(&format!("{q}.dead")).await.unwrap();
 }
 
 #[tokio::test]
@@ -354,6 +355,7 @@ async fn regression_lapin_starts_no_executor_threads_of_its_own() {
     );
     drop(consumer);
     broker.delete_queue(&q).await.unwrap();
+    broker.delete_queue(&format!("{q}.dead")).await.unwrap();
 }
 
 // ---------------------------------------------------------------------- ca_file --

@@ -285,6 +285,8 @@ right = { column = "lab_id", object = "lab" }
 /// A configured set of sites.
 pub struct World {
     pub exchange: String,
+    /// The RabbitMQ URL, when not on the embedded queue.
+    pub amqp: Option<String>,
     pub home: tempfile::TempDir,
     pub config: PathBuf,
     pub sites: Vec<SiteDb>,
@@ -317,6 +319,7 @@ impl World {
             .unwrap();
         let w = World {
             exchange,
+            amqp: amqp.map(str::to_owned),
             home,
             config,
             sites,
@@ -376,7 +379,23 @@ impl World {
         }
     }
 
+    /// Drop the sites' databases and, on RabbitMQ, the exchange and queues this world
+    /// declared (a shared broker would otherwise collect them run after run).
     pub async fn drop(self) {
+        if let Some(url) = &self.amqp {
+            use labrelay::queue::{AnyBroker, Broker, BrokerSettings};
+            let url = labrelay::secret::RedactedUrl::parse(url).unwrap();
+            let broker = AnyBroker::connect(&url, &BrokerSettings::default())
+                .await
+                .unwrap();
+            for s in &self.sites {
+                let queue = format!("{}.{}", self.exchange, s.name);
+                broker.delete_queue(&queue).await.unwrap();
+                broker.delete_queue(&format!("{queue}.dead")).await.unwrap();
+            }
+            broker.delete_exchange(&self.exchange).await.unwrap();
+            broker.close().await;
+        }
         for s in self.sites {
             s.drop().await;
         }
