@@ -192,9 +192,11 @@ SENT=$(wc -l < "$WORK/captured.tsv")
 say "4. bootstrap of $N users into a fresh MariaDB site"
 t0=$(now)
 sp bootstrap --site src >/dev/null
+tb=$(now)
 sp consume --site boot --once >/dev/null
 t1=$(now)
 BOOT_S=$(calc "$t1 - $t0" 1)
+BOOT_PUB_S=$(calc "$tb - $t0" 1) BOOT_APPLY_S=$(calc "$t1 - $tb" 1)
 [[ $(my "$MYBOOT" "SELECT COUNT(*) FROM users") == "$N" ]] || die "bootstrap site holds $(my "$MYBOOT" "SELECT COUNT(*) FROM users") users, not $N"
 # The bootstrap also went to the other consumers: drain them (not timed).
 sp consume --site pg --once >/dev/null
@@ -210,6 +212,8 @@ printf '%-34s %10s %12s  %s\n' "capture + relay (source PostgreSQL)" "$RELAY_S" 
 printf '%-34s %10s %12s  %s\n' "apply at PostgreSQL site" "$PG_S" "$PG_RATE" ">= $T_APPLY $(mark "$PG_RATE >= $T_APPLY")"
 printf '%-34s %10s %12s  %s\n' "apply at MariaDB site" "$MY_S" "$MY_RATE" ">= $T_APPLY $(mark "$MY_RATE >= $T_APPLY")"
 printf '%-34s %10s %12s  %s\n' "bootstrap into fresh MariaDB site" "$BOOT_S" "$(calc "$N / $BOOT_S" 0)" "< $T_BOOT_S s $(mark "$BOOT_S < $T_BOOT_S")"
+printf '%-34s %10s %12s  %s\n' "  of which: publish at the source" "$BOOT_PUB_S" "$(calc "$N / $BOOT_PUB_S" 0)" "-"
+printf '%-34s %10s %12s  %s\n' "  of which: apply at the new site" "$BOOT_APPLY_S" "$(calc "$N / $BOOT_APPLY_S" 0)" "-"
 echo
 echo "latency commit -> applied at 1,000 changes/s for $LAT_SECS s ($SENT changes relayed)"
 printf '%-34s %8s %8s %8s  %s\n' "site" "p50 ms" "p99 ms" "changes" "target"

@@ -212,6 +212,9 @@ pub async fn apply_batch(
     }
     end_applying(site, &mut tx).await?;
     tx.commit().await.map_err(|e| site.db.err(e))?;
+    drop(conn);
+    site.wrote(u64::try_from(events.len()).unwrap_or(u64::MAX))
+        .await;
     Ok(results)
 }
 
@@ -686,43 +689,96 @@ async fn apply_link(
     Ok(Park::Done(changed))
 }
 
-/// Apply the parked events waiting for `(type, uuid)`, and those they unblock.
-pub async fn retry_parked(site: &Site, waiting: Option<(String, String)>) -> anyhow::Result<u64> {
-    let e = site.engine();
+/// Apply the parked events that wait for the objects just created (`waiting`: type,
+/// uuid), and those waiting for what they create in turn; with `waiting` empty, every
+/// parked event once. Events found together are applied in one transaction (one by one
+/// when that fails). Returns how many were applied.
+pub async fn retry_parked(site: &Site, waiting: Vec<(String, String)>) -> anyhow::Result<u64> {
     if count(site, "SELECT COUNT(*) FROM labrelay_sync_parked").await? == 0 {
         return Ok(0);
     }
-    let mut queue: Vec<Option<(String, String)>> = vec![waiting];
     let mut applied = 0;
-    while let Some(w) = queue.pop() {
-        let rows = match &w {
-            Some((ty, uuid)) => sqlx::query(&format!(
-                "SELECT event FROM labrelay_sync_parked WHERE waiting_type = {} AND waiting_uuid = {} ORDER BY parked_ms",
-                e.placeholder(1),
-                e.placeholder(2)
-            ))
-            .bind(ty.as_str())
-            .bind(uuid.as_str())
-            .fetch_all(site.db.pool())
-            .await,
-            None => sqlx::query("SELECT event FROM labrelay_sync_parked ORDER BY parked_ms")
-                .fetch_all(site.db.pool())
-                .await,
+    let mut frontier = waiting;
+    let mut everything = frontier.is_empty();
+    while everything || !frontier.is_empty() {
+        let events = if everything {
+            everything = false;
+            parked_events(site, None).await?
+        } else {
+            parked_events(site, Some(std::mem::take(&mut frontier))).await?
+        };
+        if events.is_empty() {
+            break;
         }
-        .map_err(|e| site.db.err(e))?;
-        for row in rows {
-            let text = labrelay::db::text(&row, 0)?;
-            let ev: Event = serde_json::from_str(&text)?;
-            let (outcome, created) = apply(site, &ev, true).await?;
+        let results = if let Ok(results) = apply_batch(site, &events, true).await {
+            results
+        } else {
+            let mut results = Vec::with_capacity(events.len());
+            for ev in &events {
+                results.push(apply(site, ev, true).await?);
+            }
+            results
+        };
+        for (outcome, created) in results {
             if outcome == Outcome::Applied {
                 applied += 1;
             }
-            if created.is_some() {
-                queue.push(created);
-            }
+            frontier.extend(created);
         }
     }
     Ok(applied)
+}
+
+/// Parked events waiting for any of `waiting` (all of them with `None`), oldest first.
+async fn parked_events(
+    site: &Site,
+    waiting: Option<Vec<(String, String)>>,
+) -> anyhow::Result<Vec<Event>> {
+    let e = site.engine();
+    let mut rows = Vec::new();
+    match waiting {
+        None => {
+            rows = sqlx::query("SELECT event, parked_ms FROM labrelay_sync_parked")
+                .fetch_all(site.db.pool())
+                .await
+                .map_err(|e| site.db.err(e))?;
+        }
+        Some(waiting) => {
+            let mut by_type: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for (ty, uuid) in waiting {
+                by_type.entry(ty).or_default().push(uuid);
+            }
+            for (ty, uuids) in by_type {
+                for chunk in uuids.chunks(500) {
+                    let list: Vec<String> =
+                        (0..chunk.len()).map(|i| e.placeholder(i + 2)).collect();
+                    let sql = format!(
+                        "SELECT event, parked_ms FROM labrelay_sync_parked WHERE waiting_type = {} AND waiting_uuid IN ({})",
+                        e.placeholder(1),
+                        list.join(", ")
+                    );
+                    let mut query = sqlx::query(&sql).bind(ty.clone());
+                    for uuid in chunk {
+                        query = query.bind(uuid.clone());
+                    }
+                    rows.extend(
+                        query
+                            .fetch_all(site.db.pool())
+                            .await
+                            .map_err(|e| site.db.err(e))?,
+                    );
+                }
+            }
+        }
+    }
+    let mut events = Vec::with_capacity(rows.len());
+    for row in rows {
+        let parked_ms: i64 = row.try_get(1).map_err(|e| site.db.err(e))?;
+        let ev: Event = serde_json::from_str(&labrelay::db::text(&row, 0)?)?;
+        events.push((parked_ms, ev));
+    }
+    events.sort_by_key(|(ms, _)| *ms);
+    Ok(events.into_iter().map(|(_, ev)| ev).collect())
 }
 
 /// Record a message that will never be applied, with the reason.

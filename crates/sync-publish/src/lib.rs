@@ -360,7 +360,22 @@ async fn relay(
     let stop = labrelay::cli::shutdown_signal();
     tokio::pin!(stop);
     loop {
-        let stats = relay::relay_pass(&s, &publisher).await?;
+        let stats = match relay::relay_pass(&s, &publisher).await {
+            Ok(stats) => stats,
+            // A follower outlives a broker or database outage: the changes wait in the
+            // outbox, and the next pass sends them.
+            Err(e) if follow && labrelay::exit::classify(&e) == Exit::TempFail => {
+                tracing::warn!(
+                    site,
+                    "relay pass failed, trying again in {interval:?}: {e:#}"
+                );
+                tokio::select! {
+                    () = &mut stop => break,
+                    () = tokio::time::sleep(interval.max(Duration::from_secs(1))) => continue,
+                }
+            }
+            Err(e) => return Err(e),
+        };
         if stats.sent + stats.skipped + stats.unrouted > 0 {
             tracing::info!(
                 site,
@@ -420,7 +435,7 @@ async fn consume(ctx: &Context, site: &str, once: bool) -> anyhow::Result<Exit> 
     let broker = broker(ctx).await?;
     relay::declare_topology(&s, &broker).await?;
     let mut stats = ConsumeStats {
-        unparked: apply::retry_parked(&s, None).await?,
+        unparked: apply::retry_parked(&s, Vec::new()).await?,
         ..ConsumeStats::default()
     };
     let queue = s.plan.queue_name(site);
@@ -506,26 +521,27 @@ async fn handle_batch(
                 delivery.ack().await?;
                 created.extend(new);
             }
-            if !created.is_empty()
-                && apply::count(s, "SELECT COUNT(*) FROM labrelay_sync_parked").await? > 0
-            {
-                for c in created {
-                    stats.unparked += apply::retry_parked(s, Some(c)).await?;
-                }
+            if !created.is_empty() {
+                stats.unparked += apply::retry_parked(s, created).await?;
             }
         }
         Err(err) if good.len() == 1 => {
             let (delivery, ev) = good.remove(0);
             give_up_or_retry(s, delivery, &ev, &err, stats).await?;
         }
-        Err(_) => {
+        Err(err) => {
+            tracing::warn!(
+                site = %s.name(),
+                "applying {} messages together failed, applying them one by one: {err:#}",
+                good.len()
+            );
             for (delivery, ev) in good {
                 match apply::apply(s, &ev, false).await {
                     Ok((outcome, created)) => {
                         stats.count(&outcome);
                         delivery.ack().await?;
-                        if created.is_some() {
-                            stats.unparked += apply::retry_parked(s, created).await?;
+                        if let Some(c) = created {
+                            stats.unparked += apply::retry_parked(s, vec![c]).await?;
                         }
                     }
                     Err(err) => give_up_or_retry(s, delivery, &ev, &err, stats).await?,

@@ -56,6 +56,74 @@ pub async fn snapshot(site: &Site, object_type: &str) -> anyhow::Result<BTreeMap
     Ok(out)
 }
 
+/// One link as a site holds it: both ends and the version of its `_linked` state when
+/// the stored one says linked.
+#[derive(Debug, Clone)]
+pub struct LinkSnap {
+    /// Left end.
+    pub left: Ref,
+    /// Right end.
+    pub right: Ref,
+    /// Stored version of the link, if any.
+    pub version: Option<Version>,
+}
+
+/// Every link of a link type whose two ends are synced objects (not temporary), by link
+/// id. Reads only.
+pub async fn link_snapshot(site: &Site, link: &str) -> anyhow::Result<BTreeMap<String, LinkSnap>> {
+    let l = &site.plan.links[link];
+    let mut live: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+    for object_type in [&l.left.object, &l.right.object] {
+        if !live.contains_key(object_type.as_str()) {
+            let rows = site.all_objects(&site.plan.objects[object_type]).await?;
+            let keys = rows.into_iter().filter(|r| !r.temporary).map(|r| r.key);
+            live.insert(object_type, keys.collect());
+        }
+    }
+    let fields = site.all_fields(link).await?;
+    let mut conn = site.db.pool().acquire().await.map_err(|e| site.db.err(e))?;
+    let mut out = BTreeMap::new();
+    for (lk, rk) in site.all_links(l).await? {
+        if !live[l.left.object.as_str()].contains(&lk)
+            || !live[l.right.object.as_str()].contains(&rk)
+        {
+            continue;
+        }
+        let left = site.ref_of(&mut conn, &l.left.object, &lk, false).await?;
+        let right = site.ref_of(&mut conn, &l.right.object, &rk, false).await?;
+        let id = Event::link_id(&left.uuid, &right.uuid);
+        let version = fields
+            .get(&id)
+            .and_then(|f| f.get("_linked"))
+            .filter(|(value, _)| value.as_deref() == Some("true"))
+            .map(|(_, version)| version.clone());
+        out.insert(
+            id,
+            LinkSnap {
+                left,
+                right,
+                version,
+            },
+        );
+    }
+    Ok(out)
+}
+
+fn link_event(site: &Site, link: &str, snap: &LinkSnap, version: Version) -> Event {
+    Event {
+        format: FORMAT,
+        id: uuid::Uuid::new_v4().to_string(),
+        site: site.name().to_owned(),
+        object_type: link.to_owned(),
+        op: Op::Connect,
+        object: snap.left.clone(),
+        right: Some(snap.right.clone()),
+        version,
+        fields: BTreeMap::new(),
+        versions: BTreeMap::new(),
+    }
+}
+
 /// What bootstrap published.
 #[derive(Debug, Default, Serialize)]
 pub struct BootstrapStats {
@@ -119,6 +187,34 @@ pub async fn bootstrap(site: &Site, publisher: &Publisher<'_>) -> anyhow::Result
             }
         }
         stats.published.insert(object_type, n);
+    }
+    // Links after the objects they join.
+    for link in site.plan.links.keys() {
+        if !site.plan.publishes(site.name(), link, "connect") {
+            continue;
+        }
+        let snaps = link_snapshot(site, link).await?;
+        let mut n = 0;
+        let all: Vec<&LinkSnap> = snaps.values().collect();
+        for chunk in all.chunks(site.plan.cfg.batch) {
+            let mut events = Vec::with_capacity(chunk.len());
+            for snap in chunk {
+                let version = snap
+                    .version
+                    .clone()
+                    .unwrap_or_else(|| Version::zero(site.name()));
+                let ev = link_event(site, link, snap, version);
+                events.push((ev.id.clone(), ev.routing_key(), serde_json::to_vec(&ev)?));
+            }
+            for routed in publisher.publish_many(&events).await? {
+                if routed {
+                    n += 1;
+                } else {
+                    stats.unrouted += 1;
+                }
+            }
+        }
+        stats.published.insert(link.clone(), n);
     }
     Ok(stats)
 }
@@ -240,7 +336,12 @@ pub async fn reconcile(
                 f.object_type == object_type && f.kind != "missing_here" && f.kind != "stale_here"
             }) {
                 let snap = &mine[&f.uuid];
-                let version = fresh_version(site, &object_type, snap).await?;
+                let fields: Vec<(&str, Option<&str>)> = snap
+                    .canon
+                    .iter()
+                    .map(|(name, canon)| (name.as_str(), canon.as_deref()))
+                    .collect();
+                let version = fresh_version(site, &object_type, &f.uuid, &fields).await?;
                 let mut ev = snapshot_event(site, &object_type, snap, &version);
                 ev.versions.clear();
                 publisher.publish_event(&ev).await?;
@@ -248,23 +349,58 @@ pub async fn reconcile(
             }
         }
     }
+    for link in site.plan.links.keys() {
+        let mine = link_snapshot(site, link).await?;
+        let theirs = link_snapshot(other, link).await?;
+        for (id, kind) in mine
+            .keys()
+            .filter(|id| !theirs.contains_key(*id))
+            .map(|id| (id, "missing_at_other"))
+            .chain(
+                theirs
+                    .keys()
+                    .filter(|id| !mine.contains_key(*id))
+                    .map(|id| (id, "missing_here")),
+            )
+        {
+            let mut finding = Finding {
+                object_type: link.clone(),
+                uuid: id.clone(),
+                kind,
+                fields: Vec::new(),
+                repaired: false,
+            };
+            if let (Some(publisher), "missing_at_other") = (publisher, kind) {
+                let version = fresh_version(site, link, id, &[("_linked", Some("true"))]).await?;
+                publisher
+                    .publish_event(&link_event(site, link, &mine[id], version))
+                    .await?;
+                finding.repaired = true;
+            }
+            findings.push(finding);
+        }
+    }
     Ok(findings)
 }
 
-/// Stamp a fresh version for every field of `snap` at `site` and store it there, so
-/// the re-published values win at the other site and stay consistent here.
-async fn fresh_version(site: &Site, o_type: &str, snap: &Snap) -> anyhow::Result<Version> {
+/// Stamp a fresh version on `fields` (name, canonical value) of object or link `uuid`
+/// and store them at `site`, so re-published values win at the other site and stay
+/// consistent here.
+async fn fresh_version(
+    site: &Site,
+    o_type: &str,
+    uuid: &str,
+    fields: &[(&str, Option<&str>)],
+) -> anyhow::Result<Version> {
     let mut tx = site.db.pool().begin().await.map_err(|e| site.db.err(e))?;
     let mut clock: Clock = site.lock_clock(&mut tx).await?;
     clock.tick(crate::event::now_ms());
     let version = clock.version(site.name());
-    let fields: Vec<(&str, Option<&str>, &Version)> = snap
-        .canon
+    let fields: Vec<(&str, Option<&str>, &Version)> = fields
         .iter()
-        .map(|(name, canon)| (name.as_str(), canon.as_deref(), &version))
+        .map(|(name, canon)| (*name, *canon, &version))
         .collect();
-    site.store_fields(&mut tx, o_type, &snap.object.uuid, &fields)
-        .await?;
+    site.store_fields(&mut tx, o_type, uuid, &fields).await?;
     site.save_clock(&mut tx, clock).await?;
     tx.commit().await.map_err(|e| site.db.err(e))?;
     Ok(version)

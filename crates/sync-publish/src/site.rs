@@ -11,7 +11,7 @@ use serde_json::Value;
 use sqlx::any::{AnyArguments, AnyRow};
 use sqlx::{Any, AnyConnection, Row};
 
-use crate::config::{FieldType, KeyType, ObjectSpec, Plan};
+use crate::config::{FieldType, KeyType, LinkSpec, ObjectSpec, Plan};
 use crate::event::{Clock, Ref, Version, home_uuid};
 
 /// A query being built.
@@ -58,7 +58,17 @@ pub struct Site {
     pub plan: Arc<Plan>,
     /// The site's LIMS database.
     pub db: Db,
+    /// Bookkeeping rows written since the planner statistics were last refreshed.
+    written: Arc<std::sync::atomic::AtomicU64>,
 }
+
+/// Refresh the planner statistics of the bookkeeping tables after this many rows were
+/// written. They start empty, and a bulk change (a first relay of history, a
+/// bootstrap) grows them by hundreds of thousands of rows long before autovacuum (when
+/// it is on at all) looks at them: PostgreSQL then still plans the batch reads for an
+/// empty table and scans every row of a type per batch (1.5 s per batch at 100,000
+/// rows instead of 20 ms).
+const ANALYZE_EVERY: u64 = 20_000;
 
 /// Quote an identifier.
 pub fn q(engine: Engine, ident: &str) -> String {
@@ -85,7 +95,11 @@ impl Site {
         let name = &plan.me().database;
         let cfg = config.database(name)?;
         let db = Db::connect(cfg).await?;
-        Ok(Site { plan, db })
+        Ok(Site {
+            plan,
+            db,
+            written: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        })
     }
 
     /// The plan of another configured site, sharing this configuration.
@@ -512,6 +526,53 @@ impl Site {
         rows.iter()
             .map(|r| self.decode_object(o, r).map_err(|e| self.db.err(e).into()))
             .collect()
+    }
+
+    /// Every row of a link table: (left local key, right local key), in key order.
+    pub async fn all_links(&self, l: &LinkSpec) -> anyhow::Result<Vec<(String, String)>> {
+        let e = self.engine();
+        let (left, right) = (q(e, &l.left.column), q(e, &l.right.column));
+        let sql = format!(
+            "SELECT {left}, {right} FROM {} WHERE {left} IS NOT NULL AND {right} IS NOT NULL ORDER BY {left}, {right}",
+            q(e, &l.table)
+        );
+        let rows = sqlx::query(&sql)
+            .fetch_all(self.db.pool())
+            .await
+            .map_err(|e| self.db.err(e))?;
+        let lt = self.plan.objects[&l.left.object].key_type;
+        let rt = self.plan.objects[&l.right.object].key_type;
+        rows.iter()
+            .map(|r| {
+                Ok((read_key(r, 0, lt)?, read_key(r, 1, rt)?))
+                    .map_err(|e: sqlx::Error| self.db.err(e).into())
+            })
+            .collect()
+    }
+
+    /// Note `n` bookkeeping rows written; every [`ANALYZE_EVERY`] rows (and the first
+    /// time past a tenth of that) refresh the planner statistics of the bookkeeping
+    /// tables. Best effort: a failure is logged, never fatal.
+    pub async fn wrote(&self, n: u64) {
+        use std::sync::atomic::Ordering;
+        let before = self.written.fetch_add(n, Ordering::Relaxed);
+        let after = before + n;
+        let first = before < ANALYZE_EVERY / 10 && after >= ANALYZE_EVERY / 10;
+        if !first && before / ANALYZE_EVERY == after / ANALYZE_EVERY {
+            return;
+        }
+        let tables =
+            "labrelay_sync_ids, labrelay_sync_fields, labrelay_sync_inbox, labrelay_sync_outbox";
+        let sql = match self.engine() {
+            Engine::Postgres => format!("ANALYZE {tables}"),
+            Engine::Mysql => format!("ANALYZE TABLE {tables}"),
+            Engine::Sqlite => "ANALYZE".to_owned(),
+        };
+        let started = std::time::Instant::now();
+        match sqlx::query(&sql).fetch_all(self.db.pool()).await {
+            Ok(_) => tracing::debug!(took = ?started.elapsed(), "planner statistics refreshed"),
+            Err(e) => tracing::warn!("refreshing planner statistics failed: {}", self.db.err(e)),
+        }
     }
 
     /// All recorded identities of a type: local key -> ref.

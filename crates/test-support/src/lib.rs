@@ -165,6 +165,16 @@ pub fn s3_storage_toml(name: &str, prefix: &str) -> Option<String> {
 }
 
 /// Running a tool binary in a clean environment.
+pub mod rabbitmq;
+
+/// A loopback TCP port that was free a moment ago (bound, noted, closed).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding a loopback port")
+        .port()
+}
+
 pub mod cli {
     use std::path::Path;
     use std::process::{Command, Output};

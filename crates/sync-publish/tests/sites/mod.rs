@@ -390,6 +390,77 @@ async fn changes_made_while_the_broker_is_unreachable_wait_in_the_outbox_and_all
     w.drop().await;
 }
 
+/// Named for the nextest `heavy` group (one at a time): it stops and starts a RabbitMQ
+/// node of its own while a site keeps writing and the relay and a consumer keep running.
+#[tokio::test(flavor = "multi_thread")]
+async fn rabbitmq_restart_while_a_site_keeps_writing_loses_no_change() {
+    use std::time::{Duration, Instant};
+    let Some(node) = tokio::task::spawn_blocking(test_support::rabbitmq::RabbitNode::start)
+        .await
+        .unwrap()
+    else {
+        return;
+    };
+    let node = std::sync::Arc::new(node);
+    let Some(w) = World::new(&[Engine::Postgres, Engine::Mysql], Some(&node.url())).await else {
+        return;
+    };
+    let (a, b) = (w.site("a"), w.site("b"));
+    let spawn = |args: &[&str]| {
+        test_support::cli::command(crate::BIN, w.home.path())
+            .arg("--config")
+            .arg(&w.config)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let relay = spawn(&["relay", "--site", "a", "--follow", "--interval-ms", "200"]);
+    let consumer = spawn(&["consume", "--site", "b"]);
+    let write = |from: usize, to: usize| async move {
+        for i in from..to {
+            a.exec(&format!(
+                "INSERT INTO users (name, email) VALUES ('R{i}', 'r{i}@x.org')"
+            ))
+            .await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    write(0, 100).await;
+    // Stop the broker and keep writing while it is down; start it again.
+    let n = node.clone();
+    let halted = tokio::task::spawn_blocking(move || n.halt()).await.unwrap();
+    assert!(halted, "stopping the node failed");
+    write(100, 200).await;
+    let n = node.clone();
+    let booted = tokio::task::spawn_blocking(move || n.boot()).await.unwrap();
+    assert!(booted, "starting the node again failed");
+    write(200, 300).await;
+
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while b.int("SELECT COUNT(*) FROM users").await < 300 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let stop = |child: std::process::Child| {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let (relay_log, consumer_log) = (stop(relay), stop(consumer));
+    assert_eq!(
+        b.int("SELECT COUNT(*) FROM users").await,
+        300,
+        "relay:\n{relay_log}\nconsumer:\n{consumer_log}"
+    );
+    assert_eq!(a.users().await, b.users().await);
+    assert_eq!(b.int("SELECT COUNT(*) FROM labrelay_sync_inbox").await, 300);
+    assert_eq!(w.json(&["status", "--site", "a"])["backlog"], 0);
+    w.drop().await;
+}
+
 /// A pseudo-random number below `n` (no rand dependency in tests).
 fn below(n: u64) -> u64 {
     let nanos = std::time::SystemTime::now()
@@ -470,6 +541,13 @@ async fn bootstrap_of_ten_thousand_history_objects_converges_a_fresh_site_and_ch
          FROM generate_series(1, 10000) AS g",
     )
     .await;
+    a.exec("INSERT INTO lab (name, pi_id) SELECT 'History lab', id FROM users WHERE email = 'user1@x.org'")
+        .await;
+    a.exec(
+        "INSERT INTO user_lab (user_id, lab_id) SELECT u.id, l.id FROM users u, lab l \
+         WHERE u.email IN ('user1@x.org', 'user2@x.org')",
+    )
+    .await;
     w.ok(&["install", "--site", "a"]);
     let fingerprint =
         "SELECT COUNT(*) + SUM(id) + SUM(LENGTH(name)) + SUM(LENGTH(phone)) FROM users";
@@ -478,13 +556,17 @@ async fn bootstrap_of_ten_thousand_history_objects_converges_a_fresh_site_and_ch
     let out = w.json(&["bootstrap", "--site", "a"]);
     assert_eq!(out["published"]["user"], 10000, "{out}");
     assert_eq!(out["published"]["org_unit"], 1, "{out}");
+    assert_eq!(out["published"]["lab"], 1, "{out}");
+    assert_eq!(out["published"]["user_lab"], 2, "{out}");
     eprintln!("bootstrap of 10,000 users: {:?}", started.elapsed());
     let started = std::time::Instant::now();
     let consumed = w.json(&["consume", "--site", "b", "--once"]);
     eprintln!("apply of 10,000 users: {:?}", started.elapsed());
-    assert_eq!(consumed["stats"]["applied"], 10001, "{consumed}");
+    assert_eq!(consumed["stats"]["applied"], 10004, "{consumed}");
     assert_eq!(b.int("SELECT COUNT(*) FROM users").await, 10000);
     assert_eq!(a.users().await, b.users().await);
+    assert_eq!(a.labs().await, b.labs().await);
+    assert_eq!(b.labs().await["History lab"][2], "user1@x.org,user2@x.org");
     // Nothing written at the source: same rows, empty outbox, no identities recorded.
     assert_eq!(a.int(fingerprint).await, before);
     for t in [
@@ -498,7 +580,7 @@ async fn bootstrap_of_ten_thousand_history_objects_converges_a_fresh_site_and_ch
     w.json(&["bootstrap", "--site", "a"]);
     let again = w.json(&["consume", "--site", "b", "--once"]);
     assert_eq!(again["stats"]["applied"], 0, "{again}");
-    assert_eq!(again["stats"]["unchanged"], 10001, "{again}");
+    assert_eq!(again["stats"]["unchanged"], 10004, "{again}");
     // Later edits at the source win over the bootstrap's lowest versions.
     a.exec("UPDATE users SET phone = 'new' WHERE email = 'user7@x.org'")
         .await;
@@ -517,7 +599,15 @@ async fn reconcile_finds_hand_made_drift_and_repair_fixes_it() {
     let (a, b) = (w.site("a"), w.site("b"));
     a.exec("INSERT INTO users (name, email, phone) VALUES ('Xu', 'xu@x.org', '1'), ('Yan', 'yan@x.org', '2')")
         .await;
+    a.exec("INSERT INTO lab (name, pi_id) SELECT 'Xu lab', id FROM users WHERE email = 'xu@x.org'")
+        .await;
+    a.exec(
+        "INSERT INTO user_lab (user_id, lab_id) SELECT u.id, l.id FROM users u, lab l WHERE l.name = 'Xu lab'",
+    )
+    .await;
     w.sync();
+    assert_eq!(a.labs().await, b.labs().await);
+    assert_eq!(a.labs().await["Xu lab"][2], "xu@x.org,yan@x.org");
     assert_eq!(
         w.run(&["reconcile", "--site", "a", "--with", "b"])
             .status
@@ -528,7 +618,9 @@ async fn reconcile_finds_hand_made_drift_and_repair_fixes_it() {
     b.exec(
         "INSERT INTO labrelay_sync_applying (token) VALUES (1); \
          UPDATE users SET phone = 'drift' WHERE email = 'xu@x.org'; \
+         DELETE FROM user_lab WHERE user_id IN (SELECT id FROM users WHERE email = 'yan@x.org'); \
          DELETE FROM users WHERE email = 'yan@x.org'; \
+         DELETE FROM user_lab WHERE user_id IN (SELECT id FROM users WHERE email = 'xu@x.org'); \
          DELETE FROM labrelay_sync_applying;",
     )
     .await;
@@ -540,13 +632,24 @@ async fn reconcile_finds_hand_made_drift_and_repair_fixes_it() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let kinds: Vec<&str> = found.iter().map(|f| f["kind"].as_str().unwrap()).collect();
-    assert_eq!(found.len(), 2, "{text}");
+    // Yan missing, Xu's phone stale, both memberships missing.
+    assert_eq!(found.len(), 4, "{text}");
+    let links: Vec<&serde_json::Value> = found
+        .iter()
+        .filter(|f| f["object_type"] == "user_lab")
+        .collect();
+    assert_eq!(links.len(), 2, "{text}");
+    assert!(
+        links.iter().all(|f| f["kind"] == "missing_at_other"),
+        "{text}"
+    );
     assert!(kinds.contains(&"missing_at_other"), "{text}");
     // b's phone has no version: it changed outside sync, so a's versioned value is newer.
     assert!(kinds.contains(&"stale_at_other"), "{text}");
     w.ok(&["reconcile", "--site", "a", "--with", "b", "--repair"]);
     w.ok(&["consume", "--site", "b", "--once"]);
     assert_eq!(a.users().await, b.users().await);
+    assert_eq!(a.labs().await, b.labs().await);
     let out = w.ok(&["reconcile", "--site", "a", "--with", "b"]);
     assert!(out.contains("0 difference"), "{out}");
     w.drop().await;
