@@ -1,7 +1,8 @@
 //! Command-line contract of `code-submit`: help text, usage and configuration errors.
+//! Submitting and waiting are tested end to end with `job-worker` (its tests/cli.rs).
 
 const BIN: &str = env!("CARGO_BIN_EXE_code-submit");
-const VALID: &[&str] = &["--task", "t"];
+const VALID: &[&str] = &["task", "noop"];
 
 #[test]
 fn help_is_stable() {
@@ -11,9 +12,4 @@ fn help_is_stable() {
 #[test]
 fn usage_and_config_errors_have_their_exit_codes() {
     test_support::cli::assert_common_contract(BIN, VALID);
-}
-
-#[test]
-fn unbuilt_command_says_so_with_exit_2() {
-    test_support::cli::assert_not_implemented_yet(BIN, VALID);
 }

@@ -1,32 +1,105 @@
-//! `job-worker`: run submitted jobs from the queue (code in a sandbox, registered
-//! tasks), store results and mail the submitter.
-//!
-//! Only the command line exists so far; the behaviour lands with its own issue.
+//! `job-worker`: run registered tasks from the job table (claims are leases with
+//! heartbeats; a worker that dies loses its jobs to another), and administer jobs:
+//! list, status, result, cancel, retry, purge, tasks, stats.
 
-use clap::Parser;
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use jobs::store::{self, Cancelled, ListFilter, Store};
+use jobs::worker::{self, WorkerOptions};
+use jobs::{Job, Registry};
 use labrelay::cli::{Context, GlobalArgs, ToolArgs};
 use labrelay::exit::Exit;
 
-/// Run submitted jobs from the queue
+/// Run registered tasks from the job queue, and administer jobs
 ///
-/// Takes jobs from the queue, runs code in a sandbox or a registered task, stores the
-/// result and mails the submitter. A job is acknowledged only after its result is
-/// stored. Starts no new job during the configured rest hours.
+/// `run` claims jobs (a lease renewed by heartbeats), runs each task's command in its
+/// own process group, records the outcome, retries failures with backoff and marks a
+/// job dead after its last attempt. The other subcommands read or change the job table.
 #[derive(Debug, Parser)]
 #[command(name = "job-worker", version, after_help = labrelay::after_help!("\
-  job-worker                      # run until SIGTERM
-  job-worker --once               # cron: run what is queued, then exit
-  job-worker --concurrency 2 --json"))]
+  job-worker run --concurrency 4            # until SIGTERM
+  job-worker run --once                     # cron: run what is ready, then exit
+  job-worker list --state dead --json
+  job-worker status 42
+  job-worker result 42 > out.json
+  job-worker cancel 42"))]
 pub struct Args {
-    /// Run the jobs queued now, then exit
-    #[arg(long)]
-    pub once: bool,
-    /// Jobs run at the same time
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    pub concurrency: u16,
+    /// What to do
+    #[command(subcommand)]
+    pub command: Command,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub global: GlobalArgs,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run jobs until SIGTERM (or, with --once, until nothing is ready)
+    Run {
+        /// Queues to take jobs from (comma-separated; default: every queue of a task)
+        #[arg(long, value_name = "Q,...", value_delimiter = ',')]
+        queues: Vec<String>,
+        /// Jobs at the same time
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        concurrency: u16,
+        /// Run the jobs ready now, then exit
+        #[arg(long)]
+        once: bool,
+        /// Exit after this many jobs
+        #[arg(long, value_name = "N")]
+        max_jobs: Option<u64>,
+        /// This worker's name in the job table (default host:pid)
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+    },
+    /// List jobs, newest first
+    List {
+        /// Only jobs in this state (queued, running, succeeded, failed, dead, cancelled)
+        #[arg(long, value_name = "STATE")]
+        state: Option<String>,
+        /// Only jobs of this submitter
+        #[arg(long, value_name = "USER")]
+        submitter: Option<String>,
+        /// At most this many
+        #[arg(long, value_name = "N", default_value_t = 100)]
+        limit: i64,
+    },
+    /// Show one job
+    Status {
+        /// Job id
+        id: i64,
+    },
+    /// Print a job's output (its JSON result when the task printed one)
+    Result {
+        /// Job id
+        id: i64,
+    },
+    /// Cancel a job (a running one is killed, with everything it started)
+    Cancel {
+        /// Job id
+        id: i64,
+    },
+    /// Queue a failed, dead or cancelled job again with fresh attempts
+    Retry {
+        /// Job id
+        id: i64,
+    },
+    /// Delete dead jobs
+    Purge {
+        /// Only dead jobs (the only kind purged; required so the intent is explicit)
+        #[arg(long, required = true)]
+        dead: bool,
+        /// Only those that died longer ago than this (30s, 15m, 12h, 7d; default 0s)
+        #[arg(long, value_name = "AGE", value_parser = parse_age, default_value = "0s")]
+        older_than: i64,
+    },
+    /// List the registered tasks
+    Tasks,
+    /// Per queue: queued, running, dead, age of the oldest ready job
+    Stats,
 }
 
 impl ToolArgs for Args {
@@ -35,8 +108,307 @@ impl ToolArgs for Args {
     }
 }
 
+/// `30s`, `15m`, `12h`, `7d` → milliseconds.
+fn parse_age(s: &str) -> Result<i64, String> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: i64 = n
+        .parse()
+        .map_err(|_| format!("`{s}` is not an age like 30s, 15m, 12h or 7d"))?;
+    let ms = match unit {
+        "s" | "" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("`{s}`: the unit is s, m, h or d")),
+    };
+    n.checked_mul(ms)
+        .ok_or_else(|| format!("`{s}` is too long"))
+}
+
+/// Open the state database (migrated) and the checked registry.
+async fn open(ctx: &Context) -> anyhow::Result<(Store, Arc<Registry>)> {
+    let registry = Registry::from_config(&ctx.config)?;
+    let db = labrelay::db::Db::open_state(&ctx.config).await?;
+    Ok((Store::new(db), Arc::new(registry)))
+}
+
+fn ms_text(ms: Option<i64>) -> String {
+    ms.and_then(chrono::DateTime::from_timestamp_millis)
+        .map_or_else(|| "-".into(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+}
+
+fn no_such(id: i64) -> anyhow::Error {
+    jobs::JobError::NoSuchJob(id).into()
+}
+
 /// Run the tool.
-#[allow(clippy::unused_async, clippy::needless_pass_by_value)] // filled in by the jobs issue
-pub async fn run(_args: Args, _ctx: Context) -> anyhow::Result<Exit> {
-    Err(labrelay::cli::not_implemented("job-worker"))
+pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
+    match args.command {
+        Command::Run {
+            queues,
+            concurrency,
+            once,
+            max_jobs,
+            name,
+        } => {
+            let (store, registry) = open(&ctx).await?;
+            let queues = if queues.is_empty() {
+                let mut q: Vec<String> = registry.tasks.values().map(|t| t.queue.clone()).collect();
+                q.sort();
+                q.dedup();
+                q
+            } else {
+                queues
+            };
+            let opts = WorkerOptions {
+                queues,
+                concurrency: usize::from(concurrency.max(1)),
+                once,
+                max_jobs,
+                name: name.unwrap_or_else(worker::default_name),
+            };
+            let wake = match ctx.config.state_database() {
+                Ok(cfg) if !once => labrelay::db::Wakeup::listen(&cfg, jobs::NOTIFY_CHANNEL).await,
+                _ => labrelay::db::Wakeup::Poll,
+            };
+            tracing::info!(worker = %opts.name, queues = ?opts.queues, concurrency = opts.concurrency, "worker started");
+            let out = &ctx.out;
+            let mut write_failed = None;
+            let totals = worker::run(
+                &store,
+                registry,
+                &opts,
+                wake,
+                labrelay::cli::shutdown_signal(),
+                |r| {
+                    let shown = out.emit("job", r, || {
+                        format!(
+                            "job {} {} attempt {}: {}{}",
+                            r.id,
+                            r.task,
+                            r.attempt,
+                            r.state,
+                            r.error
+                                .as_deref()
+                                .map_or(String::new(), |e| format!(" ({e})"))
+                        )
+                    });
+                    if let Err(e) = shown {
+                        write_failed.get_or_insert(e);
+                    }
+                },
+            )
+            .await?;
+            if let Some(e) = write_failed {
+                return Err(e.into());
+            }
+            out.emit("worker", &totals, || {
+                let states: Vec<String> = totals
+                    .by_state
+                    .iter()
+                    .map(|(s, n)| format!("{n} {s}"))
+                    .collect();
+                format!(
+                    "{} attempts: {}",
+                    totals.claimed,
+                    if states.is_empty() {
+                        "none".into()
+                    } else {
+                        states.join(", ")
+                    }
+                )
+            })?;
+            Ok(Exit::Ok)
+        }
+        Command::List {
+            state,
+            submitter,
+            limit,
+        } => {
+            if let Some(s) = &state
+                && !worker::is_state(s)
+            {
+                return Err(labrelay::exit::usage(format!(
+                    "--state {s}: not a state (one of {})",
+                    store::STATES.join(", ")
+                )));
+            }
+            let (store, _) = open(&ctx).await?;
+            let jobs = store
+                .list(&ListFilter {
+                    state,
+                    submitter,
+                    limit,
+                })
+                .await?;
+            for j in &jobs {
+                ctx.out.emit("job", &summary(j), || {
+                    format!(
+                        "{:>8}  {:<10} {:<20} {:<10} attempt {}/{}  {}",
+                        j.id,
+                        j.state,
+                        j.task,
+                        j.queue,
+                        j.attempt,
+                        j.max_attempts,
+                        ms_text(Some(j.created_ms))
+                    )
+                })?;
+            }
+            Ok(Exit::Ok)
+        }
+        Command::Status { id } => {
+            let (store, _) = open(&ctx).await?;
+            let j = store.get(id).await?.ok_or_else(|| no_such(id))?;
+            ctx.out.emit("job", &summary(&j), || {
+                let mut t = format!(
+                    "job {}: {}\ntask: {} {}\nqueue: {} (priority {})\nattempt: {} of {}\nsubmitter: {}\nsubmitted: {}\nstarted: {}\nfinished: {}",
+                    j.id,
+                    j.state,
+                    j.task,
+                    j.args,
+                    j.queue,
+                    j.priority,
+                    j.attempt,
+                    j.max_attempts,
+                    j.submitter,
+                    ms_text(Some(j.created_ms)),
+                    ms_text(j.started_ms),
+                    ms_text(j.finished_ms)
+                );
+                if j.state == store::QUEUED && j.run_at_ms > store::now_ms() {
+                    let _ = write!(t, "\nruns at: {}", ms_text(Some(j.run_at_ms)));
+                }
+                if let Some(w) = &j.worker {
+                    let _ = write!(t, "\nworker: {w}");
+                }
+                if let Some(c) = j.exit_code {
+                    let _ = write!(t, "\nexit code: {c}");
+                }
+                if let Some(d) = j.duration_ms {
+                    let _ = write!(t, "\nduration: {d} ms");
+                }
+                if let Some(e) = &j.error {
+                    let _ = write!(t, "\nerror: {e}");
+                }
+                t
+            })?;
+            Ok(Exit::Ok)
+        }
+        Command::Result { id } => {
+            let (store, _) = open(&ctx).await?;
+            let j = store.get(id).await?.ok_or_else(|| no_such(id))?;
+            if matches!(j.state.as_str(), store::QUEUED | store::RUNNING) {
+                return Err(jobs::JobError::NotFinished { id, state: j.state }.into());
+            }
+            let record = serde_json::json!({
+                "id": j.id,
+                "state": j.state,
+                "exit_code": j.exit_code,
+                "result": j.result,
+                "stdout": j.stdout,
+                "stderr": j.stderr,
+                "error": j.error,
+            });
+            ctx.out.emit("result", &record, || match &j.result {
+                Some(r) => r.to_string(),
+                None => j.stdout.clone().unwrap_or_default().trim_end().to_owned(),
+            })?;
+            Ok(if j.state == store::SUCCEEDED {
+                Exit::Ok
+            } else {
+                Exit::Failed
+            })
+        }
+        Command::Cancel { id } => {
+            let (store, _) = open(&ctx).await?;
+            let by = std::env::var("USER").unwrap_or_else(|_| "job-worker cancel".into());
+            let done = store.cancel(id, &by).await?.ok_or_else(|| no_such(id))?;
+            ctx.out.emit(
+                "cancel",
+                &serde_json::json!({"id": id, "outcome": done}),
+                || match done {
+                    Cancelled::Queued => format!("job {id} cancelled (it had not started)"),
+                    Cancelled::Running => {
+                        format!("job {id} cancelled; its worker kills it within a heartbeat")
+                    }
+                    Cancelled::AlreadyFinished => {
+                        format!("job {id} had already finished; nothing changed")
+                    }
+                },
+            )?;
+            Ok(if done == Cancelled::AlreadyFinished {
+                Exit::Failed
+            } else {
+                Exit::Ok
+            })
+        }
+        Command::Retry { id } => {
+            let (store, _) = open(&ctx).await?;
+            let j = store.get(id).await?.ok_or_else(|| no_such(id))?;
+            if !store.retry(id).await? {
+                return Err(anyhow::anyhow!(
+                    "job {id} is {}: only failed, dead or cancelled jobs are retried",
+                    j.state
+                ));
+            }
+            ctx.out.emit("retry", &serde_json::json!({"id": id}), || {
+                format!("job {id} queued again")
+            })?;
+            Ok(Exit::Ok)
+        }
+        Command::Purge {
+            dead: _,
+            older_than,
+        } => {
+            let (store, _) = open(&ctx).await?;
+            let n = store.purge_dead(store::now_ms() - older_than).await?;
+            ctx.out
+                .emit("purge", &serde_json::json!({"deleted": n}), || {
+                    format!("{n} dead jobs deleted")
+                })?;
+            Ok(Exit::Ok)
+        }
+        Command::Tasks => {
+            let registry = Registry::from_config(&ctx.config)?;
+            for t in registry.tasks.values() {
+                ctx.out.emit("task", t, || {
+                    format!(
+                        "{:<20} queue {:<10} {} attempt(s), timeout {} s  {}",
+                        t.name, t.queue, t.max_attempts, t.timeout_secs, t.description
+                    )
+                })?;
+            }
+            Ok(Exit::Ok)
+        }
+        Command::Stats => {
+            let (store, _) = open(&ctx).await?;
+            for (queue, s) in store.stats().await? {
+                let record = serde_json::json!({"queue": queue, "queued": s.queued, "running": s.running, "dead": s.dead, "oldest_ready_ms": s.oldest_ready_ms});
+                ctx.out.emit("queue", &record, || {
+                    format!(
+                        "{queue:<12} queued {:>6}  running {:>4}  dead {:>5}  oldest ready {}",
+                        s.queued,
+                        s.running,
+                        s.dead,
+                        s.oldest_ready_ms.map_or_else(
+                            || "-".into(),
+                            |ms| format!("{:.1} s", ms as f64 / 1000.0)
+                        )
+                    )
+                })?;
+            }
+            Ok(Exit::Ok)
+        }
+    }
+}
+
+/// A job without its (possibly large) output.
+fn summary(j: &Job) -> serde_json::Value {
+    let mut v = serde_json::to_value(j).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("stdout");
+        o.remove("stderr");
+    }
+    v
 }

@@ -1,7 +1,25 @@
-//! Command-line contract of `job-worker`: help text, usage and configuration errors.
+//! `job-worker` and `code-submit task` end to end, on the embedded SQLite state database
+//! and on PostgreSQL: submit, run, result; retries; a worker killed with kill -9; cancel
+//! of a running job; SIGTERM with a grace period; configuration errors.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_job-worker");
-const VALID: &[&str] = &["--once"];
+/// `code-submit`, built beside `job-worker` (a workspace test run builds both; with
+/// `-p job-worker` alone, build it first: `cargo build -p code-submit`).
+static SUBMIT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let path = Path::new(BIN).with_file_name("code-submit");
+    assert!(
+        path.exists(),
+        "{} is missing: cargo build -p code-submit",
+        path.display()
+    );
+    path.to_string_lossy().into_owned()
+});
+const VALID: &[&str] = &["tasks"];
 
 #[test]
 fn help_is_stable() {
@@ -13,7 +31,335 @@ fn usage_and_config_errors_have_their_exit_codes() {
     test_support::cli::assert_common_contract(BIN, VALID);
 }
 
+/// A configured home: state database, `[jobs]` with short leases, the test tasks on a
+/// queue of this test's own (so tests sharing a PostgreSQL database never take each
+/// other's jobs).
+struct Home {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    queue: String,
+}
+
+enum State {
+    Sqlite,
+    Postgres,
+}
+
+impl Home {
+    fn new(state: &State, extra: &str) -> Option<Home> {
+        let dir = test_support::tempdir();
+        let state_url = match state {
+            State::Sqlite => format!(
+                "sqlite://{}?mode=rwc",
+                dir.path().join("state.db").display()
+            ),
+            State::Postgres => test_support::require("PG_URL")?,
+        };
+        let queue = test_support::unique("q").replace('-', "_").to_lowercase();
+        let toml = format!(
+            r#"[paths]
+data_dir = "{data}"
+
+[state]
+url = "{state_url}"
+
+[jobs]
+lease_secs = 3
+heartbeat_secs = 1
+poll_ms = 100
+grace_secs = 2
+queue = "{queue}"
+
+[tasks.echo]
+command = ["printf", "%s\n{{{{\"sample\": \"%s\"}}}}\n", "{{sample}}", "{{sample}}"]
+description = "prints its sample, then a JSON result"
+
+[tasks.fail]
+command = ["sh", "-c", "echo boom >&2; exit 3"]
+max_attempts = 2
+backoff_secs = 1
+
+[tasks.slow]
+command = ["sh", "-c", "echo $LABRELAY_JOB_ATTEMPT >> {{marker}}; sleep 3; echo done"]
+
+[tasks.sleeper]
+command = ["sh", "-c", "sleep {{secs}} & sleep {{secs}}; wait"]
+{extra}"#,
+            data = dir.path().join("data").display(),
+        );
+        let config = test_support::write_config(dir.path(), &toml);
+        Some(Home { dir, config, queue })
+    }
+
+    fn command(&self, bin: &str, args: &[&str]) -> Command {
+        let mut cmd = test_support::cli::command(bin, self.dir.path());
+        cmd.arg("--config").arg(&self.config).args(args);
+        cmd
+    }
+
+    fn run(&self, bin: &str, args: &[&str]) -> Output {
+        self.command(bin, args).output().unwrap()
+    }
+
+    fn ok(&self, bin: &str, args: &[&str]) -> String {
+        let out = self.run(bin, args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn submit(&self, args: &[&str]) -> i64 {
+        let mut all = vec!["task"];
+        all.extend_from_slice(args);
+        self.ok(&SUBMIT, &all).trim().parse().unwrap()
+    }
+
+    fn job(&self, id: i64) -> serde_json::Value {
+        let out = self.ok(BIN, &["--json", "status", &id.to_string()]);
+        serde_json::from_str(out.trim()).unwrap()
+    }
+
+    fn spawn_worker(&self, args: &[&str]) -> Child {
+        let mut all = vec!["run"];
+        all.extend_from_slice(args);
+        self.command(BIN, &all)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+}
+
+/// Poll `f` until it holds (panics after `secs`).
+fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+}
+
+fn submit_run_and_read_the_result(state: &State) {
+    let Some(h) = Home::new(state, "") else {
+        return;
+    };
+    let id = h.submit(&["echo", "--arg", "sample=S1; rm -rf /"]);
+    let out = h.ok(BIN, &["run", "--once"]);
+    assert!(
+        out.contains(&format!("job {id} echo attempt 1: succeeded")),
+        "{out}"
+    );
+    let result = h.ok(BIN, &["result", &id.to_string()]);
+    let v: serde_json::Value = serde_json::from_str(result.trim()).unwrap();
+    assert_eq!(v["sample"], "S1; rm -rf /", "one argv item, no shell");
+    let job = h.job(id);
+    assert_eq!(job["state"], "succeeded");
+    assert_eq!(job["attempt"], 1);
+    assert_eq!(job["queue"], h.queue.as_str());
+    // Submissions are checked against the registry.
+    let out = h.run(&SUBMIT, &["task", "echo"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("`sample` is missing"),
+        "{out:?}"
+    );
+    let out = h.run(&SUBMIT, &["task", "nope"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no task named `nope`"),
+        "{out:?}"
+    );
+    // Unique keys: one job.
+    let a = h.submit(&["noop", "--unique-key", &format!("k-{}", h.queue)]);
+    let b = h.submit(&["noop", "--unique-key", &format!("k-{}", h.queue)]);
+    assert_eq!(a, b);
+    // A failing task: retried after its backoff, then dead with the last error.
+    let failing = h.submit(&["fail"]);
+    wait_for("the failing job to die", 20, || {
+        h.ok(BIN, &["run", "--once"]);
+        h.job(failing)["state"] == "dead"
+    });
+    let job = h.job(failing);
+    assert_eq!(job["attempt"], 2);
+    assert_eq!(job["error"], "exited with 3");
+    let out = h.run(BIN, &["--json", "result", &failing.to_string()]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["stderr"], "boom\n");
+    // --wait prints the result and exits with the job's outcome.
+    let mut worker = h.spawn_worker(&[]);
+    let out = h.run(
+        &SUBMIT,
+        &[
+            "task",
+            "echo",
+            "--arg",
+            "sample=S2",
+            "--wait",
+            "--timeout",
+            "30",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        r#"{"sample":"S2"}"#
+    );
+    let out = h.run(&SUBMIT, &["task", "fail", "--wait", "--timeout", "30"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    signal(&worker, "-TERM");
+    assert!(worker.wait().unwrap().success());
+    // Administration.
+    let out = h.ok(BIN, &["--json", "list", "--state", "dead"]);
+    assert!(
+        out.lines()
+            .any(|l| l.contains(&format!("\"id\":{failing}"))),
+        "{out}"
+    );
+    assert!(h.ok(BIN, &["stats"]).contains(&h.queue));
+    let out = h.run(BIN, &["status", "99999999"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no such job: 99999999"));
+    h.ok(BIN, &["retry", &failing.to_string()]);
+    assert_eq!(h.job(failing)["state"], "queued");
+}
+
 #[test]
-fn unbuilt_command_says_so_with_exit_2() {
-    test_support::cli::assert_not_implemented_yet(BIN, VALID);
+fn submit_run_and_read_the_result_sqlite() {
+    submit_run_and_read_the_result(&State::Sqlite);
+}
+
+#[test]
+fn submit_run_and_read_the_result_postgres() {
+    submit_run_and_read_the_result(&State::Postgres);
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+fn a_killed_worker_loses_its_job_to_another(state: &State) {
+    let Some(h) = Home::new(state, "") else {
+        return;
+    };
+    let marker = h.dir.path().join("attempts");
+    let id = h.submit(&["slow", "--arg", &format!("marker={}", marker.display())]);
+    let first = h.spawn_worker(&[]);
+    wait_for("the first attempt to start", 20, || read(&marker) == "1\n");
+    signal(&first, "-KILL");
+    let _ = first.wait_with_output();
+    // Another worker takes the job once its lease (3 s) has expired, and runs it again.
+    let out = h.ok(BIN, &["run", "--max-jobs", "1"]);
+    assert!(
+        out.contains(&format!("job {id} slow attempt 2: succeeded")),
+        "{out}"
+    );
+    let job = h.job(id);
+    assert_eq!(
+        (job["state"].as_str(), job["attempt"].as_i64()),
+        (Some("succeeded"), Some(2))
+    );
+    assert_eq!(read(&marker), "1\n2\n");
+}
+
+#[test]
+fn a_killed_worker_loses_its_job_to_another_sqlite() {
+    a_killed_worker_loses_its_job_to_another(&State::Sqlite);
+}
+
+#[test]
+fn a_killed_worker_loses_its_job_to_another_postgres() {
+    a_killed_worker_loses_its_job_to_another(&State::Postgres);
+}
+
+fn sleeping(secs: &str) -> bool {
+    Command::new("pgrep")
+        .args(["-f", &format!("^sleep {secs}$")])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+#[test]
+fn cancel_of_a_running_job_kills_its_process_group() {
+    let Some(h) = Home::new(&State::Sqlite, "") else {
+        return;
+    };
+    let secs = format!(
+        "{}.{}",
+        300 + std::process::id() % 500,
+        std::process::id() % 997
+    );
+    let id = h.submit(&["sleeper", "--arg", &format!("secs={secs}")]);
+    let mut worker = h.spawn_worker(&[]);
+    wait_for("the job's processes", 20, || sleeping(&secs));
+    let out = h.ok(BIN, &["cancel", &id.to_string()]);
+    assert!(out.contains("cancelled"), "{out}");
+    wait_for("every process of the job to end", 10, || !sleeping(&secs));
+    assert_eq!(h.job(id)["state"], "cancelled");
+    signal(&worker, "-TERM");
+    assert!(worker.wait().unwrap().success());
+    let out = h.run(BIN, &["cancel", &id.to_string()]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "cancelling a finished job changes nothing"
+    );
+}
+
+#[test]
+fn sigterm_gives_running_jobs_the_grace_period_then_gives_them_back() {
+    let Some(h) = Home::new(&State::Sqlite, "") else {
+        return;
+    };
+    let secs = format!(
+        "{}.{}",
+        800 + std::process::id() % 500,
+        std::process::id() % 991
+    );
+    let id = h.submit(&["sleeper", "--arg", &format!("secs={secs}")]);
+    let mut worker = h.spawn_worker(&[]);
+    wait_for("the job's processes", 20, || sleeping(&secs));
+    let started = Instant::now();
+    signal(&worker, "-TERM");
+    assert!(worker.wait().unwrap().success());
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(2),
+        "the grace period is 2 s: {took:?}"
+    );
+    assert!(took < Duration::from_secs(15), "{took:?}");
+    assert!(!sleeping(&secs), "the job's processes were killed");
+    let job = h.job(id);
+    assert_eq!(job["state"], "queued", "{job}");
+    assert_eq!(job["attempt"], 0, "a shutdown does not count as an attempt");
+}
+
+#[test]
+fn a_bad_task_definition_is_a_configuration_error_before_any_work() {
+    let Some(h) = Home::new(&State::Sqlite, "\n[tasks.broken]\ncommand = []\n") else {
+        return;
+    };
+    for (bin, args) in [
+        (BIN, &["run", "--once"][..]),
+        (SUBMIT.as_str(), &["task", "noop"][..]),
+    ] {
+        let out = h.run(bin, args);
+        assert_eq!(out.status.code(), Some(78), "{out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("tasks.broken.command"),
+            "{out:?}"
+        );
+    }
+    assert!(
+        !h.dir.path().join("state.db").exists(),
+        "no work before the check"
+    );
 }

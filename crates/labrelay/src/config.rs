@@ -106,6 +106,8 @@ pub struct Config {
     pub sync: Option<toml::Value>,
     /// `[jobs]`: owned and typed by the `jobs` crate.
     pub jobs: Option<toml::Value>,
+    /// `[tasks.NAME]`: the job registry, owned and typed by the `jobs` crate.
+    pub tasks: Option<toml::Value>,
     /// The files read (path and text), so a tool section's type error can be reported
     /// with its file and line ([`Config::section`]).
     #[serde(skip)]
@@ -653,6 +655,7 @@ impl Config {
             "mail_query" => &self.mail_query,
             "sync" => &self.sync,
             "jobs" => &self.jobs,
+            "tasks" => &self.tasks,
             other => {
                 return Err(ConfigError::Missing(format!(
                     "no tool section named [{other}] is known"
@@ -795,11 +798,17 @@ fn section_in_text<T: serde::de::DeserializeOwned>(
         #[allow(dead_code)]
         jobs: Option<T>,
     }
+    #[derive(Deserialize)]
+    struct Tasks<T> {
+        #[allow(dead_code)]
+        tasks: Option<T>,
+    }
     match name {
         "delivery" => toml::from_str::<Delivery<T>>(text).map(drop),
         "mail_query" => toml::from_str::<MailQuery<T>>(text).map(drop),
         "sync" => toml::from_str::<Sync<T>>(text).map(drop),
         "jobs" => toml::from_str::<Jobs<T>>(text).map(drop),
+        "tasks" => toml::from_str::<Tasks<T>>(text).map(drop),
         _ => Ok(()),
     }
 }

@@ -543,6 +543,64 @@ fn classify_connect_error(url: &str, e: &sqlx::Error) -> DbError {
     }
 }
 
+/// What a process waits on for work: PostgreSQL notifications on a channel (a wait
+/// ends as soon as something is announced), or only the polling interval on other
+/// engines or when listening fails.
+pub enum Wakeup {
+    /// LISTEN on a PostgreSQL database.
+    Listen(Box<sqlx::postgres::PgListener>),
+    /// Only the interval.
+    Poll,
+}
+
+impl Wakeup {
+    /// LISTEN on `channel` when `cfg` is PostgreSQL; polling otherwise or when that fails
+    /// (with a warning: work is still found, only later).
+    pub async fn listen(cfg: &DatabaseConfig, channel: &str) -> Wakeup {
+        if Engine::from_url(cfg.url.expose()) != Some(Engine::Postgres) {
+            return Wakeup::Poll;
+        }
+        let mut url = cfg.url.clone();
+        if let Some(spec) = &cfg.password {
+            match spec.resolve() {
+                Ok(pw) => url = url.with_password(&pw),
+                Err(_) => return Wakeup::Poll,
+            }
+        }
+        let listener = async {
+            let mut l = sqlx::postgres::PgListener::connect(url.expose().as_str()).await?;
+            l.listen(channel).await?;
+            Ok::<_, sqlx::Error>(l)
+        };
+        match listener.await {
+            Ok(l) => Wakeup::Listen(Box::new(l)),
+            Err(e) => {
+                tracing::warn!(url = %cfg.url, error = %crate::secret::scrub(&e.to_string()),
+                    "cannot LISTEN for notifications; polling instead");
+                Wakeup::Poll
+            }
+        }
+    }
+
+    /// Wait for a notification or the interval, whichever comes first.
+    pub async fn wait(&mut self, interval: Duration) {
+        match self {
+            Wakeup::Poll => tokio::time::sleep(interval).await,
+            Wakeup::Listen(l) => {
+                tokio::select! {
+                    r = l.recv() => {
+                        if r.is_err() {
+                            // The listener reconnects by itself on the next recv; do not spin.
+                            tokio::time::sleep(interval).await;
+                        }
+                    }
+                    () = tokio::time::sleep(interval) => {}
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -355,7 +355,7 @@ async fn relay(
     let mut wake = if follow {
         relay::Wakeup::listen(&ctx.config, &s).await
     } else {
-        relay::Wakeup::Poll
+        relay::Wakeup::poll()
     };
     let stop = labrelay::cli::shutdown_signal();
     tokio::pin!(stop);

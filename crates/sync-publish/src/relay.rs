@@ -648,59 +648,19 @@ pub async fn emit(
 
 /// What `relay --follow` waits on between passes: PostgreSQL notifications from the
 /// capture triggers (a pass starts as soon as a change commits), or the interval.
-pub enum Wakeup {
-    /// LISTEN on the site's PostgreSQL database.
-    Listen(Box<sqlx::postgres::PgListener>),
-    /// Only the interval.
-    Poll,
-}
+pub struct Wakeup;
 
 impl Wakeup {
     /// LISTEN when the site is on PostgreSQL; polling otherwise or when that fails.
-    pub async fn listen(config: &labrelay::config::Config, site: &Site) -> Wakeup {
-        if site.engine() != labrelay::db::Engine::Postgres {
-            return Wakeup::Poll;
-        }
-        let Ok(cfg) = config.database(&site.plan.me().database) else {
-            return Wakeup::Poll;
-        };
-        let mut url = cfg.url.clone();
-        if let Some(spec) = &cfg.password {
-            match spec.resolve() {
-                Ok(pw) => url = url.with_password(&pw),
-                Err(_) => return Wakeup::Poll,
-            }
-        }
-        let listener = async {
-            let mut l = sqlx::postgres::PgListener::connect(url.expose().as_str()).await?;
-            l.listen(crate::schema::NOTIFY_CHANNEL).await?;
-            Ok::<_, sqlx::Error>(l)
-        };
-        match listener.await {
-            Ok(l) => Wakeup::Listen(Box::new(l)),
-            Err(e) => {
-                tracing::warn!(site = %site.name(), error = %labrelay::secret::scrub(&e.to_string()),
-                    "cannot LISTEN for changes; polling the outbox instead");
-                Wakeup::Poll
-            }
+    pub async fn listen(config: &labrelay::config::Config, site: &Site) -> labrelay::db::Wakeup {
+        match config.database(&site.plan.me().database) {
+            Ok(cfg) => labrelay::db::Wakeup::listen(cfg, crate::schema::NOTIFY_CHANNEL).await,
+            Err(_) => labrelay::db::Wakeup::Poll,
         }
     }
 
-    /// Wait for a notification or the interval, whichever comes first.
-    pub async fn wait(&mut self, interval: std::time::Duration) {
-        match self {
-            Wakeup::Poll => tokio::time::sleep(interval).await,
-            Wakeup::Listen(l) => {
-                tokio::select! {
-                    r = l.recv() => {
-                        if r.is_err() {
-                            // The listener reconnects by itself on the next recv; do not spin.
-                            tokio::time::sleep(interval).await;
-                        }
-                    }
-                    () = tokio::time::sleep(interval) => {}
-                }
-            }
-        }
+    /// Only the interval.
+    pub fn poll() -> labrelay::db::Wakeup {
+        labrelay::db::Wakeup::Poll
     }
 }

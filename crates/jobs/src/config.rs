@@ -1,0 +1,493 @@
+//! `[jobs]` (worker and lease settings) and `[tasks.NAME]` (the registry), checked
+//! once at start so that a bad entry exits 78 before any job is claimed.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use labrelay::config::{Config, ConfigError};
+use serde::Deserialize;
+
+/// The name of the built-in task that runs no process (health checks, benchmarks).
+pub const NOOP: &str = "noop";
+
+/// `[jobs]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// How long a claim holds a job without a heartbeat.
+    pub lease_secs: u64,
+    /// How often a running job's lease is renewed (and a cancel noticed).
+    pub heartbeat_secs: u64,
+    /// On SIGTERM: how long running jobs may take to finish before they are killed.
+    pub grace_secs: u64,
+    /// How often an idle worker looks for new jobs.
+    pub poll_ms: u64,
+    /// Bytes of stdout and of stderr kept per job (the rest is counted, not stored).
+    pub output_cap_bytes: usize,
+    /// Tasks without `max_attempts` get this.
+    pub max_attempts: u32,
+    /// Tasks without `timeout_secs` get this.
+    pub timeout_secs: u64,
+    /// Queue of tasks without `queue`.
+    pub queue: String,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig {
+            lease_secs: 30,
+            heartbeat_secs: 5,
+            grace_secs: 30,
+            poll_ms: 500,
+            output_cap_bytes: 1 << 20,
+            max_attempts: 3,
+            timeout_secs: 3600,
+            queue: "default".into(),
+        }
+    }
+}
+
+/// `[tasks.NAME]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTask {
+    command: Vec<String>,
+    #[serde(default)]
+    workdir: Option<PathBuf>,
+    #[serde(default)]
+    env: Vec<String>,
+    #[serde(default)]
+    timeout_secs: Option<u64>,
+    #[serde(default)]
+    max_attempts: Option<u32>,
+    #[serde(default)]
+    backoff_secs: Option<u64>,
+    #[serde(default)]
+    backoff_max_secs: Option<u64>,
+    #[serde(default)]
+    queue: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    args_on_stdin: bool,
+}
+
+/// One registered task, checked.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Task {
+    /// Its name.
+    pub name: String,
+    /// argv; `{name}` marks where an argument goes (inside one item, never split).
+    pub command: Vec<String>,
+    /// Working directory (default: the worker's).
+    pub workdir: Option<PathBuf>,
+    /// Names of the worker's environment variables passed through.
+    pub env: Vec<String>,
+    /// Killed after this long.
+    pub timeout_secs: u64,
+    /// Attempts before the job is dead.
+    pub max_attempts: u32,
+    /// First retry delay; doubles per attempt, with jitter.
+    pub backoff_secs: u64,
+    /// Retry delay cap.
+    pub backoff_max_secs: u64,
+    /// Queue the task's jobs go to.
+    pub queue: String,
+    /// Shown by `job-worker tasks`.
+    pub description: String,
+    /// Arguments go to stdin as one JSON object instead of into argv.
+    pub args_on_stdin: bool,
+    /// The argument names the command uses, in order of first use.
+    pub params: Vec<String>,
+}
+
+impl Task {
+    /// The delay before attempt `failed + 1`: base × 2^(failed-1), capped, with full
+    /// jitter over its upper half (so retries of many jobs spread out).
+    pub fn backoff(&self, failed: u32) -> Duration {
+        let exp = failed.saturating_sub(1).min(30);
+        let full = self
+            .backoff_secs
+            .saturating_mul(1 << exp)
+            .min(self.backoff_max_secs)
+            .saturating_mul(1000);
+        let half = full / 2;
+        let jitter = if half == 0 {
+            0
+        } else {
+            rand::random_range(0..=half)
+        };
+        Duration::from_millis(half + jitter)
+    }
+
+    /// The argv for `args`, or the first argument that is missing or cannot go in argv.
+    pub fn argv(
+        &self,
+        args: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Vec<String>, String> {
+        if self.args_on_stdin {
+            return Ok(self.command.clone());
+        }
+        let mut out = Vec::with_capacity(self.command.len());
+        for item in &self.command {
+            let mut text = String::new();
+            for part in split_template(item) {
+                match part {
+                    Part::Text(t) => text.push_str(t),
+                    Part::Param(p) => text.push_str(&arg_text(p, args.get(p))?),
+                }
+            }
+            out.push(text);
+        }
+        Ok(out)
+    }
+
+    /// Check submitted arguments against the command: every parameter given, no unknown
+    /// name, values that fit in argv.
+    pub fn check_args(
+        &self,
+        args: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), String> {
+        if self.args_on_stdin {
+            return Ok(());
+        }
+        for name in args.keys() {
+            if !self.params.contains(name) {
+                return Err(if self.params.is_empty() {
+                    format!("task {} takes no arguments, got `{name}`", self.name)
+                } else {
+                    format!(
+                        "task {} has no argument `{name}` (it takes: {})",
+                        self.name,
+                        self.params.join(", ")
+                    )
+                });
+            }
+        }
+        self.argv(args).map(drop)
+    }
+}
+
+fn arg_text(name: &str, value: Option<&serde_json::Value>) -> Result<String, String> {
+    match value {
+        None => Err(format!("argument `{name}` is missing")),
+        Some(serde_json::Value::String(s)) => Ok(s.clone()),
+        Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => Ok(v.to_string()),
+        Some(_) => Err(format!(
+            "argument `{name}` must be a string, number or boolean to go into the command line"
+        )),
+    }
+}
+
+enum Part<'a> {
+    Text(&'a str),
+    Param(&'a str),
+}
+
+/// `a{b}c` → Text(a), Param(b), Text(c). `{{` and `}}` are literal braces.
+fn split_template(item: &str) -> Vec<Part<'_>> {
+    let mut parts = Vec::new();
+    let mut rest = item;
+    while !rest.is_empty() {
+        if let Some(r) = rest.strip_prefix("{{") {
+            parts.push(Part::Text("{"));
+            rest = r;
+        } else if let Some(r) = rest.strip_prefix("}}") {
+            parts.push(Part::Text("}"));
+            rest = r;
+        } else if rest.starts_with('{')
+            && let Some(end) = rest.find('}')
+            && is_param_name(&rest[1..end])
+        {
+            parts.push(Part::Param(&rest[1..end]));
+            rest = &rest[end + 1..];
+        } else {
+            let next = rest[1..].find(['{', '}']).map_or(rest.len(), |i| i + 1);
+            parts.push(Part::Text(&rest[..next]));
+            rest = &rest[next..];
+        }
+    }
+    parts
+}
+
+fn is_param_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
+fn is_name(s: &str) -> bool {
+    is_param_name(s)
+}
+
+/// The worker settings and the task registry, checked.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    /// `[jobs]`.
+    pub settings: JobsConfig,
+    /// Tasks by name, `noop` included.
+    pub tasks: BTreeMap<String, Task>,
+}
+
+impl Registry {
+    /// Read and check `[jobs]` and `[tasks]`.
+    pub fn from_config(config: &Config) -> Result<Registry, ConfigError> {
+        let settings: JobsConfig = config.section("jobs")?.unwrap_or_default();
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            key: key.to_owned(),
+            message,
+        };
+        if settings.lease_secs == 0 || settings.heartbeat_secs == 0 {
+            return Err(invalid(
+                "jobs.lease_secs",
+                "lease and heartbeat must be at least 1 s".into(),
+            ));
+        }
+        if settings.heartbeat_secs * 2 > settings.lease_secs {
+            return Err(invalid(
+                "jobs.heartbeat_secs",
+                format!(
+                    "a heartbeat every {} s cannot keep a {} s lease (at most half of it)",
+                    settings.heartbeat_secs, settings.lease_secs
+                ),
+            ));
+        }
+        if !is_name(&settings.queue) {
+            return Err(invalid(
+                "jobs.queue",
+                format!(
+                    "`{}` is not a queue name (a-z, 0-9, _ and -)",
+                    settings.queue
+                ),
+            ));
+        }
+        let raw: BTreeMap<String, RawTask> = config.section("tasks")?.unwrap_or_default();
+        let mut tasks = BTreeMap::new();
+        tasks.insert(
+            NOOP.to_owned(),
+            Task {
+                name: NOOP.into(),
+                command: Vec::new(),
+                workdir: None,
+                env: Vec::new(),
+                timeout_secs: settings.timeout_secs,
+                max_attempts: 1,
+                backoff_secs: 1,
+                backoff_max_secs: 1,
+                queue: settings.queue.clone(),
+                description: "built in: runs no process and succeeds (health checks, benchmarks)"
+                    .into(),
+                args_on_stdin: true,
+                params: Vec::new(),
+            },
+        );
+        for (name, t) in raw {
+            let key = |k: &str| format!("tasks.{name}.{k}");
+            if name == NOOP {
+                return Err(invalid(
+                    &format!("tasks.{NOOP}"),
+                    "`noop` is built in and cannot be redefined".into(),
+                ));
+            }
+            if !is_name(&name) {
+                return Err(invalid(
+                    &format!("tasks.{name}"),
+                    "a task name uses a-z, 0-9, _ and -".into(),
+                ));
+            }
+            if t.command.is_empty() || t.command[0].trim().is_empty() {
+                return Err(invalid(
+                    &key("command"),
+                    "the command needs at least the program".into(),
+                ));
+            }
+            let mut params = Vec::new();
+            for item in &t.command {
+                for part in split_template(item) {
+                    if let Part::Param(p) = part
+                        && !params.iter().any(|q: &String| q == p)
+                    {
+                        params.push(p.to_owned());
+                    }
+                }
+                if item.contains('{')
+                    && !item.contains("{{")
+                    && split_template(item)
+                        .iter()
+                        .all(|p| matches!(p, Part::Text(_)))
+                {
+                    return Err(invalid(
+                        &key("command"),
+                        format!(
+                            "`{item}`: a placeholder is `{{name}}` with a-z, 0-9, _ or - (write `{{{{` for a brace)"
+                        ),
+                    ));
+                }
+            }
+            if t.args_on_stdin && !params.is_empty() {
+                return Err(invalid(
+                    &key("args_on_stdin"),
+                    "arguments go either on stdin or into the command, not both".into(),
+                ));
+            }
+            for v in &t.env {
+                if v.is_empty() || v.contains('=') {
+                    return Err(invalid(
+                        &key("env"),
+                        format!("`{v}` is not a variable name"),
+                    ));
+                }
+            }
+            let queue = t.queue.unwrap_or_else(|| settings.queue.clone());
+            if !is_name(&queue) {
+                return Err(invalid(
+                    &key("queue"),
+                    format!("`{queue}` is not a queue name (a-z, 0-9, _ and -)"),
+                ));
+            }
+            let max_attempts = t.max_attempts.unwrap_or(settings.max_attempts);
+            if max_attempts == 0 {
+                return Err(invalid(&key("max_attempts"), "at least 1".into()));
+            }
+            let timeout_secs = t.timeout_secs.unwrap_or(settings.timeout_secs);
+            if timeout_secs == 0 {
+                return Err(invalid(&key("timeout_secs"), "at least 1".into()));
+            }
+            if let Some(dir) = &t.workdir
+                && !dir.is_absolute()
+            {
+                return Err(invalid(
+                    &key("workdir"),
+                    format!("`{}` must be an absolute path", dir.display()),
+                ));
+            }
+            let backoff_secs = t.backoff_secs.unwrap_or(10);
+            tasks.insert(
+                name.clone(),
+                Task {
+                    name: name.clone(),
+                    command: t.command,
+                    workdir: t.workdir,
+                    env: t.env,
+                    timeout_secs,
+                    max_attempts,
+                    backoff_secs,
+                    backoff_max_secs: t.backoff_max_secs.unwrap_or(3600).max(backoff_secs),
+                    queue,
+                    description: t.description.unwrap_or_default(),
+                    args_on_stdin: t.args_on_stdin,
+                    params,
+                },
+            );
+        }
+        Ok(Registry { settings, tasks })
+    }
+
+    /// The task, or a message naming the known ones.
+    pub fn task(&self, name: &str) -> Result<&Task, String> {
+        self.tasks.get(name).ok_or_else(|| {
+            format!(
+                "no task named `{name}` is registered (known: {}; see `job-worker tasks`)",
+                self.tasks.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(command: &[&str]) -> Task {
+        let mut params = Vec::new();
+        for item in command {
+            for p in split_template(item) {
+                if let Part::Param(p) = p
+                    && !params.contains(&p.to_owned())
+                {
+                    params.push(p.to_owned());
+                }
+            }
+        }
+        Task {
+            name: "t".into(),
+            command: command.iter().map(|s| (*s).to_owned()).collect(),
+            workdir: None,
+            env: Vec::new(),
+            timeout_secs: 1,
+            max_attempts: 1,
+            backoff_secs: 2,
+            backoff_max_secs: 60,
+            queue: "q".into(),
+            description: String::new(),
+            args_on_stdin: false,
+            params,
+        }
+    }
+
+    #[test]
+    fn placeholders_fill_whole_items_and_never_split() {
+        let t = task(&[
+            "prog",
+            "--sample",
+            "{sample}",
+            "--out={dir}/x",
+            "{{literal}}",
+        ]);
+        let args = serde_json::json!({"sample": "a b; rm -rf /", "dir": "/d"});
+        let line = t.argv(args.as_object().unwrap()).unwrap();
+        assert_eq!(
+            line,
+            [
+                "prog",
+                "--sample",
+                "a b; rm -rf /",
+                "--out=/d/x",
+                "{literal}"
+            ]
+        );
+        assert_eq!(t.params, ["sample", "dir"]);
+    }
+
+    #[test]
+    fn arguments_are_checked_by_name_and_kind() {
+        let t = task(&["prog", "{sample}"]);
+        let err = t
+            .check_args(serde_json::json!({}).as_object().unwrap())
+            .unwrap_err();
+        assert!(err.contains("`sample` is missing"), "{err}");
+        let err = t
+            .check_args(
+                serde_json::json!({"sample": "x", "other": 1})
+                    .as_object()
+                    .unwrap(),
+            )
+            .unwrap_err();
+        assert!(
+            err.contains("no argument `other` (it takes: sample)"),
+            "{err}"
+        );
+        let err = t
+            .check_args(serde_json::json!({"sample": [1]}).as_object().unwrap())
+            .unwrap_err();
+        assert!(err.contains("string, number or boolean"), "{err}");
+        t.check_args(serde_json::json!({"sample": 3}).as_object().unwrap())
+            .unwrap();
+    }
+
+    #[test]
+    fn backoff_doubles_within_jitter_and_is_capped() {
+        let t = task(&["p"]);
+        for failed in 1..=8 {
+            let full = (2u64 << (failed - 1)).min(60) * 1000;
+            let d = t.backoff(failed);
+            let ms = u64::try_from(d.as_millis()).unwrap();
+            assert!(
+                ms >= full / 2 && ms <= full,
+                "attempt {failed}: {ms} ms of {full}"
+            );
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! The labrelay job platform, shared by `job-worker` (runs and administers jobs) and
+//! `code-submit` (submits them).
+//!
+//! - [`config`]: `[jobs]` and the task registry `[tasks.NAME]`, checked at start.
+//! - [`store`]: the job table in the state database (SQLite, PostgreSQL or MariaDB):
+//!   submit (unique keys), claim (leases; `FOR UPDATE SKIP LOCKED` on the servers),
+//!   heartbeat, finish fenced by attempt, cancel, retry, purge, list, stats.
+//! - [`runner`]: one attempt of a task: argv without a shell, a clean environment, its
+//!   own process group, captured output.
+//! - [`worker`]: the loop that claims, runs with heartbeats, records and shuts down
+//!   gracefully.
+
+pub mod config;
+pub mod runner;
+pub mod store;
+pub mod worker;
+
+pub use config::{Registry, Task};
+pub use store::{Job, NewJob, Store};
+
+/// The PostgreSQL channel a submit notifies, so idle workers start at once.
+pub const NOTIFY_CHANNEL: &str = "labrelay_jobs";
+
+/// Errors about a job the user named.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// No job has this id.
+    #[error("no such job: {0}")]
+    NoSuchJob(i64),
+    /// The job has not finished: ask again later (exit 75).
+    #[error("job {id} is {state}: no result yet")]
+    NotFinished {
+        /// Job id.
+        id: i64,
+        /// Its state.
+        state: String,
+    },
+}
+
+impl labrelay::exit::ExitClass for JobError {
+    fn exit_class(&self) -> labrelay::exit::Exit {
+        match self {
+            JobError::NoSuchJob(_) => labrelay::exit::Exit::Failed,
+            JobError::NotFinished { .. } => labrelay::exit::Exit::TempFail,
+        }
+    }
+}
+labrelay::exit_class!(JobError);

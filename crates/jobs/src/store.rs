@@ -1,0 +1,681 @@
+//! The job table in the state database: submit, claim (a lease), heartbeat, finish,
+//! cancel, retry, purge, list, stats. Every write of a running job names the attempt
+//! and the worker that claimed it, so a worker that lost its lease (the job was claimed
+//! again, or cancelled) changes nothing: its late result is refused.
+
+use std::collections::BTreeMap;
+
+use labrelay::db::{Db, Engine, opt_text, text};
+use serde::Serialize;
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// A job's state.
+pub const QUEUED: &str = "queued";
+/// Claimed by a worker.
+pub const RUNNING: &str = "running";
+/// Ran and exited 0.
+pub const SUCCEEDED: &str = "succeeded";
+/// Could not run at all (unknown task, bad arguments): not retried.
+pub const FAILED: &str = "failed";
+/// Failed on its last attempt.
+pub const DEAD: &str = "dead";
+/// Cancelled before it finished.
+pub const CANCELLED: &str = "cancelled";
+/// Every state, in lifecycle order.
+pub const STATES: [&str; 6] = [QUEUED, RUNNING, SUCCEEDED, FAILED, DEAD, CANCELLED];
+
+/// A job as stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct Job {
+    /// Id.
+    pub id: i64,
+    /// Registered task.
+    pub task: String,
+    /// Arguments (a JSON object).
+    pub args: serde_json::Value,
+    /// Queue.
+    pub queue: String,
+    /// Higher runs first.
+    pub priority: i64,
+    /// State.
+    pub state: String,
+    /// Attempts started so far.
+    pub attempt: i64,
+    /// Attempts allowed.
+    pub max_attempts: i64,
+    /// Not before (ms).
+    pub run_at_ms: i64,
+    /// Idempotency key.
+    pub unique_key: Option<String>,
+    /// Who submitted it.
+    pub submitter: String,
+    /// Where to mail the outcome.
+    pub notify: Option<String>,
+    /// The worker holding it.
+    pub worker: Option<String>,
+    /// Its lease ends (ms).
+    pub lease_until_ms: Option<i64>,
+    /// Submitted (ms).
+    pub created_ms: i64,
+    /// Last attempt started (ms).
+    pub started_ms: Option<i64>,
+    /// Finished (ms).
+    pub finished_ms: Option<i64>,
+    /// Exit code of the last attempt.
+    pub exit_code: Option<i64>,
+    /// Signal that ended the last attempt.
+    pub signal: Option<i64>,
+    /// Captured stdout (capped).
+    pub stdout: Option<String>,
+    /// Captured stderr (capped).
+    pub stderr: Option<String>,
+    /// The last stdout line when it was JSON.
+    pub result: Option<serde_json::Value>,
+    /// Why the last attempt failed.
+    pub error: Option<String>,
+    /// How long the last attempt ran (ms).
+    pub duration_ms: Option<i64>,
+}
+
+const COLUMNS: &str = "id, task, args, queue, priority, state, attempt, max_attempts, run_at_ms, \
+    unique_key, submitter, notify, worker, lease_until_ms, created_ms, started_ms, finished_ms, \
+    exit_code, term_signal, stdout, stderr, result, error, duration_ms";
+
+fn decode(row: &AnyRow) -> Result<Job, sqlx::Error> {
+    let int = |i: usize| row.try_get::<i64, _>(i);
+    let opt_int = |i: usize| row.try_get::<Option<i64>, _>(i);
+    let json = |s: Option<String>| s.and_then(|s| serde_json::from_str(&s).ok());
+    Ok(Job {
+        id: int(0)?,
+        task: text(row, 1)?,
+        args: json(Some(text(row, 2)?)).unwrap_or(serde_json::Value::Null),
+        queue: text(row, 3)?,
+        priority: int(4)?,
+        state: text(row, 5)?,
+        attempt: int(6)?,
+        max_attempts: int(7)?,
+        run_at_ms: int(8)?,
+        unique_key: opt_text(row, 9)?,
+        submitter: text(row, 10)?,
+        notify: opt_text(row, 11)?,
+        worker: opt_text(row, 12)?,
+        lease_until_ms: opt_int(13)?,
+        created_ms: int(14)?,
+        started_ms: opt_int(15)?,
+        finished_ms: opt_int(16)?,
+        exit_code: opt_int(17)?,
+        signal: opt_int(18)?,
+        stdout: opt_text(row, 19)?,
+        stderr: opt_text(row, 20)?,
+        result: json(opt_text(row, 21)?),
+        error: opt_text(row, 22)?,
+        duration_ms: opt_int(23)?,
+    })
+}
+
+/// A job to submit.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    /// Task name (checked against the registry by the caller).
+    pub task: String,
+    /// Arguments.
+    pub args: serde_json::Map<String, serde_json::Value>,
+    /// Queue.
+    pub queue: String,
+    /// Priority (higher first).
+    pub priority: i64,
+    /// Attempts allowed.
+    pub max_attempts: u32,
+    /// Not before (ms); now when `None`.
+    pub run_at_ms: Option<i64>,
+    /// Idempotency key.
+    pub unique_key: Option<String>,
+    /// Who submits.
+    pub submitter: String,
+    /// Where to mail the outcome.
+    pub notify: Option<String>,
+}
+
+/// How an attempt ended, as the worker reports it.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    /// Exit code.
+    pub exit_code: Option<i32>,
+    /// Killing signal.
+    pub signal: Option<i32>,
+    /// Captured stdout.
+    pub stdout: String,
+    /// Captured stderr.
+    pub stderr: String,
+    /// Last stdout line as JSON.
+    pub result: Option<serde_json::Value>,
+    /// Failure reason (`None`: success).
+    pub error: Option<String>,
+    /// Whether the failure can never succeed (not retried).
+    pub permanent: bool,
+    /// Run time.
+    pub duration_ms: i64,
+}
+
+/// What a cancel did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cancelled {
+    /// It was waiting: it will not run.
+    Queued,
+    /// It was running: its worker kills it at its next heartbeat.
+    Running,
+    /// It had finished already (state unchanged).
+    AlreadyFinished,
+}
+
+/// Per-queue counts.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct QueueStats {
+    /// Waiting (run_at reached or not).
+    pub queued: i64,
+    /// Claimed.
+    pub running: i64,
+    /// Dead.
+    pub dead: i64,
+    /// Age of the oldest job ready to run (ms).
+    pub oldest_ready_ms: Option<i64>,
+}
+
+/// Filter for `list`.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// Only this state.
+    pub state: Option<String>,
+    /// Only this submitter.
+    pub submitter: Option<String>,
+    /// At most this many, newest first.
+    pub limit: i64,
+}
+
+/// The job table.
+#[derive(Clone)]
+pub struct Store {
+    db: Db,
+}
+
+impl Store {
+    /// On the state database (migrated by the caller).
+    pub fn new(db: Db) -> Store {
+        Store { db }
+    }
+
+    /// The database.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    fn p(&self, n: usize) -> String {
+        self.db.engine().placeholder(n)
+    }
+
+    fn err(&self, e: sqlx::Error) -> anyhow::Error {
+        self.db.err(e).into()
+    }
+
+    /// Insert a job; with a unique key already used, return the existing job's id.
+    /// `(id, created)`.
+    pub async fn submit(&self, job: &NewJob) -> anyhow::Result<(i64, bool)> {
+        let now = now_ms();
+        let p = |n| self.p(n);
+        let returning = if self.db.engine() == Engine::Mysql {
+            ""
+        } else {
+            " RETURNING id"
+        };
+        let sql = format!(
+            "INSERT INTO labrelay_jobs (task, args, queue, priority, state, attempt, max_attempts, run_at_ms, unique_key, submitter, notify, created_ms) \
+             VALUES ({}, {}, {}, {}, '{QUEUED}', 0, {}, {}, {}, {}, {}, {}){returning}",
+            p(1),
+            p(2),
+            p(3),
+            p(4),
+            p(5),
+            p(6),
+            p(7),
+            p(8),
+            p(9),
+            p(10)
+        );
+        let query = sqlx::query(&sql)
+            .bind(job.task.clone())
+            .bind(serde_json::Value::Object(job.args.clone()).to_string())
+            .bind(job.queue.clone())
+            .bind(job.priority)
+            .bind(i64::from(job.max_attempts))
+            .bind(job.run_at_ms.unwrap_or(now))
+            .bind(job.unique_key.clone())
+            .bind(job.submitter.clone())
+            .bind(job.notify.clone())
+            .bind(now);
+        let inserted = if self.db.engine() == Engine::Mysql {
+            let mut conn = self.db.pool().acquire().await.map_err(|e| self.err(e))?;
+            match query.execute(&mut *conn).await {
+                Ok(_) => {
+                    let row = sqlx::query("SELECT CAST(LAST_INSERT_ID() AS SIGNED)")
+                        .fetch_one(&mut *conn)
+                        .await
+                        .map_err(|e| self.err(e))?;
+                    Ok(row.try_get::<i64, _>(0).map_err(|e| self.err(e))?)
+                }
+                Err(e) => Err(e),
+            }
+        } else {
+            match query.fetch_one(self.db.pool()).await {
+                Ok(row) => Ok(row.try_get::<i64, _>(0).map_err(|e| self.err(e))?),
+                Err(e) => Err(e),
+            }
+        };
+        match inserted {
+            Ok(id) => {
+                self.notify_workers().await;
+                Ok((id, true))
+            }
+            Err(e)
+                if job.unique_key.is_some()
+                    && e.as_database_error()
+                        .is_some_and(sqlx::error::DatabaseError::is_unique_violation) =>
+            {
+                let row = sqlx::query(&format!(
+                    "SELECT id FROM labrelay_jobs WHERE unique_key = {}",
+                    self.p(1)
+                ))
+                .bind(job.unique_key.clone())
+                .fetch_one(self.db.pool())
+                .await
+                .map_err(|e| self.err(e))?;
+                Ok((row.try_get::<i64, _>(0).map_err(|e| self.err(e))?, false))
+            }
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    /// Wake PostgreSQL workers listening on `labrelay_jobs` (best effort).
+    async fn notify_workers(&self) {
+        if self.db.engine() == Engine::Postgres {
+            let _ = sqlx::query("SELECT pg_notify('labrelay_jobs', '')")
+                .execute(self.db.pool())
+                .await;
+        }
+    }
+
+    /// Jobs whose worker died after their last attempt started: dead, with the reason.
+    async fn bury_expired(&self, now: i64) -> anyhow::Result<u64> {
+        let sql = format!(
+            "UPDATE labrelay_jobs SET state = '{DEAD}', finished_ms = {now}, worker = NULL, lease_until_ms = NULL, \
+             error = 'the worker running the last attempt stopped answering (lease expired)' \
+             WHERE state = '{RUNNING}' AND lease_until_ms < {now} AND attempt >= max_attempts"
+        );
+        let done = sqlx::query(&sql)
+            .execute(self.db.pool())
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(done.rows_affected())
+    }
+
+    /// Claim up to `n` jobs of `queues` for `worker`: ready queued jobs and running jobs
+    /// whose lease expired (their worker died), highest priority first, then oldest.
+    pub async fn claim(
+        &self,
+        worker: &str,
+        queues: &[String],
+        n: usize,
+        lease_ms: i64,
+    ) -> anyhow::Result<Vec<Job>> {
+        if n == 0 || queues.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = now_ms();
+        self.bury_expired(now).await?;
+        let engine = self.db.engine();
+        let qlist: Vec<String> = (0..queues.len()).map(|i| self.p(i + 3)).collect();
+        let ready = format!(
+            "((state = '{QUEUED}' AND run_at_ms <= {now}) OR (state = '{RUNNING}' AND lease_until_ms < {now})) \
+             AND queue IN ({})",
+            qlist.join(", ")
+        );
+        let order = "ORDER BY priority DESC, run_at_ms, id";
+        let set = format!(
+            "state = '{RUNNING}', attempt = attempt + 1, worker = {}, lease_until_ms = {}, started_ms = {now}, \
+             finished_ms = NULL",
+            self.p(1),
+            self.p(2)
+        );
+        let lease_until = now + lease_ms;
+        match engine {
+            Engine::Sqlite | Engine::Postgres => {
+                let lock = if engine == Engine::Postgres {
+                    " FOR UPDATE SKIP LOCKED"
+                } else {
+                    ""
+                };
+                let sql = format!(
+                    "UPDATE labrelay_jobs SET {set} WHERE id IN \
+                     (SELECT id FROM labrelay_jobs WHERE {ready} {order} LIMIT {n}{lock}) RETURNING {COLUMNS}"
+                );
+                let mut q = sqlx::query(&sql).bind(worker.to_owned()).bind(lease_until);
+                for queue in queues {
+                    q = q.bind(queue.clone());
+                }
+                let rows = q.fetch_all(self.db.pool()).await.map_err(|e| self.err(e))?;
+                let mut jobs: Vec<Job> = rows
+                    .iter()
+                    .map(decode)
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| self.err(e))?;
+                jobs.sort_by_key(|j| (-j.priority, j.run_at_ms, j.id));
+                Ok(jobs)
+            }
+            Engine::Mysql => {
+                let mut tx = self.db.pool().begin().await.map_err(|e| self.err(e))?;
+                // The queue placeholders are numbered from 3 in `ready`; MySQL's are all
+                // `?`, bound in order.
+                let sql = format!(
+                    "SELECT id FROM labrelay_jobs WHERE {ready} {order} LIMIT {n} FOR UPDATE SKIP LOCKED"
+                );
+                let mut q = sqlx::query(&sql);
+                for queue in queues {
+                    q = q.bind(queue.clone());
+                }
+                let ids: Vec<i64> = q
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(|e| self.err(e))?
+                    .iter()
+                    .map(|r| r.try_get::<i64, _>(0))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| self.err(e))?;
+                if ids.is_empty() {
+                    tx.commit().await.map_err(|e| self.err(e))?;
+                    return Ok(Vec::new());
+                }
+                let list = ids
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                sqlx::query(&format!(
+                    "UPDATE labrelay_jobs SET {set} WHERE id IN ({list})"
+                ))
+                .bind(worker.to_owned())
+                .bind(lease_until)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.err(e))?;
+                let rows = sqlx::query(&format!(
+                    "SELECT {COLUMNS} FROM labrelay_jobs WHERE id IN ({list}) {order}"
+                ))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(|e| self.err(e))?;
+                tx.commit().await.map_err(|e| self.err(e))?;
+                rows.iter()
+                    .map(decode)
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| self.err(e))
+            }
+        }
+    }
+
+    /// Renew the lease. `false`: the job is no longer this worker's attempt (cancelled,
+    /// or claimed again after the lease expired): stop it.
+    pub async fn heartbeat(&self, job: &Job, worker: &str, lease_ms: i64) -> anyhow::Result<bool> {
+        let sql = format!(
+            "UPDATE labrelay_jobs SET lease_until_ms = {} WHERE id = {} AND attempt = {} AND worker = {} AND state = '{RUNNING}'",
+            self.p(1),
+            self.p(2),
+            self.p(3),
+            self.p(4)
+        );
+        let done = sqlx::query(&sql)
+            .bind(now_ms() + lease_ms)
+            .bind(job.id)
+            .bind(job.attempt)
+            .bind(worker.to_owned())
+            .execute(self.db.pool())
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Record how this attempt ended: succeeded; or failed, then queued again after
+    /// `retry_in_ms` while attempts are left (dead after the last, failed at once when
+    /// the failure is permanent). Returns the new state, or `None` when the attempt
+    /// was no longer this worker's (the result is refused).
+    pub async fn finish(
+        &self,
+        job: &Job,
+        worker: &str,
+        outcome: &Outcome,
+        retry_in_ms: i64,
+    ) -> anyhow::Result<Option<&'static str>> {
+        let now = now_ms();
+        let state = match &outcome.error {
+            None => SUCCEEDED,
+            Some(_) if outcome.permanent => FAILED,
+            Some(_) if job.attempt < job.max_attempts => QUEUED,
+            Some(_) => DEAD,
+        };
+        let (finished, run_at) = if state == QUEUED {
+            (None, now + retry_in_ms)
+        } else {
+            (Some(now), job.run_at_ms)
+        };
+        let p = |n| self.p(n);
+        let sql = format!(
+            "UPDATE labrelay_jobs SET state = {}, finished_ms = {}, run_at_ms = {}, worker = NULL, lease_until_ms = NULL, \
+             exit_code = {}, term_signal = {}, stdout = {}, stderr = {}, result = {}, error = {}, duration_ms = {} \
+             WHERE id = {} AND attempt = {} AND worker = {} AND state = '{RUNNING}'",
+            p(1),
+            p(2),
+            p(3),
+            p(4),
+            p(5),
+            p(6),
+            p(7),
+            p(8),
+            p(9),
+            p(10),
+            p(11),
+            p(12),
+            p(13)
+        );
+        let done = sqlx::query(&sql)
+            .bind(state)
+            .bind(finished)
+            .bind(run_at)
+            .bind(outcome.exit_code.map(i64::from))
+            .bind(outcome.signal.map(i64::from))
+            .bind(outcome.stdout.clone())
+            .bind(outcome.stderr.clone())
+            .bind(outcome.result.as_ref().map(ToString::to_string))
+            .bind(outcome.error.clone())
+            .bind(outcome.duration_ms)
+            .bind(job.id)
+            .bind(job.attempt)
+            .bind(worker.to_owned())
+            .execute(self.db.pool())
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok((done.rows_affected() == 1).then_some(state))
+    }
+
+    /// Give a job back without counting the attempt (the worker is shutting down).
+    pub async fn release(&self, job: &Job, worker: &str) -> anyhow::Result<bool> {
+        let sql = format!(
+            "UPDATE labrelay_jobs SET state = '{QUEUED}', attempt = attempt - 1, worker = NULL, lease_until_ms = NULL, \
+             run_at_ms = {} WHERE id = {} AND attempt = {} AND worker = {} AND state = '{RUNNING}'",
+            self.p(1),
+            self.p(2),
+            self.p(3),
+            self.p(4)
+        );
+        let done = sqlx::query(&sql)
+            .bind(now_ms())
+            .bind(job.id)
+            .bind(job.attempt)
+            .bind(worker.to_owned())
+            .execute(self.db.pool())
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// One job.
+    pub async fn get(&self, id: i64) -> anyhow::Result<Option<Job>> {
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM labrelay_jobs WHERE id = {}",
+            self.p(1)
+        ))
+        .bind(id)
+        .fetch_optional(self.db.pool())
+        .await
+        .map_err(|e| self.err(e))?;
+        row.as_ref()
+            .map(decode)
+            .transpose()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Cancel a job; `None` when there is no such job.
+    pub async fn cancel(&self, id: i64, by: &str) -> anyhow::Result<Option<Cancelled>> {
+        let Some(job) = self.get(id).await? else {
+            return Ok(None);
+        };
+        if job.state != QUEUED && job.state != RUNNING {
+            return Ok(Some(Cancelled::AlreadyFinished));
+        }
+        let sql = format!(
+            "UPDATE labrelay_jobs SET state = '{CANCELLED}', finished_ms = {}, worker = NULL, lease_until_ms = NULL, \
+             cancel_requested = 1, error = {} WHERE id = {} AND state = {}",
+            self.p(1),
+            self.p(2),
+            self.p(3),
+            self.p(4)
+        );
+        let done = sqlx::query(&sql)
+            .bind(now_ms())
+            .bind(format!("cancelled by {by}"))
+            .bind(id)
+            .bind(job.state.clone())
+            .execute(self.db.pool())
+            .await
+            .map_err(|e| self.err(e))?;
+        if done.rows_affected() == 0 {
+            // It changed meanwhile (finished, or claimed): look again.
+            return Box::pin(self.cancel(id, by)).await;
+        }
+        Ok(Some(if job.state == RUNNING {
+            Cancelled::Running
+        } else {
+            Cancelled::Queued
+        }))
+    }
+
+    /// Queue a finished (failed, dead or cancelled) job again with fresh attempts.
+    /// `Ok(false)` when it is queued, running or succeeded.
+    pub async fn retry(&self, id: i64) -> anyhow::Result<bool> {
+        let sql = format!(
+            "UPDATE labrelay_jobs SET state = '{QUEUED}', attempt = 0, run_at_ms = {}, finished_ms = NULL, \
+             cancel_requested = 0 WHERE id = {} AND state IN ('{FAILED}', '{DEAD}', '{CANCELLED}')",
+            self.p(1),
+            self.p(2)
+        );
+        let done = sqlx::query(&sql)
+            .bind(now_ms())
+            .bind(id)
+            .execute(self.db.pool())
+            .await
+            .map_err(|e| self.err(e))?;
+        if done.rows_affected() == 1 {
+            self.notify_workers().await;
+        }
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Delete dead jobs that finished before `before_ms`.
+    pub async fn purge_dead(&self, before_ms: i64) -> anyhow::Result<u64> {
+        let done = sqlx::query(&format!(
+            "DELETE FROM labrelay_jobs WHERE state = '{DEAD}' AND finished_ms < {}",
+            self.p(1)
+        ))
+        .bind(before_ms)
+        .execute(self.db.pool())
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(done.rows_affected())
+    }
+
+    /// Jobs, newest first.
+    pub async fn list(&self, filter: &ListFilter) -> anyhow::Result<Vec<Job>> {
+        let mut conds = Vec::new();
+        let mut binds = Vec::new();
+        if let Some(s) = &filter.state {
+            binds.push(s.clone());
+            conds.push(format!("state = {}", self.p(binds.len())));
+        }
+        if let Some(s) = &filter.submitter {
+            binds.push(s.clone());
+            conds.push(format!("submitter = {}", self.p(binds.len())));
+        }
+        let cond = if conds.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", conds.join(" AND "))
+        };
+        let sql = format!(
+            "SELECT {COLUMNS} FROM labrelay_jobs {cond} ORDER BY id DESC LIMIT {}",
+            filter.limit.max(1)
+        );
+        let mut q = sqlx::query(&sql);
+        for b in binds {
+            q = q.bind(b);
+        }
+        let rows = q.fetch_all(self.db.pool()).await.map_err(|e| self.err(e))?;
+        rows.iter()
+            .map(decode)
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Counts per queue.
+    pub async fn stats(&self) -> anyhow::Result<BTreeMap<String, QueueStats>> {
+        let now = now_ms();
+        let sql = format!(
+            "SELECT queue, state, COUNT(*), MIN(CASE WHEN state = '{QUEUED}' AND run_at_ms <= {now} THEN run_at_ms END) \
+             FROM labrelay_jobs WHERE state IN ('{QUEUED}', '{RUNNING}', '{DEAD}') GROUP BY queue, state"
+        );
+        let rows = sqlx::query(&sql)
+            .fetch_all(self.db.pool())
+            .await
+            .map_err(|e| self.err(e))?;
+        let mut out: BTreeMap<String, QueueStats> = BTreeMap::new();
+        for r in rows {
+            let queue = text(&r, 0).map_err(|e| self.err(e))?;
+            let state = text(&r, 1).map_err(|e| self.err(e))?;
+            let n: i64 = r.try_get(2).map_err(|e| self.err(e))?;
+            let oldest: Option<i64> = r.try_get(3).map_err(|e| self.err(e))?;
+            let s = out.entry(queue).or_default();
+            match state.as_str() {
+                QUEUED => {
+                    s.queued = n;
+                    s.oldest_ready_ms = oldest.map(|t| now - t);
+                }
+                RUNNING => s.running = n,
+                _ => s.dead = n,
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,320 @@
+//! The worker loop: claim as many jobs as there are free slots, run each with a
+//! heartbeat beside it, record the outcome (fenced by attempt), and on shutdown stop
+//! claiming, let running jobs finish within the grace period, then kill them and give
+//! their jobs back.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, mpsc, watch};
+
+use crate::config::Registry;
+use crate::runner::{self, Ran, Stop};
+use crate::store::{self, Job, Outcome, Store};
+
+/// How a worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Queues to take jobs from.
+    pub queues: Vec<String>,
+    /// Jobs at the same time.
+    pub concurrency: usize,
+    /// Exit when nothing is ready (instead of waiting for more).
+    pub once: bool,
+    /// Stop claiming after this many jobs.
+    pub max_jobs: Option<u64>,
+    /// This worker's name in the job rows.
+    pub name: String,
+}
+
+/// One finished attempt, as the worker reports it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    /// Job id.
+    pub id: i64,
+    /// Task.
+    pub task: String,
+    /// Attempt number.
+    pub attempt: i64,
+    /// The job's state now (`queued` when it will be retried); `refused` when the
+    /// attempt was no longer this worker's; `released` when given back at shutdown.
+    pub state: String,
+    /// Exit code.
+    pub exit_code: Option<i32>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Run time.
+    pub duration_ms: i64,
+}
+
+/// Totals of a run.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Totals {
+    /// Attempts started.
+    pub claimed: u64,
+    /// By the state each attempt left its job in.
+    pub by_state: std::collections::BTreeMap<String, u64>,
+}
+
+/// Run until `shutdown` fires (or, with `once`, until nothing is ready), calling
+/// `report` for every attempt that ended.
+pub async fn run(
+    store: &Store,
+    registry: Arc<Registry>,
+    opts: &WorkerOptions,
+    mut wake: labrelay::db::Wakeup,
+    shutdown: impl std::future::Future<Output = ()>,
+    mut report: impl FnMut(&Report),
+) -> anyhow::Result<Totals> {
+    let s = &registry.settings;
+    let lease_ms = i64::try_from(s.lease_secs * 1000).unwrap_or(i64::MAX);
+    let grace = Duration::from_secs(s.grace_secs);
+    let poll = Duration::from_millis(s.poll_ms.max(10));
+    let slots = Arc::new(Semaphore::new(opts.concurrency.max(1)));
+    let (stop_tx, stop_rx) = watch::channel(Stop::No);
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Report>();
+    let mut totals = Totals::default();
+    let mut running = 0usize;
+    tokio::pin!(shutdown);
+    let mut stopping = false;
+    loop {
+        // Collect what ended.
+        while let Ok(r) = done_rx.try_recv() {
+            running -= 1;
+            *totals.by_state.entry(r.state.clone()).or_default() += 1;
+            report(&r);
+        }
+        let budget = opts
+            .max_jobs
+            .map_or(u64::MAX, |m| m.saturating_sub(totals.claimed));
+        if stopping || budget == 0 {
+            break;
+        }
+        let free = slots
+            .available_permits()
+            .min(usize::try_from(budget).unwrap_or(usize::MAX));
+        let mut claimed = Vec::new();
+        if free > 0 {
+            claimed = store
+                .claim(&opts.name, &opts.queues, free, lease_ms)
+                .await?;
+        }
+        for job in claimed.drain(..) {
+            let permit = slots.clone().acquire_owned().await.expect("semaphore open");
+            totals.claimed += 1;
+            running += 1;
+            let (store, registry, stop, done, name) = (
+                store.clone(),
+                registry.clone(),
+                stop_rx.clone(),
+                done_tx.clone(),
+                opts.name.clone(),
+            );
+            tokio::spawn(async move {
+                let r = attempt(&store, &registry, &name, job, stop, lease_ms).await;
+                drop(permit);
+                let _ = done.send(r);
+            });
+        }
+        if free > 0 && running == 0 && opts.once {
+            // Nothing was ready and nothing runs: done.
+            break;
+        }
+        // Wait for a slot to free up, new work, the next poll, or shutdown.
+        tokio::select! {
+            () = &mut shutdown => stopping = true,
+            r = done_rx.recv() => {
+                if let Some(r) = r {
+                    running -= 1;
+                    *totals.by_state.entry(r.state.clone()).or_default() += 1;
+                    report(&r);
+                }
+            }
+            () = wake.wait(poll), if slots.available_permits() > 0 => {}
+        }
+    }
+    // Done claiming. Running jobs finish; on shutdown they get the grace period, then
+    // are killed and given back.
+    let mut deadline = stopping.then(|| tokio::time::Instant::now() + grace);
+    while running > 0 {
+        let until =
+            deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_hours(24));
+        tokio::select! {
+            r = done_rx.recv() => {
+                let Some(r) = r else { break };
+                running -= 1;
+                *totals.by_state.entry(r.state.clone()).or_default() += 1;
+                report(&r);
+            }
+            () = &mut shutdown, if deadline.is_none() => {
+                tracing::info!(running, "waiting up to {grace:?} for running jobs");
+                deadline = Some(tokio::time::Instant::now() + grace);
+            }
+            () = tokio::time::sleep_until(until), if deadline.is_some() => {
+                tracing::warn!(running, "grace period over: killing running jobs and giving them back");
+                let _ = stop_tx.send(Stop::Shutdown);
+                deadline = Some(tokio::time::Instant::now() + Duration::from_hours(24));
+            }
+        }
+    }
+    Ok(totals)
+}
+
+/// Run one claimed attempt with its heartbeat, and record its end.
+async fn attempt(
+    store: &Store,
+    registry: &Registry,
+    worker: &str,
+    job: Job,
+    shutdown: watch::Receiver<Stop>,
+    lease_ms: i64,
+) -> Report {
+    let mut report = Report {
+        id: job.id,
+        task: job.task.clone(),
+        attempt: job.attempt,
+        state: String::new(),
+        exit_code: None,
+        error: None,
+        duration_ms: 0,
+    };
+    let Ok(task) = registry.task(&job.task).cloned() else {
+        let outcome = Outcome {
+            error: Some(format!(
+                "no task named `{}` is registered at this worker",
+                job.task
+            )),
+            permanent: true,
+            ..Outcome::default()
+        };
+        return record(store, worker, &job, &outcome, None, report).await;
+    };
+    // The heartbeat: renews the lease, and turns a lost one (cancel, or claimed again)
+    // into a stop. A shutdown from the worker is passed on.
+    let (stop_tx, stop_rx) = watch::channel(Stop::No);
+    let beat = {
+        let (store, job, worker) = (store.clone(), job.clone(), worker.to_owned());
+        let mut shutdown = shutdown.clone();
+        let every = Duration::from_secs(registry.settings.heartbeat_secs);
+        async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        match store.heartbeat(&job, &worker, lease_ms).await {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                let _ = stop_tx.send(Stop::Lost);
+                                return;
+                            }
+                            // A database hiccup: the lease has room for a few misses.
+                            Err(e) => tracing::warn!(job = job.id, "heartbeat failed: {e:#}"),
+                        }
+                    }
+                    r = shutdown.changed() => {
+                        if r.is_err() || *shutdown.borrow() == Stop::Shutdown {
+                            let _ = stop_tx.send(Stop::Shutdown);
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let run = runner::run(&task, &job, registry.settings.output_cap_bytes, stop_rx);
+    tokio::pin!(run);
+    let ran = tokio::select! {
+        ran = &mut run => ran,
+        // The heartbeat ends only after sending a stop, which ends the run soon.
+        () = beat => run.await,
+    };
+    match ran {
+        Ran::Done(outcome) => {
+            let retry_in = i64::try_from(
+                task.backoff(u32::try_from(job.attempt).unwrap_or(u32::MAX))
+                    .as_millis(),
+            )
+            .unwrap_or(i64::MAX);
+            record(store, worker, &job, &outcome, Some(retry_in), report).await
+        }
+        Ran::Stopped(Stop::Shutdown) => {
+            report.state = match store.release(&job, worker).await {
+                Ok(true) => "released".into(),
+                Ok(false) => "refused".into(),
+                Err(e) => {
+                    // The lease runs out and another worker takes the job.
+                    tracing::warn!(job = job.id, "giving the job back failed: {e:#}");
+                    "lease-expires".into()
+                }
+            };
+            report
+        }
+        Ran::Stopped(_) => {
+            tracing::info!(
+                job = job.id,
+                "stopped: the job was cancelled or claimed again"
+            );
+            report.state = "refused".into();
+            report
+        }
+    }
+}
+
+async fn record(
+    store: &Store,
+    worker: &str,
+    job: &Job,
+    outcome: &Outcome,
+    retry_in_ms: Option<i64>,
+    mut report: Report,
+) -> Report {
+    report.exit_code = outcome.exit_code;
+    report.error.clone_from(&outcome.error);
+    report.duration_ms = outcome.duration_ms;
+    // The result must be recorded: a database outage is retried for as long as the
+    // lease would have lasted, then the job is left to expire and run again.
+    let mut backoff =
+        labrelay::retry::Backoff::until(std::time::Instant::now() + Duration::from_mins(1));
+    loop {
+        match store
+            .finish(job, worker, outcome, retry_in_ms.unwrap_or(0))
+            .await
+        {
+            Ok(Some(state)) => {
+                report.state = state.to_owned();
+                return report;
+            }
+            Ok(None) => {
+                tracing::warn!(
+                    job = job.id,
+                    attempt = job.attempt,
+                    "result refused: the attempt is no longer this worker's"
+                );
+                report.state = "refused".into();
+                return report;
+            }
+            Err(e) => {
+                let Some(p) = backoff.pause() else {
+                    tracing::error!(job = job.id, "recording the result failed: {e:#}");
+                    report.state = "unrecorded".into();
+                    return report;
+                };
+                tracing::warn!(job = job.id, "recording the result failed, retrying: {e:#}");
+                tokio::time::sleep(p).await;
+            }
+        }
+    }
+}
+
+/// Default worker name: host and process id.
+pub fn default_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_or_else(|_| "localhost".into(), |h| h.trim().to_owned());
+    format!("{host}:{}", std::process::id())
+}
+
+/// States a job can be listed by.
+pub fn is_state(s: &str) -> bool {
+    store::STATES.contains(&s)
+}

@@ -1,0 +1,401 @@
+//! The job table's contract, the same on SQLite, PostgreSQL and MariaDB: claims are
+//! leases, a stale worker's late result is refused, unique keys, priorities, run_at,
+//! retries and dead, cancel, retry, purge, stats.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
+
+use jobs::store::{self, Cancelled, ListFilter, NewJob, Outcome, Store};
+use labrelay::config::DatabaseConfig;
+use labrelay::db::{Db, Engine};
+use labrelay::secret::RedactedUrl;
+
+/// A fresh, migrated state database of `engine` (None: its server is not configured).
+struct Fresh {
+    store: Store,
+    admin: Option<(Db, String)>,
+    _dir: tempfile::TempDir,
+}
+
+impl Fresh {
+    async fn new(engine: Engine) -> Option<Fresh> {
+        let dir = test_support::tempdir();
+        let (url, admin) = match engine {
+            Engine::Sqlite => (
+                format!(
+                    "sqlite://{}?mode=rwc",
+                    dir.path().join("state.db").display()
+                ),
+                None,
+            ),
+            Engine::Postgres | Engine::Mysql => {
+                let admin_url = test_support::require(if engine == Engine::Postgres {
+                    "PG_URL"
+                } else {
+                    "MYSQL_URL"
+                })?;
+                let admin = Db::connect(&DatabaseConfig::from_url(
+                    RedactedUrl::parse(&admin_url).unwrap(),
+                ))
+                .await
+                .unwrap();
+                let name = test_support::unique("jobs").replace('-', "_");
+                sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
+                    .execute(admin.pool())
+                    .await
+                    .unwrap();
+                let mut url = url::Url::parse(&admin_url).unwrap();
+                url.set_path(&format!("/{name}"));
+                (url.to_string(), Some((admin, name)))
+            }
+        };
+        let db = Db::connect(&DatabaseConfig::from_url(RedactedUrl::parse(&url).unwrap()))
+            .await
+            .unwrap();
+        db.migrate().await.unwrap();
+        Some(Fresh {
+            store: Store::new(db),
+            admin,
+            _dir: dir,
+        })
+    }
+
+    async fn drop(self) {
+        self.store.db().close().await;
+        if let Some((admin, name)) = self.admin {
+            let force = if admin.engine() == Engine::Postgres {
+                " WITH (FORCE)"
+            } else {
+                ""
+            };
+            sqlx::raw_sql(&format!("DROP DATABASE {name}{force}"))
+                .execute(admin.pool())
+                .await
+                .unwrap();
+        }
+    }
+}
+
+fn job(task: &str) -> NewJob {
+    NewJob {
+        task: task.into(),
+        args: serde_json::Map::new(),
+        queue: "q".into(),
+        priority: 0,
+        max_attempts: 2,
+        run_at_ms: None,
+        unique_key: None,
+        submitter: "alice".into(),
+        notify: None,
+    }
+}
+
+fn ok() -> Outcome {
+    Outcome {
+        exit_code: Some(0),
+        stdout: "done\n".into(),
+        ..Outcome::default()
+    }
+}
+
+fn failed(why: &str) -> Outcome {
+    Outcome {
+        exit_code: Some(3),
+        error: Some(why.into()),
+        ..Outcome::default()
+    }
+}
+
+const Q: &[&str] = &["q"];
+
+fn queues() -> Vec<String> {
+    Q.iter().map(|s| (*s).to_owned()).collect()
+}
+
+async fn contract(engine: Engine) {
+    let Some(fresh) = Fresh::new(engine).await else {
+        return;
+    };
+    let s = &fresh.store;
+    let qs = queues();
+
+    // Unique keys: the second submission gets the first job.
+    let mut keyed = job("a");
+    keyed.unique_key = Some("nightly-2026-12-01".into());
+    let (first, created) = s.submit(&keyed).await.unwrap();
+    assert!(created);
+    let (again, created) = s.submit(&keyed).await.unwrap();
+    assert_eq!((again, created), (first, false));
+
+    // Priorities, then age; run_at in the future waits.
+    let mut high = job("high");
+    high.priority = 5;
+    let (high_id, _) = s.submit(&high).await.unwrap();
+    let mut later = job("later");
+    later.run_at_ms = Some(store::now_ms() + 60_000);
+    let (later_id, _) = s.submit(&later).await.unwrap();
+    let claimed = s.claim("w1", &qs, 10, 60_000).await.unwrap();
+    let ids: Vec<i64> = claimed.iter().map(|j| j.id).collect();
+    assert_eq!(ids, [high_id, first], "priority first, not the future job");
+    assert!(!ids.contains(&later_id));
+    assert!(
+        claimed
+            .iter()
+            .all(|j| j.state == store::RUNNING && j.attempt == 1)
+    );
+    // Nothing left for another worker.
+    assert!(s.claim("w2", &qs, 10, 60_000).await.unwrap().is_empty());
+    // Other queues are not ours.
+    s.submit(&NewJob {
+        queue: "other".into(),
+        ..job("x")
+    })
+    .await
+    .unwrap();
+    assert!(s.claim("w2", &qs, 10, 60_000).await.unwrap().is_empty());
+
+    // Success, with the heartbeat fenced by worker and attempt.
+    let h = &claimed[0];
+    assert!(s.heartbeat(h, "w1", 60_000).await.unwrap());
+    assert!(
+        !s.heartbeat(h, "w2", 60_000).await.unwrap(),
+        "another worker's heartbeat"
+    );
+    assert_eq!(
+        s.finish(h, "w1", &ok(), 0).await.unwrap(),
+        Some(store::SUCCEEDED)
+    );
+    assert_eq!(
+        s.finish(h, "w1", &ok(), 0).await.unwrap(),
+        None,
+        "finished twice"
+    );
+    let got = s.get(h.id).await.unwrap().unwrap();
+    assert_eq!(got.state, store::SUCCEEDED);
+    assert_eq!(got.stdout.as_deref(), Some("done\n"));
+    assert!(got.worker.is_none() && got.finished_ms.is_some());
+
+    // A worker that lost its lease: the job is claimed again (attempt 2) and the first
+    // worker's late result is refused; exactly one result is recorded.
+    let k = &claimed[1];
+    let (lapsed, _) = s.submit(&job("lapsed")).await.unwrap();
+    let mine = s.claim("slow", &qs, 1, 1).await.unwrap();
+    assert_eq!(mine[0].id, lapsed);
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let theirs = s.claim("fast", &qs, 1, 60_000).await.unwrap();
+    assert_eq!((theirs[0].id, theirs[0].attempt), (lapsed, 2));
+    assert!(!s.heartbeat(&mine[0], "slow", 60_000).await.unwrap());
+    assert_eq!(
+        s.finish(&mine[0], "slow", &ok(), 0).await.unwrap(),
+        None,
+        "stale result refused"
+    );
+    assert_eq!(
+        s.finish(&theirs[0], "fast", &ok(), 0).await.unwrap(),
+        Some(store::SUCCEEDED)
+    );
+    let got = s.get(lapsed).await.unwrap().unwrap();
+    assert_eq!(
+        (got.state.as_str(), got.attempt, got.worker),
+        (store::SUCCEEDED, 2, None)
+    );
+
+    // Failure: retried after the backoff, dead after the last attempt.
+    assert_eq!(
+        s.finish(k, "w1", &failed("exited with 3"), 60_000)
+            .await
+            .unwrap(),
+        Some(store::QUEUED)
+    );
+    assert!(
+        s.claim("w1", &qs, 10, 60_000).await.unwrap().is_empty(),
+        "backoff not over"
+    );
+    let (dying, _) = s.submit(&job("dying")).await.unwrap();
+    let c = s.claim("w1", &qs, 1, 60_000).await.unwrap();
+    assert_eq!(
+        s.finish(&c[0], "w1", &failed("first"), 0).await.unwrap(),
+        Some(store::QUEUED)
+    );
+    let c = s.claim("w1", &qs, 1, 60_000).await.unwrap();
+    assert_eq!((c[0].id, c[0].attempt), (dying, 2));
+    assert_eq!(
+        s.finish(&c[0], "w1", &failed("second"), 0).await.unwrap(),
+        Some(store::DEAD)
+    );
+    let got = s.get(dying).await.unwrap().unwrap();
+    assert_eq!(got.error.as_deref(), Some("second"));
+    // A permanent failure is not retried.
+    let (bad, _) = s.submit(&job("bad")).await.unwrap();
+    let c = s.claim("w1", &qs, 1, 60_000).await.unwrap();
+    assert_eq!(c[0].id, bad);
+    let permanent = Outcome {
+        permanent: true,
+        ..failed("no such task")
+    };
+    assert_eq!(
+        s.finish(&c[0], "w1", &permanent, 0).await.unwrap(),
+        Some(store::FAILED)
+    );
+
+    // A worker that died on the last attempt: the job is dead once its lease expires.
+    let (orphan, _) = s
+        .submit(&NewJob {
+            max_attempts: 1,
+            ..job("orphan")
+        })
+        .await
+        .unwrap();
+    s.claim("gone", &qs, 1, 1).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    assert!(s.claim("w1", &qs, 1, 60_000).await.unwrap().is_empty());
+    let got = s.get(orphan).await.unwrap().unwrap();
+    assert_eq!(got.state, store::DEAD);
+    assert!(got.error.unwrap().contains("lease expired"));
+
+    // Cancel: a queued job never runs; a running one loses its lease; a finished one
+    // stays as it is. Retry queues a dead job with fresh attempts.
+    let (queued, _) = s.submit(&job("c1")).await.unwrap();
+    assert_eq!(
+        s.cancel(queued, "bob").await.unwrap(),
+        Some(Cancelled::Queued)
+    );
+    let (running, _) = s.submit(&job("c2")).await.unwrap();
+    let c = s.claim("w1", &qs, 1, 60_000).await.unwrap();
+    assert_eq!(c[0].id, running);
+    assert_eq!(
+        s.cancel(running, "bob").await.unwrap(),
+        Some(Cancelled::Running)
+    );
+    assert!(
+        !s.heartbeat(&c[0], "w1", 60_000).await.unwrap(),
+        "cancel ends the lease"
+    );
+    assert_eq!(s.finish(&c[0], "w1", &ok(), 0).await.unwrap(), None);
+    assert_eq!(
+        s.cancel(h.id, "bob").await.unwrap(),
+        Some(Cancelled::AlreadyFinished)
+    );
+    assert_eq!(s.cancel(999_999, "bob").await.unwrap(), None);
+    let got = s.get(running).await.unwrap().unwrap();
+    assert_eq!(
+        (got.state.as_str(), got.error.as_deref()),
+        (store::CANCELLED, Some("cancelled by bob"))
+    );
+    assert!(s.retry(dying).await.unwrap());
+    assert!(
+        !s.retry(h.id).await.unwrap(),
+        "a succeeded job is not retried"
+    );
+    let c = s.claim("w1", &qs, 1, 60_000).await.unwrap();
+    assert_eq!((c[0].id, c[0].attempt), (dying, 1));
+    assert_eq!(
+        s.finish(&c[0], "w1", &failed("again"), 0).await.unwrap(),
+        Some(store::QUEUED)
+    );
+
+    // Release on shutdown: not counted as an attempt.
+    let c = s.claim("w1", &qs, 1, 60_000).await.unwrap();
+    assert!(s.release(&c[0], "w1").await.unwrap());
+    let got = s.get(c[0].id).await.unwrap().unwrap();
+    assert_eq!(
+        (got.state.as_str(), got.attempt),
+        (store::QUEUED, c[0].attempt - 1)
+    );
+
+    // Listing, stats, purge.
+    let dead = s
+        .list(&ListFilter {
+            state: Some(store::DEAD.into()),
+            submitter: None,
+            limit: 100,
+        })
+        .await
+        .unwrap();
+    assert_eq!(dead.iter().map(|j| j.id).collect::<Vec<_>>(), [orphan]);
+    let stats = s.stats().await.unwrap();
+    assert_eq!(stats["q"].dead, 1);
+    assert!(stats["q"].queued >= 2, "{stats:?}");
+    assert_eq!(stats["other"].queued, 1);
+    assert_eq!(
+        s.purge_dead(store::now_ms() - 60_000).await.unwrap(),
+        0,
+        "died just now"
+    );
+    assert_eq!(s.purge_dead(store::now_ms() + 1).await.unwrap(), 1);
+    let mine = s
+        .list(&ListFilter {
+            state: None,
+            submitter: Some("nobody".into()),
+            limit: 10,
+        })
+        .await
+        .unwrap();
+    assert!(mine.is_empty());
+    fresh.drop().await;
+}
+
+#[tokio::test]
+async fn contract_sqlite() {
+    contract(Engine::Sqlite).await;
+}
+
+#[tokio::test]
+async fn contract_postgres() {
+    contract(Engine::Postgres).await;
+}
+
+#[tokio::test]
+async fn contract_mariadb() {
+    contract(Engine::Mysql).await;
+}
+
+/// Two workers claiming at once never get the same job.
+async fn concurrent_claims(engine: Engine) {
+    let Some(f) = Fresh::new(engine).await else {
+        return;
+    };
+    for i in 0..200 {
+        f.store.submit(&job(&format!("j{i}"))).await.unwrap();
+    }
+    let mut handles = Vec::new();
+    for w in 0..4 {
+        let s = f.store.clone();
+        handles.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            loop {
+                let c = s
+                    .claim(&format!("w{w}"), &queues(), 7, 60_000)
+                    .await
+                    .unwrap();
+                if c.is_empty() {
+                    break;
+                }
+                got.extend(c.into_iter().map(|j| j.id));
+            }
+            got
+        }));
+    }
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.await.unwrap());
+    }
+    let n = all.len();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!((n, all.len()), (200, 200), "every job claimed exactly once");
+    f.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_claims_sqlite() {
+    concurrent_claims(Engine::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_claims_postgres() {
+    concurrent_claims(Engine::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_claims_mariadb() {
+    concurrent_claims(Engine::Mysql).await;
+}

@@ -1,0 +1,37 @@
+-- job-worker / code-submit: one row per job. `state` is queued -> running -> succeeded
+-- | failed | dead | cancelled (a failed attempt with attempts left goes back to queued
+-- with a later `run_at_ms`). A claim is a lease: `worker` holds the job until
+-- `lease_until_ms`, renewed by heartbeats; every write of a running job names its
+-- `attempt`, so a worker whose lease was lost (and the job claimed again) cannot
+-- complete it (fencing). `unique_key` is an idempotency key: a second submission with
+-- the same key gets the first job. Times are milliseconds since the epoch.
+CREATE TABLE IF NOT EXISTS labrelay_jobs (
+    id               BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    task             VARCHAR(128) NOT NULL,
+    args             LONGTEXT NOT NULL,
+    queue            VARCHAR(64) NOT NULL,
+    priority         BIGINT NOT NULL DEFAULT 0,
+    state            VARCHAR(16) NOT NULL,
+    attempt          BIGINT NOT NULL DEFAULT 0,
+    max_attempts     BIGINT NOT NULL,
+    run_at_ms        BIGINT NOT NULL,
+    unique_key       VARCHAR(255) UNIQUE,
+    submitter        VARCHAR(255) NOT NULL,
+    notify           LONGTEXT,
+    worker           VARCHAR(255),
+    lease_until_ms   BIGINT,
+    cancel_requested BIGINT NOT NULL DEFAULT 0,
+    created_ms       BIGINT NOT NULL,
+    started_ms       BIGINT,
+    finished_ms      BIGINT,
+    exit_code        BIGINT,
+    term_signal      BIGINT,
+    stdout           LONGTEXT,
+    stderr           LONGTEXT,
+    result           LONGTEXT,
+    error            LONGTEXT,
+    duration_ms      BIGINT
+) CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci;
+-- The claim: ready jobs of a queue, highest priority first, then oldest.
+CREATE INDEX IF NOT EXISTS labrelay_jobs_ready ON labrelay_jobs (state, queue, priority, run_at_ms);
+CREATE INDEX IF NOT EXISTS labrelay_jobs_submitter ON labrelay_jobs (submitter, created_ms);
