@@ -363,3 +363,37 @@ fn a_bad_task_definition_is_a_configuration_error_before_any_work() {
         "no work before the check"
     );
 }
+
+#[test]
+fn a_scheduled_task_runs_once_per_period_however_many_workers_run() {
+    let extra = "\n[tasks.tick]\ncommand = [\"true\"]\nschedule = \"*/2 * * * * *\"\n";
+    let Some(h) = Home::new(&State::Sqlite, extra) else {
+        return;
+    };
+    let workers: Vec<Child> = (0..3)
+        .map(|_| h.spawn_worker(&["--concurrency", "2"]))
+        .collect();
+    std::thread::sleep(Duration::from_millis(7_500));
+    for w in &workers {
+        signal(w, "-TERM");
+    }
+    for w in workers {
+        assert!(w.wait_with_output().unwrap().status.success());
+    }
+    let out = h.ok(BIN, &["--json", "list", "--submitter", "schedule"]);
+    let jobs: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // Every 2 s for 7.5 s: 3 or 4 periods, one job each, not one per worker.
+    assert!((3..=4).contains(&jobs.len()), "{out}");
+    let mut times: Vec<i64> = jobs
+        .iter()
+        .map(|j| j["run_at_ms"].as_i64().unwrap())
+        .collect();
+    times.sort_unstable();
+    times.dedup();
+    assert_eq!(times.len(), jobs.len(), "one job per period: {out}");
+    assert!(times.iter().all(|t| t % 2000 == 0), "{times:?}");
+    assert!(jobs.iter().all(|j| j["state"] == "succeeded"), "{out}");
+}

@@ -71,6 +71,10 @@ struct RawTask {
     description: Option<String>,
     #[serde(default)]
     args_on_stdin: bool,
+    #[serde(default)]
+    schedule: Option<String>,
+    #[serde(default)]
+    schedule_args: serde_json::Map<String, serde_json::Value>,
 }
 
 /// One registered task, checked.
@@ -100,6 +104,10 @@ pub struct Task {
     pub args_on_stdin: bool,
     /// The argument names the command uses, in order of first use.
     pub params: Vec<String>,
+    /// Cron pattern (machine's local time) on which workers submit the task themselves.
+    pub schedule: Option<String>,
+    /// Arguments of scheduled runs.
+    pub schedule_args: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Task {
@@ -229,6 +237,18 @@ pub struct Registry {
     pub settings: JobsConfig,
     /// Tasks by name, `noop` included.
     pub tasks: BTreeMap<String, Task>,
+    /// Parsed schedules of the tasks that have one.
+    pub schedules: Vec<(String, croner::Cron)>,
+}
+
+/// Parse a cron pattern: five fields (minute hour day month weekday), or six with
+/// seconds first; `@daily` and friends.
+pub fn parse_schedule(pattern: &str) -> Result<croner::Cron, String> {
+    croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Optional)
+        .build()
+        .parse(pattern)
+        .map_err(|e| format!("`{pattern}` is not a cron pattern: {e}"))
 }
 
 impl Registry {
@@ -265,6 +285,7 @@ impl Registry {
         }
         let raw: BTreeMap<String, RawTask> = config.section("tasks")?.unwrap_or_default();
         let mut tasks = BTreeMap::new();
+        let mut schedules = Vec::new();
         tasks.insert(
             NOOP.to_owned(),
             Task {
@@ -281,6 +302,8 @@ impl Registry {
                     .into(),
                 args_on_stdin: true,
                 params: Vec::new(),
+                schedule: None,
+                schedule_args: serde_json::Map::new(),
             },
         );
         for (name, t) in raw {
@@ -364,6 +387,15 @@ impl Registry {
                 ));
             }
             let backoff_secs = t.backoff_secs.unwrap_or(10);
+            if let Some(pattern) = &t.schedule {
+                let cron = parse_schedule(pattern).map_err(|m| invalid(&key("schedule"), m))?;
+                schedules.push((name.clone(), cron));
+            } else if !t.schedule_args.is_empty() {
+                return Err(invalid(
+                    &key("schedule_args"),
+                    "only for a task with a schedule".into(),
+                ));
+            }
             tasks.insert(
                 name.clone(),
                 Task {
@@ -379,10 +411,21 @@ impl Registry {
                     description: t.description.unwrap_or_default(),
                     args_on_stdin: t.args_on_stdin,
                     params,
+                    schedule: t.schedule,
+                    schedule_args: t.schedule_args,
                 },
             );
+            let task = &tasks[&name];
+            if task.schedule.is_some() {
+                task.check_args(&task.schedule_args)
+                    .map_err(|m| invalid(&key("schedule_args"), m))?;
+            }
         }
-        Ok(Registry { settings, tasks })
+        Ok(Registry {
+            settings,
+            tasks,
+            schedules,
+        })
     }
 
     /// The task, or a message naming the known ones.
@@ -424,6 +467,8 @@ mod tests {
             description: String::new(),
             args_on_stdin: false,
             params,
+            schedule: None,
+            schedule_args: serde_json::Map::new(),
         }
     }
 
@@ -489,5 +534,35 @@ mod tests {
                 "attempt {failed}: {ms} ms of {full}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod schedule_tests {
+    use super::parse_schedule;
+    use chrono::TimeZone as _;
+
+    #[test]
+    fn five_and_six_field_patterns() {
+        let at = chrono::Utc
+            .with_ymd_and_hms(2026, 12, 1, 2, 59, 59)
+            .unwrap();
+        let daily = parse_schedule("0 3 * * *").unwrap();
+        assert_eq!(
+            daily.find_next_occurrence(&at, false).unwrap(),
+            chrono::Utc.with_ymd_and_hms(2026, 12, 1, 3, 0, 0).unwrap()
+        );
+        let every_two = parse_schedule("*/2 * * * * *").unwrap();
+        assert_eq!(
+            every_two.find_next_occurrence(&at, false).unwrap(),
+            chrono::Utc.with_ymd_and_hms(2026, 12, 1, 3, 0, 0).unwrap()
+        );
+        assert!(parse_schedule("61 * * * *").is_err());
+        let now = chrono::Local::now();
+        let next = every_two.find_next_occurrence(&now, false).unwrap();
+        assert!(
+            next > now && next - now <= chrono::Duration::seconds(2),
+            "{now} -> {next}"
+        );
     }
 }

@@ -10,7 +10,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::config::Registry;
 use crate::runner::{self, Ran, Stop};
-use crate::store::{self, Job, Outcome, Store};
+use crate::store::{self, Job, NewJob, Outcome, Store};
 
 /// How a worker runs.
 #[derive(Debug, Clone)]
@@ -77,7 +77,11 @@ pub async fn run(
     let mut running = 0usize;
     tokio::pin!(shutdown);
     let mut stopping = false;
+    let mut scheduled_until = chrono::Local::now();
     loop {
+        if !registry.schedules.is_empty() {
+            fire_schedules(store, &registry, &opts.queues, &mut scheduled_until).await;
+        }
         // Collect what ended.
         while let Ok(r) = done_rx.try_recv() {
             running -= 1;
@@ -131,6 +135,8 @@ pub async fn run(
                 }
             }
             () = wake.wait(poll), if slots.available_permits() > 0 => {}
+            // Schedules are looked at every second even while every slot is busy.
+            () = tokio::time::sleep(Duration::from_secs(1)), if !registry.schedules.is_empty() => {}
         }
     }
     // Done claiming. Running jobs finish; on shutdown they get the grace period, then
@@ -158,6 +164,63 @@ pub async fn run(
         }
     }
     Ok(totals)
+}
+
+/// Submit the scheduled tasks (of these queues) whose times fell after `since`, up to
+/// now. Every worker does the same; the unique key `schedule:TASK:TIME` makes it one job
+/// per time. A time when no worker ran is not made up for later.
+async fn fire_schedules(
+    store: &Store,
+    registry: &Registry,
+    queues: &[String],
+    since: &mut chrono::DateTime<chrono::Local>,
+) {
+    let now = chrono::Local::now();
+    for (name, cron) in &registry.schedules {
+        let task = &registry.tasks[name];
+        if !queues.contains(&task.queue) {
+            continue;
+        }
+        // Whole seconds: croner keeps the fraction of the time it starts from.
+        let mut t = chrono::Timelike::with_nanosecond(since, 0).unwrap_or(*since);
+        // At most a few per pass: a pattern firing every second cannot flood the table.
+        for _ in 0..10 {
+            let next = match cron.find_next_occurrence(&t, false) {
+                Ok(next) => next,
+                Err(e) => {
+                    tracing::warn!(task = %name, "no next time for the schedule: {e}");
+                    break;
+                }
+            };
+            if next > now {
+                break;
+            }
+            let job = NewJob {
+                task: name.clone(),
+                args: task.schedule_args.clone(),
+                queue: task.queue.clone(),
+                priority: 0,
+                max_attempts: task.max_attempts,
+                run_at_ms: Some(next.timestamp_millis()),
+                unique_key: Some(format!("schedule:{name}:{}", next.timestamp_millis())),
+                submitter: "schedule".into(),
+                notify: None,
+            };
+            match store.submit(&job).await {
+                Ok((id, true)) => {
+                    tracing::info!(task = %name, at = %next, job = id, "scheduled run submitted");
+                }
+                Ok((_, false)) => {}
+                Err(e) => {
+                    // Try this time again on the next pass.
+                    tracing::warn!(task = %name, "submitting a scheduled run failed: {e:#}");
+                    return;
+                }
+            }
+            t = next;
+        }
+    }
+    *since = now;
 }
 
 /// Run one claimed attempt with its heartbeat, and record its end.
