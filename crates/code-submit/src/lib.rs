@@ -58,6 +58,9 @@ pub enum Command {
             allow_negative_numbers = true
         )]
         priority: i64,
+        /// Mail the outcome to this address when the job ends (needs [mail] from)
+        #[arg(long, value_name = "ADDRESS")]
+        email: Option<String>,
         /// Wait for the job to finish and print its result; exit with its outcome
         #[arg(long)]
         wait: bool,
@@ -121,6 +124,7 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
         unique_key,
         run_at,
         priority,
+        email,
         wait,
         timeout,
     } = args.command;
@@ -140,9 +144,12 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
                 })
         })
         .transpose()?;
+    if let Some(to) = &email {
+        jobs::notify::Notifier::check(&ctx.config, to)?;
+    }
     let db = labrelay::db::Db::open_state(&ctx.config).await?;
     let store = Store::new(db);
-    let submitter = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let submitter = jobs::current_user();
     let (id, created) = store
         .submit(&NewJob {
             task: task.name.clone(),
@@ -153,7 +160,7 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
             run_at_ms,
             unique_key: unique_key.clone(),
             submitter,
-            notify: None,
+            notify: email,
         })
         .await?;
     if !wait {

@@ -152,6 +152,7 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
             name,
         } => {
             let (store, registry) = open(&ctx).await?;
+            let notifier = jobs::notify::Notifier::from_config(&ctx.config)?;
             let queues = if queues.is_empty() {
                 let mut q: Vec<String> = registry.tasks.values().map(|t| t.queue.clone()).collect();
                 q.sort();
@@ -179,6 +180,7 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
                 registry,
                 &opts,
                 wake,
+                notifier.as_ref(),
                 labrelay::cli::shutdown_signal(),
                 |r| {
                     let shown = out.emit("job", r, || {
@@ -322,7 +324,7 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
         }
         Command::Cancel { id } => {
             let (store, _) = open(&ctx).await?;
-            let by = std::env::var("USER").unwrap_or_else(|_| "job-worker cancel".into());
+            let by = jobs::current_user();
             let done = store.cancel(id, &by).await?.ok_or_else(|| no_such(id))?;
             ctx.out.emit(
                 "cancel",

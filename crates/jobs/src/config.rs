@@ -134,9 +134,8 @@ impl Task {
         &self,
         args: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<Vec<String>, String> {
-        if self.args_on_stdin {
-            return Ok(self.command.clone());
-        }
+        // With `args_on_stdin` there is no placeholder (checked at start), but `{{` and
+        // `}}` still stand for one brace.
         let mut out = Vec::with_capacity(self.command.len());
         for item in &self.command {
             let mut text = String::new();
@@ -494,6 +493,14 @@ mod tests {
             ]
         );
         assert_eq!(t.params, ["sample", "dir"]);
+    }
+
+    #[test]
+    fn doubled_braces_are_literal_also_with_arguments_on_stdin() {
+        let mut t = task(&["python3", "-c", "print({{'a': 1}})"]);
+        t.args_on_stdin = true;
+        let line = t.argv(&serde_json::Map::new()).unwrap();
+        assert_eq!(line[2], "print({'a': 1})");
     }
 
     #[test]

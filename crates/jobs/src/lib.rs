@@ -9,8 +9,10 @@
 //!   own process group, captured output.
 //! - [`worker`]: the loop that claims, runs with heartbeats, records and shuts down
 //!   gracefully.
+//! - [`notify`]: the outcome mail to the address given at submission.
 
 pub mod config;
+pub mod notify;
 pub mod runner;
 pub mod store;
 pub mod worker;
@@ -46,3 +48,11 @@ impl labrelay::exit::ExitClass for JobError {
     }
 }
 labrelay::exit_class!(JobError);
+
+/// Who is running this command: `$USER`, `$LOGNAME`, or `uid:N`.
+pub fn current_user() -> String {
+    ["USER", "LOGNAME"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|u| !u.is_empty()))
+        .unwrap_or_else(|| format!("uid:{}", rustix::process::getuid().as_raw()))
+}

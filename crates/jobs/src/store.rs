@@ -532,6 +532,60 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Take up to `n` ended jobs whose outcome still has to be mailed, holding each for
+    /// `lease_ms` (so two workers do not both send it; a worker that dies before marking
+    /// it sent lets another send it, with the same Message-ID, when the hold runs out).
+    pub async fn claim_notifications(&self, n: usize, lease_ms: i64) -> anyhow::Result<Vec<Job>> {
+        let now = now_ms();
+        let due = format!(
+            "notify IS NOT NULL AND notified_ms IS NULL AND state IN ('{SUCCEEDED}', '{FAILED}', '{DEAD}', '{CANCELLED}') \
+             AND (notify_lease_ms IS NULL OR notify_lease_ms < {now})"
+        );
+        let until = now + lease_ms;
+        let ids: Vec<i64> = sqlx::query(&format!(
+            "SELECT id FROM labrelay_jobs WHERE {due} ORDER BY id LIMIT {n}"
+        ))
+        .fetch_all(self.db.pool())
+        .await
+        .map_err(|e| self.err(e))?
+        .iter()
+        .map(|r| r.try_get::<i64, _>(0))
+        .collect::<Result<_, _>>()
+        .map_err(|e| self.err(e))?;
+        let mut taken = Vec::new();
+        for id in ids {
+            // The first to set the hold wins the job.
+            let done = sqlx::query(&format!(
+                "UPDATE labrelay_jobs SET notify_lease_ms = {until} WHERE id = {} AND {due}",
+                self.p(1)
+            ))
+            .bind(id)
+            .execute(self.db.pool())
+            .await
+            .map_err(|e| self.err(e))?;
+            if done.rows_affected() == 1
+                && let Some(job) = self.get(id).await?
+            {
+                taken.push(job);
+            }
+        }
+        Ok(taken)
+    }
+
+    /// Record that the outcome mail of job `id` went out.
+    pub async fn notified(&self, id: i64) -> anyhow::Result<()> {
+        let set = format!("notified_ms = {}, notify_lease_ms = NULL", now_ms());
+        sqlx::query(&format!(
+            "UPDATE labrelay_jobs SET {set} WHERE id = {}",
+            self.p(1)
+        ))
+        .bind(id)
+        .execute(self.db.pool())
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
     /// One job.
     pub async fn get(&self, id: i64) -> anyhow::Result<Option<Job>> {
         let row = sqlx::query(&format!(
@@ -588,7 +642,8 @@ impl Store {
     pub async fn retry(&self, id: i64) -> anyhow::Result<bool> {
         let sql = format!(
             "UPDATE labrelay_jobs SET state = '{QUEUED}', attempt = 0, run_at_ms = {}, finished_ms = NULL, \
-             cancel_requested = 0 WHERE id = {} AND state IN ('{FAILED}', '{DEAD}', '{CANCELLED}')",
+             cancel_requested = 0, notified_ms = NULL, notify_lease_ms = NULL \
+             WHERE id = {} AND state IN ('{FAILED}', '{DEAD}', '{CANCELLED}')",
             self.p(1),
             self.p(2)
         );

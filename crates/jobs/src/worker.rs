@@ -63,6 +63,7 @@ pub async fn run(
     registry: Arc<Registry>,
     opts: &WorkerOptions,
     mut wake: labrelay::db::Wakeup,
+    notifier: Option<&crate::notify::Notifier>,
     shutdown: impl std::future::Future<Output = ()>,
     mut report: impl FnMut(&Report),
 ) -> anyhow::Result<Totals> {
@@ -78,9 +79,23 @@ pub async fn run(
     tokio::pin!(shutdown);
     let mut stopping = false;
     let mut scheduled_until = chrono::Local::now();
+    let mut mailed_at = std::time::Instant::now();
+    let mut ended = 0u64;
     loop {
         if !registry.schedules.is_empty() {
             fire_schedules(store, &registry, &opts.queues, &mut scheduled_until).await;
+        }
+        // Outcome mails: after jobs ended here, and every 10 s for any left over (a
+        // worker that died before sending them).
+        let finished: u64 = totals.by_state.values().sum();
+        if let Some(n) = notifier
+            && (finished > ended || mailed_at.elapsed() > Duration::from_secs(10))
+        {
+            ended = finished;
+            mailed_at = std::time::Instant::now();
+            if let Err(e) = n.send_due(store).await {
+                tracing::warn!("sending outcome mails failed: {e:#}");
+            }
         }
         // Collect what ended.
         while let Ok(r) = done_rx.try_recv() {
@@ -162,6 +177,11 @@ pub async fn run(
                 deadline = Some(tokio::time::Instant::now() + Duration::from_hours(24));
             }
         }
+    }
+    if let Some(n) = notifier
+        && let Err(e) = n.send_due(store).await
+    {
+        tracing::warn!("sending outcome mails failed: {e:#}");
     }
     Ok(totals)
 }

@@ -4,7 +4,9 @@
 -- `lease_until_ms`, renewed by heartbeats; every write of a running job names its
 -- `attempt`, so a worker whose lease was lost (and the job claimed again) cannot
 -- complete it (fencing). `unique_key` is an idempotency key: a second submission with
--- the same key gets the first job. Times are milliseconds since the epoch.
+-- the same key gets the first job. `notify` gets a mail when the job ends: `notified_ms`
+-- says it was sent, `notify_lease_ms` which worker holds the sending. Times are
+-- milliseconds since the epoch.
 CREATE TABLE IF NOT EXISTS labrelay_jobs (
     id               INTEGER PRIMARY KEY AUTOINCREMENT,
     task             TEXT NOT NULL,
@@ -30,7 +32,9 @@ CREATE TABLE IF NOT EXISTS labrelay_jobs (
     stderr           TEXT,
     result           TEXT,
     error            TEXT,
-    duration_ms      BIGINT
+    duration_ms      BIGINT,
+    notified_ms      BIGINT,
+    notify_lease_ms  BIGINT
 );
 -- The claim: ready jobs of a queue, highest priority first, then oldest.
 CREATE INDEX IF NOT EXISTS labrelay_jobs_ready ON labrelay_jobs (state, queue, priority, run_at_ms);
