@@ -42,8 +42,12 @@ pub enum Command {
         #[arg(long = "arg", value_name = "KEY=VALUE")]
         args: Vec<String>,
         /// Arguments as a JSON object, from a file or - for stdin
-        #[arg(long, value_name = "FILE|-")]
+        #[arg(long, value_name = "FILE|-", conflicts_with = "each")]
         args_json: Option<PathBuf>,
+        /// One job per line of FILE (- for stdin), each line a JSON object of arguments
+        /// (merged over --arg); prints one id per line
+        #[arg(long, value_name = "FILE|-", conflicts_with_all = ["unique_key", "wait"])]
+        each: Option<PathBuf>,
         /// Idempotency key: submitting the same key again returns the first job
         #[arg(long, value_name = "KEY")]
         unique_key: Option<String>,
@@ -121,6 +125,7 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
         name,
         args: pairs,
         args_json,
+        each,
         unique_key,
         run_at,
         priority,
@@ -131,7 +136,9 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
     let registry = Registry::from_config(&ctx.config)?;
     let task = registry.task(&name).map_err(usage)?;
     let job_args = collect_args(&pairs, args_json.as_ref())?;
-    task.check_args(&job_args).map_err(usage)?;
+    if each.is_none() {
+        task.check_args(&job_args).map_err(usage)?;
+    }
     let run_at_ms = run_at
         .as_deref()
         .map(|t| {
@@ -150,6 +157,54 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
     let db = labrelay::db::Db::open_state(&ctx.config).await?;
     let store = Store::new(db);
     let submitter = jobs::current_user();
+    if let Some(path) = each {
+        let reader: Box<dyn std::io::BufRead> = if path.as_os_str() == "-" {
+            Box::new(std::io::BufReader::new(std::io::stdin()))
+        } else {
+            Box::new(std::io::BufReader::new(
+                std::fs::File::open(&path)
+                    .map_err(|e| usage(format!("--each {}: {e}", path.display())))?,
+            ))
+        };
+        // Every line is checked before any job is submitted.
+        let mut batch = Vec::new();
+        for (n, line) in std::io::BufRead::lines(reader).enumerate() {
+            let line = line?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let at = || format!("--each {} line {}", path.display(), n + 1);
+            let serde_json::Value::Object(extra) =
+                serde_json::from_str(&line).map_err(|e| usage(format!("{}: {e}", at())))?
+            else {
+                return Err(usage(format!("{}: not a JSON object", at())));
+            };
+            let mut args = job_args.clone();
+            args.extend(extra);
+            task.check_args(&args)
+                .map_err(|e| usage(format!("{}: {e}", at())))?;
+            batch.push(NewJob {
+                task: task.name.clone(),
+                args,
+                queue: task.queue.clone(),
+                priority,
+                max_attempts: task.max_attempts,
+                run_at_ms,
+                unique_key: None,
+                submitter: submitter.clone(),
+                notify: email.clone(),
+            });
+        }
+        let ids = store.submit_many(&batch).await?;
+        for id in ids {
+            ctx.out.emit(
+                "submitted",
+                &serde_json::json!({"id": id, "task": name, "created": true}),
+                || id.to_string(),
+            )?;
+        }
+        return Ok(Exit::Ok);
+    }
     let (id, created) = store
         .submit(&NewJob {
             task: task.name.clone(),

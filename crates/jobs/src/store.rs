@@ -203,12 +203,17 @@ pub struct ListFilter {
 #[derive(Clone)]
 pub struct Store {
     db: Db,
+    /// When expired last attempts were last looked for (ms).
+    buried_at: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl Store {
     /// On the state database (migrated by the caller).
     pub fn new(db: Db) -> Store {
-        Store { db }
+        Store {
+            db,
+            buried_at: std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0)),
+        }
     }
 
     /// The database.
@@ -301,6 +306,81 @@ impl Store {
         }
     }
 
+    /// Insert many jobs (without unique keys), one multi-row INSERT per 1,000; their
+    /// ids, in order.
+    pub async fn submit_many(&self, jobs: &[NewJob]) -> anyhow::Result<Vec<i64>> {
+        const COLS: usize = 9;
+        let now = now_ms();
+        let engine = self.db.engine();
+        let mut ids = Vec::with_capacity(jobs.len());
+        for chunk in jobs.chunks(1000) {
+            if chunk.iter().any(|j| j.unique_key.is_some()) {
+                anyhow::bail!("jobs submitted together take no unique keys");
+            }
+            let rows: Vec<String> = (0..chunk.len())
+                .map(|r| {
+                    let p: Vec<String> = (1..=COLS).map(|c| self.p(r * COLS + c)).collect();
+                    format!(
+                        "({}, {}, {}, {}, '{QUEUED}', 0, {}, {}, NULL, {}, {}, {})",
+                        p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8]
+                    )
+                })
+                .collect();
+            let returning = if engine == Engine::Mysql {
+                ""
+            } else {
+                " RETURNING id"
+            };
+            let sql = format!(
+                "INSERT INTO labrelay_jobs (task, args, queue, priority, state, attempt, max_attempts, run_at_ms, unique_key, submitter, notify, created_ms) \
+                 VALUES {}{returning}",
+                rows.join(", ")
+            );
+            let mut q = sqlx::query(&sql);
+            for j in chunk {
+                q = q
+                    .bind(j.task.clone())
+                    .bind(serde_json::Value::Object(j.args.clone()).to_string())
+                    .bind(j.queue.clone())
+                    .bind(j.priority)
+                    .bind(i64::from(j.max_attempts))
+                    .bind(j.run_at_ms.unwrap_or(now))
+                    .bind(j.submitter.clone())
+                    .bind(j.notify.clone())
+                    .bind(now);
+            }
+            if engine == Engine::Mysql {
+                let mut conn = self.db.pool().acquire().await.map_err(|e| self.err(e))?;
+                q.execute(&mut *conn).await.map_err(|e| self.err(e))?;
+                // The FIRST id of the statement; a multi-row INSERT of a known number
+                // of rows gets consecutive ids (InnoDB's autoinc lock modes 0 and 1; the
+                // MariaDB default is 1).
+                let first: i64 = sqlx::query("SELECT CAST(LAST_INSERT_ID() AS SIGNED)")
+                    .fetch_one(&mut *conn)
+                    .await
+                    .map_err(|e| self.err(e))?
+                    .try_get(0)
+                    .map_err(|e| self.err(e))?;
+                let n = i64::try_from(chunk.len()).unwrap_or(i64::MAX);
+                ids.extend(first..first + n);
+            } else {
+                // Ids are drawn in VALUES order, so ascending ids are the rows' order.
+                let mut got: Vec<i64> = q
+                    .fetch_all(self.db.pool())
+                    .await
+                    .map_err(|e| self.err(e))?
+                    .iter()
+                    .map(|r| r.try_get::<i64, _>(0))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| self.err(e))?;
+                got.sort_unstable();
+                ids.extend(got);
+            }
+        }
+        self.notify_workers().await;
+        Ok(ids)
+    }
+
     /// Wake PostgreSQL workers listening on `labrelay_jobs` (best effort).
     async fn notify_workers(&self) {
         if self.db.engine() == Engine::Postgres {
@@ -337,22 +417,57 @@ impl Store {
             return Ok(Vec::new());
         }
         let now = now_ms();
-        self.bury_expired(now).await?;
+        let mut jobs = Vec::new();
+        // Jobs of dead workers are looked for once a second: a lease is many seconds
+        // long, and the ready jobs' query stays a plain walk down the claim index.
+        let looked = self.buried_at.load(std::sync::atomic::Ordering::Relaxed);
+        if now - looked >= 1000 || now < looked {
+            self.buried_at
+                .store(now, std::sync::atomic::Ordering::Relaxed);
+            self.bury_expired(now).await?;
+            let expired = format!("state = '{RUNNING}' AND lease_until_ms < {now}");
+            jobs = self
+                .claim_where(worker, queues, &expired, "ORDER BY id", n, now + lease_ms)
+                .await?;
+        }
+        if jobs.len() < n {
+            let ready = format!("state = '{QUEUED}' AND run_at_ms <= {now}");
+            let order = "ORDER BY priority DESC, run_at_ms, id";
+            let more = self
+                .claim_where(
+                    worker,
+                    queues,
+                    &ready,
+                    order,
+                    n - jobs.len(),
+                    now + lease_ms,
+                )
+                .await?;
+            jobs.extend(more);
+        }
+        Ok(jobs)
+    }
+
+    /// Claim up to `n` jobs of `queues` matching `cond`, in `order`.
+    async fn claim_where(
+        &self,
+        worker: &str,
+        queues: &[String],
+        cond: &str,
+        order: &str,
+        n: usize,
+        lease_until: i64,
+    ) -> anyhow::Result<Vec<Job>> {
+        let now = now_ms();
         let engine = self.db.engine();
         let qlist: Vec<String> = (0..queues.len()).map(|i| self.p(i + 3)).collect();
-        let ready = format!(
-            "((state = '{QUEUED}' AND run_at_ms <= {now}) OR (state = '{RUNNING}' AND lease_until_ms < {now})) \
-             AND queue IN ({})",
-            qlist.join(", ")
-        );
-        let order = "ORDER BY priority DESC, run_at_ms, id";
+        let ready = format!("{cond} AND queue IN ({})", qlist.join(", "));
         let set = format!(
             "state = '{RUNNING}', attempt = attempt + 1, worker = {}, lease_until_ms = {}, started_ms = {now}, \
              finished_ms = NULL",
             self.p(1),
             self.p(2)
         );
-        let lease_until = now + lease_ms;
         match engine {
             Engine::Sqlite | Engine::Postgres => {
                 let lock = if engine == Engine::Postgres {
@@ -460,18 +575,20 @@ impl Store {
         outcome: &Outcome,
         retry_in_ms: i64,
     ) -> anyhow::Result<Option<&'static str>> {
+        let mut states = self
+            .finish_many(worker, &[(job, outcome, retry_in_ms)])
+            .await?;
+        Ok(states.pop().flatten())
+    }
+
+    /// [`Store::finish`] for several attempts of this worker in one transaction (one
+    /// commit, so one disk flush, for all of them): the state of each, in order.
+    pub async fn finish_many(
+        &self,
+        worker: &str,
+        ends: &[(&Job, &Outcome, i64)],
+    ) -> anyhow::Result<Vec<Option<&'static str>>> {
         let now = now_ms();
-        let state = match &outcome.error {
-            None => SUCCEEDED,
-            Some(_) if outcome.permanent => FAILED,
-            Some(_) if job.attempt < job.max_attempts => QUEUED,
-            Some(_) => DEAD,
-        };
-        let (finished, run_at) = if state == QUEUED {
-            (None, now + retry_in_ms)
-        } else {
-            (Some(now), job.run_at_ms)
-        };
         let p = |n| self.p(n);
         let sql = format!(
             "UPDATE labrelay_jobs SET state = {}, finished_ms = {}, run_at_ms = {}, worker = NULL, lease_until_ms = NULL, \
@@ -491,24 +608,41 @@ impl Store {
             p(12),
             p(13)
         );
-        let done = sqlx::query(&sql)
-            .bind(state)
-            .bind(finished)
-            .bind(run_at)
-            .bind(outcome.exit_code.map(i64::from))
-            .bind(outcome.signal.map(i64::from))
-            .bind(outcome.stdout.clone())
-            .bind(outcome.stderr.clone())
-            .bind(outcome.result.as_ref().map(ToString::to_string))
-            .bind(outcome.error.clone())
-            .bind(outcome.duration_ms)
-            .bind(job.id)
-            .bind(job.attempt)
-            .bind(worker.to_owned())
-            .execute(self.db.pool())
-            .await
-            .map_err(|e| self.err(e))?;
-        Ok((done.rows_affected() == 1).then_some(state))
+        let mut tx = self.db.pool().begin().await.map_err(|e| self.err(e))?;
+        let mut states = Vec::with_capacity(ends.len());
+        for (job, outcome, retry_in_ms) in ends {
+            let state = match &outcome.error {
+                None => SUCCEEDED,
+                Some(_) if outcome.permanent => FAILED,
+                Some(_) if job.attempt < job.max_attempts => QUEUED,
+                Some(_) => DEAD,
+            };
+            let (finished, run_at) = if state == QUEUED {
+                (None, now + retry_in_ms)
+            } else {
+                (Some(now), job.run_at_ms)
+            };
+            let done = sqlx::query(&sql)
+                .bind(state)
+                .bind(finished)
+                .bind(run_at)
+                .bind(outcome.exit_code.map(i64::from))
+                .bind(outcome.signal.map(i64::from))
+                .bind(outcome.stdout.clone())
+                .bind(outcome.stderr.clone())
+                .bind(outcome.result.as_ref().map(ToString::to_string))
+                .bind(outcome.error.clone())
+                .bind(outcome.duration_ms)
+                .bind(job.id)
+                .bind(job.attempt)
+                .bind(worker.to_owned())
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.err(e))?;
+            states.push((done.rows_affected() == 1).then_some(state));
+        }
+        tx.commit().await.map_err(|e| self.err(e))?;
+        Ok(states)
     }
 
     /// Give a job back without counting the attempt (the worker is shutting down).

@@ -78,6 +78,7 @@ pub async fn run(
     let mut running = 0usize;
     tokio::pin!(shutdown);
     let mut stopping = false;
+    let finisher = Finisher::start(store.clone(), opts.name.clone());
     let mut scheduled_until = chrono::Local::now();
     let mut mailed_at = std::time::Instant::now();
     let mut ended = 0u64;
@@ -87,11 +88,11 @@ pub async fn run(
         }
         // Outcome mails: after jobs ended here, and every 10 s for any left over (a
         // worker that died before sending them).
-        let finished: u64 = totals.by_state.values().sum();
+        let ended_now: u64 = totals.by_state.values().sum();
         if let Some(n) = notifier
-            && (finished > ended || mailed_at.elapsed() > Duration::from_secs(10))
+            && (ended_now > ended || mailed_at.elapsed() > Duration::from_secs(10))
         {
-            ended = finished;
+            ended = ended_now;
             mailed_at = std::time::Instant::now();
             if let Err(e) = n.send_due(store).await {
                 tracing::warn!("sending outcome mails failed: {e:#}");
@@ -122,15 +123,16 @@ pub async fn run(
             let permit = slots.clone().acquire_owned().await.expect("semaphore open");
             totals.claimed += 1;
             running += 1;
-            let (store, registry, stop, done, name) = (
+            let (store, registry, stop, done, name, finisher) = (
                 store.clone(),
                 registry.clone(),
                 stop_rx.clone(),
                 done_tx.clone(),
                 opts.name.clone(),
+                finisher.clone(),
             );
             tokio::spawn(async move {
-                let r = attempt(&store, &registry, &name, job, stop, lease_ms).await;
+                let r = attempt(&store, &finisher, &registry, &name, job, stop, lease_ms).await;
                 drop(permit);
                 let _ = done.send(r);
             });
@@ -184,6 +186,65 @@ pub async fn run(
         tracing::warn!("sending outcome mails failed: {e:#}");
     }
     Ok(totals)
+}
+
+type Reply = tokio::sync::oneshot::Sender<anyhow::Result<Option<&'static str>>>;
+
+/// Records results in batches: the attempts that end while a commit is under way go
+/// together in the next one (a group commit: one disk flush for many jobs).
+#[derive(Clone)]
+struct Finisher {
+    tx: mpsc::UnboundedSender<(Job, Outcome, i64, Reply)>,
+}
+
+impl Finisher {
+    fn start(store: Store, worker: String) -> Finisher {
+        let (tx, mut rx) = mpsc::unbounded_channel::<(Job, Outcome, i64, Reply)>();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < 256 {
+                    match rx.try_recv() {
+                        Ok(next) => batch.push(next),
+                        Err(_) => break,
+                    }
+                }
+                let result = {
+                    let ends: Vec<(&Job, &Outcome, i64)> =
+                        batch.iter().map(|(j, o, r, _)| (j, o, *r)).collect();
+                    store.finish_many(&worker, &ends).await
+                };
+                match result {
+                    Ok(states) => {
+                        for ((.., reply), state) in batch.into_iter().zip(states) {
+                            let _ = reply.send(Ok(state));
+                        }
+                    }
+                    Err(e) => {
+                        let message = format!("{e:#}");
+                        for (.., reply) in batch {
+                            let _ = reply.send(Err(anyhow::anyhow!(message.clone())));
+                        }
+                    }
+                }
+            }
+        });
+        Finisher { tx }
+    }
+
+    async fn finish(
+        &self,
+        job: &Job,
+        outcome: &Outcome,
+        retry_in_ms: i64,
+    ) -> anyhow::Result<Option<&'static str>> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let gone = || anyhow::anyhow!("the result recorder stopped");
+        self.tx
+            .send((job.clone(), outcome.clone(), retry_in_ms, reply))
+            .map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
 }
 
 /// Submit the scheduled tasks (of these queues) whose times fell after `since`, up to
@@ -246,6 +307,7 @@ async fn fire_schedules(
 /// Run one claimed attempt with its heartbeat, and record its end.
 async fn attempt(
     store: &Store,
+    finisher: &Finisher,
     registry: &Registry,
     worker: &str,
     job: Job,
@@ -270,7 +332,7 @@ async fn attempt(
             permanent: true,
             ..Outcome::default()
         };
-        return record(store, worker, &job, &outcome, None, report).await;
+        return record(finisher, &job, &outcome, None, report).await;
     };
     // The heartbeat: renews the lease, and turns a lost one (cancel, or claimed again)
     // into a stop. A shutdown from the worker is passed on.
@@ -319,7 +381,7 @@ async fn attempt(
                     .as_millis(),
             )
             .unwrap_or(i64::MAX);
-            record(store, worker, &job, &outcome, Some(retry_in), report).await
+            record(finisher, &job, &outcome, Some(retry_in), report).await
         }
         Ran::Stopped(Stop::Shutdown) => {
             report.state = match store.release(&job, worker).await {
@@ -345,8 +407,7 @@ async fn attempt(
 }
 
 async fn record(
-    store: &Store,
-    worker: &str,
+    finisher: &Finisher,
     job: &Job,
     outcome: &Outcome,
     retry_in_ms: Option<i64>,
@@ -360,8 +421,8 @@ async fn record(
     let mut backoff =
         labrelay::retry::Backoff::until(std::time::Instant::now() + Duration::from_mins(1));
     loop {
-        match store
-            .finish(job, worker, outcome, retry_in_ms.unwrap_or(0))
+        match finisher
+            .finish(job, outcome, retry_in_ms.unwrap_or(0))
             .await
         {
             Ok(Some(state)) => {

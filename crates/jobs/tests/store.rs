@@ -179,7 +179,8 @@ async fn contract(engine: Engine) {
     let (lapsed, _) = s.submit(&job("lapsed")).await.unwrap();
     let mine = s.claim("slow", &qs, 1, 1).await.unwrap();
     assert_eq!(mine[0].id, lapsed);
-    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    // Jobs of dead workers are looked for at most once a second.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     let theirs = s.claim("fast", &qs, 1, 60_000).await.unwrap();
     assert_eq!((theirs[0].id, theirs[0].attempt), (lapsed, 2));
     assert!(!s.heartbeat(&mine[0], "slow", 60_000).await.unwrap());
@@ -245,7 +246,8 @@ async fn contract(engine: Engine) {
         .await
         .unwrap();
     s.claim("gone", &qs, 1, 1).await.unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    // Expired last attempts are looked for at most once a second.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     assert!(s.claim("w1", &qs, 1, 60_000).await.unwrap().is_empty());
     let got = s.get(orphan).await.unwrap().unwrap();
     assert_eq!(got.state, store::DEAD);
@@ -299,6 +301,29 @@ async fn contract(engine: Engine) {
     assert_eq!(
         (got.state.as_str(), got.attempt),
         (store::QUEUED, c[0].attempt - 1)
+    );
+
+    // Many at once: ids in the order given.
+    let many: Vec<NewJob> = (0..1500)
+        .map(|i| NewJob {
+            queue: "bulk".into(),
+            priority: i,
+            ..job(&format!("m{i}"))
+        })
+        .collect();
+    let ids = s.submit_many(&many).await.unwrap();
+    assert_eq!(ids.len(), 1500);
+    assert!(ids.windows(2).all(|w| w[0] < w[1]));
+    for i in [0usize, 999, 1000, 1499] {
+        let got = s.get(ids[i]).await.unwrap().unwrap();
+        assert_eq!(
+            (got.task, got.priority),
+            (format!("m{i}"), i64::try_from(i).unwrap())
+        );
+    }
+    assert!(
+        s.submit_many(&[keyed.clone()]).await.is_err(),
+        "no unique keys in a batch"
     );
 
     // Listing, stats, purge.

@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS labrelay_jobs (
     notified_ms      BIGINT,
     notify_lease_ms  BIGINT
 );
--- The claim: ready jobs of a queue, highest priority first, then oldest.
-CREATE INDEX IF NOT EXISTS labrelay_jobs_ready ON labrelay_jobs (state, queue, priority, run_at_ms);
+-- The claim walks this index: ready jobs of a queue, highest priority first, then
+-- the earliest run_at, then submission order.
+CREATE INDEX IF NOT EXISTS labrelay_jobs_ready ON labrelay_jobs (state, queue, priority DESC, run_at_ms, id);
 CREATE INDEX IF NOT EXISTS labrelay_jobs_submitter ON labrelay_jobs (submitter, created_ms);
