@@ -175,6 +175,33 @@ fn submit_run_and_read_the_result(state: &State) {
         String::from_utf8_lossy(&out.stderr).contains("no task named `nope`"),
         "{out:?}"
     );
+    // One job per line of --each; every line is checked before anything is submitted.
+    let lines = h.dir.path().join("samples.jsonl");
+    std::fs::write(&lines, "{\"sample\": \"A\"}\n\n{\"sample\": \"B\"}\n").unwrap();
+    let out = h.ok(
+        &SUBMIT,
+        &["task", "echo", "--each", lines.to_str().unwrap()],
+    );
+    let ids: Vec<i64> = out.lines().map(|l| l.parse().unwrap()).collect();
+    assert_eq!(ids.len(), 2, "{out}");
+    assert_eq!(h.job(ids[1])["args"]["sample"], "B");
+    std::fs::write(&lines, "{\"sample\": \"C\"}\n{\"other\": 1}\n").unwrap();
+    let out = h.run(
+        &SUBMIT,
+        &["task", "echo", "--each", lines.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("line 2"),
+        "{out:?}"
+    );
+    let listed = h.ok(BIN, &["--json", "list", "--limit", "1000"]);
+    assert!(
+        !listed.contains("\"sample\":\"C\""),
+        "nothing of a bad file is submitted"
+    );
+    h.ok(BIN, &["run", "--once", "--concurrency", "4"]);
+    assert_eq!(h.job(ids[0])["state"], "succeeded");
     // Unique keys: one job.
     let a = h.submit(&["noop", "--unique-key", &format!("k-{}", h.queue)]);
     let b = h.submit(&["noop", "--unique-key", &format!("k-{}", h.queue)]);
