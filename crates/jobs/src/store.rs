@@ -229,6 +229,13 @@ impl Store {
         self.db.err(e).into()
     }
 
+    fn decode_all(&self, rows: &[AnyRow]) -> anyhow::Result<Vec<Job>> {
+        rows.iter()
+            .map(decode)
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.err(e))
+    }
+
     /// Insert a job; with a unique key already used, return the existing job's id.
     /// `(id, created)`.
     pub async fn submit(&self, job: &NewJob) -> anyhow::Result<(i64, bool)> {
@@ -484,11 +491,7 @@ impl Store {
                     q = q.bind(queue.clone());
                 }
                 let rows = q.fetch_all(self.db.pool()).await.map_err(|e| self.err(e))?;
-                let mut jobs: Vec<Job> = rows
-                    .iter()
-                    .map(decode)
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| self.err(e))?;
+                let mut jobs = self.decode_all(&rows)?;
                 jobs.sort_by_key(|j| (-j.priority, j.run_at_ms, j.id));
                 Ok(jobs)
             }
@@ -535,10 +538,7 @@ impl Store {
                 .await
                 .map_err(|e| self.err(e))?;
                 tx.commit().await.map_err(|e| self.err(e))?;
-                rows.iter()
-                    .map(decode)
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| self.err(e))
+                self.decode_all(&rows)
             }
         }
     }
@@ -832,10 +832,7 @@ impl Store {
             q = q.bind(b);
         }
         let rows = q.fetch_all(self.db.pool()).await.map_err(|e| self.err(e))?;
-        rows.iter()
-            .map(decode)
-            .collect::<Result<_, _>>()
-            .map_err(|e| self.err(e))
+        self.decode_all(&rows)
     }
 
     /// Counts per queue.
