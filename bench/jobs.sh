@@ -10,9 +10,15 @@
 #      every poll_ms = 50) while 200 jobs are submitted one at a time; submit -> start
 #      from the job rows (created_ms, started_ms): p50, p99.
 #
+#   4. Celery 5 (pip install celery, bench/celery_noop.py) on the same RabbitMQ: 20,000
+#      (--quick: 5,000) no-op tasks with ignore_result enqueued, then drained by
+#      `celery worker` with its default prefork pool (concurrency 2) and with -P solo,
+#      timed from the worker's start until the queue is empty.
+#
 # Targets (issue 11): drain >= 10,000 jobs/s on SQLite and >= 20,000 on PostgreSQL;
-# latency p50 <= 5 ms on PostgreSQL. The Celery side-by-side run of the issue is not
-# part of this script yet.
+# latency p50 <= 5 ms on PostgreSQL; on RabbitMQ >= 10x Celery's prefork and >= 5x its
+# solo drain. job-worker has no RabbitMQ broker yet: its ratios are printed against its
+# database drains, which is not the issue's comparison.
 #
 #   bench/jobs.sh               # N = 100,000
 #   bench/jobs.sh --quick       # N = 20,000
@@ -34,7 +40,7 @@ while (($#)); do
     esac
     shift
 done
-if ((quick)); then N=20000; else N=100000; fi
+if ((quick)); then N=20000 CN=5000; else N=100000 CN=20000; fi
 LAT_N=200
 T_SQLITE=10000 T_PG=20000 T_P50_MS=5
 
@@ -46,6 +52,8 @@ calc() { awk "BEGIN { printf \"%.${2:-1}f\", $1 }"; }
 mark() { if awk "BEGIN { exit !($1) }"; then echo PASS; else echo FAIL; fi; }
 now() { date +%s.%N; }
 command -v psql >/dev/null || die "psql is missing (apt-get install postgresql-client)"
+command -v rabbitmqctl >/dev/null || die "rabbitmqctl is missing (run scripts/services)"
+python3 -c 'import celery' 2>/dev/null || python3 -m pip install -q 'celery>=5,<6' || die "cannot install celery"
 
 say "services"
 scripts/services >/dev/null
@@ -127,6 +135,27 @@ TOML
     read -r P50[$engine] P99[$engine] < <(awk '{ v[NR] = $1 } END { print v[int((NR - 1) * 0.50) + 1], v[int((NR - 1) * 0.99) + 1] }' <<<"$lat")
 done
 
+# Celery: enqueue, then drain with each pool.
+export LRBENCH_AMQP_URL=$LABRELAY_TEST_AMQP_URL LRBENCH_QUEUE=lrbench.celery.$$
+cp bench/celery_noop.py "$WORK/"
+queued() { rabbitmqctl -q list_queues name messages | awk -v q="$LRBENCH_QUEUE" '$1 == q { print $2 }'; }
+declare -A C_ENQ C_DRAIN
+for pool in prefork solo; do
+    say "celery $pool: enqueue $CN no-op tasks"
+    C_ENQ[$pool]=$(cd "$WORK" && python3 celery_noop.py enqueue "$CN")
+    say "celery $pool: drain"
+    args=(-P "$pool")
+    [[ $pool == prefork ]] && args+=(--concurrency 2)
+    t0=$(now)
+    (cd "$WORK" && exec python3 -m celery -A celery_noop worker -Q "$LRBENCH_QUEUE" "${args[@]}" \
+        --without-gossip --without-mingle --without-heartbeat -l warning) > "$WORK/celery-$pool.log" 2>&1 & PIDS+=($!)
+    until [[ $(queued) == 0 ]]; do sleep 0.2; done
+    t1=$(now)
+    kill -TERM "${PIDS[@]}"; wait "${PIDS[@]}" 2>/dev/null || true; PIDS=()
+    C_DRAIN[$pool]=$(calc "$CN / ($t1 - $t0)" 0)
+done
+timeout 30 rabbitmqctl -q delete_queue "$LRBENCH_QUEUE" >/dev/null 2>&1 || true
+
 echo
 echo "job-worker, $N noop jobs, 2 workers x concurrency 64, release build, $(nproc) cores"
 printf '%-12s %12s %12s %10s %10s  %s\n' "state db" "submit/s" "drain/s" "p50 ms" "p99 ms" "targets"
@@ -134,3 +163,10 @@ printf '%-12s %12s %12s %10s %10s  %s\n' "SQLite" "${SUBMIT[sqlite]}" "${DRAIN[s
     "drain >= $T_SQLITE $(mark "${DRAIN[sqlite]} >= $T_SQLITE")"
 printf '%-12s %12s %12s %10s %10s  %s\n' "PostgreSQL" "${SUBMIT[postgres]}" "${DRAIN[postgres]}" "${P50[postgres]}" "${P99[postgres]}" \
     "drain >= $T_PG $(mark "${DRAIN[postgres]} >= $T_PG"), p50 <= $T_P50_MS ms $(mark "${P50[postgres]} <= $T_P50_MS")"
+echo
+echo "Celery $(python3 -c 'import celery; print(celery.__version__)'), $CN no-op tasks on RabbitMQ, timed from the worker's start"
+printf '%-22s %12s %12s  %s\n' "pool" "enqueue/s" "drain/s" "job-worker drain / Celery drain (SQLite, PostgreSQL)"
+for pool in prefork solo; do
+    printf '%-22s %12s %12s  %s\n' "$pool$([[ $pool == prefork ]] && echo ' (concurrency 2)')" "${C_ENQ[$pool]}" "${C_DRAIN[$pool]}" \
+        "$(calc "${DRAIN[sqlite]} / ${C_DRAIN[$pool]}" 1)x, $(calc "${DRAIN[postgres]} / ${C_DRAIN[$pool]}" 1)x"
+done
