@@ -82,6 +82,7 @@ pub async fn run(
     let mut scheduled_until = chrono::Local::now();
     let mut mailed_at = std::time::Instant::now();
     let mut ended = 0u64;
+    let mut claim_failures = 0u32;
     loop {
         if !registry.schedules.is_empty() {
             fire_schedules(store, &registry, &opts.queues, &mut scheduled_until).await;
@@ -115,9 +116,30 @@ pub async fn run(
             .min(usize::try_from(budget).unwrap_or(usize::MAX));
         let mut claimed = Vec::new();
         if free > 0 {
-            claimed = store
-                .claim(&opts.name, &opts.queues, free, lease_ms)
-                .await?;
+            match store.claim(&opts.name, &opts.queues, free, lease_ms).await {
+                Ok(jobs) => {
+                    claimed = jobs;
+                    claim_failures = 0;
+                }
+                // A worker outlives a database restart: running jobs go on, claims are
+                // tried again with backoff. `--once` (cron) reports it instead (exit 75).
+                Err(e)
+                    if !opts.once
+                        && labrelay::exit::classify(&e) == labrelay::exit::Exit::TempFail =>
+                {
+                    claim_failures = claim_failures.saturating_add(1);
+                    let pause = poll
+                        .saturating_mul(1 << claim_failures.min(6))
+                        .min(Duration::from_secs(10));
+                    tracing::warn!("claiming jobs failed, trying again in {pause:?}: {e:#}");
+                    tokio::select! {
+                        () = &mut shutdown => stopping = true,
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
         }
         for job in claimed.drain(..) {
             let permit = slots.clone().acquire_owned().await.expect("semaphore open");
