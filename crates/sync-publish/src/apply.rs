@@ -734,43 +734,29 @@ async fn parked_events(
     site: &Site,
     waiting: Option<Vec<(String, String)>>,
 ) -> anyhow::Result<Vec<Event>> {
-    let e = site.engine();
-    let mut rows = Vec::new();
-    match waiting {
-        None => {
-            rows = sqlx::query("SELECT event, parked_ms FROM labrelay_sync_parked")
-                .fetch_all(site.db.pool())
-                .await
-                .map_err(|e| site.db.err(e))?;
-        }
+    let select = "SELECT event, parked_ms FROM labrelay_sync_parked";
+    let rows = match waiting {
+        None => sqlx::query(select)
+            .fetch_all(site.db.pool())
+            .await
+            .map_err(|e| site.db.err(e))?,
         Some(waiting) => {
-            let mut by_type: BTreeMap<String, Vec<String>> = BTreeMap::new();
-            for (ty, uuid) in waiting {
-                by_type.entry(ty).or_default().push(uuid);
-            }
-            for (ty, uuids) in by_type {
-                for chunk in uuids.chunks(500) {
-                    let list: Vec<String> =
-                        (0..chunk.len()).map(|i| e.placeholder(i + 2)).collect();
-                    let sql = format!(
-                        "SELECT event, parked_ms FROM labrelay_sync_parked WHERE waiting_type = {} AND waiting_uuid IN ({})",
-                        e.placeholder(1),
-                        list.join(", ")
-                    );
-                    let mut query = sqlx::query(&sql).bind(ty.clone());
-                    for uuid in chunk {
-                        query = query.bind(uuid.clone());
-                    }
-                    rows.extend(
-                        query
-                            .fetch_all(site.db.pool())
-                            .await
-                            .map_err(|e| site.db.err(e))?,
-                    );
-                }
-            }
+            let mut conn = site.db.pool().acquire().await.map_err(|e| site.db.err(e))?;
+            let pairs = waiting.iter().map(|(t, u)| (t.as_str(), u.as_str()));
+            crate::cache::select_by_type(
+                site,
+                &mut conn,
+                select,
+                "waiting_type",
+                "waiting_uuid",
+                pairs,
+            )
+            .await?
+            .into_iter()
+            .map(|(_, row)| row)
+            .collect()
         }
-    }
+    };
     let mut events = Vec::with_capacity(rows.len());
     for row in rows {
         let parked_ms: i64 = row.try_get(1).map_err(|e| site.db.err(e))?;

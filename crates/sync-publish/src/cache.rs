@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use labrelay::db::Engine;
 use sqlx::AnyConnection;
+use sqlx::any::AnyRow;
 
 use crate::event::{self, Event, Op, Ref, Version};
 use crate::site::Site;
@@ -38,6 +39,42 @@ fn placeholders(e: Engine, from: usize, n: usize) -> String {
         .map(|i| e.placeholder(i))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The rows of `{select} WHERE {type_column} = ? AND {column} IN (…)` for (type, value)
+/// pairs: grouped by type, so each query uses the table's (type, …) key, and chunked;
+/// each row with its type.
+pub async fn select_by_type<'a>(
+    site: &Site,
+    conn: &mut AnyConnection,
+    select: &str,
+    type_column: &str,
+    column: &str,
+    pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> anyhow::Result<Vec<(String, AnyRow)>> {
+    let e = site.engine();
+    let mut by_type: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (t, v) in pairs {
+        by_type.entry(t).or_default().push(v);
+    }
+    let mut out = Vec::new();
+    for (t, values) in by_type {
+        for chunk in values.chunks(CHUNK) {
+            let sql = format!(
+                "{select} WHERE {type_column} = {} AND {column} IN ({})",
+                e.placeholder(1),
+                placeholders(e, 2, chunk.len())
+            );
+            let mut q = sqlx::query(&sql).bind(t);
+            for v in chunk {
+                q = q.bind(*v);
+            }
+            for row in q.fetch_all(&mut *conn).await.map_err(|e| site.db.err(e))? {
+                out.push((t.to_owned(), row));
+            }
+        }
+    }
+    Ok(out)
 }
 
 impl Cache {
@@ -96,29 +133,13 @@ impl Cache {
                 cache.seen.insert(labrelay::db::text(&row, 0)?);
             }
         }
-        // Grouped by type, so each query uses the (object_type, uuid) primary key.
-        let mut by_type: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-        for (t, u) in &objects {
-            by_type.entry(t.as_str()).or_default().push(u.as_str());
-        }
-        for (t, uuids) in by_type {
-            for chunk in uuids.chunks(CHUNK) {
-                let sql = format!(
-                    "SELECT uuid, local_key FROM labrelay_sync_ids WHERE object_type = {} AND uuid IN ({})",
-                    e.placeholder(1),
-                    placeholders(e, 2, chunk.len())
-                );
-                let mut q = sqlx::query(&sql).bind(t);
-                for u in chunk {
-                    q = q.bind(*u);
-                }
-                for row in q.fetch_all(&mut *conn).await.map_err(|e| site.db.err(e))? {
-                    cache.ids.insert(
-                        (t.to_owned(), labrelay::db::text(&row, 0)?),
-                        Some(labrelay::db::text(&row, 1)?),
-                    );
-                }
-            }
+        let pairs = objects.iter().map(|(t, u)| (t.as_str(), u.as_str()));
+        let select = "SELECT uuid, local_key FROM labrelay_sync_ids";
+        for (t, row) in select_by_type(site, conn, select, "object_type", "uuid", pairs).await? {
+            cache.ids.insert(
+                (t, labrelay::db::text(&row, 0)?),
+                Some(labrelay::db::text(&row, 1)?),
+            );
         }
         for key in objects {
             cache.ids.entry(key).or_insert(None);
@@ -134,36 +155,22 @@ impl Cache {
         conn: &mut AnyConnection,
         keys: &HashSet<(String, String)>,
     ) -> anyhow::Result<()> {
-        let e = site.engine();
-        let mut by_type: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-        for (t, u) in keys.iter().filter(|k| !self.fields.contains_key(*k)) {
-            by_type.entry(t.as_str()).or_default().push(u.as_str());
-        }
-        for (t, uuids) in by_type {
-            for chunk in uuids.chunks(CHUNK) {
-                let sql = format!(
-                    "SELECT uuid, field, value, version FROM labrelay_sync_fields \
-                     WHERE object_type = {} AND uuid IN ({})",
-                    e.placeholder(1),
-                    placeholders(e, 2, chunk.len())
+        let pairs = keys
+            .iter()
+            .filter(|k| !self.fields.contains_key(*k))
+            .map(|(t, u)| (t.as_str(), u.as_str()));
+        let select = "SELECT uuid, field, value, version FROM labrelay_sync_fields";
+        for (t, row) in select_by_type(site, conn, select, "object_type", "uuid", pairs).await? {
+            self.fields
+                .entry((t, labrelay::db::text(&row, 0)?))
+                .or_default()
+                .insert(
+                    labrelay::db::text(&row, 1)?,
+                    (
+                        labrelay::db::opt_text(&row, 2)?,
+                        Version(labrelay::db::text(&row, 3)?),
+                    ),
                 );
-                let mut q = sqlx::query(&sql).bind(t);
-                for u in chunk {
-                    q = q.bind(*u);
-                }
-                for row in q.fetch_all(&mut *conn).await.map_err(|e| site.db.err(e))? {
-                    self.fields
-                        .entry((t.to_owned(), labrelay::db::text(&row, 0)?))
-                        .or_default()
-                        .insert(
-                            labrelay::db::text(&row, 1)?,
-                            (
-                                labrelay::db::opt_text(&row, 2)?,
-                                Version(labrelay::db::text(&row, 3)?),
-                            ),
-                        );
-                }
-            }
         }
         for key in keys {
             self.fields.entry(key.clone()).or_default();
@@ -178,33 +185,20 @@ impl Cache {
         conn: &mut AnyConnection,
         wanted: &HashSet<(String, String)>,
     ) -> anyhow::Result<()> {
-        let e = site.engine();
-        let mut by_type: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-        for (t, k) in wanted.iter().filter(|k| !self.keys.contains_key(*k)) {
-            by_type.entry(t.as_str()).or_default().push(k.as_str());
-        }
-        for (t, keys) in by_type {
-            for chunk in keys.chunks(CHUNK) {
-                let sql = format!(
-                    "SELECT local_key, uuid, origin, origin_key FROM labrelay_sync_ids \
-                     WHERE object_type = {} AND local_key IN ({})",
-                    e.placeholder(1),
-                    placeholders(e, 2, chunk.len())
-                );
-                let mut q = sqlx::query(&sql).bind(t);
-                for k in chunk {
-                    q = q.bind(*k);
-                }
-                for row in q.fetch_all(&mut *conn).await.map_err(|e| site.db.err(e))? {
-                    let r = Ref {
-                        uuid: labrelay::db::text(&row, 1)?,
-                        origin: labrelay::db::text(&row, 2)?,
-                        key: labrelay::db::text(&row, 3)?,
-                    };
-                    self.keys
-                        .insert((t.to_owned(), labrelay::db::text(&row, 0)?), r);
-                }
-            }
+        let pairs = wanted
+            .iter()
+            .filter(|k| !self.keys.contains_key(*k))
+            .map(|(t, k)| (t.as_str(), k.as_str()));
+        let select = "SELECT local_key, uuid, origin, origin_key FROM labrelay_sync_ids";
+        for (t, row) in
+            select_by_type(site, conn, select, "object_type", "local_key", pairs).await?
+        {
+            let r = Ref {
+                uuid: labrelay::db::text(&row, 1)?,
+                origin: labrelay::db::text(&row, 2)?,
+                key: labrelay::db::text(&row, 3)?,
+            };
+            self.keys.insert((t, labrelay::db::text(&row, 0)?), r);
         }
         Ok(())
     }

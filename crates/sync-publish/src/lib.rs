@@ -353,9 +353,9 @@ async fn relay(
     };
     let mut total = relay::RelayStats::default();
     let mut wake = if follow {
-        relay::Wakeup::listen(&ctx.config, &s).await
+        relay::wakeup(&ctx.config, &s).await
     } else {
-        relay::Wakeup::poll()
+        labrelay::db::Wakeup::Poll
     };
     let stop = labrelay::cli::shutdown_signal();
     tokio::pin!(stop);

@@ -648,19 +648,9 @@ pub async fn emit(
 
 /// What `relay --follow` waits on between passes: PostgreSQL notifications from the
 /// capture triggers (a pass starts as soon as a change commits), or the interval.
-pub struct Wakeup;
-
-impl Wakeup {
-    /// LISTEN when the site is on PostgreSQL; polling otherwise or when that fails.
-    pub async fn listen(config: &labrelay::config::Config, site: &Site) -> labrelay::db::Wakeup {
-        match config.database(&site.plan.me().database) {
-            Ok(cfg) => labrelay::db::Wakeup::listen(cfg, crate::schema::NOTIFY_CHANNEL).await,
-            Err(_) => labrelay::db::Wakeup::Poll,
-        }
-    }
-
-    /// Only the interval.
-    pub fn poll() -> labrelay::db::Wakeup {
-        labrelay::db::Wakeup::Poll
+pub async fn wakeup(config: &labrelay::config::Config, site: &Site) -> labrelay::db::Wakeup {
+    match config.database(&site.plan.me().database) {
+        Ok(cfg) => labrelay::db::Wakeup::listen(cfg, crate::schema::NOTIFY_CHANNEL).await,
+        Err(_) => labrelay::db::Wakeup::Poll,
     }
 }
