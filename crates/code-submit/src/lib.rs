@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use jobs::store::{self, NewJob, Store};
+use jobs::api::SubmitRequest;
+use jobs::store::{self, Store};
 use jobs::{JobError, Registry};
 use labrelay::cli::{Context, GlobalArgs, ToolArgs};
 use labrelay::exit::Exit;
@@ -119,6 +120,81 @@ fn collect_args(
     Ok(args)
 }
 
+/// Where submissions go: the state database, or a remote `job-worker serve`.
+enum Target {
+    Local(Store, Box<Registry>),
+    Remote(jobs::client::Client),
+}
+
+impl Target {
+    async fn submit(&self, req: &SubmitRequest) -> anyhow::Result<(i64, bool)> {
+        match self {
+            Target::Local(store, registry) => {
+                let job = registry
+                    .new_job(req, &jobs::current_user())
+                    .map_err(usage)?;
+                store.submit(&job).await
+            }
+            Target::Remote(client) => client.submit(req).await.map(|s| (s.id, s.created)),
+        }
+    }
+
+    /// The job's result record once it has finished, `None` while it runs.
+    async fn finished(&self, id: i64) -> anyhow::Result<Option<serde_json::Value>> {
+        match self {
+            Target::Local(store, _) => {
+                let j = store.get(id).await?.ok_or(JobError::NoSuchJob(id))?;
+                Ok(j.is_finished().then(|| j.result_record()))
+            }
+            Target::Remote(client) => {
+                let j = client.job(id).await?;
+                let state = j.get("state").and_then(serde_json::Value::as_str);
+                if matches!(state, Some(store::QUEUED | store::RUNNING)) {
+                    return Ok(None);
+                }
+                client.result(id).await.map(Some)
+            }
+        }
+    }
+}
+
+/// The requests of `--each` (every line checked before any is submitted).
+fn each_requests(
+    path: &PathBuf,
+    base: &SubmitRequest,
+    registry: Option<&Registry>,
+) -> anyhow::Result<Vec<SubmitRequest>> {
+    let reader: Box<dyn std::io::BufRead> = if path.as_os_str() == "-" {
+        Box::new(std::io::BufReader::new(std::io::stdin()))
+    } else {
+        Box::new(std::io::BufReader::new(
+            std::fs::File::open(path)
+                .map_err(|e| usage(format!("--each {}: {e}", path.display())))?,
+        ))
+    };
+    let mut out = Vec::new();
+    for (n, line) in std::io::BufRead::lines(reader).enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = || format!("--each {} line {}", path.display(), n + 1);
+        let serde_json::Value::Object(extra) =
+            serde_json::from_str(&line).map_err(|e| usage(format!("{}: {e}", at())))?
+        else {
+            return Err(usage(format!("{}: not a JSON object", at())));
+        };
+        let mut req = base.clone();
+        req.args.extend(extra);
+        if let Some(r) = registry {
+            r.new_job(&req, "")
+                .map_err(|e| usage(format!("{}: {e}", at())))?;
+        }
+        out.push(req);
+    }
+    Ok(out)
+}
+
 /// Run the tool.
 pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
     let Command::Task {
@@ -134,68 +210,53 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
         timeout,
     } = args.command;
     let registry = Registry::from_config(&ctx.config)?;
-    let task = registry.task(&name).map_err(usage)?;
-    let job_args = collect_args(&pairs, args_json.as_ref())?;
-    if each.is_none() {
-        task.check_args(&job_args).map_err(usage)?;
-    }
-    let run_at_ms = run_at
-        .as_deref()
-        .map(|t| {
-            chrono::DateTime::parse_from_rfc3339(t)
-                .map(|d| d.timestamp_millis())
-                .map_err(|e| {
-                    usage(format!(
-                        "--run-at {t}: {e} (use RFC 3339, e.g. 2026-12-01T03:00:00Z)"
-                    ))
-                })
-        })
-        .transpose()?;
-    if let Some(to) = &email {
-        jobs::notify::Notifier::check(&ctx.config, to)?;
-    }
-    let db = labrelay::db::Db::open_state(&ctx.config).await?;
-    let store = Store::new(db);
-    let submitter = jobs::current_user();
-    if let Some(path) = each {
-        let reader: Box<dyn std::io::BufRead> = if path.as_os_str() == "-" {
-            Box::new(std::io::BufReader::new(std::io::stdin()))
-        } else {
-            Box::new(std::io::BufReader::new(
-                std::fs::File::open(&path)
-                    .map_err(|e| usage(format!("--each {}: {e}", path.display())))?,
-            ))
-        };
-        // Every line is checked before any job is submitted.
-        let mut batch = Vec::new();
-        for (n, line) in std::io::BufRead::lines(reader).enumerate() {
-            let line = line?;
-            if line.trim().is_empty() {
-                continue;
-            }
-            let at = || format!("--each {} line {}", path.display(), n + 1);
-            let serde_json::Value::Object(extra) =
-                serde_json::from_str(&line).map_err(|e| usage(format!("{}: {e}", at())))?
-            else {
-                return Err(usage(format!("{}: not a JSON object", at())));
-            };
-            let mut args = job_args.clone();
-            args.extend(extra);
-            task.check_args(&args)
-                .map_err(|e| usage(format!("{}: {e}", at())))?;
-            batch.push(NewJob {
-                task: task.name.clone(),
-                args,
-                queue: task.queue.clone(),
-                priority,
-                max_attempts: task.max_attempts,
-                run_at_ms,
-                unique_key: None,
-                submitter: submitter.clone(),
-                notify: email.clone(),
-            });
+    let client = jobs::client::Client::from_config(&registry.settings)?;
+    let base = SubmitRequest {
+        task: name.clone(),
+        args: collect_args(&pairs, args_json.as_ref())?,
+        unique_key: unique_key.clone(),
+        run_at,
+        priority,
+        email,
+    };
+    // Checked here when the registry is ours; a remote server checks its own.
+    let local_registry = client.is_none().then_some(&registry);
+    if let Some(r) = local_registry {
+        if each.is_none() {
+            r.new_job(&base, "").map_err(usage)?;
         }
-        let ids = store.submit_many(&batch).await?;
+        if let Some(to) = &base.email {
+            jobs::notify::Notifier::check(&ctx.config, to)?;
+        }
+    }
+    let batch = each
+        .as_ref()
+        .map(|p| each_requests(p, &base, local_registry))
+        .transpose()?;
+    let target = if let Some(c) = client {
+        Target::Remote(c)
+    } else {
+        let db = labrelay::db::Db::open_state(&ctx.config).await?;
+        Target::Local(Store::new(db), Box::new(registry))
+    };
+    if let Some(batch) = batch {
+        let ids = match &target {
+            Target::Local(store, registry) => {
+                let user = jobs::current_user();
+                let jobs = batch
+                    .iter()
+                    .map(|r| registry.new_job(r, &user).map_err(usage))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                store.submit_many(&jobs).await?
+            }
+            Target::Remote(_) => {
+                let mut ids = Vec::with_capacity(batch.len());
+                for r in &batch {
+                    ids.push(target.submit(r).await?.0);
+                }
+                ids
+            }
+        };
         for id in ids {
             ctx.out.emit(
                 "submitted",
@@ -205,65 +266,47 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
         }
         return Ok(Exit::Ok);
     }
-    let (id, created) = store
-        .submit(&NewJob {
-            task: task.name.clone(),
-            args: job_args,
-            queue: task.queue.clone(),
-            priority,
-            max_attempts: task.max_attempts,
-            run_at_ms,
-            unique_key: unique_key.clone(),
-            submitter,
-            notify: email,
-        })
-        .await?;
+    let (id, created) = target.submit(&base).await?;
     if !wait {
+        if !created {
+            tracing::info!(
+                "unique key {} was used by job {id}: not submitted again",
+                unique_key.as_deref().unwrap_or("")
+            );
+        }
         ctx.out.emit(
             "submitted",
             &serde_json::json!({"id": id, "task": name, "created": created}),
-            || {
-                if created {
-                    id.to_string()
-                } else {
-                    tracing::info!(
-                        "unique key {} was used by job {id}: not submitted again",
-                        unique_key.as_deref().unwrap_or("")
-                    );
-                    id.to_string()
-                }
-            },
+            || id.to_string(),
         )?;
         return Ok(Exit::Ok);
     }
     let deadline = timeout.map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
     let mut pause = Duration::from_millis(50);
-    let job = loop {
-        let j = store.get(id).await?.ok_or(JobError::NoSuchJob(id))?;
-        if !matches!(j.state.as_str(), store::QUEUED | store::RUNNING) {
-            break j;
+    let record = loop {
+        if let Some(r) = target.finished(id).await? {
+            break r;
         }
         if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
-            return Err(JobError::NotFinished { id, state: j.state }.into());
+            return Err(JobError::NotFinished {
+                id,
+                state: "not finished".into(),
+            }
+            .into());
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(1));
     };
-    let record = serde_json::json!({
-        "id": job.id,
-        "state": job.state,
-        "exit_code": job.exit_code,
-        "result": job.result,
-        "stdout": job.stdout,
-        "stderr": job.stderr,
-        "error": job.error,
-    });
-    ctx.out.emit("result", &record, || match &job.result {
-        Some(r) => r.to_string(),
-        None => job.stdout.clone().unwrap_or_default().trim_end().to_owned(),
-    })?;
-    if job.state != store::SUCCEEDED {
-        tracing::warn!(job = id, state = %job.state, error = job.error.as_deref().unwrap_or(""), "the job did not succeed");
+    ctx.out
+        .emit("result", &record, || store::result_text(&record))?;
+    let state = record["state"].as_str().unwrap_or_default();
+    if state != store::SUCCEEDED {
+        tracing::warn!(
+            job = id,
+            state,
+            error = record["error"].as_str().unwrap_or(""),
+            "the job did not succeed"
+        );
         return Ok(Exit::Failed);
     }
     Ok(Exit::Ok)

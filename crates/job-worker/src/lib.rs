@@ -6,11 +6,13 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use jobs::Registry;
 use jobs::store::{self, Cancelled, ListFilter, Store};
 use jobs::worker::{self, WorkerOptions};
-use jobs::{Job, Registry};
 use labrelay::cli::{Context, GlobalArgs, ToolArgs};
 use labrelay::exit::Exit;
+
+pub mod serve;
 
 /// Run registered tasks from the job queue, and administer jobs
 ///
@@ -24,7 +26,8 @@ use labrelay::exit::Exit;
   job-worker list --state dead --json
   job-worker status 42
   job-worker result 42 > out.json
-  job-worker cancel 42"))]
+  job-worker cancel 42
+  job-worker serve --listen 127.0.0.1:8080  # the signed HTTP API"))]
 pub struct Args {
     /// What to do
     #[command(subcommand)]
@@ -100,6 +103,12 @@ pub enum Command {
     Tasks,
     /// Per queue: queued, running, dead, age of the oldest ready job
     Stats,
+    /// Serve the HTTP API (signed requests; docs/job-worker.md) until SIGTERM
+    Serve {
+        /// Address to listen on (default [jobs] listen, 127.0.0.1:8080; port 0 picks one)
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: Option<String>,
+    },
 }
 
 impl ToolArgs for Args {
@@ -144,6 +153,27 @@ fn no_such(id: i64) -> anyhow::Error {
 /// Run the tool.
 pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
     match args.command {
+        Command::Serve { listen } => {
+            let (store, registry) = open(&ctx).await?;
+            let listen = listen.unwrap_or_else(|| registry.settings.listen.clone());
+            let state = serve::ApiState::new(store, registry, ctx.config.mail.from.clone())?;
+            let out = &ctx.out;
+            serve::serve(
+                Arc::new(state),
+                &listen,
+                |addr| {
+                    tracing::info!(%addr, "serving the job API");
+                    Ok(out.emit(
+                        "listening",
+                        &serde_json::json!({"listen": addr.to_string()}),
+                        || format!("listening on http://{addr}"),
+                    )?)
+                },
+                labrelay::cli::shutdown_signal(),
+            )
+            .await?;
+            Ok(Exit::Ok)
+        }
         Command::Run {
             queues,
             concurrency,
@@ -244,7 +274,7 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
                 })
                 .await?;
             for j in &jobs {
-                ctx.out.emit("job", &summary(j), || {
+                ctx.out.emit("job", &j.summary(), || {
                     format!(
                         "{:>8}  {:<10} {:<20} {:<10} attempt {}/{}  {}",
                         j.id,
@@ -262,7 +292,7 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
         Command::Status { id } => {
             let (store, _) = open(&ctx).await?;
             let j = store.get(id).await?.ok_or_else(|| no_such(id))?;
-            ctx.out.emit("job", &summary(&j), || {
+            ctx.out.emit("job", &j.summary(), || {
                 let mut t = format!(
                     "job {}: {}\ntask: {} {}\nqueue: {} (priority {})\nattempt: {} of {}\nsubmitter: {}\nsubmitted: {}\nstarted: {}\nfinished: {}",
                     j.id,
@@ -300,22 +330,12 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
         Command::Result { id } => {
             let (store, _) = open(&ctx).await?;
             let j = store.get(id).await?.ok_or_else(|| no_such(id))?;
-            if matches!(j.state.as_str(), store::QUEUED | store::RUNNING) {
+            if !j.is_finished() {
                 return Err(jobs::JobError::NotFinished { id, state: j.state }.into());
             }
-            let record = serde_json::json!({
-                "id": j.id,
-                "state": j.state,
-                "exit_code": j.exit_code,
-                "result": j.result,
-                "stdout": j.stdout,
-                "stderr": j.stderr,
-                "error": j.error,
-            });
-            ctx.out.emit("result", &record, || match &j.result {
-                Some(r) => r.to_string(),
-                None => j.stdout.clone().unwrap_or_default().trim_end().to_owned(),
-            })?;
+            let record = j.result_record();
+            ctx.out
+                .emit("result", &record, || store::result_text(&record))?;
             Ok(if j.state == store::SUCCEEDED {
                 Exit::Ok
             } else {
@@ -403,14 +423,4 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
             Ok(Exit::Ok)
         }
     }
-}
-
-/// A job without its (possibly large) output.
-fn summary(j: &Job) -> serde_json::Value {
-    let mut v = serde_json::to_value(j).unwrap_or_default();
-    if let Some(o) = v.as_object_mut() {
-        o.remove("stdout");
-        o.remove("stderr");
-    }
-    v
 }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use labrelay::config::{Config, ConfigError};
+use labrelay::secret::SecretSpec;
 use serde::Deserialize;
 
 /// The name of the built-in task that runs no process (health checks, benchmarks).
@@ -31,6 +32,27 @@ pub struct JobsConfig {
     pub timeout_secs: u64,
     /// Queue of tasks without `queue`.
     pub queue: String,
+    /// `job-worker serve`: the address to listen on.
+    pub listen: String,
+    /// `code-submit`: submit through this `job-worker serve` instead of the database.
+    pub api_url: Option<String>,
+    /// `code-submit` with `api_url`: who signs (default: the login name).
+    pub api_user: Option<String>,
+    /// `code-submit` with `api_url`: the user's signing key (`env:NAME`, `file:PATH`).
+    pub api_key: Option<SecretSpec>,
+    /// `job-worker serve`: the API users, `[jobs.users.NAME] key = ..., admin = false`.
+    pub users: BTreeMap<String, ApiUser>,
+}
+
+/// `[jobs.users.NAME]`: one user of the HTTP API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiUser {
+    /// The user's signing key (`env:NAME`, `file:PATH`; at least 16 characters).
+    pub key: SecretSpec,
+    /// Sees and cancels every job, not only its own.
+    #[serde(default)]
+    pub admin: bool,
 }
 
 impl Default for JobsConfig {
@@ -44,6 +66,11 @@ impl Default for JobsConfig {
             max_attempts: 3,
             timeout_secs: 3600,
             queue: "default".into(),
+            listen: "127.0.0.1:8080".into(),
+            api_url: None,
+            api_user: None,
+            api_key: None,
+            users: BTreeMap::new(),
         }
     }
 }
@@ -282,6 +309,26 @@ impl Registry {
                 ),
             ));
         }
+        for name in settings.users.keys() {
+            if !crate::api::is_user_name(name) {
+                return Err(invalid(
+                    &format!("jobs.users.{name}"),
+                    "a user name is 1 to 64 of A-Z a-z 0-9 . _ @ -".into(),
+                ));
+            }
+        }
+        if let Some(url) = &settings.api_url {
+            match url::Url::parse(url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                Ok(_) => {
+                    return Err(invalid(
+                        "jobs.api_url",
+                        format!("`{url}`: only http and https"),
+                    ));
+                }
+                Err(e) => return Err(invalid("jobs.api_url", format!("`{url}`: {e}"))),
+            }
+        }
         let raw: BTreeMap<String, RawTask> = config.section("tasks")?.unwrap_or_default();
         let mut tasks = BTreeMap::new();
         let mut schedules = Vec::new();
@@ -424,6 +471,44 @@ impl Registry {
             settings,
             tasks,
             schedules,
+        })
+    }
+
+    /// A checked job for a submission: the task is registered, its arguments fit and
+    /// `run_at` is RFC 3339. The error says what is wrong (a usage error).
+    pub fn new_job(
+        &self,
+        req: &crate::api::SubmitRequest,
+        submitter: &str,
+    ) -> Result<crate::NewJob, String> {
+        let task = self.task(&req.task)?;
+        task.check_args(&req.args)?;
+        let run_at_ms = req
+            .run_at
+            .as_deref()
+            .map(|t| {
+                chrono::DateTime::parse_from_rfc3339(t)
+                    .map(|d| d.timestamp_millis())
+                    .map_err(|e| {
+                        format!("run_at {t}: {e} (use RFC 3339, e.g. 2026-12-01T03:00:00Z)")
+                    })
+            })
+            .transpose()?;
+        if let Some(k) = &req.unique_key
+            && (k.is_empty() || k.len() > 200)
+        {
+            return Err("a unique key is 1 to 200 characters".into());
+        }
+        Ok(crate::NewJob {
+            task: task.name.clone(),
+            args: req.args.clone(),
+            queue: task.queue.clone(),
+            priority: req.priority,
+            max_attempts: task.max_attempts,
+            run_at_ms,
+            unique_key: req.unique_key.clone(),
+            submitter: submitter.to_owned(),
+            notify: req.email.clone(),
         })
     }
 

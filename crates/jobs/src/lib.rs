@@ -10,7 +10,11 @@
 //! - [`worker`]: the loop that claims, runs with heartbeats, records and shuts down
 //!   gracefully.
 //! - [`notify`]: the outcome mail to the address given at submission.
+//! - [`api`]: the signed requests of `job-worker serve` (the server lives in
+//!   `job-worker`); [`client`]: `code-submit`'s side of them.
 
+pub mod api;
+pub mod client;
 pub mod config;
 pub mod notify;
 pub mod runner;

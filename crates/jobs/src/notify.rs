@@ -32,17 +32,7 @@ impl Notifier {
 
     /// Check at submission that an outcome mail can be sent and addressed.
     pub fn check(config: &Config, to: &str) -> Result<(), anyhow::Error> {
-        let Some(from) = &config.mail.from else {
-            return Err(ConfigError::Missing(
-                "[mail] from (the address job outcomes are mailed from)".into(),
-            )
-            .into());
-        };
-        OutgoingMail::new(from.clone())
-            .to(to)
-            .build()
-            .map_err(|e| labrelay::exit::usage(format!("--email {to}: {e}")))?;
-        Ok(())
+        check_address(config.mail.from.as_deref(), to)
     }
 
     /// The mail for `job`'s outcome.
@@ -117,4 +107,20 @@ impl Notifier {
         }
         Ok(sent)
     }
+}
+
+/// Whether outcome mail can go to `to` from `from` (`[mail] from`): a missing sender is a
+/// configuration error, a bad address a usage error.
+pub fn check_address(from: Option<&str>, to: &str) -> Result<(), anyhow::Error> {
+    let Some(from) = from else {
+        return Err(ConfigError::Missing(
+            "[mail] from (the address job outcomes are mailed from)".into(),
+        )
+        .into());
+    };
+    OutgoingMail::new(from.to_owned())
+        .to(to)
+        .build()
+        .map_err(|e| labrelay::exit::usage(format!("--email {to}: {e}")))?;
+    Ok(())
 }

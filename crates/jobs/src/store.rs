@@ -83,6 +83,50 @@ pub struct Job {
     pub duration_ms: Option<i64>,
 }
 
+impl Job {
+    /// Whether the job has ended (no result will change).
+    pub fn is_finished(&self) -> bool {
+        !matches!(self.state.as_str(), QUEUED | RUNNING)
+    }
+
+    /// The job without its (possibly large) output, as `status` and `list` show it.
+    pub fn summary(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).unwrap_or_default();
+        if let Some(o) = v.as_object_mut() {
+            o.remove("stdout");
+            o.remove("stderr");
+        }
+        v
+    }
+
+    /// The outcome, as `result` shows it.
+    pub fn result_record(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id,
+            "state": self.state,
+            "exit_code": self.exit_code,
+            "result": self.result,
+            "stdout": self.stdout,
+            "stderr": self.stderr,
+            "error": self.error,
+        })
+    }
+}
+
+/// The text form of a result record: the task's JSON result when it printed one,
+/// otherwise its stdout.
+pub fn result_text(record: &serde_json::Value) -> String {
+    match record.get("result") {
+        Some(r) if !r.is_null() => r.to_string(),
+        _ => record
+            .get("stdout")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+            .trim_end()
+            .to_owned(),
+    }
+}
+
 const COLUMNS: &str = "id, task, args, queue, priority, state, attempt, max_attempts, run_at_ms, \
     unique_key, submitter, notify, worker, lease_until_ms, created_ms, started_ms, finished_ms, \
     exit_code, term_signal, stdout, stderr, result, error, duration_ms";
@@ -205,6 +249,8 @@ pub struct Store {
     db: Db,
     /// When expired last attempts were last looked for (ms).
     buried_at: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    /// When expired API nonces were last deleted (ms).
+    nonces_pruned_at: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl Store {
@@ -213,6 +259,7 @@ impl Store {
         Store {
             db,
             buried_at: std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0)),
+            nonces_pruned_at: std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0)),
         }
     }
 
@@ -234,6 +281,62 @@ impl Store {
             .map(decode)
             .collect::<Result<_, _>>()
             .map_err(|e| self.err(e))
+    }
+
+    /// Record the nonce of a signed API request until `expires_ms`; false when the same
+    /// user's nonce is already recorded (a replay). Expired nonces are deleted now and
+    /// then on the way.
+    pub async fn use_nonce(
+        &self,
+        user: &str,
+        nonce: &str,
+        expires_ms: i64,
+    ) -> anyhow::Result<bool> {
+        let now = now_ms();
+        let last = self
+            .nonces_pruned_at
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if now - last >= 10_000
+            && self
+                .nonces_pruned_at
+                .compare_exchange(
+                    last,
+                    now,
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            sqlx::query(&format!(
+                "DELETE FROM labrelay_api_nonces WHERE expires_ms < {}",
+                self.p(1)
+            ))
+            .bind(now)
+            .execute(self.db.pool())
+            .await
+            .map_err(|e| self.err(e))?;
+        }
+        let inserted = sqlx::query(&format!(
+            "INSERT INTO labrelay_api_nonces (user_name, nonce, expires_ms) VALUES ({}, {}, {})",
+            self.p(1),
+            self.p(2),
+            self.p(3)
+        ))
+        .bind(user.to_owned())
+        .bind(nonce.to_owned())
+        .bind(expires_ms)
+        .execute(self.db.pool())
+        .await;
+        match inserted {
+            Ok(_) => Ok(true),
+            Err(e)
+                if e.as_database_error()
+                    .is_some_and(sqlx::error::DatabaseError::is_unique_violation) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(self.err(e)),
+        }
     }
 
     /// Insert a job; with a unique key already used, return the existing job's id.

@@ -355,6 +355,20 @@ async fn contract(engine: Engine) {
         .await
         .unwrap();
     assert!(mine.is_empty());
+    // API nonces: once per user, another user may use the same value.
+    let until = store::now_ms() + 61_000;
+    assert!(
+        s.use_nonce("alice", "0123456789abcdef", until)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.use_nonce("alice", "0123456789abcdef", until)
+            .await
+            .unwrap(),
+        "a replay"
+    );
+    assert!(s.use_nonce("bob", "0123456789abcdef", until).await.unwrap());
     fresh.drop().await;
 }
 

@@ -22,6 +22,7 @@ pub mod queue;
 pub mod retry;
 pub mod schedule;
 pub mod secret;
+pub mod sign;
 pub mod ssh;
 pub mod storage;
 

@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 
-use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
@@ -153,24 +152,12 @@ impl Event {
 
 /// Sign a body with a site's key: hex HMAC-SHA256.
 pub fn sign(key: &[u8], body: &[u8]) -> String {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| {
-        // HMAC takes keys of any length; this cannot fail.
-        unreachable!("HMAC accepts every key length")
-    });
-    mac.update(body);
-    hex::encode(mac.finalize().into_bytes())
+    labrelay::sign::hmac_sha256_hex(key, body)
 }
 
 /// Check a body's signature in constant time.
 pub fn verify(key: &[u8], body: &[u8], signature_hex: &str) -> bool {
-    let Ok(sig) = hex::decode(signature_hex.trim()) else {
-        return false;
-    };
-    let Ok(mut mac) = <Hmac<Sha256> as Mac>::new_from_slice(key) else {
-        return false;
-    };
-    mac.update(body);
-    mac.verify_slice(&sig).is_ok()
+    labrelay::sign::verify_hmac_sha256(key, body, signature_hex)
 }
 
 /// The uuid of an object created at `site` with local key `key`: derived, so that every

@@ -1,0 +1,545 @@
+//! `job-worker serve`: the HTTP API (submit, status, result, cancel, list, tasks) over
+//! the job table, with signed requests (`jobs::api`), the OpenAPI document at
+//! `/openapi.json` and Prometheus text at `/metrics`.
+//!
+//! Every `/v1/` request is authenticated before its handler runs: the signature covers
+//! method, path, query, body hash, timestamp and nonce; the timestamp must be within
+//! ±60 s of this clock; the nonce is recorded in the state database, so a replay is
+//! refused by every serve process that shares it. A user sees and cancels only the
+//! jobs it submitted (another user's job is "not found"); an admin sees all.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{MatchedPath, Path, RawQuery, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use jobs::api::{self, SubmitRequest, Submitted};
+use jobs::store::{Cancelled, ListFilter, STATES};
+use jobs::{Registry, Store};
+use labrelay::config::ConfigError;
+use labrelay::secret::Secret;
+
+/// The OpenAPI document, kept in docs/ and served as is.
+pub const OPENAPI: &str = include_str!("../../../docs/job-worker-api.json");
+
+/// Request bodies larger than this are refused (413).
+const MAX_BODY: usize = 1 << 20;
+
+/// Most jobs one list request returns.
+const MAX_LIST: i64 = 1000;
+
+struct User {
+    key: Secret,
+    admin: bool,
+}
+
+/// Who made an authenticated request.
+#[derive(Debug, Clone)]
+struct Caller {
+    name: String,
+    admin: bool,
+}
+
+#[derive(Default)]
+struct Metrics {
+    /// (method, route, status) → count.
+    requests: Mutex<BTreeMap<(String, String, u16), u64>>,
+    /// reason → count.
+    refused: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+/// Everything a handler needs.
+pub struct ApiState {
+    store: Store,
+    registry: Arc<Registry>,
+    users: BTreeMap<String, User>,
+    mail_from: Option<String>,
+    metrics: Metrics,
+}
+
+impl ApiState {
+    /// The API over `store`, with the users of `[jobs.users]` (keys resolved now: a
+    /// missing or short key is a configuration error, as is having no user at all).
+    pub fn new(
+        store: Store,
+        registry: Arc<Registry>,
+        mail_from: Option<String>,
+    ) -> Result<ApiState, ConfigError> {
+        let mut users = BTreeMap::new();
+        for (name, u) in &registry.settings.users {
+            let key = u.key.resolve().map_err(|e| ConfigError::Invalid {
+                key: format!("jobs.users.{name}.key"),
+                message: e.to_string(),
+            })?;
+            if key.expose().len() < api::MIN_KEY_LEN {
+                return Err(ConfigError::Invalid {
+                    key: format!("jobs.users.{name}.key"),
+                    message: format!("at least {} characters", api::MIN_KEY_LEN),
+                });
+            }
+            users.insert(
+                name.clone(),
+                User {
+                    key,
+                    admin: u.admin,
+                },
+            );
+        }
+        if users.is_empty() {
+            return Err(ConfigError::Missing(
+                "[jobs.users.NAME] key = \"env:...\" (nobody could use the API)".into(),
+            ));
+        }
+        Ok(ApiState {
+            store,
+            registry,
+            users,
+            mail_from,
+            metrics: Metrics::default(),
+        })
+    }
+}
+
+/// An error answer: a status and `{"error": message, ...extra}`.
+struct ApiErr {
+    status: StatusCode,
+    body: serde_json::Value,
+}
+
+impl ApiErr {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiErr {
+        ApiErr {
+            status,
+            body: serde_json::json!({ "error": message.into() }),
+        }
+    }
+
+    fn with(mut self, key: &str, value: impl serde::Serialize) -> ApiErr {
+        if let Some(o) = self.body.as_object_mut() {
+            o.insert(key.into(), serde_json::to_value(value).unwrap_or_default());
+        }
+        self
+    }
+}
+
+impl IntoResponse for ApiErr {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, Json(self.body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(api::SCHEME),
+            );
+        }
+        r
+    }
+}
+
+/// A state database failure: 503, so clients retry; the detail goes to the log.
+fn unavailable(e: &anyhow::Error) -> ApiErr {
+    tracing::warn!(error = %labrelay::secret::scrub(&format!("{e:#}")), "state database");
+    ApiErr::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the state database is not available; try again",
+    )
+}
+
+fn bad(message: impl Into<String>) -> ApiErr {
+    ApiErr::new(StatusCode::BAD_REQUEST, message)
+}
+
+fn not_found(id: &str) -> ApiErr {
+    ApiErr::new(StatusCode::NOT_FOUND, format!("no such job: {id}"))
+}
+
+/// The router (for `serve` and for tests).
+pub fn router(state: Arc<ApiState>) -> Router {
+    let v1 = Router::new()
+        .route("/v1/tasks", get(tasks))
+        .route("/v1/jobs", post(submit).get(list))
+        .route("/v1/jobs/{id}", get(status))
+        .route("/v1/jobs/{id}/result", get(result))
+        .route("/v1/jobs/{id}/cancel", post(cancel))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    Router::new()
+        .route("/openapi.json", get(openapi))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(health))
+        .merge(v1)
+        .route_layer(middleware::from_fn_with_state(state.clone(), count))
+        .fallback(|| async { ApiErr::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .with_state(state)
+}
+
+/// Count every routed request by method, route and status.
+async fn count(State(st): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
+    let method = req.method().to_string();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(String::new, |p| p.as_str().to_owned());
+    let resp = next.run(req).await;
+    let key = (method, route, resp.status().as_u16());
+    if let Ok(mut m) = st.metrics.requests.lock() {
+        *m.entry(key).or_default() += 1;
+    }
+    resp
+}
+
+/// Check the signature, the clock window and the nonce; hand the handler the caller.
+async fn authenticate(State(st): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
+    match check(&st, req).await {
+        Ok(req) => next.run(req).await,
+        Err((reason, e)) => {
+            if let Ok(mut m) = st.metrics.refused.lock() {
+                *m.entry(reason).or_default() += 1;
+            }
+            e.into_response()
+        }
+    }
+}
+
+async fn check(st: &ApiState, req: Request) -> Result<Request, (&'static str, ApiErr)> {
+    let refuse = |reason: &'static str, message: &str| {
+        (reason, ApiErr::new(StatusCode::UNAUTHORIZED, message))
+    };
+    let (parts, body) = req.into_parts();
+    let value = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| {
+            refuse(
+                "missing",
+                "no Authorization header: sign requests with LABRELAY-HMAC-SHA256",
+            )
+        })?
+        .to_str()
+        .map_err(|_| refuse("malformed", "the Authorization header is not ASCII"))?;
+    let creds = api::parse_authorization(value).map_err(|m| refuse("malformed", m))?;
+    let now = chrono::Utc::now().timestamp();
+    if creds.ts < now - api::WINDOW_SECS {
+        return Err(refuse(
+            "expired",
+            "the signature has expired (ts is more than 60 s old; check the clock)",
+        ));
+    }
+    if creds.ts > now + api::WINDOW_SECS {
+        return Err(refuse(
+            "future",
+            "the signature is dated more than 60 s ahead (check the clock)",
+        ));
+    }
+    let bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
+        (
+            "too_large",
+            ApiErr::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the request body is over {MAX_BODY} bytes"),
+            ),
+        )
+    })?;
+    // One answer for an unknown user and a wrong signature: no user enumeration.
+    let signed = st.users.get(&creds.user).is_some_and(|u| {
+        api::verify(
+            &u.key,
+            &creds,
+            &api::Target {
+                method: parts.method.as_str(),
+                path: parts.uri.path(),
+                query: parts.uri.query().unwrap_or(""),
+                body: &bytes,
+            },
+        )
+    });
+    if !signed {
+        return Err(refuse("signature", "unknown user or wrong signature"));
+    }
+    let fresh = st
+        .store
+        .use_nonce(
+            &creds.user,
+            &creds.nonce,
+            (creds.ts + api::WINDOW_SECS + 1) * 1000,
+        )
+        .await
+        .map_err(|e| ("unavailable", unavailable(&e)))?;
+    if !fresh {
+        return Err(refuse(
+            "replayed",
+            "this nonce was used already: a replayed request",
+        ));
+    }
+    let admin = st.users.get(&creds.user).is_some_and(|u| u.admin);
+    let mut req = Request::from_parts(parts, Body::from(bytes));
+    req.extensions_mut().insert(Caller {
+        name: creds.user,
+        admin,
+    });
+    Ok(req)
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn health(State(st): State<Arc<ApiState>>) -> Result<Json<serde_json::Value>, ApiErr> {
+    // The per-queue counts: one cheap query that proves the database answers.
+    st.store.stats().await.map_err(|e| unavailable(&e))?;
+    Ok(Json(serde_json::json!({ "ok": true })))
+}
+
+async fn tasks(State(st): State<Arc<ApiState>>) -> Json<Vec<serde_json::Value>> {
+    Json(
+        st.registry
+            .tasks
+            .values()
+            .map(|t| {
+                serde_json::json!({
+                    "name": t.name,
+                    "description": t.description,
+                    "queue": t.queue,
+                    "params": t.params,
+                    "args_on_stdin": t.args_on_stdin,
+                    "max_attempts": t.max_attempts,
+                    "timeout_secs": t.timeout_secs,
+                    "schedule": t.schedule,
+                })
+            })
+            .collect(),
+    )
+}
+
+async fn submit(
+    State(st): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Result<Response, ApiErr> {
+    let req: SubmitRequest =
+        serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
+    let job = st.registry.new_job(&req, &caller.name).map_err(bad)?;
+    if let Some(to) = &req.email {
+        jobs::notify::check_address(st.mail_from.as_deref(), to)
+            .map_err(|e| bad(format!("email: {e}")))?;
+    }
+    let (id, created) = st.store.submit(&job).await.map_err(|e| unavailable(&e))?;
+    if !created {
+        let first = st.store.get(id).await.map_err(|e| unavailable(&e))?;
+        if first.is_none_or(|j| j.submitter != caller.name && !caller.admin) {
+            return Err(ApiErr::new(
+                StatusCode::CONFLICT,
+                "this unique key is taken by another user's job",
+            ));
+        }
+    }
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(Submitted {
+            id,
+            task: job.task,
+            created,
+        }),
+    )
+        .into_response())
+}
+
+/// The job `id` if the caller may see it.
+async fn visible(st: &ApiState, caller: &Caller, id: &str) -> Result<jobs::Job, ApiErr> {
+    let n: i64 = id.parse().map_err(|_| not_found(id))?;
+    match st.store.get(n).await.map_err(|e| unavailable(&e))? {
+        Some(j) if caller.admin || j.submitter == caller.name => Ok(j),
+        _ => Err(not_found(id)),
+    }
+}
+
+async fn status(
+    State(st): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiErr> {
+    Ok(Json(visible(&st, &caller, &id).await?.summary()))
+}
+
+async fn result(
+    State(st): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiErr> {
+    let j = visible(&st, &caller, &id).await?;
+    if !j.is_finished() {
+        return Err(ApiErr::new(
+            StatusCode::CONFLICT,
+            format!("job {} is {}: no result yet", j.id, j.state),
+        )
+        .with("id", j.id)
+        .with("state", &j.state));
+    }
+    Ok(Json(j.result_record()))
+}
+
+async fn cancel(
+    State(st): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiErr> {
+    let j = visible(&st, &caller, &id).await?;
+    let done = st
+        .store
+        .cancel(j.id, &caller.name)
+        .await
+        .map_err(|e| unavailable(&e))?
+        .ok_or_else(|| not_found(&id))?;
+    if done == Cancelled::AlreadyFinished {
+        return Err(ApiErr::new(
+            StatusCode::CONFLICT,
+            format!("job {} had already finished; nothing changed", j.id),
+        )
+        .with("id", j.id)
+        .with("outcome", done));
+    }
+    Ok(Json(serde_json::json!({ "id": j.id, "outcome": done })))
+}
+
+async fn list(
+    State(st): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Vec<serde_json::Value>>, ApiErr> {
+    let mut filter = ListFilter {
+        state: None,
+        submitter: None,
+        limit: 100,
+    };
+    for (k, v) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match k.as_ref() {
+            "state" if STATES.contains(&v.as_ref()) => filter.state = Some(v.into_owned()),
+            "state" => {
+                return Err(bad(format!(
+                    "state {v}: not a state (one of {})",
+                    STATES.join(", ")
+                )));
+            }
+            "submitter" => filter.submitter = Some(v.into_owned()),
+            "limit" => {
+                filter.limit = v
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|n| (1..=MAX_LIST).contains(n))
+                    .ok_or_else(|| bad(format!("limit {v}: a number from 1 to {MAX_LIST}")))?;
+            }
+            other => {
+                return Err(bad(format!(
+                    "unknown query parameter `{other}` (state, submitter, limit)"
+                )));
+            }
+        }
+    }
+    if !caller.admin {
+        match &filter.submitter {
+            Some(s) if *s != caller.name => return Ok(Json(Vec::new())),
+            _ => filter.submitter = Some(caller.name.clone()),
+        }
+    }
+    let jobs = st.store.list(&filter).await.map_err(|e| unavailable(&e))?;
+    Ok(Json(jobs.iter().map(jobs::Job::summary).collect()))
+}
+
+/// Prometheus text: request and refusal counters, jobs per queue and state.
+async fn metrics(State(st): State<Arc<ApiState>>) -> Response {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    out.push_str("# HELP labrelay_api_requests_total API requests by method, route and status.\n# TYPE labrelay_api_requests_total counter\n");
+    if let Ok(m) = st.metrics.requests.lock() {
+        for ((method, route, status), n) in m.iter() {
+            let _ = writeln!(
+                out,
+                "labrelay_api_requests_total{{method=\"{method}\",route=\"{}\",status=\"{status}\"}} {n}",
+                escape(route)
+            );
+        }
+    }
+    out.push_str("# HELP labrelay_api_refused_total Requests refused before a handler ran, by reason.\n# TYPE labrelay_api_refused_total counter\n");
+    if let Ok(m) = st.metrics.refused.lock() {
+        for (reason, n) in m.iter() {
+            let _ = writeln!(out, "labrelay_api_refused_total{{reason=\"{reason}\"}} {n}");
+        }
+    }
+    match st.store.stats().await {
+        Ok(stats) => {
+            out.push_str("# HELP labrelay_jobs Jobs per queue and state (queued, running, dead).\n# TYPE labrelay_jobs gauge\n");
+            for (queue, s) in &stats {
+                let q = escape(queue);
+                for (state, n) in [
+                    ("queued", s.queued),
+                    ("running", s.running),
+                    ("dead", s.dead),
+                ] {
+                    let _ = writeln!(out, "labrelay_jobs{{queue=\"{q}\",state=\"{state}\"}} {n}");
+                }
+            }
+            out.push_str("# HELP labrelay_jobs_oldest_ready_seconds Age of the oldest job ready to run, per queue.\n# TYPE labrelay_jobs_oldest_ready_seconds gauge\n");
+            for (queue, s) in &stats {
+                let age = s.oldest_ready_ms.unwrap_or(0) as f64 / 1000.0;
+                let _ = writeln!(
+                    out,
+                    "labrelay_jobs_oldest_ready_seconds{{queue=\"{}\"}} {age}",
+                    escape(queue)
+                );
+            }
+            out.push_str("# HELP labrelay_state_database_up Whether the state database answered.\n# TYPE labrelay_state_database_up gauge\nlabrelay_state_database_up 1\n");
+        }
+        Err(e) => {
+            tracing::warn!(error = %labrelay::secret::scrub(&format!("{e:#}")), "metrics: state database");
+            out.push_str("# HELP labrelay_state_database_up Whether the state database answered.\n# TYPE labrelay_state_database_up gauge\nlabrelay_state_database_up 0\n");
+        }
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
+}
+
+/// A Prometheus label value: backslash, quote and newline escaped.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Serve until `shutdown` resolves; `bound` is told the address once listening.
+pub async fn serve(
+    state: Arc<ApiState>,
+    listen: &str,
+    bound: impl FnOnce(std::net::SocketAddr) -> anyhow::Result<()>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            anyhow::Error::from(e).context(format!("listen {listen}"))
+        } else {
+            ConfigError::Invalid {
+                key: "jobs.listen".into(),
+                message: format!("`{listen}`: {e}"),
+            }
+            .into()
+        }
+    })?;
+    bound(listener.local_addr()?)?;
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,684 @@
+//! `job-worker serve` end to end over real HTTP: signed requests (valid, expired,
+//! future-dated, replayed, forged, body altered), users who may only see their own
+//! jobs, the OpenAPI document, /metrics, configuration errors, and `code-submit` talking
+//! to a remote server through `[jobs] api_url`.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use jobs::api;
+use labrelay::secret::Secret;
+
+const BIN: &str = env!("CARGO_BIN_EXE_job-worker");
+const ALICE: &str = "alice-key-0123456789";
+const BOB: &str = "bob-key-9876543210";
+const ROOT: &str = "root-key-5555555555";
+
+static SUBMIT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let path = Path::new(BIN).with_file_name("code-submit");
+    assert!(
+        path.exists(),
+        "{} is missing: cargo build -p code-submit",
+        path.display()
+    );
+    path.to_string_lossy().into_owned()
+});
+
+/// A configured home and, once started, its server.
+struct Api {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    server: Option<Child>,
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.server.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Api {
+    /// A home on `state_url` (None: SQLite in the home) with alice, bob and an admin.
+    fn home(state_url: Option<String>, extra: &str) -> Api {
+        let dir = test_support::tempdir();
+        let state_url = state_url.unwrap_or_else(|| {
+            format!(
+                "sqlite://{}?mode=rwc",
+                dir.path().join("state.db").display()
+            )
+        });
+        let queue = test_support::unique("q").replace('-', "_").to_lowercase();
+        let toml = format!(
+            r#"[paths]
+data_dir = "{data}"
+
+[state]
+url = "{state_url}"
+
+[jobs]
+lease_secs = 3
+heartbeat_secs = 1
+poll_ms = 100
+queue = "{queue}"
+
+[jobs.users.alice]
+key = "env:ALICE_KEY"
+
+[jobs.users.bob]
+key = "env:BOB_KEY"
+
+[jobs.users.root]
+key = "env:ROOT_KEY"
+admin = true
+
+[tasks.echo]
+command = ["printf", "%s\n{{{{\"sample\": \"%s\"}}}}\n", "{{sample}}", "{{sample}}"]
+description = "prints its sample, then a JSON result"
+{extra}"#,
+            data = dir.path().join("data").display(),
+        );
+        let config = test_support::write_config(dir.path(), &toml);
+        Api {
+            dir,
+            config,
+            server: None,
+            base: String::new(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    fn command(&self, bin: &str, args: &[&str]) -> Command {
+        let mut cmd = test_support::cli::command(bin, self.dir.path());
+        cmd.env("ALICE_KEY", ALICE)
+            .env("BOB_KEY", BOB)
+            .env("ROOT_KEY", ROOT)
+            .arg("--config")
+            .arg(&self.config)
+            .args(args);
+        cmd
+    }
+
+    /// Start `serve` on a free port.
+    fn start(mut self) -> Api {
+        let mut child = self
+            .command(BIN, &["--json", "serve", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).expect(&line);
+        self.base = format!("http://{}", v["listen"].as_str().unwrap());
+        self.server = Some(child);
+        self
+    }
+
+    /// A request signed by `user` with `key`, its clock `skew` seconds off, and the
+    /// body sent possibly differing from the body signed.
+    #[allow(clippy::too_many_arguments)]
+    async fn raw(
+        &self,
+        user: &str,
+        key: &str,
+        method: &str,
+        path_and_query: &str,
+        signed_body: &[u8],
+        sent_body: &[u8],
+        skew: i64,
+        nonce: &str,
+    ) -> (u16, serde_json::Value) {
+        let url = reqwest::Url::parse(&format!("{}{path_and_query}", self.base)).unwrap();
+        let auth = api::authorization(
+            user,
+            &Secret::new(key),
+            &api::Target {
+                method,
+                path: url.path(),
+                query: url.query().unwrap_or(""),
+                body: signed_body,
+            },
+            chrono::Utc::now().timestamp() + skew,
+            nonce,
+        );
+        self.send(method, url, Some(auth), sent_body).await
+    }
+
+    async fn send(
+        &self,
+        method: &str,
+        url: reqwest::Url,
+        auth: Option<String>,
+        body: &[u8],
+    ) -> (u16, serde_json::Value) {
+        let mut req = self
+            .http
+            .request(method.parse().unwrap(), url)
+            .body(body.to_vec());
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+        )
+    }
+
+    /// A correctly signed request.
+    async fn call(
+        &self,
+        user: &str,
+        method: &str,
+        path_and_query: &str,
+        body: &serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let key = match user {
+            "alice" => ALICE,
+            "bob" => BOB,
+            _ => ROOT,
+        };
+        let body = if body.is_null() {
+            Vec::new()
+        } else {
+            body.to_string().into_bytes()
+        };
+        self.raw(
+            user,
+            key,
+            method,
+            path_and_query,
+            &body,
+            &body,
+            0,
+            &api::new_nonce(),
+        )
+        .await
+    }
+}
+
+fn echo(sample: &str) -> serde_json::Value {
+    serde_json::json!({"task": "echo", "args": {"sample": sample}})
+}
+
+#[tokio::test]
+async fn only_a_fresh_correct_signature_over_this_very_request_is_accepted() {
+    let api = Api::home(None, "").start();
+    let body = echo("S1").to_string().into_bytes();
+    let nonce = api::new_nonce();
+    let (s, v) = api
+        .raw("alice", ALICE, "POST", "/v1/jobs", &body, &body, 0, &nonce)
+        .await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["created"], true);
+    // The same request again, byte for byte: a replay.
+    let (s, v) = api
+        .raw("alice", ALICE, "POST", "/v1/jobs", &body, &body, 0, &nonce)
+        .await;
+    assert_eq!(s, 401, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("replayed"), "{v}");
+    // Expired and future-dated, both beyond the 60 s window.
+    let (s, v) = api
+        .raw(
+            "alice",
+            ALICE,
+            "POST",
+            "/v1/jobs",
+            &body,
+            &body,
+            -90,
+            &api::new_nonce(),
+        )
+        .await;
+    assert_eq!(s, 401);
+    assert!(v["error"].as_str().unwrap().contains("expired"), "{v}");
+    let (s, v) = api
+        .raw(
+            "alice",
+            ALICE,
+            "POST",
+            "/v1/jobs",
+            &body,
+            &body,
+            90,
+            &api::new_nonce(),
+        )
+        .await;
+    assert_eq!(s, 401);
+    assert!(v["error"].as_str().unwrap().contains("ahead"), "{v}");
+    // Within the window either way: fine.
+    for skew in [-50, 50] {
+        let (s, v) = api
+            .raw(
+                "alice",
+                ALICE,
+                "GET",
+                "/v1/tasks",
+                b"",
+                b"",
+                skew,
+                &api::new_nonce(),
+            )
+            .await;
+        assert_eq!(s, 200, "skew {skew}: {v}");
+    }
+    // Forged: bob's key under alice's name, an unknown user, a made-up signature.
+    let (s, _) = api
+        .raw(
+            "alice",
+            BOB,
+            "GET",
+            "/v1/tasks",
+            b"",
+            b"",
+            0,
+            &api::new_nonce(),
+        )
+        .await;
+    assert_eq!(s, 401);
+    let (s, _) = api
+        .raw(
+            "mallory",
+            ALICE,
+            "GET",
+            "/v1/tasks",
+            b"",
+            b"",
+            0,
+            &api::new_nonce(),
+        )
+        .await;
+    assert_eq!(s, 401);
+    let url = reqwest::Url::parse(&format!("{}/v1/tasks", api.base)).unwrap();
+    let forged = format!(
+        "LABRELAY-HMAC-SHA256 user=alice, ts={}, nonce={}, sig={}",
+        chrono::Utc::now().timestamp(),
+        api::new_nonce(),
+        "ab".repeat(32)
+    );
+    let (s, _) = api.send("GET", url.clone(), Some(forged), b"").await;
+    assert_eq!(s, 401);
+    // No header, and the seed's old Basic scheme.
+    let (s, _) = api.send("GET", url.clone(), None, b"").await;
+    assert_eq!(s, 401);
+    let (s, _) = api
+        .send("GET", url, Some("Basic YWxpY2U6cHc=".into()), b"")
+        .await;
+    assert_eq!(s, 401);
+    // Body altered after signing: another sample, same signature.
+    let altered = echo("S2").to_string().into_bytes();
+    let (s, v) = api
+        .raw(
+            "alice",
+            ALICE,
+            "POST",
+            "/v1/jobs",
+            &body,
+            &altered,
+            0,
+            &api::new_nonce(),
+        )
+        .await;
+    assert_eq!(s, 401, "{v}");
+    // Query altered: signed for one state, sent with another.
+    let q = reqwest::Url::parse(&format!("{}/v1/jobs?state=queued", api.base)).unwrap();
+    let auth = api::authorization(
+        "alice",
+        &Secret::new(ALICE),
+        &api::Target {
+            method: "GET",
+            path: "/v1/jobs",
+            query: "state=dead",
+            body: b"",
+        },
+        chrono::Utc::now().timestamp(),
+        &api::new_nonce(),
+    );
+    let (s, _) = api.send("GET", q, Some(auth), b"").await;
+    assert_eq!(s, 401);
+    // Only the first submission exists.
+    let (s, v) = api
+        .call("alice", "GET", "/v1/jobs", &serde_json::Value::Null)
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(v.as_array().unwrap().len(), 1, "{v}");
+    // The refusals are counted by reason; no key appears anywhere in the metrics.
+    let metrics = reqwest::get(format!("{}/metrics", api.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for reason in [
+        "replayed",
+        "expired",
+        "future",
+        "signature",
+        "missing",
+        "malformed",
+    ] {
+        assert!(
+            metrics.contains(&format!(
+                "labrelay_api_refused_total{{reason=\"{reason}\"}}"
+            )),
+            "{reason}: {metrics}"
+        );
+    }
+    assert!(
+        metrics.contains(
+            "labrelay_api_requests_total{method=\"POST\",route=\"/v1/jobs\",status=\"201\"} 1"
+        ),
+        "{metrics}"
+    );
+    for key in [ALICE, BOB, ROOT] {
+        assert!(!metrics.contains(key));
+    }
+}
+
+#[tokio::test]
+async fn users_see_and_cancel_only_their_own_jobs_and_an_admin_sees_all() {
+    let api = Api::home(None, "").start();
+    let (s, v) = api.call("alice", "POST", "/v1/jobs", &echo("A")).await;
+    assert_eq!(s, 201, "{v}");
+    let id = v["id"].as_i64().unwrap();
+    for path in [format!("/v1/jobs/{id}"), format!("/v1/jobs/{id}/result")] {
+        let (s, v) = api
+            .call("bob", "GET", &path, &serde_json::Value::Null)
+            .await;
+        assert_eq!(s, 404, "bob reads {path}: {v}");
+        assert_eq!(v["error"], format!("no such job: {id}"));
+    }
+    let (s, _) = api
+        .call(
+            "bob",
+            "POST",
+            &format!("/v1/jobs/{id}/cancel"),
+            &serde_json::Value::Null,
+        )
+        .await;
+    assert_eq!(s, 404, "bob cancels alice's job");
+    let (s, v) = api
+        .call("bob", "GET", "/v1/jobs", &serde_json::Value::Null)
+        .await;
+    assert_eq!((s, v.as_array().unwrap().len()), (200, 0), "{v}");
+    let (s, v) = api
+        .call(
+            "bob",
+            "GET",
+            "/v1/jobs?submitter=alice",
+            &serde_json::Value::Null,
+        )
+        .await;
+    assert_eq!((s, v.as_array().unwrap().len()), (200, 0), "{v}");
+    // Bob cannot reach alice's job through her unique key either.
+    let mut keyed = echo("K");
+    keyed["unique_key"] = "nightly-1".into();
+    assert_eq!(api.call("alice", "POST", "/v1/jobs", &keyed).await.0, 201);
+    assert_eq!(api.call("alice", "POST", "/v1/jobs", &keyed).await.0, 200);
+    let (s, v) = api.call("bob", "POST", "/v1/jobs", &keyed).await;
+    assert_eq!(s, 409, "{v}");
+    assert!(v.get("id").is_none(), "{v}");
+    // Alice sees hers; no result before it ran.
+    let (s, v) = api
+        .call(
+            "alice",
+            "GET",
+            &format!("/v1/jobs/{id}"),
+            &serde_json::Value::Null,
+        )
+        .await;
+    assert_eq!((s, v["state"].as_str()), (200, Some("queued")), "{v}");
+    assert_eq!(v["submitter"], "alice");
+    let (s, v) = api
+        .call(
+            "alice",
+            "GET",
+            &format!("/v1/jobs/{id}/result"),
+            &serde_json::Value::Null,
+        )
+        .await;
+    assert_eq!((s, v["state"].as_str()), (409, Some("queued")), "{v}");
+    // The admin sees and may cancel it.
+    let (s, v) = api
+        .call("root", "GET", "/v1/jobs", &serde_json::Value::Null)
+        .await;
+    assert_eq!((s, v.as_array().unwrap().len()), (200, 2), "{v}");
+    let (s, v) = api
+        .call(
+            "root",
+            "POST",
+            &format!("/v1/jobs/{id}/cancel"),
+            &serde_json::Value::Null,
+        )
+        .await;
+    assert_eq!((s, v["outcome"].as_str()), (200, Some("queued")), "{v}");
+    let (s, v) = api
+        .call(
+            "alice",
+            "POST",
+            &format!("/v1/jobs/{id}/cancel"),
+            &serde_json::Value::Null,
+        )
+        .await;
+    assert_eq!(
+        (s, v["outcome"].as_str()),
+        (409, Some("already_finished")),
+        "{v}"
+    );
+    let (s, v) = api
+        .call(
+            "alice",
+            "GET",
+            &format!("/v1/jobs/{id}/result"),
+            &serde_json::Value::Null,
+        )
+        .await;
+    assert_eq!((s, v["state"].as_str()), (200, Some("cancelled")), "{v}");
+    // Bad submissions are 400s that name the problem.
+    for (body, says) in [
+        (serde_json::json!({"task": "nope"}), "no task named `nope`"),
+        (serde_json::json!({"task": "echo"}), "sample"),
+        (
+            serde_json::json!({"task": "echo", "args": {"sample": "x"}, "run_at": "tomorrow"}),
+            "RFC 3339",
+        ),
+        (
+            serde_json::json!({"task": "echo", "colour": 1}),
+            "unknown field",
+        ),
+    ] {
+        let (s, v) = api.call("alice", "POST", "/v1/jobs", &body).await;
+        assert_eq!(s, 400, "{body}: {v}");
+        assert!(v["error"].as_str().unwrap().contains(says), "{body}: {v}");
+    }
+    let (s, v) = api
+        .call(
+            "alice",
+            "GET",
+            "/v1/jobs?state=finished",
+            &serde_json::Value::Null,
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+}
+
+#[tokio::test]
+async fn the_openapi_document_is_served_and_lists_every_route() {
+    let api = Api::home(None, "").start();
+    let doc: serde_json::Value = reqwest::get(format!("{}/openapi.json", api.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let on_disk: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/job-worker-api.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(doc, on_disk);
+    let paths: Vec<&str> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    for p in [
+        "/v1/jobs",
+        "/v1/jobs/{id}",
+        "/v1/jobs/{id}/result",
+        "/v1/jobs/{id}/cancel",
+        "/v1/tasks",
+        "/metrics",
+    ] {
+        assert!(paths.contains(&p), "{p} missing from {paths:?}");
+    }
+    let health: serde_json::Value = reqwest::get(format!("{}/healthz", api.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["ok"], true);
+}
+
+#[test]
+fn serve_without_users_or_with_a_short_key_exits_78_before_listening() {
+    let api = Api::home(None, "");
+    let text = std::fs::read_to_string(&api.config).unwrap();
+    let no_users: String = text
+        .split("\n[")
+        .filter(|s| !s.starts_with("jobs.users"))
+        .collect::<Vec<_>>()
+        .join("\n[");
+    std::fs::write(&api.config, no_users).unwrap();
+    let out = api
+        .command(BIN, &["serve", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("jobs.users"),
+        "{out:?}"
+    );
+    let api = Api::home(None, "");
+    let out = api
+        .command(BIN, &["serve", "--listen", "127.0.0.1:0"])
+        .env("BOB_KEY", "short")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("jobs.users.bob.key"), "{err}");
+    assert!(!err.contains("short"), "the key is not echoed: {err}");
+}
+
+/// `code-submit` with `[jobs] api_url`: submit, wait and read the result through a
+/// remote server while a worker runs the job; a wrong key exits 78.
+#[test]
+fn code_submit_talks_to_a_remote_serve_with_the_users_key() {
+    let Some(pg) = test_support::require("PG_URL") else {
+        return;
+    };
+    let server = Api::home(Some(pg.clone()), "").start();
+    let client = Api::home(Some(pg), "");
+    // The client's [jobs] gains api_url, api_user and api_key.
+    let text = std::fs::read_to_string(&client.config).unwrap().replacen(
+        "[jobs]\n",
+        &format!(
+            "[jobs]\napi_url = \"{}\"\napi_user = \"alice\"\napi_key = \"env:ALICE_KEY\"\n",
+            server.base
+        ),
+        1,
+    );
+    std::fs::write(&client.config, text).unwrap();
+    // The worker runs on the server's home (same queue), the submitter is remote.
+    let mut worker = server
+        .command(BIN, &["run", "--concurrency", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = client
+        .command(
+            &SUBMIT,
+            &[
+                "task",
+                "echo",
+                "--arg",
+                "sample=remote-1",
+                "--wait",
+                "--timeout",
+                "60",
+            ],
+        )
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        r#"{"sample":"remote-1"}"#
+    );
+    // Plain submit prints the id; the job belongs to alice.
+    let out = client
+        .command(
+            &SUBMIT,
+            &["--json", "task", "echo", "--arg", "sample=remote-2"],
+        )
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = v["id"].as_i64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = server
+            .command(BIN, &["--json", "status", &id.to_string()])
+            .output()
+            .unwrap();
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(j["submitter"], "alice");
+        if j["state"] == "succeeded" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{j}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // An unknown task is the server's 400: a usage error here.
+    let out = client.command(&SUBMIT, &["task", "nope"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no task named `nope`"));
+    // A wrong key: refused, exit 78, the key never printed.
+    let out = client
+        .command(&SUBMIT, &["task", "echo", "--arg", "sample=x"])
+        .env("ALICE_KEY", "wrong-key-0000000000")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refused"), "{err}");
+    assert!(!err.contains("wrong-key"), "{err}");
+    // A server that is not there: temporary, exit 75.
+    drop(server);
+    let out = client
+        .command(&SUBMIT, &["task", "echo", "--arg", "sample=x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(75), "{out:?}");
+    let _ = worker.kill();
+    let _ = worker.wait();
+}
