@@ -102,6 +102,8 @@ struct RawTask {
     schedule: Option<String>,
     #[serde(default)]
     schedule_args: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    concurrency: Option<u32>,
 }
 
 /// One registered task, checked.
@@ -135,6 +137,8 @@ pub struct Task {
     pub schedule: Option<String>,
     /// Arguments of scheduled runs.
     pub schedule_args: serde_json::Map<String, serde_json::Value>,
+    /// At most this many of the task's jobs run at once, across every worker.
+    pub concurrency: Option<u32>,
 }
 
 impl Task {
@@ -350,6 +354,7 @@ impl Registry {
                 params: Vec::new(),
                 schedule: None,
                 schedule_args: serde_json::Map::new(),
+                concurrency: None,
             },
         );
         for (name, t) in raw {
@@ -433,6 +438,12 @@ impl Registry {
                 ));
             }
             let backoff_secs = t.backoff_secs.unwrap_or(10);
+            if t.concurrency == Some(0) {
+                return Err(invalid(
+                    &key("concurrency"),
+                    "at least 1 (leave it out for no limit)".into(),
+                ));
+            }
             if let Some(pattern) = &t.schedule {
                 let cron = parse_schedule(pattern).map_err(|m| invalid(&key("schedule"), m))?;
                 schedules.push((name.clone(), cron));
@@ -459,6 +470,7 @@ impl Registry {
                     params,
                     schedule: t.schedule,
                     schedule_args: t.schedule_args,
+                    concurrency: t.concurrency,
                 },
             );
             let task = &tasks[&name];
@@ -472,6 +484,14 @@ impl Registry {
             tasks,
             schedules,
         })
+    }
+
+    /// The tasks with a concurrency limit, and their limits.
+    pub fn limits(&self) -> BTreeMap<String, u32> {
+        self.tasks
+            .values()
+            .filter_map(|t| t.concurrency.map(|n| (t.name.clone(), n)))
+            .collect()
     }
 
     /// A checked job for a submission: the task is registered, its arguments fit and
@@ -553,6 +573,7 @@ mod tests {
             params,
             schedule: None,
             schedule_args: serde_json::Map::new(),
+            concurrency: None,
         }
     }
 

@@ -251,6 +251,8 @@ pub struct Store {
     buried_at: std::sync::Arc<std::sync::atomic::AtomicI64>,
     /// When expired API nonces were last deleted (ms).
     nonces_pruned_at: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    /// Tasks with a concurrency limit: at most this many of their jobs run at once.
+    limits: std::sync::Arc<BTreeMap<String, u32>>,
 }
 
 impl Store {
@@ -260,7 +262,16 @@ impl Store {
             db,
             buried_at: std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0)),
             nonces_pruned_at: std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0)),
+            limits: std::sync::Arc::default(),
         }
+    }
+
+    /// The same store, claiming at most `limits[task]` running jobs of each listed task
+    /// across every worker (task names are registry names: `a-z 0-9 _ -`).
+    #[must_use]
+    pub fn with_limits(mut self, limits: BTreeMap<String, u32>) -> Store {
+        self.limits = std::sync::Arc::new(limits);
+        self
     }
 
     /// The database.
@@ -537,19 +548,48 @@ impl Store {
             self.bury_expired(now).await?;
             let expired = format!("state = '{RUNNING}' AND lease_until_ms < {now}");
             jobs = self
-                .claim_where(worker, queues, &expired, "ORDER BY id", n, now + lease_ms)
+                .claim_where(
+                    worker,
+                    queues,
+                    &expired,
+                    "ORDER BY id",
+                    &n.to_string(),
+                    now + lease_ms,
+                )
                 .await?;
         }
+        let ready = format!("state = '{QUEUED}' AND run_at_ms <= {now}");
+        let order = "ORDER BY priority DESC, run_at_ms, id";
         if jobs.len() < n {
-            let ready = format!("state = '{QUEUED}' AND run_at_ms <= {now}");
-            let order = "ORDER BY priority DESC, run_at_ms, id";
+            let cond = if self.limits.is_empty() {
+                ready.clone()
+            } else {
+                format!("{ready} AND task NOT IN ({})", self.limited_list())
+            };
             let more = self
                 .claim_where(
                     worker,
                     queues,
-                    &ready,
+                    &cond,
                     order,
+                    &(n - jobs.len()).to_string(),
+                    now + lease_ms,
+                )
+                .await?;
+            jobs.extend(more);
+        }
+        for (task, &limit) in self.limits.iter() {
+            if jobs.len() >= n {
+                break;
+            }
+            let more = self
+                .claim_limited(
+                    worker,
+                    queues,
+                    task,
+                    limit,
                     n - jobs.len(),
+                    &ready,
                     now + lease_ms,
                 )
                 .await?;
@@ -558,92 +598,226 @@ impl Store {
         Ok(jobs)
     }
 
-    /// Claim up to `n` jobs of `queues` matching `cond`, in `order`.
+    /// The limited tasks as an SQL list of literals (names are `a-z 0-9 _ -`).
+    fn limited_list(&self) -> String {
+        self.limits
+            .keys()
+            .map(|t| format!("'{}'", t.replace('\'', "''")))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Claim up to `n` ready jobs of `task`, leaving at most `limit` of its jobs running.
+    /// The count and the claim are one step for every worker: a single statement on
+    /// SQLite (which runs writes one at a time), under a per-task advisory lock on
+    /// PostgreSQL and a named lock on MariaDB.
+    #[allow(clippy::too_many_arguments)]
+    async fn claim_limited(
+        &self,
+        worker: &str,
+        queues: &[String],
+        task: &str,
+        limit: u32,
+        n: usize,
+        ready: &str,
+        lease_until: i64,
+    ) -> anyhow::Result<Vec<Job>> {
+        let task_lit = format!("'{}'", task.replace('\'', "''"));
+        let filter = format!("{ready} AND task = {task_lit}");
+        let running = format!(
+            "SELECT COUNT(*) FROM labrelay_jobs WHERE task = {task_lit} AND state = '{RUNNING}'"
+        );
+        let order = "ORDER BY priority DESC, run_at_ms, id";
+        let lock_name = format!("labrelay_jobs:{task}");
+        match self.db.engine() {
+            Engine::Sqlite => {
+                let take = format!("MAX(0, MIN({n}, {limit} - ({running})))");
+                self.claim_where(worker, queues, &filter, order, &take, lease_until)
+                    .await
+            }
+            Engine::Postgres => {
+                let mut tx = self.db.pool().begin().await.map_err(|e| self.err(e))?;
+                sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+                    .bind(lock_name)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| self.err(e))?;
+                let take = format!("GREATEST(0, LEAST({n}, {limit} - ({running})))");
+                let jobs = self
+                    .claim_on(&mut tx, worker, queues, &filter, order, &take, lease_until)
+                    .await?;
+                tx.commit().await.map_err(|e| self.err(e))?;
+                Ok(jobs)
+            }
+            Engine::Mysql => {
+                let mut conn = self.db.pool().acquire().await.map_err(|e| self.err(e))?;
+                let got: Option<i64> = sqlx::query("SELECT GET_LOCK(?, 30)")
+                    .bind(lock_name.clone())
+                    .fetch_one(&mut *conn)
+                    .await
+                    .and_then(|r| r.try_get::<Option<i64>, _>(0))
+                    .map_err(|e| self.err(e))?;
+                if got != Some(1) {
+                    return Ok(Vec::new());
+                }
+                let claimed = async {
+                    let busy: i64 = sqlx::query(&running)
+                        .fetch_one(&mut *conn)
+                        .await
+                        .and_then(|r| r.try_get::<i64, _>(0))
+                        .map_err(|e| self.err(e))?;
+                    let take = usize::try_from(i64::from(limit) - busy).unwrap_or(0).min(n);
+                    if take == 0 {
+                        return Ok(Vec::new());
+                    }
+                    self.claim_mysql(&mut conn, worker, queues, &filter, order, take, lease_until)
+                        .await
+                }
+                .await;
+                sqlx::query("SELECT RELEASE_LOCK(?)")
+                    .bind(lock_name)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| self.err(e))?;
+                claimed
+            }
+        }
+    }
+
+    /// Claim up to `take` (a number, or an SQL expression on SQLite and PostgreSQL)
+    /// jobs of `queues` matching `filter`, in `order`.
     async fn claim_where(
         &self,
         worker: &str,
         queues: &[String],
-        cond: &str,
+        filter: &str,
+        order: &str,
+        take: &str,
+        lease_until: i64,
+    ) -> anyhow::Result<Vec<Job>> {
+        let mut conn = self.db.pool().acquire().await.map_err(|e| self.err(e))?;
+        if self.db.engine() == Engine::Mysql {
+            let n = take.parse::<usize>().unwrap_or(0);
+            self.claim_mysql(&mut conn, worker, queues, filter, order, n, lease_until)
+                .await
+        } else {
+            self.claim_on(&mut conn, worker, queues, filter, order, take, lease_until)
+                .await
+        }
+    }
+
+    /// The SET clause of a claim; placeholders 1 (worker) and 2 (lease end).
+    fn claim_set(&self) -> String {
+        format!(
+            "state = '{RUNNING}', attempt = attempt + 1, worker = {}, lease_until_ms = {}, started_ms = {}, \
+             finished_ms = NULL",
+            self.p(1),
+            self.p(2),
+            now_ms()
+        )
+    }
+
+    /// `filter AND queue IN (...)`, the queues from placeholder 3 on.
+    fn in_queues(&self, filter: &str, queues: &[String]) -> String {
+        let qlist: Vec<String> = (0..queues.len()).map(|i| self.p(i + 3)).collect();
+        format!("{filter} AND queue IN ({})", qlist.join(", "))
+    }
+
+    /// A claim in one statement (SQLite; PostgreSQL with `FOR UPDATE SKIP LOCKED`).
+    #[allow(clippy::too_many_arguments)]
+    async fn claim_on(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        worker: &str,
+        queues: &[String],
+        filter: &str,
+        order: &str,
+        take: &str,
+        lease_until: i64,
+    ) -> anyhow::Result<Vec<Job>> {
+        let lock = if self.db.engine() == Engine::Postgres {
+            " FOR UPDATE SKIP LOCKED"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "UPDATE labrelay_jobs SET {} WHERE id IN \
+             (SELECT id FROM labrelay_jobs WHERE {} {order} LIMIT {take}{lock}) RETURNING {COLUMNS}",
+            self.claim_set(),
+            self.in_queues(filter, queues)
+        );
+        let mut q = sqlx::query(&sql).bind(worker.to_owned()).bind(lease_until);
+        for queue in queues {
+            q = q.bind(queue.clone());
+        }
+        let rows = q.fetch_all(&mut *conn).await.map_err(|e| self.err(e))?;
+        let mut jobs = self.decode_all(&rows)?;
+        jobs.sort_by_key(|j| (-j.priority, j.run_at_ms, j.id));
+        Ok(jobs)
+    }
+
+    /// A claim on MariaDB/MySQL: select with `FOR UPDATE SKIP LOCKED`, update, read
+    /// back, in one transaction.
+    #[allow(clippy::too_many_arguments)]
+    async fn claim_mysql(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        worker: &str,
+        queues: &[String],
+        filter: &str,
         order: &str,
         n: usize,
         lease_until: i64,
     ) -> anyhow::Result<Vec<Job>> {
-        let now = now_ms();
-        let engine = self.db.engine();
-        let qlist: Vec<String> = (0..queues.len()).map(|i| self.p(i + 3)).collect();
-        let ready = format!("{cond} AND queue IN ({})", qlist.join(", "));
-        let set = format!(
-            "state = '{RUNNING}', attempt = attempt + 1, worker = {}, lease_until_ms = {}, started_ms = {now}, \
-             finished_ms = NULL",
-            self.p(1),
-            self.p(2)
-        );
-        match engine {
-            Engine::Sqlite | Engine::Postgres => {
-                let lock = if engine == Engine::Postgres {
-                    " FOR UPDATE SKIP LOCKED"
-                } else {
-                    ""
-                };
-                let sql = format!(
-                    "UPDATE labrelay_jobs SET {set} WHERE id IN \
-                     (SELECT id FROM labrelay_jobs WHERE {ready} {order} LIMIT {n}{lock}) RETURNING {COLUMNS}"
-                );
-                let mut q = sqlx::query(&sql).bind(worker.to_owned()).bind(lease_until);
-                for queue in queues {
-                    q = q.bind(queue.clone());
-                }
-                let rows = q.fetch_all(self.db.pool()).await.map_err(|e| self.err(e))?;
-                let mut jobs = self.decode_all(&rows)?;
-                jobs.sort_by_key(|j| (-j.priority, j.run_at_ms, j.id));
-                Ok(jobs)
-            }
-            Engine::Mysql => {
-                let mut tx = self.db.pool().begin().await.map_err(|e| self.err(e))?;
-                // The queue placeholders are numbered from 3 in `ready`; MySQL's are all
-                // `?`, bound in order.
-                let sql = format!(
-                    "SELECT id FROM labrelay_jobs WHERE {ready} {order} LIMIT {n} FOR UPDATE SKIP LOCKED"
-                );
-                let mut q = sqlx::query(&sql);
-                for queue in queues {
-                    q = q.bind(queue.clone());
-                }
-                let ids: Vec<i64> = q
-                    .fetch_all(&mut *tx)
-                    .await
-                    .map_err(|e| self.err(e))?
-                    .iter()
-                    .map(|r| r.try_get::<i64, _>(0))
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| self.err(e))?;
-                if ids.is_empty() {
-                    tx.commit().await.map_err(|e| self.err(e))?;
-                    return Ok(Vec::new());
-                }
-                let list = ids
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                sqlx::query(&format!(
-                    "UPDATE labrelay_jobs SET {set} WHERE id IN ({list})"
-                ))
-                .bind(worker.to_owned())
-                .bind(lease_until)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| self.err(e))?;
-                let rows = sqlx::query(&format!(
-                    "SELECT {COLUMNS} FROM labrelay_jobs WHERE id IN ({list}) {order}"
-                ))
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(|e| self.err(e))?;
-                tx.commit().await.map_err(|e| self.err(e))?;
-                self.decode_all(&rows)
-            }
+        use sqlx::Connection as _;
+        if n == 0 {
+            return Ok(Vec::new());
         }
+        let mut tx = conn.begin().await.map_err(|e| self.err(e))?;
+        // The queue placeholders are numbered from 3 in `in_queues`; MySQL's are all
+        // `?`, bound in order.
+        let sql = format!(
+            "SELECT id FROM labrelay_jobs WHERE {} {order} LIMIT {n} FOR UPDATE SKIP LOCKED",
+            self.in_queues(filter, queues)
+        );
+        let mut q = sqlx::query(&sql);
+        for queue in queues {
+            q = q.bind(queue.clone());
+        }
+        let ids: Vec<i64> = q
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?
+            .iter()
+            .map(|r| r.try_get::<i64, _>(0))
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.err(e))?;
+        if ids.is_empty() {
+            tx.commit().await.map_err(|e| self.err(e))?;
+            return Ok(Vec::new());
+        }
+        let list = ids
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        sqlx::query(&format!(
+            "UPDATE labrelay_jobs SET {} WHERE id IN ({list})",
+            self.claim_set()
+        ))
+        .bind(worker.to_owned())
+        .bind(lease_until)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| self.err(e))?;
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM labrelay_jobs WHERE id IN ({list}) {order}"
+        ))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(|e| self.err(e))?;
+        tx.commit().await.map_err(|e| self.err(e))?;
+        self.decode_all(&rows)
     }
 
     /// Renew the lease. `false`: the job is no longer this worker's attempt (cancelled,

@@ -67,6 +67,8 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
     mut report: impl FnMut(&Report),
 ) -> anyhow::Result<Totals> {
+    let limited = store.clone().with_limits(registry.limits());
+    let store = &limited;
     let s = &registry.settings;
     let lease_ms = i64::try_from(s.lease_secs * 1000).unwrap_or(i64::MAX);
     let grace = Duration::from_secs(s.grace_secs);

@@ -3,7 +3,9 @@
 //! retries and dead, cancel, retry, purge, stats.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
-use jobs::store::{self, Cancelled, ListFilter, NewJob, Outcome, Store};
+use std::collections::BTreeMap;
+
+use jobs::store::{self, Cancelled, Job, ListFilter, NewJob, Outcome, Store};
 use labrelay::config::DatabaseConfig;
 use labrelay::db::{Db, Engine};
 use labrelay::secret::RedactedUrl;
@@ -437,4 +439,72 @@ async fn concurrent_claims_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_claims_mariadb() {
     concurrent_claims(Engine::Mysql).await;
+}
+
+/// A task with a concurrency limit: however many workers claim at once, at most the
+/// limit of its jobs run; other tasks are not held back; a finished job frees a slot.
+async fn concurrency_limit(engine: Engine) {
+    let Some(f) = Fresh::new(engine).await else {
+        return;
+    };
+    for _ in 0..20 {
+        f.store.submit(&job("scarce")).await.unwrap();
+    }
+    for i in 0..30 {
+        f.store.submit(&job(&format!("free{i}"))).await.unwrap();
+    }
+    let limits: BTreeMap<String, u32> = [("scarce".to_owned(), 2)].into();
+    let limited = f.store.clone().with_limits(limits);
+    let mut handles = Vec::new();
+    for w in 0..4 {
+        let s = limited.clone();
+        handles.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            for _ in 0..10 {
+                got.extend(
+                    s.claim(&format!("w{w}"), &queues(), 5, 60_000)
+                        .await
+                        .unwrap(),
+                );
+            }
+            got
+        }));
+    }
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.await.unwrap());
+    }
+    let scarce: Vec<&Job> = all.iter().filter(|j| j.task == "scarce").collect();
+    assert_eq!(scarce.len(), 2, "the limit holds across concurrent claims");
+    assert_eq!(all.len() - scarce.len(), 30, "other tasks all claimed");
+    // One finishes: exactly one more may start.
+    limited
+        .finish(scarce[0], scarce[0].worker.as_deref().unwrap(), &ok(), 0)
+        .await
+        .unwrap();
+    let next = limited.claim("w9", &queues(), 10, 60_000).await.unwrap();
+    assert_eq!(next.len(), 1, "{next:?}");
+    assert!(
+        limited
+            .claim("w9", &queues(), 10, 60_000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    f.drop().await;
+}
+
+#[tokio::test]
+async fn concurrency_limit_sqlite() {
+    concurrency_limit(Engine::Sqlite).await;
+}
+
+#[tokio::test]
+async fn concurrency_limit_postgres() {
+    concurrency_limit(Engine::Postgres).await;
+}
+
+#[tokio::test]
+async fn concurrency_limit_mariadb() {
+    concurrency_limit(Engine::Mysql).await;
 }
