@@ -66,6 +66,9 @@ pub enum Command {
         /// Mail the outcome to this address when the job ends (needs [mail] from)
         #[arg(long, value_name = "ADDRESS")]
         email: Option<String>,
+        /// POST the outcome to this webhook ([jobs.webhooks.NAME]) when the job ends
+        #[arg(long, value_name = "NAME")]
+        webhook: Option<String>,
         /// Wait for the job to finish and print its result; exit with its outcome
         #[arg(long)]
         wait: bool,
@@ -206,6 +209,7 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
         run_at,
         priority,
         email,
+        webhook,
         wait,
         timeout,
     } = args.command;
@@ -218,6 +222,7 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
         run_at,
         priority,
         email,
+        webhook,
     };
     // Checked here when the registry is ours; a remote server checks its own.
     let local_registry = client.is_none().then_some(&registry);

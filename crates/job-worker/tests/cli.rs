@@ -482,3 +482,106 @@ fn the_outcome_is_mailed_once_to_the_address_given_at_submission() {
         "{out:?}"
     );
 }
+
+/// What a webhook receiver got: (headers, body) per request.
+type Received = std::sync::Arc<std::sync::Mutex<Vec<(axum::http::HeaderMap, String)>>>;
+
+/// An HTTP receiver on a free port: `/flaky` answers 503 to its first request and 200
+/// after, `/refuse` always 400. Runs until the test process ends.
+fn receiver() -> (String, Received) {
+    let got: Received = std::sync::Arc::default();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let seen = got.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let record = |seen: Received, code: fn(usize) -> u16| {
+                move |headers: axum::http::HeaderMap, body: String| async move {
+                    let n = {
+                        let mut s = seen.lock().unwrap();
+                        s.push((headers, body));
+                        s.len()
+                    };
+                    axum::http::StatusCode::from_u16(code(n)).unwrap()
+                }
+            };
+            let app = axum::Router::new()
+                .route(
+                    "/flaky",
+                    axum::routing::post(record(seen.clone(), |n| if n == 1 { 503 } else { 200 })),
+                )
+                .route("/refuse", axum::routing::post(record(seen, |_| 400)));
+            let l = tokio::net::TcpListener::from_std(listener).unwrap();
+            axum::serve(l, app).await.unwrap();
+        });
+    });
+    (base, got)
+}
+
+#[test]
+fn a_webhook_is_signed_retried_after_a_5xx_and_delivered_once() {
+    let (base, got) = receiver();
+    let key = "hook-key-0123456789abcdef";
+    let Some(h) = Home::new(
+        &State::Sqlite,
+        &format!(
+            "\n[jobs.webhooks.lims]\nurl = \"{base}/flaky\"\nkey = \"{key}\"\n\n\
+             [jobs.webhooks.strict]\nurl = \"{base}/refuse\"\nkey = \"{key}\"\n\n\
+             [tasks.hooked]\ncommand = [\"true\"]\nwebhook = \"lims\"\n"
+        ),
+    ) else {
+        return;
+    };
+    // The task's own webhook, and one named at submission.
+    let id = h.submit(&["hooked"]);
+    let refused = h.submit(&["noop", "--webhook", "strict"]);
+    let mut worker = h.spawn_worker(&[]);
+    wait_for("the retried delivery", 30, || {
+        h.job(id)["webhook_done_ms"].is_i64() && h.job(refused)["webhook_done_ms"].is_i64()
+    });
+    signal(&worker, "-TERM");
+    worker.wait().unwrap();
+    let j = h.job(id);
+    assert_eq!(j["webhook_attempts"], 2, "{j}");
+    assert!(j["webhook_error"].is_null(), "{j}");
+    let r = h.job(refused);
+    assert_eq!(r["webhook_attempts"], 1, "a 400 is not retried: {r}");
+    assert!(r["webhook_error"].as_str().unwrap().contains("400"), "{r}");
+    let got = got.lock().unwrap();
+    let flaky: Vec<_> = got
+        .iter()
+        .filter(|(_, b)| b.contains(&format!("\"delivery\":\"job-{id}-")))
+        .collect();
+    assert_eq!(flaky.len(), 2, "one 503, one delivery");
+    let ids: Vec<&str> = flaky
+        .iter()
+        .map(|(hd, _)| hd["x-labrelay-delivery"].to_str().unwrap())
+        .collect();
+    assert_eq!(ids[0], ids[1], "the same delivery id on the retry");
+    for (headers, body) in flaky {
+        let ts = headers["x-labrelay-timestamp"].to_str().unwrap();
+        let sig = headers["x-labrelay-signature"].to_str().unwrap();
+        let sig = sig.strip_prefix("v1=").unwrap();
+        assert!(labrelay::sign::verify_hmac_sha256(
+            key.as_bytes(),
+            format!("{ts}.{body}").as_bytes(),
+            sig
+        ));
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["event"], "job.finished");
+        assert_eq!(v["job"]["id"], id);
+        assert_eq!(v["result"]["state"], "succeeded");
+    }
+    // A webhook nobody configured is refused before anything is submitted.
+    let out = h.run(&SUBMIT, &["task", "noop", "--webhook", "nope"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("webhook nope"),
+        "{out:?}"
+    );
+}

@@ -159,6 +159,9 @@ pub struct SubmitRequest {
     /// Mail the outcome here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub email: Option<String>,
+    /// POST the outcome to this `[jobs.webhooks.NAME]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<String>,
 }
 
 /// The answer to a submission.

@@ -42,6 +42,32 @@ pub struct JobsConfig {
     pub api_key: Option<SecretSpec>,
     /// `job-worker serve`: the API users, `[jobs.users.NAME] key = ..., admin = false`.
     pub users: BTreeMap<String, ApiUser>,
+    /// Webhooks a task or a submission may name, `[jobs.webhooks.NAME]`.
+    pub webhooks: BTreeMap<String, WebhookConfig>,
+}
+
+/// `[jobs.webhooks.NAME]`: where a job's outcome is POSTed, signed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// The http(s) URL.
+    pub url: String,
+    /// The signing key (`env:NAME`, `file:PATH`; at least 16 characters).
+    pub key: SecretSpec,
+    /// Give up on one try after this long.
+    #[serde(default = "default_webhook_timeout")]
+    pub timeout_secs: u64,
+    /// Tries before giving up (with exponential backoff between them).
+    #[serde(default = "default_webhook_attempts")]
+    pub max_attempts: u32,
+}
+
+fn default_webhook_timeout() -> u64 {
+    10
+}
+
+fn default_webhook_attempts() -> u32 {
+    8
 }
 
 /// `[jobs.users.NAME]`: one user of the HTTP API.
@@ -71,6 +97,7 @@ impl Default for JobsConfig {
             api_user: None,
             api_key: None,
             users: BTreeMap::new(),
+            webhooks: BTreeMap::new(),
         }
     }
 }
@@ -104,6 +131,10 @@ struct RawTask {
     schedule_args: serde_json::Map<String, serde_json::Value>,
     #[serde(default)]
     concurrency: Option<u32>,
+    #[serde(default)]
+    webhook: Option<String>,
+    #[serde(default)]
+    email: Option<String>,
 }
 
 /// One registered task, checked.
@@ -139,6 +170,11 @@ pub struct Task {
     pub schedule_args: serde_json::Map<String, serde_json::Value>,
     /// At most this many of the task's jobs run at once, across every worker.
     pub concurrency: Option<u32>,
+    /// `[jobs.webhooks.NAME]` POSTed when a job of the task ends (unless the
+    /// submission names another).
+    pub webhook: Option<String>,
+    /// Mailed when a job of the task ends (unless the submission gives an address).
+    pub email: Option<String>,
 }
 
 impl Task {
@@ -321,6 +357,27 @@ impl Registry {
                 ));
             }
         }
+        for (name, w) in &settings.webhooks {
+            let k = format!("jobs.webhooks.{name}");
+            if !is_name(name) {
+                return Err(invalid(&k, "a webhook name is a-z, 0-9, _ and -".into()));
+            }
+            match url::Url::parse(&w.url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                _ => {
+                    return Err(invalid(
+                        &format!("{k}.url"),
+                        format!("`{}` is not an http(s) URL", w.url),
+                    ));
+                }
+            }
+            if w.max_attempts == 0 || w.timeout_secs == 0 {
+                return Err(invalid(
+                    &k,
+                    "timeout_secs and max_attempts are at least 1".into(),
+                ));
+            }
+        }
         if let Some(url) = &settings.api_url {
             match url::Url::parse(url) {
                 Ok(u) if matches!(u.scheme(), "http" | "https") => {}
@@ -355,6 +412,8 @@ impl Registry {
                 schedule: None,
                 schedule_args: serde_json::Map::new(),
                 concurrency: None,
+                webhook: None,
+                email: None,
             },
         );
         for (name, t) in raw {
@@ -438,6 +497,18 @@ impl Registry {
                 ));
             }
             let backoff_secs = t.backoff_secs.unwrap_or(10);
+            if let Some(w) = &t.webhook
+                && !settings.webhooks.contains_key(w)
+            {
+                return Err(invalid(
+                    &key("webhook"),
+                    format!("no [jobs.webhooks.{w}] is configured"),
+                ));
+            }
+            if let Some(to) = &t.email {
+                crate::notify::check_address(config.mail.from.as_deref(), to)
+                    .map_err(|e| invalid(&key("email"), format!("{e:#}")))?;
+            }
             if t.concurrency == Some(0) {
                 return Err(invalid(
                     &key("concurrency"),
@@ -471,6 +542,8 @@ impl Registry {
                     schedule: t.schedule,
                     schedule_args: t.schedule_args,
                     concurrency: t.concurrency,
+                    webhook: t.webhook,
+                    email: t.email,
                 },
             );
             let task = &tasks[&name];
@@ -514,6 +587,20 @@ impl Registry {
                     })
             })
             .transpose()?;
+        let webhook = req.webhook.clone().or_else(|| task.webhook.clone());
+        if let Some(w) = &webhook
+            && !self.settings.webhooks.contains_key(w)
+        {
+            return Err(format!(
+                "webhook {w}: not configured (known: {})",
+                self.settings
+                    .webhooks
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
         if let Some(k) = &req.unique_key
             && (k.is_empty() || k.len() > 200)
         {
@@ -528,7 +615,8 @@ impl Registry {
             run_at_ms,
             unique_key: req.unique_key.clone(),
             submitter: submitter.to_owned(),
-            notify: req.email.clone(),
+            notify: req.email.clone().or_else(|| task.email.clone()),
+            webhook,
         })
     }
 
@@ -574,6 +662,8 @@ mod tests {
             schedule: None,
             schedule_args: serde_json::Map::new(),
             concurrency: None,
+            webhook: None,
+            email: None,
         }
     }
 

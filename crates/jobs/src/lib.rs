@@ -19,6 +19,7 @@ pub mod config;
 pub mod notify;
 pub mod runner;
 pub mod store;
+pub mod webhook;
 pub mod worker;
 
 pub use config::{Registry, Task};

@@ -1,33 +1,44 @@
-//! Mail the outcome of a job to the address given at submission (`code-submit task
-//! --email`). Workers send it after the job ends; each mail has a Message-ID fixed by
-//! the job and its end, so a mail sent again after a crash (between the server's
-//! acceptance and the row saying "sent") is recognisably the same message, and the
-//! outbox keeps one file per Message-ID.
+//! Tell about a job's outcome: mail to the address given at submission (`code-submit
+//! task --email`) or by the task, and a signed POST to a configured webhook. Workers
+//! send both after the job ends. Each mail has a Message-ID fixed by the job and its
+//! end, so a mail sent again after a crash (between the server's acceptance and the
+//! row saying "sent") is recognisably the same message, and the outbox keeps one file
+//! per Message-ID; each webhook delivery carries a delivery id fixed the same way.
 
 use std::fmt::Write as _;
 
 use labrelay::config::{Config, ConfigError};
 use labrelay::mail::{Mailer, OutgoingMail};
 
-use crate::store::{Job, Store};
+use crate::store::{Due, Job, Store};
 
 /// Bytes of stdout and of stderr quoted in the mail.
 const EXCERPT: usize = 4000;
 
-/// Sends outcome mails.
+/// Sends outcome mails and webhooks.
 pub struct Notifier {
-    mailer: Mailer,
-    from: String,
+    mail: Option<(Mailer, String)>,
+    webhooks: crate::webhook::Webhooks,
 }
 
 impl Notifier {
-    /// From `[mail] from` and `[smtp]` (or the outbox). `None` without `[mail] from`.
+    /// From `[mail] from` and `[smtp]` (or the outbox), and `[jobs.webhooks]` (keys
+    /// resolved now: a missing one is a configuration error). `None` when neither is
+    /// configured.
     pub fn from_config(config: &Config) -> Result<Option<Notifier>, anyhow::Error> {
-        let Some(from) = config.mail.from.clone() else {
-            return Ok(None);
+        let mail = match config.mail.from.clone() {
+            Some(from) => Some((
+                Mailer::from_config(config.smtp.as_ref(), &config.outbox_dir())?,
+                from,
+            )),
+            None => None,
         };
-        let mailer = Mailer::from_config(config.smtp.as_ref(), &config.outbox_dir())?;
-        Ok(Some(Notifier { mailer, from }))
+        let settings: crate::config::JobsConfig = config.section("jobs")?.unwrap_or_default();
+        let webhooks = crate::webhook::Webhooks::from_config(&settings.webhooks)?;
+        if mail.is_none() && webhooks.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Notifier { mail, webhooks }))
     }
 
     /// Check at submission that an outcome mail can be sent and addressed.
@@ -36,8 +47,8 @@ impl Notifier {
     }
 
     /// The mail for `job`'s outcome.
-    pub fn message(&self, job: &Job) -> OutgoingMail {
-        let base = OutgoingMail::new(self.from.clone());
+    pub fn message(from: &str, job: &Job) -> OutgoingMail {
+        let base = OutgoingMail::new(from.to_owned());
         let domain = base
             .id()
             .trim_end_matches('>')
@@ -88,22 +99,27 @@ impl Notifier {
             ))
     }
 
-    /// Send the outcome mails that are due; returns how many went out.
+    /// Send the outcome mails and webhooks that are due; returns how many went out.
     pub async fn send_due(&self, store: &Store) -> anyhow::Result<u64> {
         let mut sent = 0;
-        for job in store.claim_notifications(20, 120_000).await? {
-            match self.mailer.send(&self.message(&job)).await {
-                Ok(m) => {
-                    store.notified(job.id).await?;
-                    tracing::info!(job = job.id, to = ?m.recipients, "outcome mailed");
-                    sent += 1;
+        if let Some((mailer, from)) = &self.mail {
+            for job in store.claim_due(Due::Mail, 20, 120_000).await? {
+                match mailer.send(&Self::message(from, &job)).await {
+                    Ok(m) => {
+                        store.sent(Due::Mail, job.id, None).await?;
+                        tracing::info!(job = job.id, to = ?m.recipients, "outcome mailed");
+                        sent += 1;
+                    }
+                    // The hold runs out in two minutes; then it is tried again.
+                    Err(e) => tracing::warn!(
+                        job = job.id,
+                        "mailing the outcome failed (tried again in 2 minutes): {e}"
+                    ),
                 }
-                // The hold runs out in two minutes; then it is tried again.
-                Err(e) => tracing::warn!(
-                    job = job.id,
-                    "mailing the outcome failed (tried again in 2 minutes): {e}"
-                ),
             }
+        }
+        if !self.webhooks.is_empty() {
+            sent += self.webhooks.send_due(store).await?;
         }
         Ok(sent)
     }

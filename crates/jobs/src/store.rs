@@ -81,6 +81,14 @@ pub struct Job {
     pub error: Option<String>,
     /// How long the last attempt ran (ms).
     pub duration_ms: Option<i64>,
+    /// The webhook POSTed when the job ends.
+    pub webhook: Option<String>,
+    /// When the webhook was delivered or given up (ms).
+    pub webhook_done_ms: Option<i64>,
+    /// Webhook tries so far.
+    pub webhook_attempts: i64,
+    /// Why the webhook was given up.
+    pub webhook_error: Option<String>,
 }
 
 impl Job {
@@ -129,7 +137,8 @@ pub fn result_text(record: &serde_json::Value) -> String {
 
 const COLUMNS: &str = "id, task, args, queue, priority, state, attempt, max_attempts, run_at_ms, \
     unique_key, submitter, notify, worker, lease_until_ms, created_ms, started_ms, finished_ms, \
-    exit_code, term_signal, stdout, stderr, result, error, duration_ms";
+    exit_code, term_signal, stdout, stderr, result, error, duration_ms, webhook, webhook_done_ms, \
+    webhook_attempts, webhook_error";
 
 fn decode(row: &AnyRow) -> Result<Job, sqlx::Error> {
     let int = |i: usize| row.try_get::<i64, _>(i);
@@ -160,6 +169,10 @@ fn decode(row: &AnyRow) -> Result<Job, sqlx::Error> {
         result: json(opt_text(row, 21)?),
         error: opt_text(row, 22)?,
         duration_ms: opt_int(23)?,
+        webhook: opt_text(row, 24)?,
+        webhook_done_ms: opt_int(25)?,
+        webhook_attempts: int(26)?,
+        webhook_error: opt_text(row, 27)?,
     })
 }
 
@@ -184,6 +197,8 @@ pub struct NewJob {
     pub submitter: String,
     /// Where to mail the outcome.
     pub notify: Option<String>,
+    /// `[jobs.webhooks.NAME]` to POST the outcome to.
+    pub webhook: Option<String>,
 }
 
 /// How an attempt ended, as the worker reports it.
@@ -205,6 +220,25 @@ pub struct Outcome {
     pub permanent: bool,
     /// Run time.
     pub duration_ms: i64,
+}
+
+/// An outcome notification sent after a job ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Due {
+    /// The mail to `notify`.
+    Mail,
+    /// The POST to `webhook`.
+    Webhook,
+}
+
+impl Due {
+    /// (target, sent-at, hold/next-try) columns.
+    fn columns(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Due::Mail => ("notify", "notified_ms", "notify_lease_ms"),
+            Due::Webhook => ("webhook", "webhook_done_ms", "webhook_next_ms"),
+        }
+    }
 }
 
 /// What a cancel did.
@@ -361,8 +395,8 @@ impl Store {
             " RETURNING id"
         };
         let sql = format!(
-            "INSERT INTO labrelay_jobs (task, args, queue, priority, state, attempt, max_attempts, run_at_ms, unique_key, submitter, notify, created_ms) \
-             VALUES ({}, {}, {}, {}, '{QUEUED}', 0, {}, {}, {}, {}, {}, {}){returning}",
+            "INSERT INTO labrelay_jobs (task, args, queue, priority, state, attempt, max_attempts, run_at_ms, unique_key, submitter, notify, webhook, created_ms) \
+             VALUES ({}, {}, {}, {}, '{QUEUED}', 0, {}, {}, {}, {}, {}, {}, {}){returning}",
             p(1),
             p(2),
             p(3),
@@ -372,7 +406,8 @@ impl Store {
             p(7),
             p(8),
             p(9),
-            p(10)
+            p(10),
+            p(11)
         );
         let query = sqlx::query(&sql)
             .bind(job.task.clone())
@@ -384,6 +419,7 @@ impl Store {
             .bind(job.unique_key.clone())
             .bind(job.submitter.clone())
             .bind(job.notify.clone())
+            .bind(job.webhook.clone())
             .bind(now);
         let inserted = if self.db.engine() == Engine::Mysql {
             let mut conn = self.db.pool().acquire().await.map_err(|e| self.err(e))?;
@@ -430,7 +466,7 @@ impl Store {
     /// Insert many jobs (without unique keys), one multi-row INSERT per 1,000; their
     /// ids, in order.
     pub async fn submit_many(&self, jobs: &[NewJob]) -> anyhow::Result<Vec<i64>> {
-        const COLS: usize = 9;
+        const COLS: usize = 10;
         let now = now_ms();
         let engine = self.db.engine();
         let mut ids = Vec::with_capacity(jobs.len());
@@ -442,8 +478,8 @@ impl Store {
                 .map(|r| {
                     let p: Vec<String> = (1..=COLS).map(|c| self.p(r * COLS + c)).collect();
                     format!(
-                        "({}, {}, {}, {}, '{QUEUED}', 0, {}, {}, NULL, {}, {}, {})",
-                        p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8]
+                        "({}, {}, {}, {}, '{QUEUED}', 0, {}, {}, NULL, {}, {}, {}, {})",
+                        p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9]
                     )
                 })
                 .collect();
@@ -453,7 +489,7 @@ impl Store {
                 " RETURNING id"
             };
             let sql = format!(
-                "INSERT INTO labrelay_jobs (task, args, queue, priority, state, attempt, max_attempts, run_at_ms, unique_key, submitter, notify, created_ms) \
+                "INSERT INTO labrelay_jobs (task, args, queue, priority, state, attempt, max_attempts, run_at_ms, unique_key, submitter, notify, webhook, created_ms) \
                  VALUES {}{returning}",
                 rows.join(", ")
             );
@@ -468,6 +504,7 @@ impl Store {
                     .bind(j.run_at_ms.unwrap_or(now))
                     .bind(j.submitter.clone())
                     .bind(j.notify.clone())
+                    .bind(j.webhook.clone())
                     .bind(now);
             }
             if engine == Engine::Mysql {
@@ -943,14 +980,14 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Take up to `n` ended jobs whose outcome still has to be mailed, holding each for
-    /// `lease_ms` (so two workers do not both send it; a worker that dies before marking
-    /// it sent lets another send it, with the same Message-ID, when the hold runs out).
-    pub async fn claim_notifications(&self, n: usize, lease_ms: i64) -> anyhow::Result<Vec<Job>> {
+    /// Hold up to `n` finished jobs whose outcome `kind` is due (not sent, not held by
+    /// another worker) for `lease_ms`, and return them.
+    pub async fn claim_due(&self, kind: Due, n: usize, lease_ms: i64) -> anyhow::Result<Vec<Job>> {
         let now = now_ms();
+        let (target, done, hold) = kind.columns();
         let due = format!(
-            "notify IS NOT NULL AND notified_ms IS NULL AND state IN ('{SUCCEEDED}', '{FAILED}', '{DEAD}', '{CANCELLED}') \
-             AND (notify_lease_ms IS NULL OR notify_lease_ms < {now})"
+            "{target} IS NOT NULL AND {done} IS NULL AND state IN ('{SUCCEEDED}', '{FAILED}', '{DEAD}', '{CANCELLED}') \
+             AND ({hold} IS NULL OR {hold} < {now})"
         );
         let until = now + lease_ms;
         let ids: Vec<i64> = sqlx::query(&format!(
@@ -966,15 +1003,21 @@ impl Store {
         let mut taken = Vec::new();
         for id in ids {
             // The first to set the hold wins the job.
-            let done = sqlx::query(&format!(
-                "UPDATE labrelay_jobs SET notify_lease_ms = {until} WHERE id = {} AND {due}",
+            let set = match kind {
+                Due::Mail => format!("{hold} = {until}"),
+                Due::Webhook => {
+                    format!("{hold} = {until}, webhook_attempts = webhook_attempts + 1")
+                }
+            };
+            let won = sqlx::query(&format!(
+                "UPDATE labrelay_jobs SET {set} WHERE id = {} AND {due}",
                 self.p(1)
             ))
             .bind(id)
             .execute(self.db.pool())
             .await
             .map_err(|e| self.err(e))?;
-            if done.rows_affected() == 1
+            if won.rows_affected() == 1
                 && let Some(job) = self.get(id).await?
             {
                 taken.push(job);
@@ -983,13 +1026,38 @@ impl Store {
         Ok(taken)
     }
 
-    /// Record that the outcome mail of job `id` went out.
-    pub async fn notified(&self, id: i64) -> anyhow::Result<()> {
-        let set = format!("notified_ms = {}, notify_lease_ms = NULL", now_ms());
+    /// Record that the outcome `kind` of job `id` was sent, or given up with `error`.
+    pub async fn sent(&self, kind: Due, id: i64, error: Option<&str>) -> anyhow::Result<()> {
+        let (_, done, hold) = kind.columns();
+        let now = now_ms();
+        let sql = match kind {
+            Due::Mail => format!(
+                "UPDATE labrelay_jobs SET {done} = {now}, {hold} = NULL WHERE id = {}",
+                self.p(1)
+            ),
+            Due::Webhook => format!(
+                "UPDATE labrelay_jobs SET {done} = {now}, {hold} = NULL, webhook_error = {} WHERE id = {}",
+                self.p(1),
+                self.p(2)
+            ),
+        };
+        let q = match kind {
+            Due::Mail => sqlx::query(&sql).bind(id),
+            Due::Webhook => sqlx::query(&sql).bind(error.map(str::to_owned)).bind(id),
+        };
+        q.execute(self.db.pool()).await.map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Try the outcome `kind` of job `id` again at `next_ms` (the hold becomes the wait).
+    pub async fn send_later(&self, kind: Due, id: i64, next_ms: i64) -> anyhow::Result<()> {
+        let (_, _, hold) = kind.columns();
         sqlx::query(&format!(
-            "UPDATE labrelay_jobs SET {set} WHERE id = {}",
-            self.p(1)
+            "UPDATE labrelay_jobs SET {hold} = {} WHERE id = {}",
+            self.p(1),
+            self.p(2)
         ))
+        .bind(next_ms)
         .bind(id)
         .execute(self.db.pool())
         .await
@@ -1053,7 +1121,8 @@ impl Store {
     pub async fn retry(&self, id: i64) -> anyhow::Result<bool> {
         let sql = format!(
             "UPDATE labrelay_jobs SET state = '{QUEUED}', attempt = 0, run_at_ms = {}, finished_ms = NULL, \
-             cancel_requested = 0, notified_ms = NULL, notify_lease_ms = NULL \
+             cancel_requested = 0, notified_ms = NULL, notify_lease_ms = NULL, webhook_next_ms = NULL, \
+             webhook_done_ms = NULL, webhook_attempts = 0, webhook_error = NULL \
              WHERE id = {} AND state IN ('{FAILED}', '{DEAD}', '{CANCELLED}')",
             self.p(1),
             self.p(2)

@@ -309,7 +309,8 @@ async fn fire_schedules(
                 run_at_ms: Some(next.timestamp_millis()),
                 unique_key: Some(format!("schedule:{name}:{}", next.timestamp_millis())),
                 submitter: "schedule".into(),
-                notify: None,
+                notify: task.email.clone(),
+                webhook: task.webhook.clone(),
             };
             match store.submit(&job).await {
                 Ok((id, true)) => {

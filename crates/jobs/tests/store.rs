@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use jobs::store::{self, Cancelled, Job, ListFilter, NewJob, Outcome, Store};
+use jobs::store::{self, Cancelled, Due, Job, ListFilter, NewJob, Outcome, Store};
 use labrelay::config::DatabaseConfig;
 use labrelay::db::{Db, Engine};
 use labrelay::secret::RedactedUrl;
@@ -87,6 +87,7 @@ fn job(task: &str) -> NewJob {
         unique_key: None,
         submitter: "alice".into(),
         notify: None,
+        webhook: None,
     }
 }
 
@@ -357,6 +358,64 @@ async fn contract(engine: Engine) {
         .await
         .unwrap();
     assert!(mine.is_empty());
+    // Webhook deliveries: held by one sender, retried at the time given, done once.
+    let mut hooked = job("hooked");
+    hooked.webhook = Some("lims".into());
+    hooked.queue = "hooks".into();
+    let (hid, _) = s.submit(&hooked).await.unwrap();
+    let hq = vec!["hooks".to_owned()];
+    let c = s.claim("w1", &hq, 1, 60_000).await.unwrap();
+    assert!(
+        s.claim_due(Due::Webhook, 10, 60_000)
+            .await
+            .unwrap()
+            .is_empty(),
+        "not ended yet"
+    );
+    s.finish(&c[0], "w1", &ok(), 0).await.unwrap();
+    let due = s.claim_due(Due::Webhook, 10, 60_000).await.unwrap();
+    assert_eq!(
+        due.iter()
+            .map(|j| (j.id, j.webhook_attempts))
+            .collect::<Vec<_>>(),
+        [(hid, 1)]
+    );
+    assert!(
+        s.claim_due(Due::Webhook, 10, 60_000)
+            .await
+            .unwrap()
+            .is_empty(),
+        "held"
+    );
+    s.send_later(Due::Webhook, hid, store::now_ms() - 1)
+        .await
+        .unwrap();
+    let due = s.claim_due(Due::Webhook, 10, 60_000).await.unwrap();
+    assert_eq!(due[0].webhook_attempts, 2);
+    s.sent(Due::Webhook, hid, Some("the receiver answered 400"))
+        .await
+        .unwrap();
+    s.send_later(Due::Webhook, hid, store::now_ms() - 1)
+        .await
+        .unwrap();
+    assert!(
+        s.claim_due(Due::Webhook, 10, 60_000)
+            .await
+            .unwrap()
+            .is_empty(),
+        "done"
+    );
+    let delivered = s.get(hid).await.unwrap().unwrap();
+    assert!(delivered.webhook_done_ms.is_some());
+    assert_eq!(
+        delivered.webhook_error.as_deref(),
+        Some("the receiver answered 400")
+    );
+    assert!(
+        s.claim_due(Due::Mail, 10, 60_000).await.unwrap().is_empty(),
+        "no address"
+    );
+
     // API nonces: once per user, another user may use the same value.
     let until = store::now_ms() + 61_000;
     assert!(
