@@ -202,7 +202,12 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
                 Ok(cfg) if !once => labrelay::db::Wakeup::listen(&cfg, jobs::NOTIFY_CHANNEL).await,
                 _ => labrelay::db::Wakeup::Poll,
             };
-            tracing::info!(worker = %opts.name, queues = ?opts.queues, concurrency = opts.concurrency, "worker started");
+            let dispatch = if registry.settings.broker == "rabbitmq" && !once {
+                Some(jobs::rabbit::Dispatch::connect(&ctx.config, &opts.queues).await?)
+            } else {
+                None
+            };
+            tracing::info!(worker = %opts.name, queues = ?opts.queues, concurrency = opts.concurrency, broker = %registry.settings.broker, "worker started");
             let out = &ctx.out;
             let mut write_failed = None;
             let totals = worker::run(
@@ -211,6 +216,7 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
                 &opts,
                 wake,
                 notifier.as_ref(),
+                dispatch.as_ref(),
                 labrelay::cli::shutdown_signal(),
                 |r| {
                     let shown = out.emit("job", r, || {
@@ -231,6 +237,9 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
                 },
             )
             .await?;
+            if let Some(d) = &dispatch {
+                d.close().await;
+            }
             if let Some(e) = write_failed {
                 return Err(e.into());
             }

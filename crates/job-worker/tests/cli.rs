@@ -38,11 +38,46 @@ struct Home {
     dir: tempfile::TempDir,
     config: PathBuf,
     queue: String,
+    rabbit: bool,
+}
+
+impl Drop for Home {
+    /// The RabbitMQ queues of this test's job queue are deleted (the server is shared).
+    fn drop(&mut self) {
+        if !self.rabbit {
+            return;
+        }
+        let Some(url) = test_support::require("AMQP_URL") else {
+            return;
+        };
+        let queue = jobs::rabbit::queue_name(&self.queue);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            use labrelay::queue::Broker as _;
+            let url = labrelay::secret::RedactedUrl::parse(&url).unwrap();
+            let b = labrelay::queue::AnyBroker::connect(
+                &url,
+                &labrelay::queue::BrokerSettings::default(),
+            )
+            .await
+            .unwrap();
+            let _ = b.delete_queue(&queue).await;
+            let _ = b
+                .delete_queue(&labrelay::queue::dead_letter_name(&queue))
+                .await;
+            b.close().await;
+        });
+    }
 }
 
 enum State {
     Sqlite,
     Postgres,
+    /// PostgreSQL state, RabbitMQ hands out the jobs.
+    Rabbit,
 }
 
 impl Home {
@@ -53,7 +88,14 @@ impl Home {
                 "sqlite://{}?mode=rwc",
                 dir.path().join("state.db").display()
             ),
-            State::Postgres => test_support::require("PG_URL")?,
+            State::Postgres | State::Rabbit => test_support::require("PG_URL")?,
+        };
+        let broker = match state {
+            State::Rabbit => format!(
+                "broker = \"rabbitmq\"\nrepublish_secs = 5\n\n[queue]\nurl = \"{}\"\n",
+                test_support::require("AMQP_URL")?
+            ),
+            _ => String::new(),
         };
         let queue = test_support::unique("q").replace('-', "_").to_lowercase();
         let toml = format!(
@@ -69,6 +111,7 @@ heartbeat_secs = 1
 poll_ms = 100
 grace_secs = 2
 queue = "{queue}"
+{broker}
 
 [tasks.echo]
 command = ["printf", "%s\n{{{{\"sample\": \"%s\"}}}}\n", "{{sample}}", "{{sample}}"]
@@ -88,7 +131,13 @@ command = ["sh", "-c", "sleep {{secs}} & sleep {{secs}}; wait"]
             data = dir.path().join("data").display(),
         );
         let config = test_support::write_config(dir.path(), &toml);
-        Some(Home { dir, config, queue })
+        let rabbit = matches!(state, State::Rabbit);
+        Some(Home {
+            dir,
+            config,
+            queue,
+            rabbit,
+        })
     }
 
     fn command(&self, bin: &str, args: &[&str]) -> Command {
@@ -305,6 +354,11 @@ fn a_killed_worker_loses_its_job_to_another_postgres() {
     a_killed_worker_loses_its_job_to_another(&State::Postgres);
 }
 
+#[test]
+fn a_killed_worker_loses_its_job_to_another_rabbitmq() {
+    a_killed_worker_loses_its_job_to_another(&State::Rabbit);
+}
+
 fn sleeping(secs: &str) -> bool {
     Command::new("pgrep")
         .args(["-f", &format!("^sleep {secs}$")])
@@ -316,7 +370,16 @@ fn sleeping(secs: &str) -> bool {
 
 #[test]
 fn cancel_of_a_running_job_kills_its_process_group() {
-    let Some(h) = Home::new(&State::Sqlite, "") else {
+    cancel_kills_the_group(&State::Sqlite);
+}
+
+#[test]
+fn cancel_of_a_running_job_kills_its_process_group_rabbitmq() {
+    cancel_kills_the_group(&State::Rabbit);
+}
+
+fn cancel_kills_the_group(state: &State) {
+    let Some(h) = Home::new(state, "") else {
         return;
     };
     let secs = format!(
@@ -343,7 +406,16 @@ fn cancel_of_a_running_job_kills_its_process_group() {
 
 #[test]
 fn sigterm_gives_running_jobs_the_grace_period_then_gives_them_back() {
-    let Some(h) = Home::new(&State::Sqlite, "") else {
+    sigterm_grace(&State::Sqlite);
+}
+
+#[test]
+fn sigterm_gives_running_jobs_the_grace_period_then_gives_them_back_rabbitmq() {
+    sigterm_grace(&State::Rabbit);
+}
+
+fn sigterm_grace(state: &State) {
+    let Some(h) = Home::new(state, "") else {
         return;
     };
     let secs = format!(
@@ -393,8 +465,17 @@ fn a_bad_task_definition_is_a_configuration_error_before_any_work() {
 
 #[test]
 fn a_scheduled_task_runs_once_per_period_however_many_workers_run() {
+    scheduled_once_per_period(&State::Sqlite);
+}
+
+#[test]
+fn a_scheduled_task_runs_once_per_period_with_rabbitmq() {
+    scheduled_once_per_period(&State::Rabbit);
+}
+
+fn scheduled_once_per_period(state: &State) {
     let extra = "\n[tasks.tick]\ncommand = [\"true\"]\nschedule = \"*/2 * * * * *\"\n";
-    let Some(h) = Home::new(&State::Sqlite, extra) else {
+    let Some(h) = Home::new(state, extra) else {
         return;
     };
     let workers: Vec<Child> = (0..3)
@@ -408,9 +489,11 @@ fn a_scheduled_task_runs_once_per_period_however_many_workers_run() {
         assert!(w.wait_with_output().unwrap().status.success());
     }
     let out = h.ok(BIN, &["--json", "list", "--submitter", "schedule"]);
+    // This test's queue only: a PostgreSQL state database is shared.
     let jobs: Vec<serde_json::Value> = out
         .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|j| j["queue"] == h.queue.as_str())
         .collect();
     // Every 2 s for 7.5 s: 3 or 4 periods, one job each, not one per worker.
     assert!((3..=4).contains(&jobs.len()), "{out}");
@@ -584,4 +667,153 @@ fn a_webhook_is_signed_retried_after_a_5xx_and_delivered_once() {
         String::from_utf8_lossy(&out.stderr).contains("webhook nope"),
         "{out:?}"
     );
+}
+
+/// RabbitMQ hands out 60 jobs to two workers: each runs once; a duplicate message for a
+/// finished job is acknowledged and dropped; no message is left behind.
+#[test]
+fn rabbitmq_workers_share_the_jobs_and_drop_duplicate_messages() {
+    let Some(h) = Home::new(&State::Rabbit, "") else {
+        return;
+    };
+    let lines = h.dir.path().join("samples.jsonl");
+    let body = samples(0, 60);
+    std::fs::write(&lines, body).unwrap();
+    let ids: Vec<i64> = h
+        .ok(
+            &SUBMIT,
+            &["task", "echo", "--each", lines.to_str().unwrap()],
+        )
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    let workers: Vec<Child> = (0..2)
+        .map(|i| h.spawn_worker(&["--concurrency", "4", "--name", &format!("w{i}")]))
+        .collect();
+    wait_for("60 jobs", 60, || {
+        ids.iter().all(|id| h.job(*id)["state"] == "succeeded")
+    });
+    // A stray copy of the first job's message: dropped, the job does not run again.
+    let url = test_support::require("AMQP_URL").unwrap();
+    let queue = jobs::rabbit::queue_name(&h.queue);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let broker = rt.block_on(async {
+        let url = labrelay::secret::RedactedUrl::parse(&url).unwrap();
+        labrelay::queue::AnyBroker::connect(&url, &labrelay::queue::BrokerSettings::default())
+            .await
+            .unwrap()
+    });
+    rt.block_on(async {
+        use labrelay::queue::Broker as _;
+        broker
+            .publish(
+                "",
+                &queue,
+                ids[0].to_string().as_bytes(),
+                &labrelay::queue::PublishOptions::new(),
+            )
+            .await
+            .unwrap();
+    });
+    wait_for("the duplicate to be consumed", 20, || {
+        rt.block_on(async {
+            use labrelay::queue::Broker as _;
+            broker.ready_count(&queue).await.unwrap() == 0
+        })
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    for w in &workers {
+        signal(w, "-TERM");
+    }
+    for w in workers {
+        assert!(w.wait_with_output().unwrap().status.success());
+    }
+    for id in &ids {
+        let j = h.job(*id);
+        assert_eq!(
+            (j["state"].as_str(), j["attempt"].as_i64()),
+            (Some("succeeded"), Some(1)),
+            "{j}"
+        );
+    }
+    rt.block_on(broker.close());
+}
+
+/// RabbitMQ stopped and started again while jobs are submitted and running: every job
+/// ends succeeded, once.
+#[test]
+fn rabbitmq_restart_mid_run_loses_no_job() {
+    let Some(node) = test_support::rabbitmq::RabbitNode::start() else {
+        return;
+    };
+    let Some(h) = Home::new(&State::Rabbit, "") else {
+        return;
+    };
+    // This test's own node, not the shared server.
+    let text = std::fs::read_to_string(&h.config).unwrap();
+    let shared = test_support::require("AMQP_URL").unwrap();
+    std::fs::write(&h.config, text.replace(&shared, &node.url())).unwrap();
+    let submit = |from: usize, to: usize| {
+        let lines = h.dir.path().join(format!("batch{from}.jsonl"));
+        let body = samples(from, to);
+        std::fs::write(&lines, body).unwrap();
+        h.ok(
+            &SUBMIT,
+            &["task", "echo", "--each", lines.to_str().unwrap()],
+        )
+        .lines()
+        .map(|l| l.parse::<i64>().unwrap())
+        .collect::<Vec<_>>()
+    };
+    let mut ids = submit(0, 20);
+    let worker = h.spawn_worker(&["--concurrency", "2"]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(node.halt(), "stopping the node");
+    ids.extend(submit(20, 40));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(node.boot(), "starting the node again");
+    ids.extend(submit(40, 60));
+    let succeeded = |id: &i64| h.job(*id)["state"] == "succeeded";
+    wait_for("all 60 jobs after the restart", 90, || {
+        ids.iter().all(succeeded)
+    });
+    signal(&worker, "-TERM");
+    let out = worker.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    for id in &ids {
+        assert_eq!(h.job(*id)["attempt"], 1, "job {id} ran once");
+    }
+}
+
+/// JSON Lines of echo arguments, samples `S{from}` to `S{to - 1}`.
+fn samples(from: usize, to: usize) -> String {
+    use std::fmt::Write as _;
+    (from..to).fold(String::new(), |mut out, i| {
+        let _ = writeln!(out, "{{\"sample\": \"S{i}\"}}");
+        out
+    })
+}
+
+/// With RabbitMQ, a failing job is retried after its backoff (published again when due)
+/// and is dead after its last attempt.
+#[test]
+fn rabbitmq_retries_follow_the_backoff_then_the_job_is_dead() {
+    let Some(h) = Home::new(&State::Rabbit, "") else {
+        return;
+    };
+    let id = h.submit(&["fail"]);
+    let started = Instant::now();
+    let mut worker = h.spawn_worker(&[]);
+    wait_for("the job to die", 30, || h.job(id)["state"] == "dead");
+    let took = started.elapsed();
+    signal(&worker, "-TERM");
+    assert!(worker.wait().unwrap().success());
+    let job = h.job(id);
+    assert_eq!(job["attempt"], 2, "{job}");
+    assert!(job["error"].as_str().unwrap().contains("exit"), "{job}");
+    // The retry waited for its backoff (1 s base, jittered over its upper half).
+    assert!(took >= Duration::from_millis(500), "{took:?}");
 }

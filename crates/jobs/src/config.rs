@@ -32,6 +32,12 @@ pub struct JobsConfig {
     pub timeout_secs: u64,
     /// Queue of tasks without `queue`.
     pub queue: String,
+    /// How workers get jobs: `database` (claims from the job table) or `rabbitmq`
+    /// (`[queue] url`: the table publishes ready jobs to one quorum queue per job queue).
+    pub broker: String,
+    /// `rabbitmq`: a job published this long ago and still not claimed is published
+    /// again (a message lost with a broker's disk, say).
+    pub republish_secs: u64,
     /// `job-worker serve`: the address to listen on.
     pub listen: String,
     /// `code-submit`: submit through this `job-worker serve` instead of the database.
@@ -92,6 +98,8 @@ impl Default for JobsConfig {
             max_attempts: 3,
             timeout_secs: 3600,
             queue: "default".into(),
+            broker: "database".into(),
+            republish_secs: 300,
             listen: "127.0.0.1:8080".into(),
             api_url: None,
             api_user: None,
@@ -354,6 +362,30 @@ impl Registry {
                 return Err(invalid(
                     &format!("jobs.users.{name}"),
                     "a user name is 1 to 64 of A-Z a-z 0-9 . _ @ -".into(),
+                ));
+            }
+        }
+        match settings.broker.as_str() {
+            "database" => {}
+            "rabbitmq" => {
+                let url = config.queue_url()?;
+                if !matches!(url.expose().scheme(), "amqp" | "amqps") {
+                    return Err(invalid(
+                        "jobs.broker",
+                        format!(
+                            "rabbitmq needs [queue] url = \"amqp://...\" (it is {})",
+                            url.redacted()
+                        ),
+                    ));
+                }
+                if settings.republish_secs < settings.lease_secs {
+                    return Err(invalid("jobs.republish_secs", "at least lease_secs".into()));
+                }
+            }
+            other => {
+                return Err(invalid(
+                    "jobs.broker",
+                    format!("`{other}`: database or rabbitmq"),
                 ));
             }
         }

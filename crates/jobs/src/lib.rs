@@ -17,6 +17,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod notify;
+pub mod rabbit;
 pub mod runner;
 pub mod store;
 pub mod webhook;

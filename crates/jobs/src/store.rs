@@ -4,6 +4,7 @@
 //! again, or cancelled) changes nothing: its late result is refused.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 
 use labrelay::db::{Db, Engine, opt_text, text};
 use serde::Serialize;
@@ -562,6 +563,202 @@ impl Store {
         Ok(done.rows_affected())
     }
 
+    /// Mark jobs whose worker died after their last attempt dead (at most once a
+    /// second; [`Store::claim`] does it on its own).
+    pub async fn maintain(&self) -> anyhow::Result<()> {
+        let now = now_ms();
+        let looked = self.buried_at.load(std::sync::atomic::Ordering::Relaxed);
+        if now - looked >= 1000 || now < looked {
+            self.buried_at
+                .store(now, std::sync::atomic::Ordering::Relaxed);
+            self.bury_expired(now).await?;
+        }
+        Ok(())
+    }
+
+    /// Take up to `n` jobs of `queues` to publish to RabbitMQ: ready queued jobs and
+    /// running jobs whose lease expired, not published within `republish_ms`, and not
+    /// of a task with a concurrency limit (those are claimed from the table). They are
+    /// marked published now; `(id, queue)` in order.
+    pub async fn take_for_publish(
+        &self,
+        queues: &[String],
+        n: usize,
+        republish_ms: i64,
+    ) -> anyhow::Result<Vec<(i64, String)>> {
+        if queues.is_empty() || n == 0 {
+            return Ok(Vec::new());
+        }
+        let now = now_ms();
+        let stale = now - republish_ms;
+        let qlist: Vec<String> = (0..queues.len()).map(|i| self.p(i + 1)).collect();
+        let mut due = format!(
+            "((state = '{QUEUED}' AND published_ms < {stale} AND run_at_ms <= {now}) \
+             OR (state = '{RUNNING}' AND published_ms < {stale} AND lease_until_ms < {now})) \
+             AND queue IN ({})",
+            qlist.join(", ")
+        );
+        if !self.limits.is_empty() {
+            let _ = write!(due, " AND task NOT IN ({})", self.limited_list());
+        }
+        let order = "ORDER BY priority DESC, run_at_ms, id";
+        let rows = match self.db.engine() {
+            Engine::Sqlite | Engine::Postgres => {
+                let lock = if self.db.engine() == Engine::Postgres {
+                    " FOR UPDATE SKIP LOCKED"
+                } else {
+                    ""
+                };
+                let sql = format!(
+                    "UPDATE labrelay_jobs SET published_ms = {now} WHERE id IN \
+                     (SELECT id FROM labrelay_jobs WHERE {due} {order} LIMIT {n}{lock}) RETURNING id, queue"
+                );
+                let mut q = sqlx::query(&sql);
+                for queue in queues {
+                    q = q.bind(queue.clone());
+                }
+                q.fetch_all(self.db.pool()).await.map_err(|e| self.err(e))?
+            }
+            Engine::Mysql => {
+                let mut tx = self.db.pool().begin().await.map_err(|e| self.err(e))?;
+                let sql = format!(
+                    "SELECT id, queue FROM labrelay_jobs WHERE {due} {order} LIMIT {n} FOR UPDATE SKIP LOCKED"
+                );
+                let mut q = sqlx::query(&sql);
+                for queue in queues {
+                    q = q.bind(queue.clone());
+                }
+                let rows = q.fetch_all(&mut *tx).await.map_err(|e| self.err(e))?;
+                if !rows.is_empty() {
+                    let ids: Vec<String> = rows
+                        .iter()
+                        .map(|r| r.try_get::<i64, _>(0).map(|i| i.to_string()))
+                        .collect::<Result<_, _>>()
+                        .map_err(|e| self.err(e))?;
+                    sqlx::query(&format!(
+                        "UPDATE labrelay_jobs SET published_ms = {now} WHERE id IN ({})",
+                        ids.join(", ")
+                    ))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| self.err(e))?;
+                }
+                tx.commit().await.map_err(|e| self.err(e))?;
+                rows
+            }
+        };
+        let mut out = rows
+            .iter()
+            .map(|r| Ok((r.try_get::<i64, _>(0)?, text(r, 1)?)))
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(|e| self.err(e))?;
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// Undo [`Store::take_for_publish`] for jobs whose publish failed: the next sweep
+    /// takes them again.
+    pub async fn unpublish(&self, ids: &[i64]) -> anyhow::Result<()> {
+        for chunk in ids.chunks(500) {
+            let list: Vec<String> = chunk.iter().map(ToString::to_string).collect();
+            sqlx::query(&format!(
+                "UPDATE labrelay_jobs SET published_ms = 0 WHERE id IN ({})",
+                list.join(", ")
+            ))
+            .execute(self.db.pool())
+            .await
+            .map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    /// Claim job `id` for `worker` if it is ready (queued and due, or running with an
+    /// expired lease); `None` when it is not (taken, finished, cancelled, not due, or of
+    /// a task with a concurrency limit).
+    pub async fn claim_id(
+        &self,
+        id: i64,
+        worker: &str,
+        lease_ms: i64,
+    ) -> anyhow::Result<Option<Job>> {
+        let now = now_ms();
+        let mut filter = format!(
+            "id = {id} AND ((state = '{QUEUED}' AND run_at_ms <= {now}) OR (state = '{RUNNING}' AND lease_until_ms < {now}) ) \
+             AND attempt < max_attempts"
+        );
+        if !self.limits.is_empty() {
+            let _ = write!(filter, " AND task NOT IN ({})", self.limited_list());
+        }
+        let mut conn = self.db.pool().acquire().await.map_err(|e| self.err(e))?;
+        let sql = format!(
+            "UPDATE labrelay_jobs SET {} WHERE {filter}",
+            self.claim_set()
+        );
+        let q = sqlx::query(&sql)
+            .bind(worker.to_owned())
+            .bind(now + lease_ms);
+        if self.db.engine() == Engine::Mysql {
+            let done = q.execute(&mut *conn).await.map_err(|e| self.err(e))?;
+            if done.rows_affected() == 0 {
+                return Ok(None);
+            }
+            let row = sqlx::query(&format!(
+                "SELECT {COLUMNS} FROM labrelay_jobs WHERE id = {id}"
+            ))
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(|e| self.err(e))?;
+            return row
+                .as_ref()
+                .map(decode)
+                .transpose()
+                .map_err(|e| self.err(e));
+        }
+        let sql = format!("{sql} RETURNING {COLUMNS}");
+        let row = sqlx::query(&sql)
+            .bind(worker.to_owned())
+            .bind(now + lease_ms)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(|e| self.err(e))?;
+        row.as_ref()
+            .map(decode)
+            .transpose()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Claim up to `n` ready jobs of the tasks with a concurrency limit only (the
+    /// RabbitMQ broker leaves those to the table).
+    pub async fn claim_limited_tasks(
+        &self,
+        worker: &str,
+        queues: &[String],
+        n: usize,
+        lease_ms: i64,
+    ) -> anyhow::Result<Vec<Job>> {
+        let now = now_ms();
+        let ready = format!("state = '{QUEUED}' AND run_at_ms <= {now}");
+        let mut jobs = Vec::new();
+        for (task, &limit) in self.limits.iter() {
+            if jobs.len() >= n {
+                break;
+            }
+            let more = self
+                .claim_limited(
+                    worker,
+                    queues,
+                    task,
+                    limit,
+                    n - jobs.len(),
+                    &ready,
+                    now + lease_ms,
+                )
+                .await?;
+            jobs.extend(more);
+        }
+        Ok(jobs)
+    }
+
     /// Claim up to `n` jobs of `queues` for `worker`: ready queued jobs and running jobs
     /// whose lease expired (their worker died), highest priority first, then oldest.
     pub async fn claim(
@@ -615,20 +812,9 @@ impl Store {
                 .await?;
             jobs.extend(more);
         }
-        for (task, &limit) in self.limits.iter() {
-            if jobs.len() >= n {
-                break;
-            }
+        if jobs.len() < n && !self.limits.is_empty() {
             let more = self
-                .claim_limited(
-                    worker,
-                    queues,
-                    task,
-                    limit,
-                    n - jobs.len(),
-                    &ready,
-                    now + lease_ms,
-                )
+                .claim_limited_tasks(worker, queues, n - jobs.len(), lease_ms)
                 .await?;
             jobs.extend(more);
         }
@@ -747,7 +933,7 @@ impl Store {
     fn claim_set(&self) -> String {
         format!(
             "state = '{RUNNING}', attempt = attempt + 1, worker = {}, lease_until_ms = {}, started_ms = {}, \
-             finished_ms = NULL",
+             finished_ms = NULL, published_ms = 0",
             self.p(1),
             self.p(2),
             now_ms()
@@ -1121,7 +1307,7 @@ impl Store {
     pub async fn retry(&self, id: i64) -> anyhow::Result<bool> {
         let sql = format!(
             "UPDATE labrelay_jobs SET state = '{QUEUED}', attempt = 0, run_at_ms = {}, finished_ms = NULL, \
-             cancel_requested = 0, notified_ms = NULL, notify_lease_ms = NULL, webhook_next_ms = NULL, \
+             cancel_requested = 0, notified_ms = NULL, notify_lease_ms = NULL, webhook_next_ms = NULL, published_ms = 0, \
              webhook_done_ms = NULL, webhook_attempts = 0, webhook_error = NULL \
              WHERE id = {} AND state IN ('{FAILED}', '{DEAD}', '{CANCELLED}')",
             self.p(1),

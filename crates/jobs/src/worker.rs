@@ -58,12 +58,14 @@ pub struct Totals {
 
 /// Run until `shutdown` fires (or, with `once`, until nothing is ready), calling
 /// `report` for every attempt that ended.
+#[allow(clippy::too_many_arguments)] // each is one of the worker's outside connections
 pub async fn run(
     store: &Store,
     registry: Arc<Registry>,
     opts: &WorkerOptions,
     mut wake: labrelay::db::Wakeup,
     notifier: Option<&crate::notify::Notifier>,
+    dispatch: Option<&crate::rabbit::Dispatch>,
     shutdown: impl std::future::Future<Output = ()>,
     mut report: impl FnMut(&Report),
 ) -> anyhow::Result<Totals> {
@@ -85,7 +87,34 @@ pub async fn run(
     let mut mailed_at = std::time::Instant::now();
     let mut ended = 0u64;
     let mut claim_failures = 0u32;
+    // RabbitMQ: consumers claim what their messages name; this loop publishes what is
+    // due and claims from the table only the tasks with a concurrency limit. `--once`
+    // claims from the table (cron wants "what is ready now", not a subscription).
+    let dispatch = dispatch.filter(|_| !opts.once);
+    let republish_ms = i64::try_from(s.republish_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let (mut feed, feeders) = match dispatch {
+        Some(d) => {
+            let prefetch = u16::try_from(opts.concurrency).unwrap_or(u16::MAX);
+            let (rx, handles) = d.feed(store, &opts.name, lease_ms, &slots, prefetch);
+            (Some(rx), handles)
+        }
+        None => (None, Vec::new()),
+    };
+    let mut swept_at: Option<std::time::Instant> = None;
+    let mut woken = true;
     loop {
+        if let Some(d) = dispatch
+            && (woken || swept_at.is_none_or(|t| t.elapsed() >= poll))
+        {
+            woken = false;
+            swept_at = Some(std::time::Instant::now());
+            if let Err(e) = store.maintain().await {
+                tracing::warn!("looking for jobs of dead workers failed: {e:#}");
+            }
+            if let Err(e) = d.publish_due(store, republish_ms).await {
+                tracing::warn!("publishing jobs to RabbitMQ failed (tried again): {e:#}");
+            }
+        }
         if !registry.schedules.is_empty() {
             fire_schedules(store, &registry, &opts.queues, &mut scheduled_until).await;
         }
@@ -117,8 +146,16 @@ pub async fn run(
             .available_permits()
             .min(usize::try_from(budget).unwrap_or(usize::MAX));
         let mut claimed = Vec::new();
-        if free > 0 {
-            match store.claim(&opts.name, &opts.queues, free, lease_ms).await {
+        let from_table = dispatch.is_none() || !registry.limits().is_empty();
+        if free > 0 && from_table {
+            let claim = if dispatch.is_some() {
+                store
+                    .claim_limited_tasks(&opts.name, &opts.queues, free, lease_ms)
+                    .await
+            } else {
+                store.claim(&opts.name, &opts.queues, free, lease_ms).await
+            };
+            match claim {
                 Ok(jobs) => {
                     claimed = jobs;
                     claim_failures = 0;
@@ -161,6 +198,16 @@ pub async fn run(
                 let _ = done.send(r);
             });
         }
+        // What the RabbitMQ consumers claimed meanwhile.
+        while let Some(rx) = feed.as_mut()
+            && let Ok(fed) = rx.try_recv()
+        {
+            running += 1;
+            totals.claimed += 1;
+            spawn_fed(
+                fed, store, &registry, &opts.name, &finisher, &stop_rx, &done_tx, lease_ms,
+            );
+        }
         if free > 0 && running == 0 && opts.once {
             // Nothing was ready and nothing runs: done.
             break;
@@ -175,13 +222,36 @@ pub async fn run(
                     report(&r);
                 }
             }
-            () = wake.wait(poll), if slots.available_permits() > 0 => {}
+            arrived = async { feed.as_mut().expect("checked").recv().await }, if feed.is_some() => {
+                if let Some(fed) = arrived {
+                    running += 1;
+                    totals.claimed += 1;
+                    spawn_fed(fed, store, &registry, &opts.name, &finisher, &stop_rx, &done_tx, lease_ms);
+                }
+            }
+            () = wake.wait(poll), if slots.available_permits() > 0 || dispatch.is_some() => woken = true,
             // Schedules are looked at every second even while every slot is busy.
             () = tokio::time::sleep(Duration::from_secs(1)), if !registry.schedules.is_empty() => {}
         }
     }
-    // Done claiming. Running jobs finish; on shutdown they get the grace period, then
-    // are killed and given back.
+    // Done claiming. What the consumers claimed and nobody started goes back.
+    if let Some(mut rx) = feed.take() {
+        rx.close();
+        while let Some(fed) = rx.recv().await {
+            if let Err(e) = store.release(&fed.job, &opts.name).await {
+                tracing::warn!(
+                    job = fed.job.id,
+                    "giving the job back failed (its lease runs out): {e:#}"
+                );
+            }
+            let _ = fed.delivery.nack_requeue().await;
+        }
+    }
+    for f in feeders {
+        f.abort();
+    }
+    // Running jobs finish; on shutdown they get the grace period, then are killed and
+    // given back.
     let mut deadline = stopping.then(|| tokio::time::Instant::now() + grace);
     while running > 0 {
         let until =
@@ -210,6 +280,46 @@ pub async fn run(
         tracing::warn!("sending outcome mails failed: {e:#}");
     }
     Ok(totals)
+}
+
+/// Run a job a RabbitMQ consumer claimed; acknowledge its message once the outcome was
+/// written (or the write failed: then the row still says running, its lease runs out
+/// and the job is published again).
+#[allow(clippy::too_many_arguments)]
+fn spawn_fed(
+    fed: crate::rabbit::Fed,
+    store: &Store,
+    registry: &Arc<Registry>,
+    worker: &str,
+    finisher: &Finisher,
+    stop: &watch::Receiver<Stop>,
+    done: &mpsc::UnboundedSender<Report>,
+    lease_ms: i64,
+) {
+    let (store, registry, stop, done, name, finisher) = (
+        store.clone(),
+        registry.clone(),
+        stop.clone(),
+        done.clone(),
+        worker.to_owned(),
+        finisher.clone(),
+    );
+    tokio::spawn(async move {
+        let crate::rabbit::Fed {
+            job,
+            delivery,
+            permit,
+        } = fed;
+        let r = attempt(&store, &finisher, &registry, &name, job, stop, lease_ms).await;
+        if let Err(e) = delivery.ack().await {
+            tracing::debug!(
+                job = r.id,
+                "acknowledging the job message failed (a duplicate comes, and is dropped): {e}"
+            );
+        }
+        drop(permit);
+        let _ = done.send(r);
+    });
 }
 
 type Reply = tokio::sync::oneshot::Sender<anyhow::Result<Option<&'static str>>>;
