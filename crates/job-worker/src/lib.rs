@@ -79,6 +79,10 @@ pub enum Command {
     Result {
         /// Job id
         id: i64,
+        /// The whole stdout, from [jobs] output_storage, when it was longer than the row
+        /// keeps (raw bytes, not JSON)
+        #[arg(long)]
+        full: bool,
     },
     /// Cancel a job (a running one is killed, with everything it started)
     Cancel {
@@ -182,6 +186,22 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
             name,
         } => {
             let (store, registry) = open(&ctx).await?;
+            let store = match &registry.settings.output_storage {
+                Some(name) => {
+                    let storage =
+                        labrelay::storage::AnyStorage::open_checked(ctx.config.storage(name)?)
+                            .await?;
+                    let dir = ctx.config.data_dir().join("job-output");
+                    std::fs::create_dir_all(&dir)
+                        .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+                    store.with_output(jobs::runner::Spill {
+                        storage,
+                        dir,
+                        max: registry.settings.output_max_bytes,
+                    })
+                }
+                None => store,
+            };
             let notifier = jobs::notify::Notifier::from_config(&ctx.config)?;
             let queues = if queues.is_empty() {
                 let mut q: Vec<String> = registry.tasks.values().map(|t| t.queue.clone()).collect();
@@ -336,11 +356,27 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
             })?;
             Ok(Exit::Ok)
         }
-        Command::Result { id } => {
-            let (store, _) = open(&ctx).await?;
+        Command::Result { id, full } => {
+            let (store, registry) = open(&ctx).await?;
             let j = store.get(id).await?.ok_or_else(|| no_such(id))?;
             if !j.is_finished() {
                 return Err(jobs::JobError::NotFinished { id, state: j.state }.into());
+            }
+            if full && let Some(key) = &j.stdout_ref {
+                use labrelay::storage::ObjectStorage as _;
+                let name = registry.settings.output_storage.clone().ok_or_else(|| {
+                    labrelay::config::ConfigError::Missing(format!(
+                        "[jobs] output_storage (job {id} kept its whole stdout as {key})"
+                    ))
+                })?;
+                let storage =
+                    labrelay::storage::AnyStorage::open_checked(ctx.config.storage(&name)?).await?;
+                storage.get_into(key, std::io::stdout()).await?;
+                return Ok(if j.state == store::SUCCEEDED {
+                    Exit::Ok
+                } else {
+                    Exit::Failed
+                });
             }
             let record = j.result_record();
             ctx.out

@@ -817,3 +817,96 @@ fn rabbitmq_retries_follow_the_backoff_then_the_job_is_dead() {
     // The retry waited for its backoff (1 s base, jittered over its upper half).
     assert!(took >= Duration::from_millis(500), "{took:?}");
 }
+
+/// PostgreSQL stopped and started again under a running worker: the worker stays up,
+/// reconnects, and runs what is submitted afterwards.
+#[test]
+fn postgres_restart_under_a_worker_it_reconnects() {
+    let Some(pg) = test_support::postgres::PgNode::start() else {
+        return;
+    };
+    let Some(h) = Home::new(&State::Postgres, "") else {
+        return;
+    };
+    let text = std::fs::read_to_string(&h.config).unwrap();
+    let shared = test_support::require("PG_URL").unwrap();
+    std::fs::write(&h.config, text.replace(&shared, &pg.url())).unwrap();
+    let submit = |from: usize, to: usize| {
+        let lines = h.dir.path().join(format!("batch{from}.jsonl"));
+        std::fs::write(&lines, samples(from, to)).unwrap();
+        h.ok(
+            &SUBMIT,
+            &["task", "echo", "--each", lines.to_str().unwrap()],
+        )
+        .lines()
+        .map(|l| l.parse::<i64>().unwrap())
+        .collect::<Vec<_>>()
+    };
+    let first = submit(0, 10);
+    let mut worker = h.spawn_worker(&["--concurrency", "2"]);
+    let succeeded = |ids: &[i64]| ids.iter().all(|id| h.job(*id)["state"] == "succeeded");
+    wait_for("the first jobs", 30, || succeeded(&first));
+    assert!(pg.halt(), "stopping PostgreSQL");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        worker.try_wait().unwrap().is_none(),
+        "the worker outlives the outage"
+    );
+    assert!(pg.boot(), "starting PostgreSQL again");
+    let second = submit(10, 20);
+    wait_for("the jobs submitted after the restart", 60, || {
+        succeeded(&second)
+    });
+    signal(&worker, "-TERM");
+    assert!(worker.wait().unwrap().success());
+}
+
+/// An output longer than the row keeps: the row has the first `output_cap_bytes`, the
+/// storage backend the whole stream, and `result --full` prints it byte for byte.
+#[test]
+fn a_long_output_is_kept_whole_in_the_storage_backend() {
+    let Some(h) = Home::new(&State::Sqlite, "") else {
+        return;
+    };
+    let store_dir = h.dir.path().join("outputs");
+    std::fs::create_dir_all(&store_dir).unwrap();
+    let text = std::fs::read_to_string(&h.config).unwrap().replacen(
+        "[jobs]\n",
+        "[jobs]\noutput_cap_bytes = 1000\noutput_storage = \"outputs\"\n",
+        1,
+    );
+    std::fs::write(
+        &h.config,
+        format!(
+            "{text}\n[storage.outputs]\nurl = \"{}\"\n\n[tasks.long]\ncommand = [\"seq\", \"1\", \"200000\"]\n",
+            store_dir.display()
+        ),
+    )
+    .unwrap();
+    let id = h.submit(&["long"]);
+    let short = h.submit(&["echo", "--arg", "sample=S1"]);
+    h.ok(BIN, &["run", "--once"]);
+    let job = h.job(id);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let out = h.ok(BIN, &["--json", "result", &id.to_string()]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let kept = v["stdout"].as_str().unwrap();
+    assert!(kept.starts_with("1\n2\n3\n"), "{kept}");
+    assert!(kept.contains("more bytes not kept here"), "{kept}");
+    assert_eq!(v["stdout_ref"], format!("jobs/{id}/1/stdout"));
+    let full = h.run(BIN, &["result", "--full", &id.to_string()]);
+    assert_eq!(full.status.code(), Some(0), "{full:?}");
+    let want = Command::new("seq")
+        .args(["1", "200000"])
+        .output()
+        .unwrap()
+        .stdout;
+    assert_eq!(full.stdout.len(), want.len());
+    assert!(full.stdout == want, "the whole stdout, byte for byte");
+    // A short output stays in the row only; no temporary file is left behind.
+    let v: serde_json::Value =
+        serde_json::from_str(h.ok(BIN, &["--json", "result", &short.to_string()]).trim()).unwrap();
+    assert!(v["stdout_ref"].is_null(), "{v}");
+    let spill = h.dir.path().join("data/job-output");
+    assert_eq!(std::fs::read_dir(&spill).unwrap().count(), 0);
+}

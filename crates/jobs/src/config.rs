@@ -24,8 +24,14 @@ pub struct JobsConfig {
     pub grace_secs: u64,
     /// How often an idle worker looks for new jobs.
     pub poll_ms: u64,
-    /// Bytes of stdout and of stderr kept per job (the rest is counted, not stored).
+    /// Bytes of stdout and of stderr kept per job in the row (the rest is counted, or
+    /// kept whole in `output_storage`).
     pub output_cap_bytes: usize,
+    /// A `[storage.NAME]` where the whole output of a stream longer than
+    /// `output_cap_bytes` is kept (`job-worker result ID --full`).
+    pub output_storage: Option<String>,
+    /// Bytes of one stream kept whole at most.
+    pub output_max_bytes: u64,
     /// Tasks without `max_attempts` get this.
     pub max_attempts: u32,
     /// Tasks without `timeout_secs` get this.
@@ -95,6 +101,8 @@ impl Default for JobsConfig {
             grace_secs: 30,
             poll_ms: 500,
             output_cap_bytes: 1 << 20,
+            output_storage: None,
+            output_max_bytes: 1 << 30,
             max_attempts: 3,
             timeout_secs: 3600,
             queue: "default".into(),
@@ -364,6 +372,14 @@ impl Registry {
                     "a user name is 1 to 64 of A-Z a-z 0-9 . _ @ -".into(),
                 ));
             }
+        }
+        if let Some(name) = &settings.output_storage {
+            config.storage(name).map_err(|_| {
+                invalid(
+                    "jobs.output_storage",
+                    format!("no [storage.{name}] is configured"),
+                )
+            })?;
         }
         match settings.broker.as_str() {
             "database" => {}

@@ -10,7 +10,7 @@
 //!   `[jobs] republish_secs`, and the job is published again. Jobs whose worker died
 //!   (lease expired) are published again the same way.
 //! - A consumer (prefetch = the worker's concurrency) waits for a free slot, then claims
-//!   the job the message names ([`Store::claim_id`]: fenced like every claim), runs it,
+//!   the jobs their messages name, many per statement ([`Store::claim_ids`]: fenced like every claim), runs them,
 //!   records the outcome, and only then acknowledges the message. A message for a job
 //!   that is no longer ready (a duplicate, a cancelled job) is acknowledged and dropped.
 //! - Tasks with a concurrency limit are not published: workers claim them from the table.
@@ -128,26 +128,23 @@ impl Dispatch {
         prefetch: u16,
     ) -> (mpsc::Receiver<Fed>, Vec<tokio::task::JoinHandle<()>>) {
         let (tx, rx) = mpsc::channel(usize::from(prefetch.max(1)));
-        let handles = self
+        let (pending_tx, pending_rx) = mpsc::unbounded_channel();
+        let mut handles: Vec<tokio::task::JoinHandle<()>> = self
             .queues
             .iter()
             .map(|q| {
-                let (broker, store, worker, slots, tx) = (
-                    self.broker.clone(),
-                    store.clone(),
-                    worker.to_owned(),
-                    slots.clone(),
-                    tx.clone(),
-                );
+                let (broker, slots, pending) =
+                    (self.broker.clone(), slots.clone(), pending_tx.clone());
                 let queue = queue_name(q);
                 tokio::spawn(async move {
-                    consume(
-                        &broker, &queue, &store, &worker, lease_ms, &slots, prefetch, &tx,
-                    )
-                    .await;
+                    consume(&broker, &queue, &slots, prefetch, &pending).await;
                 })
             })
             .collect();
+        let (store, worker, queues) = (store.clone(), worker.to_owned(), self.queues.clone());
+        handles.push(tokio::spawn(async move {
+            claim_batches(pending_rx, &store, &worker, &queues, lease_ms, &tx).await;
+        }));
         (rx, handles)
     }
 
@@ -157,16 +154,16 @@ impl Dispatch {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// A message waiting for its claim, with the slot it will run in.
+type Pending = (i64, Delivery, OwnedSemaphorePermit);
+
+/// Consume `queue`: for each message, wait for a free slot, then hand it to the claimer.
 async fn consume(
     broker: &AnyBroker,
     queue: &str,
-    store: &Store,
-    worker: &str,
-    lease_ms: i64,
     slots: &Arc<Semaphore>,
     prefetch: u16,
-    tx: &mpsc::Sender<Fed>,
+    pending: &mpsc::UnboundedSender<Pending>,
 ) {
     loop {
         let mut consumer = match broker.consume(queue, prefetch).await {
@@ -185,9 +182,6 @@ async fn consume(
                     break;
                 }
             };
-            let Ok(permit) = slots.clone().acquire_owned().await else {
-                return;
-            };
             let id = std::str::from_utf8(&delivery.body)
                 .ok()
                 .and_then(|s| s.trim().parse::<i64>().ok());
@@ -196,37 +190,78 @@ async fn consume(
                 settle(delivery.reject().await);
                 continue;
             };
-            match store.claim_id(id, worker, lease_ms).await {
-                Ok(Some(job)) => {
-                    if let Err(mpsc::error::SendError(fed)) = tx
-                        .send(Fed {
-                            job,
-                            delivery,
-                            permit,
-                        })
-                        .await
-                    {
-                        // The worker is stopping: give the job back.
-                        if let Err(e) = store.release(&fed.job, worker).await {
-                            tracing::warn!(
-                                job = id,
-                                "giving the job back failed (its lease runs out): {e:#}"
-                            );
-                        }
-                        settle(fed.delivery.nack_requeue().await);
-                        return;
-                    }
-                }
-                // Not ready any more: a duplicate, cancelled, finished, or not due.
-                Ok(None) => settle(delivery.ack().await),
-                Err(e) => {
-                    tracing::warn!(job = id, "claiming failed, the message comes again: {e:#}");
-                    settle(delivery.nack_requeue().await);
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            if pending.send((id, delivery, permit)).is_err() {
+                return;
             }
         }
         consumer.close().await;
+    }
+}
+
+/// Claim what the consumers took, many jobs per statement (one commit for all the
+/// messages that arrived while the last claim ran), and hand the claimed jobs on;
+/// acknowledge the messages of jobs that are not ready any more.
+async fn claim_batches(
+    mut pending: mpsc::UnboundedReceiver<Pending>,
+    store: &Store,
+    worker: &str,
+    queues: &[String],
+    lease_ms: i64,
+    tx: &mpsc::Sender<Fed>,
+) {
+    while let Some(first) = pending.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 512 {
+            match pending.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let ids: Vec<i64> = batch.iter().map(|(id, ..)| *id).collect();
+        let claimed = match store.claim_ids(&ids, worker, queues, lease_ms).await {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                tracing::warn!(
+                    jobs = ids.len(),
+                    "claiming failed, the messages come again: {e:#}"
+                );
+                for (_, d, _) in batch {
+                    settle(d.nack_requeue().await);
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let mut jobs: std::collections::HashMap<i64, Job> =
+            claimed.into_iter().map(|j| (j.id, j)).collect();
+        for (id, delivery, permit) in batch {
+            // A duplicate message in one batch: the job goes with the first.
+            let Some(job) = jobs.remove(&id) else {
+                // Not ready any more: a duplicate, cancelled, finished, or not due.
+                settle(delivery.ack().await);
+                continue;
+            };
+            if let Err(mpsc::error::SendError(fed)) = tx
+                .send(Fed {
+                    job,
+                    delivery,
+                    permit,
+                })
+                .await
+            {
+                // The worker is stopping: give the job back.
+                if let Err(e) = store.release(&fed.job, worker).await {
+                    tracing::warn!(
+                        job = id,
+                        "giving the job back failed (its lease runs out): {e:#}"
+                    );
+                }
+                settle(fed.delivery.nack_requeue().await);
+            }
+        }
     }
 }
 

@@ -24,6 +24,8 @@ pub enum Stop {
 }
 
 /// What became of an attempt.
+// One per attempt, moved once: boxing the outcome would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Ran {
     /// It ended (well or not) by itself or by its timeout.
@@ -32,22 +34,76 @@ pub enum Ran {
     Stopped(Stop),
 }
 
-/// Read up to `cap` bytes, count the rest.
-async fn capture(mut r: impl AsyncRead + Unpin, cap: usize) -> (Vec<u8>, u64) {
-    let mut kept = Vec::new();
-    let mut dropped = 0u64;
+/// Where the whole output of a stream longer than the row's cap goes: a temporary file
+/// in `dir` (at most `max` bytes), uploaded to `storage` after the attempt.
+#[derive(Debug, Clone)]
+pub struct Spill {
+    /// `[jobs] output_storage`.
+    pub storage: labrelay::storage::AnyStorage,
+    /// Temporary files (under the data directory).
+    pub dir: std::path::PathBuf,
+    /// Bytes of one stream kept at most.
+    pub max: u64,
+}
+
+/// One stream, read to its end.
+#[derive(Default)]
+struct Captured {
+    /// The first `cap` bytes.
+    kept: Vec<u8>,
+    /// Bytes beyond them.
+    dropped: u64,
+    /// The whole stream (up to the spill's `max`), when it was longer than `cap`.
+    file: Option<std::path::PathBuf>,
+}
+
+/// Read up to `cap` bytes, count the rest; with `spill`, the whole stream also goes to
+/// the file `spill` once it is longer than `cap`.
+async fn capture(
+    mut r: impl AsyncRead + Unpin,
+    cap: usize,
+    spill: Option<(std::path::PathBuf, u64)>,
+) -> Captured {
+    let mut c = Captured::default();
+    let mut file: Option<(tokio::fs::File, u64)> = None;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match r.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                let room = cap.saturating_sub(kept.len());
-                kept.extend_from_slice(&buf[..n.min(room)]);
-                dropped += (n - n.min(room)) as u64;
+                let room = cap.saturating_sub(c.kept.len());
+                if n > room
+                    && file.is_none()
+                    && let Some((path, _)) = &spill
+                {
+                    match tokio::fs::File::create(path).await {
+                        Ok(mut f) => {
+                            let ok = f.write_all(&c.kept).await.is_ok();
+                            if ok {
+                                file = Some((f, c.kept.len() as u64));
+                                c.file = Some(path.clone());
+                            }
+                        }
+                        Err(e) => tracing::warn!("keeping a long output whole failed: {e}"),
+                    }
+                }
+                if let (Some((f, written)), Some((_, max))) = (file.as_mut(), &spill) {
+                    let take = usize::try_from(max.saturating_sub(*written))
+                        .unwrap_or(usize::MAX)
+                        .min(n);
+                    if take > 0 && f.write_all(&buf[..take]).await.is_ok() {
+                        *written += take as u64;
+                    }
+                }
+                c.kept.extend_from_slice(&buf[..n.min(room)]);
+                c.dropped += (n - n.min(room)) as u64;
             }
         }
     }
-    (kept, dropped)
+    if let Some((mut f, _)) = file {
+        let _ = f.flush().await;
+    }
+    c
 }
 
 fn kill_group(pid: u32, signal: rustix::process::Signal) {
@@ -64,7 +120,10 @@ fn text_of(bytes: Vec<u8>, dropped: u64) -> String {
     let mut s = String::from_utf8(bytes)
         .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
     if dropped > 0 {
-        let _ = write!(s, "\n[labrelay: {dropped} more bytes not kept]\n");
+        let _ = write!(
+            s,
+            "\n[labrelay: {dropped} more bytes not kept here (with [jobs] output_storage: `job-worker result ID --full`)]\n"
+        );
     }
     s
 }
@@ -77,7 +136,13 @@ pub fn last_line_json(stdout: &str) -> Option<serde_json::Value> {
 }
 
 /// Run `job` of `task`, stopping early when `stop` says so.
-pub async fn run(task: &Task, job: &Job, cap: usize, mut stop: watch::Receiver<Stop>) -> Ran {
+pub async fn run(
+    task: &Task,
+    job: &Job,
+    cap: usize,
+    spill: Option<&Spill>,
+    mut stop: watch::Receiver<Stop>,
+) -> Ran {
     let started = Instant::now();
     let elapsed =
         |started: Instant| i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
@@ -147,8 +212,25 @@ pub async fn run(task: &Task, job: &Job, cap: usize, mut stop: watch::Receiver<S
             let _ = stdin.shutdown().await;
         });
     }
-    let out = tokio::spawn(capture(child.stdout.take().expect("piped stdout"), cap));
-    let err = tokio::spawn(capture(child.stderr.take().expect("piped stderr"), cap));
+    let spill_to = |stream: &str| {
+        spill.map(|s| {
+            (
+                s.dir
+                    .join(format!("job-{}-{}-{stream}", job.id, job.attempt)),
+                s.max,
+            )
+        })
+    };
+    let out = tokio::spawn(capture(
+        child.stdout.take().expect("piped stdout"),
+        cap,
+        spill_to("stdout"),
+    ));
+    let err = tokio::spawn(capture(
+        child.stderr.take().expect("piped stderr"),
+        cap,
+        spill_to("stderr"),
+    ));
     let timeout = Duration::from_secs(task.timeout_secs);
     let mut timed_out = false;
     let mut stopped = Stop::No;
@@ -176,17 +258,22 @@ pub async fn run(task: &Task, job: &Job, cap: usize, mut stop: watch::Receiver<S
     };
     // Whatever the leader did, nothing of the group may outlive the attempt.
     kill_group(pid, rustix::process::Signal::KILL);
-    let (stdout, out_dropped) = out.await.unwrap_or_default();
-    let (stderr, err_dropped) = err.await.unwrap_or_default();
+    let out = out.await.unwrap_or_default();
+    let err = err.await.unwrap_or_default();
     if stopped != Stop::No {
+        for f in [&out.file, &err.file].into_iter().flatten() {
+            let _ = tokio::fs::remove_file(f).await;
+        }
         return Ran::Stopped(stopped);
     }
-    let stdout = text_of(stdout, out_dropped);
-    let stderr = text_of(stderr, err_dropped);
+    let stdout = text_of(out.kept, out.dropped);
+    let stderr = text_of(err.kept, err.dropped);
     let mut outcome = Outcome {
         result: last_line_json(&stdout),
         stdout,
         stderr,
+        stdout_file: out.file,
+        stderr_file: err.file,
         duration_ms: elapsed(started),
         ..Outcome::default()
     };

@@ -90,6 +90,10 @@ pub struct Job {
     pub webhook_attempts: i64,
     /// Why the webhook was given up.
     pub webhook_error: Option<String>,
+    /// Storage key of the whole stdout when it was longer than the row keeps.
+    pub stdout_ref: Option<String>,
+    /// Storage key of the whole stderr, likewise.
+    pub stderr_ref: Option<String>,
 }
 
 impl Job {
@@ -118,6 +122,8 @@ impl Job {
             "stdout": self.stdout,
             "stderr": self.stderr,
             "error": self.error,
+            "stdout_ref": self.stdout_ref,
+            "stderr_ref": self.stderr_ref,
         })
     }
 }
@@ -139,7 +145,7 @@ pub fn result_text(record: &serde_json::Value) -> String {
 const COLUMNS: &str = "id, task, args, queue, priority, state, attempt, max_attempts, run_at_ms, \
     unique_key, submitter, notify, worker, lease_until_ms, created_ms, started_ms, finished_ms, \
     exit_code, term_signal, stdout, stderr, result, error, duration_ms, webhook, webhook_done_ms, \
-    webhook_attempts, webhook_error";
+    webhook_attempts, webhook_error, stdout_ref, stderr_ref";
 
 fn decode(row: &AnyRow) -> Result<Job, sqlx::Error> {
     let int = |i: usize| row.try_get::<i64, _>(i);
@@ -174,6 +180,8 @@ fn decode(row: &AnyRow) -> Result<Job, sqlx::Error> {
         webhook_done_ms: opt_int(25)?,
         webhook_attempts: int(26)?,
         webhook_error: opt_text(row, 27)?,
+        stdout_ref: opt_text(row, 28)?,
+        stderr_ref: opt_text(row, 29)?,
     })
 }
 
@@ -219,6 +227,14 @@ pub struct Outcome {
     pub error: Option<String>,
     /// Whether the failure can never succeed (not retried).
     pub permanent: bool,
+    /// The whole stdout, in a temporary file, when it was longer than the cap.
+    pub stdout_file: Option<std::path::PathBuf>,
+    /// The whole stderr, likewise.
+    pub stderr_file: Option<std::path::PathBuf>,
+    /// Storage key of the whole stdout, once uploaded.
+    pub stdout_ref: Option<String>,
+    /// Storage key of the whole stderr, once uploaded.
+    pub stderr_ref: Option<String>,
     /// Run time.
     pub duration_ms: i64,
 }
@@ -288,6 +304,8 @@ pub struct Store {
     nonces_pruned_at: std::sync::Arc<std::sync::atomic::AtomicI64>,
     /// Tasks with a concurrency limit: at most this many of their jobs run at once.
     limits: std::sync::Arc<BTreeMap<String, u32>>,
+    /// Where outputs larger than the row's cap go.
+    output: Option<std::sync::Arc<crate::runner::Spill>>,
 }
 
 impl Store {
@@ -298,7 +316,21 @@ impl Store {
             buried_at: std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0)),
             nonces_pruned_at: std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0)),
             limits: std::sync::Arc::default(),
+            output: None,
         }
+    }
+
+    /// The same store, keeping outputs larger than the row's cap whole in `spill`'s
+    /// storage.
+    #[must_use]
+    pub fn with_output(mut self, spill: crate::runner::Spill) -> Store {
+        self.output = Some(std::sync::Arc::new(spill));
+        self
+    }
+
+    /// The storage for large outputs, if configured.
+    pub fn output(&self) -> Option<&crate::runner::Spill> {
+        self.output.as_deref()
     }
 
     /// The same store, claiming at most `limits[task]` running jobs of each listed task
@@ -579,7 +611,12 @@ impl Store {
     /// Take up to `n` jobs of `queues` to publish to RabbitMQ: ready queued jobs and
     /// running jobs whose lease expired, not published within `republish_ms`, and not
     /// of a task with a concurrency limit (those are claimed from the table). They are
-    /// marked published now; `(id, queue)` in order.
+    /// marked published now; `(id, queue)`, highest priority first, then oldest.
+    ///
+    /// The rows are found through the `(state, published_ms)` index (the order by
+    /// `published_ms` keeps every planner on it, whatever its statistics), so a sweep
+    /// costs what is unpublished, not what waits in RabbitMQ already; the priority
+    /// order is that of each batch.
     pub async fn take_for_publish(
         &self,
         queues: &[String],
@@ -592,17 +629,55 @@ impl Store {
         let now = now_ms();
         let stale = now - republish_ms;
         let qlist: Vec<String> = (0..queues.len()).map(|i| self.p(i + 1)).collect();
-        let mut due = format!(
-            "((state = '{QUEUED}' AND published_ms < {stale} AND run_at_ms <= {now}) \
-             OR (state = '{RUNNING}' AND published_ms < {stale} AND lease_until_ms < {now})) \
-             AND queue IN ({})",
-            qlist.join(", ")
-        );
-        if !self.limits.is_empty() {
-            let _ = write!(due, " AND task NOT IN ({})", self.limited_list());
+        let skip_limited = if self.limits.is_empty() {
+            String::new()
+        } else {
+            format!(" AND task NOT IN ({})", self.limited_list())
+        };
+        let mut rows = Vec::new();
+        for due in [
+            format!("state = '{QUEUED}' AND published_ms < {stale} AND run_at_ms <= {now}"),
+            format!("state = '{RUNNING}' AND published_ms < {stale} AND lease_until_ms < {now}"),
+        ] {
+            let left = n - rows.len();
+            if left == 0 {
+                break;
+            }
+            let due = format!("{due} AND queue IN ({}){skip_limited}", qlist.join(", "));
+            rows.extend(self.mark_published(&due, queues, left, now).await?);
         }
-        let order = "ORDER BY priority DESC, run_at_ms, id";
-        let rows = match self.db.engine() {
+        let mut out = rows
+            .iter()
+            .map(|r| {
+                Ok((
+                    (
+                        -r.try_get::<i64, _>(2)?,
+                        r.try_get::<i64, _>(3)?,
+                        r.try_get::<i64, _>(0)?,
+                    ),
+                    text(r, 1)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(|e| self.err(e))?;
+        out.sort_unstable();
+        Ok(out
+            .into_iter()
+            .map(|((_, _, id), queue)| (id, queue))
+            .collect())
+    }
+
+    /// Mark up to `n` rows matching `due` published at `now`; their `id, queue,
+    /// priority, run_at_ms`.
+    async fn mark_published(
+        &self,
+        due: &str,
+        queues: &[String],
+        n: usize,
+        now: i64,
+    ) -> anyhow::Result<Vec<AnyRow>> {
+        const COLS: &str = "id, queue, priority, run_at_ms";
+        Ok(match self.db.engine() {
             Engine::Sqlite | Engine::Postgres => {
                 let lock = if self.db.engine() == Engine::Postgres {
                     " FOR UPDATE SKIP LOCKED"
@@ -611,7 +686,7 @@ impl Store {
                 };
                 let sql = format!(
                     "UPDATE labrelay_jobs SET published_ms = {now} WHERE id IN \
-                     (SELECT id FROM labrelay_jobs WHERE {due} {order} LIMIT {n}{lock}) RETURNING id, queue"
+                     (SELECT id FROM labrelay_jobs WHERE {due} ORDER BY published_ms LIMIT {n}{lock}) RETURNING {COLS}"
                 );
                 let mut q = sqlx::query(&sql);
                 for queue in queues {
@@ -622,7 +697,7 @@ impl Store {
             Engine::Mysql => {
                 let mut tx = self.db.pool().begin().await.map_err(|e| self.err(e))?;
                 let sql = format!(
-                    "SELECT id, queue FROM labrelay_jobs WHERE {due} {order} LIMIT {n} FOR UPDATE SKIP LOCKED"
+                    "SELECT {COLS} FROM labrelay_jobs WHERE {due} ORDER BY published_ms LIMIT {n} FOR UPDATE SKIP LOCKED"
                 );
                 let mut q = sqlx::query(&sql);
                 for queue in queues {
@@ -646,14 +721,7 @@ impl Store {
                 tx.commit().await.map_err(|e| self.err(e))?;
                 rows
             }
-        };
-        let mut out = rows
-            .iter()
-            .map(|r| Ok((r.try_get::<i64, _>(0)?, text(r, 1)?)))
-            .collect::<Result<Vec<_>, sqlx::Error>>()
-            .map_err(|e| self.err(e))?;
-        out.sort_unstable();
-        Ok(out)
+        })
     }
 
     /// Undo [`Store::take_for_publish`] for jobs whose publish failed: the next sweep
@@ -672,59 +740,38 @@ impl Store {
         Ok(())
     }
 
-    /// Claim job `id` for `worker` if it is ready (queued and due, or running with an
-    /// expired lease); `None` when it is not (taken, finished, cancelled, not due, or of
-    /// a task with a concurrency limit).
-    pub async fn claim_id(
+    /// Claim the jobs of `ids` (of `queues`) that are ready — queued and due, or
+    /// running with an expired lease — in one statement; the others (taken, finished,
+    /// cancelled, not due, or of a task with a concurrency limit) are left out.
+    pub async fn claim_ids(
         &self,
-        id: i64,
+        ids: &[i64],
         worker: &str,
+        queues: &[String],
         lease_ms: i64,
-    ) -> anyhow::Result<Option<Job>> {
+    ) -> anyhow::Result<Vec<Job>> {
+        if ids.is_empty() || queues.is_empty() {
+            return Ok(Vec::new());
+        }
         let now = now_ms();
+        let list: Vec<String> = ids.iter().map(ToString::to_string).collect();
         let mut filter = format!(
-            "id = {id} AND ((state = '{QUEUED}' AND run_at_ms <= {now}) OR (state = '{RUNNING}' AND lease_until_ms < {now}) ) \
-             AND attempt < max_attempts"
+            "id IN ({}) AND ((state = '{QUEUED}' AND run_at_ms <= {now}) OR (state = '{RUNNING}' AND lease_until_ms < {now})) \
+             AND attempt < max_attempts",
+            list.join(", ")
         );
         if !self.limits.is_empty() {
             let _ = write!(filter, " AND task NOT IN ({})", self.limited_list());
         }
-        let mut conn = self.db.pool().acquire().await.map_err(|e| self.err(e))?;
-        let sql = format!(
-            "UPDATE labrelay_jobs SET {} WHERE {filter}",
-            self.claim_set()
-        );
-        let q = sqlx::query(&sql)
-            .bind(worker.to_owned())
-            .bind(now + lease_ms);
-        if self.db.engine() == Engine::Mysql {
-            let done = q.execute(&mut *conn).await.map_err(|e| self.err(e))?;
-            if done.rows_affected() == 0 {
-                return Ok(None);
-            }
-            let row = sqlx::query(&format!(
-                "SELECT {COLUMNS} FROM labrelay_jobs WHERE id = {id}"
-            ))
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(|e| self.err(e))?;
-            return row
-                .as_ref()
-                .map(decode)
-                .transpose()
-                .map_err(|e| self.err(e));
-        }
-        let sql = format!("{sql} RETURNING {COLUMNS}");
-        let row = sqlx::query(&sql)
-            .bind(worker.to_owned())
-            .bind(now + lease_ms)
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(|e| self.err(e))?;
-        row.as_ref()
-            .map(decode)
-            .transpose()
-            .map_err(|e| self.err(e))
+        self.claim_where(
+            worker,
+            queues,
+            &filter,
+            "ORDER BY id",
+            &ids.len().to_string(),
+            now + lease_ms,
+        )
+        .await
     }
 
     /// Claim up to `n` ready jobs of the tasks with a concurrency limit only (the
@@ -1092,7 +1139,8 @@ impl Store {
         let p = |n| self.p(n);
         let sql = format!(
             "UPDATE labrelay_jobs SET state = {}, finished_ms = {}, run_at_ms = {}, worker = NULL, lease_until_ms = NULL, \
-             exit_code = {}, term_signal = {}, stdout = {}, stderr = {}, result = {}, error = {}, duration_ms = {} \
+             exit_code = {}, term_signal = {}, stdout = {}, stderr = {}, result = {}, error = {}, duration_ms = {}, \
+             stdout_ref = {}, stderr_ref = {} \
              WHERE id = {} AND attempt = {} AND worker = {} AND state = '{RUNNING}'",
             p(1),
             p(2),
@@ -1106,7 +1154,9 @@ impl Store {
             p(10),
             p(11),
             p(12),
-            p(13)
+            p(13),
+            p(14),
+            p(15)
         );
         let mut tx = self.db.pool().begin().await.map_err(|e| self.err(e))?;
         let mut states = Vec::with_capacity(ends.len());
@@ -1133,6 +1183,8 @@ impl Store {
                 .bind(outcome.result.as_ref().map(ToString::to_string))
                 .bind(outcome.error.clone())
                 .bind(outcome.duration_ms)
+                .bind(outcome.stdout_ref.clone())
+                .bind(outcome.stderr_ref.clone())
                 .bind(job.id)
                 .bind(job.attempt)
                 .bind(worker.to_owned())

@@ -3,6 +3,7 @@
 //! claiming, let running jobs finish within the grace period, then kill them and give
 //! their jobs back.
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -322,6 +323,39 @@ fn spawn_fed(
     });
 }
 
+/// Upload the whole stdout and stderr of an attempt whose output was longer than the
+/// row keeps, to `jobs/ID/ATTEMPT/stdout` and `.../stderr` of `[jobs] output_storage`.
+/// A failed upload keeps the row's excerpt only (and says so in stderr).
+async fn keep_whole_output(store: &Store, job: &Job, outcome: &mut Outcome) {
+    use labrelay::storage::ObjectStorage as _;
+    let files = [
+        ("stdout", outcome.stdout_file.take()),
+        ("stderr", outcome.stderr_file.take()),
+    ];
+    for (stream, file) in files {
+        let Some(file) = file else { continue };
+        if let Some(spill) = store.output() {
+            let key = format!("jobs/{}/{}/{stream}", job.id, job.attempt);
+            let put = spill
+                .storage
+                .put_file(&file, &key, &labrelay::storage::PutOptions::default())
+                .await;
+            match put {
+                Ok(_) if stream == "stdout" => outcome.stdout_ref = Some(key),
+                Ok(_) => outcome.stderr_ref = Some(key),
+                Err(e) => {
+                    tracing::warn!(job = job.id, "keeping the whole {stream} failed: {e}");
+                    let _ = write!(
+                        outcome.stderr,
+                        "\n[labrelay: keeping the whole {stream} in the storage failed: {e}]\n"
+                    );
+                }
+            }
+        }
+        let _ = tokio::fs::remove_file(&file).await;
+    }
+}
+
 type Reply = tokio::sync::oneshot::Sender<anyhow::Result<Option<&'static str>>>;
 
 /// Records results in batches: the attempts that end while a commit is under way go
@@ -502,7 +536,13 @@ async fn attempt(
             }
         }
     };
-    let run = runner::run(&task, &job, registry.settings.output_cap_bytes, stop_rx);
+    let run = runner::run(
+        &task,
+        &job,
+        registry.settings.output_cap_bytes,
+        store.output(),
+        stop_rx,
+    );
     tokio::pin!(run);
     let ran = tokio::select! {
         ran = &mut run => ran,
@@ -510,7 +550,8 @@ async fn attempt(
         () = beat => run.await,
     };
     match ran {
-        Ran::Done(outcome) => {
+        Ran::Done(mut outcome) => {
+            keep_whole_output(store, &job, &mut outcome).await;
             let retry_in = i64::try_from(
                 task.backoff(u32::try_from(job.attempt).unwrap_or(u32::MAX))
                     .as_millis(),

@@ -165,6 +165,7 @@ pub fn s3_storage_toml(name: &str, prefix: &str) -> Option<String> {
 }
 
 /// Running a tool binary in a clean environment.
+pub mod postgres;
 pub mod rabbitmq;
 
 /// A loopback TCP port that was free a moment ago (bound, noted, closed).
