@@ -51,6 +51,22 @@ die() { printf 'jobs.sh: %s\n' "$*" >&2; exit 1; }
 calc() { awk "BEGIN { printf \"%.${2:-1}f\", $1 }"; }
 mark() { if awk "BEGIN { exit !($1) }"; then echo PASS; else echo FAIL; fi; }
 now() { date +%s.%N; }
+# CPU accounting (bench/README.md): seconds of CPU a server has used so far, its
+# processes alive now plus what its exited children used (a backend per connection).
+CLK=$(getconf CLK_TCK)
+tree_cpu() { # PID -> utime+stime of PID, its live children, and its reaped children
+    local pid=$1 t=0 p
+    [[ -n $pid ]] || { echo 0; return; }
+    t=$(awk '{ print $14 + $15 + $16 + $17 }' "/proc/$pid/stat")
+    for p in $(pgrep -P "$pid"); do
+        t=$((t + $(awk '{ print $14 + $15 }' "/proc/$p/stat" 2>/dev/null || echo 0)))
+    done
+    echo "$t"
+}
+pg_cpu() { tree_cpu "$(pgrep -o -x postgres)"; }
+mq_cpu() { tree_cpu "$(pgrep -o -x beam.smp)"; }
+# CPU of this shell's waited-for children so far (the workers), in ticks.
+kids_cpu() { times | awk -v clk="$CLK" 'NR == 2 { gsub(/[ms]/, " "); split($0, a, " "); print int((a[1] * 60 + a[2] + a[3] * 60 + a[4]) * clk) }'; }
 command -v psql >/dev/null || die "psql is missing (apt-get install postgresql-client)"
 command -v rabbitmqctl >/dev/null || die "rabbitmqctl is missing (run scripts/services)"
 python3 -c 'import celery' 2>/dev/null || python3 -m pip install -q 'celery>=5,<6' || die "cannot install celery"
@@ -86,7 +102,7 @@ trap cleanup EXIT
 psql -q "$PG_ADMIN" -c "CREATE DATABASE $PGDB" >/dev/null
 psql -q "$PG_ADMIN" -c "CREATE DATABASE ${PGDB}_r" >/dev/null
 
-declare -A SUBMIT DRAIN P50 P99
+declare -A SUBMIT DRAIN P50 P99 CPU_W CPU_PG CPU_MQ
 for engine in sqlite postgres rabbitmq; do
     broker=
     case $engine in
@@ -123,6 +139,7 @@ TOML
     # While the RabbitMQ workers drain: a light look at the table (a job-worker start
     # ten times a second would take CPU from the run it measures).
     left_pg() { psql -qAt "$state" -c "SELECT count(*) FROM labrelay_jobs WHERE state IN ('queued', 'running')"; }
+    k0=$(kids_cpu) g0=$(pg_cpu) m0=$(mq_cpu)
     t0=$(now)
     if [[ $engine == rabbitmq ]]; then
         "$BIN/job-worker" --config "$cfg" -q run --concurrency 64 > /dev/null & PIDS+=($!)
@@ -137,6 +154,9 @@ TOML
         t1=$(now)
     fi
     DRAIN[$engine]=$(calc "$N / ($t1 - $t0)" 0)
+    CPU_W[$engine]=$(calc "($(kids_cpu) - $k0) / $CLK" 1)
+    CPU_PG[$engine]=$(calc "($(pg_cpu) - $g0) / $CLK" 1)
+    CPU_MQ[$engine]=$(calc "($(mq_cpu) - $m0) / $CLK" 1)
     [[ $(left) == 0 ]] || die "$engine: $(left) jobs left after the drain"
 
     say "$engine: 3. submit -> start latency, $LAT_N jobs one at a time"
@@ -187,6 +207,13 @@ printf '%-12s %12s %12s %10s %10s  %s\n' "PostgreSQL" "${SUBMIT[postgres]}" "${D
     "drain >= $T_PG $(mark "${DRAIN[postgres]} >= $T_PG"), p50 <= $T_P50_MS ms $(mark "${P50[postgres]} <= $T_P50_MS")"
 printf '%-12s %12s %12s %10s %10s  %s\n' "RabbitMQ+PG" "${SUBMIT[rabbitmq]}" "${DRAIN[rabbitmq]}" "${P50[rabbitmq]}" "${P99[rabbitmq]}" \
     "p50 <= $T_P50_MS ms $(mark "${P50[rabbitmq]} <= $T_P50_MS")"
+echo
+echo "CPU seconds during the drain (2 cores: a drain takes at least the sum / 2)"
+printf '%-12s %10s %12s %10s %10s %14s\n' "state db" "workers" "PostgreSQL" "RabbitMQ" "sum" "max jobs/s"
+for e in sqlite postgres rabbitmq; do
+    sum=$(calc "${CPU_W[$e]} + ${CPU_PG[$e]} + ${CPU_MQ[$e]}" 1)
+    printf '%-12s %10s %12s %10s %10s %14s\n' "$e" "${CPU_W[$e]}" "${CPU_PG[$e]}" "${CPU_MQ[$e]}" "$sum" "$(calc "$N / ($sum / 2)" 0)"
+done
 echo
 echo "Celery $(python3 -c 'import celery; print(celery.__version__)'), $CN no-op tasks on RabbitMQ, timed from the worker's start"
 printf '%-22s %12s %12s  %s\n' "pool" "enqueue/s" "drain/s" "job-worker drain / Celery drain (RabbitMQ; SQLite, PostgreSQL)"

@@ -763,13 +763,18 @@ impl Store {
         if !self.limits.is_empty() {
             let _ = write!(filter, " AND task NOT IN ({})", self.limited_list());
         }
-        self.claim_where(
+        // Waiting for locked rows, not skipping them: a sweep of another worker that
+        // merely looked at one of these rows holds its lock until it commits, and a
+        // skipped row would be a message dropped for a job still ready. Rows are
+        // locked in id order, as every claim of named jobs does.
+        self.claim_locking(
             worker,
             queues,
             &filter,
             "ORDER BY id",
             &ids.len().to_string(),
             now + lease_ms,
+            false,
         )
         .await
     }
@@ -914,7 +919,16 @@ impl Store {
                     .map_err(|e| self.err(e))?;
                 let take = format!("GREATEST(0, LEAST({n}, {limit} - ({running})))");
                 let jobs = self
-                    .claim_on(&mut tx, worker, queues, &filter, order, &take, lease_until)
+                    .claim_on(
+                        &mut tx,
+                        worker,
+                        queues,
+                        &filter,
+                        order,
+                        &take,
+                        lease_until,
+                        " FOR UPDATE SKIP LOCKED",
+                    )
                     .await?;
                 tx.commit().await.map_err(|e| self.err(e))?;
                 Ok(jobs)
@@ -940,8 +954,17 @@ impl Store {
                     if take == 0 {
                         return Ok(Vec::new());
                     }
-                    self.claim_mysql(&mut conn, worker, queues, &filter, order, take, lease_until)
-                        .await
+                    self.claim_mysql(
+                        &mut conn,
+                        worker,
+                        queues,
+                        &filter,
+                        order,
+                        take,
+                        lease_until,
+                        " FOR UPDATE SKIP LOCKED",
+                    )
+                    .await
                 }
                 .await;
                 sqlx::query("SELECT RELEASE_LOCK(?)")
@@ -965,14 +988,55 @@ impl Store {
         take: &str,
         lease_until: i64,
     ) -> anyhow::Result<Vec<Job>> {
+        self.claim_locking(worker, queues, filter, order, take, lease_until, true)
+            .await
+    }
+
+    /// [`Store::claim_where`]; `skip_locked: false` waits for rows another
+    /// transaction holds instead of passing them by (a claim of named jobs, which must
+    /// not miss one that a concurrent sweep merely looked at).
+    #[allow(clippy::too_many_arguments)]
+    async fn claim_locking(
+        &self,
+        worker: &str,
+        queues: &[String],
+        filter: &str,
+        order: &str,
+        take: &str,
+        lease_until: i64,
+        skip_locked: bool,
+    ) -> anyhow::Result<Vec<Job>> {
         let mut conn = self.db.pool().acquire().await.map_err(|e| self.err(e))?;
+        let lock = if skip_locked {
+            " FOR UPDATE SKIP LOCKED"
+        } else {
+            " FOR UPDATE"
+        };
         if self.db.engine() == Engine::Mysql {
             let n = take.parse::<usize>().unwrap_or(0);
-            self.claim_mysql(&mut conn, worker, queues, filter, order, n, lease_until)
-                .await
+            self.claim_mysql(
+                &mut conn,
+                worker,
+                queues,
+                filter,
+                order,
+                n,
+                lease_until,
+                lock,
+            )
+            .await
         } else {
-            self.claim_on(&mut conn, worker, queues, filter, order, take, lease_until)
-                .await
+            self.claim_on(
+                &mut conn,
+                worker,
+                queues,
+                filter,
+                order,
+                take,
+                lease_until,
+                lock,
+            )
+            .await
         }
     }
 
@@ -1004,9 +1068,10 @@ impl Store {
         order: &str,
         take: &str,
         lease_until: i64,
+        lock: &str,
     ) -> anyhow::Result<Vec<Job>> {
         let lock = if self.db.engine() == Engine::Postgres {
-            " FOR UPDATE SKIP LOCKED"
+            lock
         } else {
             ""
         };
@@ -1038,6 +1103,7 @@ impl Store {
         order: &str,
         n: usize,
         lease_until: i64,
+        lock: &str,
     ) -> anyhow::Result<Vec<Job>> {
         use sqlx::Connection as _;
         if n == 0 {
@@ -1047,7 +1113,7 @@ impl Store {
         // The queue placeholders are numbered from 3 in `in_queues`; MySQL's are all
         // `?`, bound in order.
         let sql = format!(
-            "SELECT id FROM labrelay_jobs WHERE {} {order} LIMIT {n} FOR UPDATE SKIP LOCKED",
+            "SELECT id FROM labrelay_jobs WHERE {} {order} LIMIT {n}{lock}",
             self.in_queues(filter, queues)
         );
         let mut q = sqlx::query(&sql);
