@@ -65,8 +65,12 @@ tree_cpu() { # PID -> utime+stime of PID, its live children, and its reaped chil
 }
 pg_cpu() { tree_cpu "$(pgrep -o -x postgres)"; }
 mq_cpu() { tree_cpu "$(pgrep -o -x beam.smp)"; }
-# CPU of this shell's waited-for children so far (the workers), in ticks.
-kids_cpu() { times | awk -v clk="$CLK" 'NR == 2 { gsub(/[ms]/, " "); split($0, a, " "); print int((a[1] * 60 + a[2] + a[3] * 60 + a[4]) * clk) }'; }
+# CPU of this shell's waited-for children so far (the workers), in ticks, into KIDS.
+# `times` must run in this shell itself, not in a $(...) subshell.
+kids_cpu() {
+    times > "$WORK/times.txt"
+    KIDS=$(awk -v clk="$CLK" 'NR == 2 { gsub(/[ms]/, " "); split($0, a, " "); print int((a[1] * 60 + a[2] + a[3] * 60 + a[4]) * clk) }' "$WORK/times.txt")
+}
 command -v psql >/dev/null || die "psql is missing (apt-get install postgresql-client)"
 command -v rabbitmqctl >/dev/null || die "rabbitmqctl is missing (run scripts/services)"
 python3 -c 'import celery' 2>/dev/null || python3 -m pip install -q 'celery>=5,<6' || die "cannot install celery"
@@ -139,7 +143,7 @@ TOML
     # While the RabbitMQ workers drain: a light look at the table (a job-worker start
     # ten times a second would take CPU from the run it measures).
     left_pg() { psql -qAt "$state" -c "SELECT count(*) FROM labrelay_jobs WHERE state IN ('queued', 'running')"; }
-    k0=$(kids_cpu) g0=$(pg_cpu) m0=$(mq_cpu)
+    kids_cpu; k0=$KIDS g0=$(pg_cpu) m0=$(mq_cpu)
     t0=$(now)
     if [[ $engine == rabbitmq ]]; then
         "$BIN/job-worker" --config "$cfg" -q run --concurrency 64 > /dev/null & PIDS+=($!)
@@ -154,7 +158,8 @@ TOML
         t1=$(now)
     fi
     DRAIN[$engine]=$(calc "$N / ($t1 - $t0)" 0)
-    CPU_W[$engine]=$(calc "($(kids_cpu) - $k0) / $CLK" 1)
+    kids_cpu
+    CPU_W[$engine]=$(calc "($KIDS - $k0) / $CLK" 1)
     CPU_PG[$engine]=$(calc "($(pg_cpu) - $g0) / $CLK" 1)
     CPU_MQ[$engine]=$(calc "($(mq_cpu) - $m0) / $CLK" 1)
     [[ $(left) == 0 ]] || die "$engine: $(left) jobs left after the drain"
@@ -212,7 +217,7 @@ echo "CPU seconds during the drain (2 cores: a drain takes at least the sum / 2)
 printf '%-12s %10s %12s %10s %10s %14s\n' "state db" "workers" "PostgreSQL" "RabbitMQ" "sum" "max jobs/s"
 for e in sqlite postgres rabbitmq; do
     sum=$(calc "${CPU_W[$e]} + ${CPU_PG[$e]} + ${CPU_MQ[$e]}" 1)
-    printf '%-12s %10s %12s %10s %10s %14s\n' "$e" "${CPU_W[$e]}" "${CPU_PG[$e]}" "${CPU_MQ[$e]}" "$sum" "$(calc "$N / ($sum / 2)" 0)"
+    printf '%-12s %10s %12s %10s %10s %14s\n' "$e" "${CPU_W[$e]}" "${CPU_PG[$e]}" "${CPU_MQ[$e]}" "$sum" "$(calc "$N / (($sum + 0.001) / 2)" 0)"
 done
 echo
 echo "Celery $(python3 -c 'import celery; print(celery.__version__)'), $CN no-op tasks on RabbitMQ, timed from the worker's start"

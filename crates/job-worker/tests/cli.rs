@@ -167,6 +167,19 @@ command = ["sh", "-c", "sleep {{secs}} & sleep {{secs}}; wait"]
         serde_json::from_str(out.trim()).unwrap()
     }
 
+    /// Submit `echo` jobs for samples `S{from}` to `S{to - 1}` in one `--each`; their ids.
+    fn submit_samples(&self, from: usize, to: usize) -> Vec<i64> {
+        let lines = self.dir.path().join(format!("batch{from}.jsonl"));
+        std::fs::write(&lines, samples(from, to)).unwrap();
+        self.ok(
+            &SUBMIT,
+            &["task", "echo", "--each", lines.to_str().unwrap()],
+        )
+        .lines()
+        .map(|l| l.parse::<i64>().unwrap())
+        .collect()
+    }
+
     fn spawn_worker(&self, args: &[&str]) -> Child {
         let mut all = vec!["run"];
         all.extend_from_slice(args);
@@ -676,17 +689,7 @@ fn rabbitmq_workers_share_the_jobs_and_drop_duplicate_messages() {
     let Some(h) = Home::new(&State::Rabbit, "") else {
         return;
     };
-    let lines = h.dir.path().join("samples.jsonl");
-    let body = samples(0, 60);
-    std::fs::write(&lines, body).unwrap();
-    let ids: Vec<i64> = h
-        .ok(
-            &SUBMIT,
-            &["task", "echo", "--each", lines.to_str().unwrap()],
-        )
-        .lines()
-        .map(|l| l.parse().unwrap())
-        .collect();
+    let ids = h.submit_samples(0, 60);
     let workers: Vec<Child> = (0..2)
         .map(|i| h.spawn_worker(&["--concurrency", "4", "--name", &format!("w{i}")]))
         .collect();
@@ -756,26 +759,14 @@ fn rabbitmq_restart_mid_run_loses_no_job() {
     let text = std::fs::read_to_string(&h.config).unwrap();
     let shared = test_support::require("AMQP_URL").unwrap();
     std::fs::write(&h.config, text.replace(&shared, &node.url())).unwrap();
-    let submit = |from: usize, to: usize| {
-        let lines = h.dir.path().join(format!("batch{from}.jsonl"));
-        let body = samples(from, to);
-        std::fs::write(&lines, body).unwrap();
-        h.ok(
-            &SUBMIT,
-            &["task", "echo", "--each", lines.to_str().unwrap()],
-        )
-        .lines()
-        .map(|l| l.parse::<i64>().unwrap())
-        .collect::<Vec<_>>()
-    };
-    let mut ids = submit(0, 20);
+    let mut ids = h.submit_samples(0, 20);
     let worker = h.spawn_worker(&["--concurrency", "2"]);
     std::thread::sleep(Duration::from_millis(500));
     assert!(node.halt(), "stopping the node");
-    ids.extend(submit(20, 40));
+    ids.extend(h.submit_samples(20, 40));
     std::thread::sleep(Duration::from_secs(2));
     assert!(node.boot(), "starting the node again");
-    ids.extend(submit(40, 60));
+    ids.extend(h.submit_samples(40, 60));
     let succeeded = |id: &i64| h.job(*id)["state"] == "succeeded";
     wait_for("all 60 jobs after the restart", 90, || {
         ids.iter().all(succeeded)
@@ -831,18 +822,7 @@ fn postgres_restart_under_a_worker_it_reconnects() {
     let text = std::fs::read_to_string(&h.config).unwrap();
     let shared = test_support::require("PG_URL").unwrap();
     std::fs::write(&h.config, text.replace(&shared, &pg.url())).unwrap();
-    let submit = |from: usize, to: usize| {
-        let lines = h.dir.path().join(format!("batch{from}.jsonl"));
-        std::fs::write(&lines, samples(from, to)).unwrap();
-        h.ok(
-            &SUBMIT,
-            &["task", "echo", "--each", lines.to_str().unwrap()],
-        )
-        .lines()
-        .map(|l| l.parse::<i64>().unwrap())
-        .collect::<Vec<_>>()
-    };
-    let first = submit(0, 10);
+    let first = h.submit_samples(0, 10);
     let mut worker = h.spawn_worker(&["--concurrency", "2"]);
     let succeeded = |ids: &[i64]| ids.iter().all(|id| h.job(*id)["state"] == "succeeded");
     wait_for("the first jobs", 30, || succeeded(&first));
@@ -853,7 +833,7 @@ fn postgres_restart_under_a_worker_it_reconnects() {
         "the worker outlives the outage"
     );
     assert!(pg.boot(), "starting PostgreSQL again");
-    let second = submit(10, 20);
+    let second = h.submit_samples(10, 20);
     wait_for("the jobs submitted after the restart", 60, || {
         succeeded(&second)
     });

@@ -103,17 +103,25 @@ pub async fn run(
     };
     let mut swept_at: Option<std::time::Instant> = None;
     let mut woken = true;
+    // A sweep that found nothing to publish doubles the wait before the next one (up to
+    // a second, or poll_ms if longer); a notification or a find brings it back to poll_ms.
+    let mut sweep_every = poll;
     loop {
         if let Some(d) = dispatch
-            && (woken || swept_at.is_none_or(|t| t.elapsed() >= poll))
+            && (woken || swept_at.is_none_or(|t| t.elapsed() >= sweep_every))
         {
             woken = false;
             swept_at = Some(std::time::Instant::now());
             if let Err(e) = store.maintain().await {
                 tracing::warn!("looking for jobs of dead workers failed: {e:#}");
             }
-            if let Err(e) = d.publish_due(store, republish_ms).await {
-                tracing::warn!("publishing jobs to RabbitMQ failed (tried again): {e:#}");
+            match d.publish_due(store, republish_ms).await {
+                Ok(0) => sweep_every = (sweep_every * 2).min(poll.max(Duration::from_secs(1))),
+                Ok(_) => sweep_every = poll,
+                Err(e) => {
+                    sweep_every = poll;
+                    tracing::warn!("publishing jobs to RabbitMQ failed (tried again): {e:#}");
+                }
             }
         }
         if !registry.schedules.is_empty() {
@@ -230,7 +238,12 @@ pub async fn run(
                     spawn_fed(fed, store, &registry, &opts.name, &finisher, &stop_rx, &done_tx, lease_ms);
                 }
             }
-            () = wake.wait(poll), if slots.available_permits() > 0 || dispatch.is_some() => woken = true,
+            by_notify = wake.wait(poll), if slots.available_permits() > 0 || dispatch.is_some() => {
+                if by_notify {
+                    woken = true;
+                    sweep_every = poll;
+                }
+            }
             // Schedules are looked at every second even while every slot is busy.
             () = tokio::time::sleep(Duration::from_secs(1)), if !registry.schedules.is_empty() => {}
         }

@@ -582,19 +582,25 @@ impl Wakeup {
         }
     }
 
-    /// Wait for a notification or the interval, whichever comes first.
-    pub async fn wait(&mut self, interval: Duration) {
+    /// Wait for a notification or the interval, whichever comes first; `true` when a
+    /// notification came.
+    pub async fn wait(&mut self, interval: Duration) -> bool {
         match self {
-            Wakeup::Poll => tokio::time::sleep(interval).await,
+            Wakeup::Poll => {
+                tokio::time::sleep(interval).await;
+                false
+            }
             Wakeup::Listen(l) => {
                 tokio::select! {
                     r = l.recv() => {
                         if r.is_err() {
                             // The listener reconnects by itself on the next recv; do not spin.
                             tokio::time::sleep(interval).await;
+                            return false;
                         }
+                        true
                     }
-                    () = tokio::time::sleep(interval) => {}
+                    () = tokio::time::sleep(interval) => false,
                 }
             }
         }

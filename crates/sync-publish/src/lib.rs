@@ -393,7 +393,7 @@ async fn relay(
         }
         tokio::select! {
             () = &mut stop => break,
-            () = wake.wait(interval) => {}
+            _ = wake.wait(interval) => {}
         }
     }
     broker.close().await;
