@@ -307,9 +307,14 @@ async fn kill_9_crash_loop_answers_each_request_once_and_files_it_once() {
     mail.wait_count("carol", &f.inbox, ids.len());
     let mut kills = 0;
     let mut seed: u64 = std::process::id().into();
-    for _ in 0..25 {
+    // At least 25 runs, and on until 10 of them were killed (a fast machine finishes
+    // many runs before their kill comes), at most 100.
+    let mut runs = 0;
+    while runs < 25 || (kills < 10 && runs < 100) {
+        runs += 1;
         seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-        let delay = Duration::from_millis(20 + (seed >> 33) % 400);
+        // Short enough that most runs die while requests are still open.
+        let delay = Duration::from_millis(5 + (seed >> 33) % 150);
         let mut cmd = test_support::cli::command(crate::BIN, home.dir.path());
         cmd.env("MQ_TEST_IMAP_PASSWORD", &mail.carol)
             .arg("--config")
@@ -331,7 +336,7 @@ async fn kill_9_crash_loop_answers_each_request_once_and_files_it_once() {
         kills >= 5,
         "only {kills} runs were killed; the loop tests too little"
     );
-    eprintln!("{kills} of 25 runs killed with SIGKILL before the final run");
+    eprintln!("{kills} of {runs} runs killed with SIGKILL before the final run");
     let replies = mail.wait_count("alice", &f.replies, ids.len());
     let mut by_request: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for r in &replies {
