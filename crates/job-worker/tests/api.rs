@@ -27,6 +27,16 @@ static SUBMIT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     path.to_string_lossy().into_owned()
 });
 
+/// A child process killed when dropped.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A configured home and, once started, its server.
 struct Api {
     dir: tempfile::TempDir,
@@ -607,12 +617,15 @@ fn code_submit_talks_to_a_remote_serve_with_the_users_key() {
     );
     std::fs::write(&client.config, text).unwrap();
     // The worker runs on the server's home (same queue), the submitter is remote.
-    let mut worker = server
-        .command(BIN, &["run", "--concurrency", "2"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    // Killed when dropped, also when an assertion below fails.
+    let _worker = KillOnDrop(
+        server
+            .command(BIN, &["run", "--concurrency", "2"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let out = client
         .command(
             &SUBMIT,
@@ -679,6 +692,4 @@ fn code_submit_talks_to_a_remote_serve_with_the_users_key() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(75), "{out:?}");
-    let _ = worker.kill();
-    let _ = worker.wait();
 }

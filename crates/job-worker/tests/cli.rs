@@ -180,14 +180,53 @@ command = ["sh", "-c", "sleep {{secs}} & sleep {{secs}}; wait"]
         .collect()
     }
 
-    fn spawn_worker(&self, args: &[&str]) -> Child {
+    fn spawn_worker(&self, args: &[&str]) -> Worker {
         let mut all = vec!["run"];
         all.extend_from_slice(args);
-        self.command(BIN, &all)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
+        Worker(Some(
+            self.command(BIN, &all)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        ))
+    }
+}
+
+/// A worker process, killed when dropped still running (a test that fails before it
+/// stops its workers leaves none behind).
+struct Worker(Option<Child>);
+
+impl Worker {
+    fn wait_with_output(mut self) -> std::io::Result<Output> {
+        self.0
+            .take()
+            .expect("not waited for yet")
+            .wait_with_output()
+    }
+}
+
+impl std::ops::Deref for Worker {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        self.0.as_ref().expect("not waited for yet")
+    }
+}
+
+impl std::ops::DerefMut for Worker {
+    fn deref_mut(&mut self) -> &mut Child {
+        self.0.as_mut().expect("not waited for yet")
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut()
+            && c.try_wait().ok().flatten().is_none()
+        {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -491,7 +530,7 @@ fn scheduled_once_per_period(state: &State) {
     let Some(h) = Home::new(state, extra) else {
         return;
     };
-    let workers: Vec<Child> = (0..3)
+    let workers: Vec<Worker> = (0..3)
         .map(|_| h.spawn_worker(&["--concurrency", "2"]))
         .collect();
     std::thread::sleep(Duration::from_millis(7_500));
@@ -690,7 +729,7 @@ fn rabbitmq_workers_share_the_jobs_and_drop_duplicate_messages() {
         return;
     };
     let ids = h.submit_samples(0, 60);
-    let workers: Vec<Child> = (0..2)
+    let workers: Vec<Worker> = (0..2)
         .map(|i| h.spawn_worker(&["--concurrency", "4", "--name", &format!("w{i}")]))
         .collect();
     wait_for("60 jobs", 60, || {
