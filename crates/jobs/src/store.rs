@@ -1194,6 +1194,90 @@ impl Store {
         Ok(states.pop().flatten())
     }
 
+    /// The state an attempt leaves its job in, and its `finished_ms` and `run_at_ms`.
+    fn end_of(
+        job: &Job,
+        outcome: &Outcome,
+        retry_in_ms: i64,
+        now: i64,
+    ) -> (&'static str, Option<i64>, i64) {
+        let state = match &outcome.error {
+            None => SUCCEEDED,
+            Some(_) if outcome.permanent => FAILED,
+            Some(_) if job.attempt < job.max_attempts => QUEUED,
+            Some(_) => DEAD,
+        };
+        if state == QUEUED {
+            (state, None, now + retry_in_ms)
+        } else {
+            (state, Some(now), job.run_at_ms)
+        }
+    }
+
+    /// [`Store::finish_many`] on PostgreSQL: one `UPDATE … FROM (VALUES …)` for the whole
+    /// group, fenced row by row (attempt, worker, running) like the one-row form.
+    async fn finish_many_pg(
+        &self,
+        worker: &str,
+        ends: &[(&Job, &Outcome, i64)],
+    ) -> anyhow::Result<Vec<Option<&'static str>>> {
+        const COLS: usize = 14;
+        let now = now_ms();
+        let rows: Vec<String> = (0..ends.len())
+            .map(|r| {
+                let p: Vec<String> = (1..=COLS).map(|c| format!("${}", r * COLS + c + 1)).collect();
+                format!(
+                    "({}::int8, {}::int8, {}::text, {}::int8, {}::int8, {}::int8, {}::int8, {}::text, {}::text, {}::text, {}::text, {}::int8, {}::text, {}::text)",
+                    p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10], p[11], p[12], p[13]
+                )
+            })
+            .collect();
+        let sql = format!(
+            "UPDATE labrelay_jobs AS j SET state = v.state, finished_ms = v.finished_ms, run_at_ms = v.run_at_ms, \
+             worker = NULL, lease_until_ms = NULL, exit_code = v.exit_code, term_signal = v.term_signal, \
+             stdout = v.stdout, stderr = v.stderr, result = v.result, error = v.error, duration_ms = v.duration_ms, \
+             stdout_ref = v.stdout_ref, stderr_ref = v.stderr_ref \
+             FROM (VALUES {}) AS v(id, attempt, state, finished_ms, run_at_ms, exit_code, term_signal, stdout, stderr, \
+             result, error, duration_ms, stdout_ref, stderr_ref) \
+             WHERE j.id = v.id AND j.attempt = v.attempt AND j.worker = $1 AND j.state = '{RUNNING}' RETURNING j.id",
+            rows.join(", ")
+        );
+        let mut q = sqlx::query(&sql).bind(worker.to_owned());
+        let mut states = Vec::with_capacity(ends.len());
+        for (job, outcome, retry_in_ms) in ends {
+            let (state, finished, run_at) = Self::end_of(job, outcome, *retry_in_ms, now);
+            states.push(state);
+            q = q
+                .bind(job.id)
+                .bind(job.attempt)
+                .bind(state)
+                .bind(finished)
+                .bind(run_at)
+                .bind(outcome.exit_code.map(i64::from))
+                .bind(outcome.signal.map(i64::from))
+                .bind(outcome.stdout.clone())
+                .bind(outcome.stderr.clone())
+                .bind(outcome.result.as_ref().map(ToString::to_string))
+                .bind(outcome.error.clone())
+                .bind(outcome.duration_ms)
+                .bind(outcome.stdout_ref.clone())
+                .bind(outcome.stderr_ref.clone());
+        }
+        let done: std::collections::HashSet<i64> = q
+            .fetch_all(self.db.pool())
+            .await
+            .map_err(|e| self.err(e))?
+            .iter()
+            .map(|r| r.try_get::<i64, _>(0))
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.err(e))?;
+        Ok(ends
+            .iter()
+            .zip(states)
+            .map(|((job, ..), state)| done.contains(&job.id).then_some(state))
+            .collect())
+    }
+
     /// [`Store::finish`] for several attempts of this worker in one transaction (one
     /// commit, so one disk flush, for all of them): the state of each, in order.
     pub async fn finish_many(
@@ -1201,6 +1285,9 @@ impl Store {
         worker: &str,
         ends: &[(&Job, &Outcome, i64)],
     ) -> anyhow::Result<Vec<Option<&'static str>>> {
+        if self.db.engine() == Engine::Postgres && ends.len() > 1 {
+            return self.finish_many_pg(worker, ends).await;
+        }
         let now = now_ms();
         let p = |n| self.p(n);
         let sql = format!(
@@ -1227,17 +1314,7 @@ impl Store {
         let mut tx = self.db.pool().begin().await.map_err(|e| self.err(e))?;
         let mut states = Vec::with_capacity(ends.len());
         for (job, outcome, retry_in_ms) in ends {
-            let state = match &outcome.error {
-                None => SUCCEEDED,
-                Some(_) if outcome.permanent => FAILED,
-                Some(_) if job.attempt < job.max_attempts => QUEUED,
-                Some(_) => DEAD,
-            };
-            let (finished, run_at) = if state == QUEUED {
-                (None, now + retry_in_ms)
-            } else {
-                (Some(now), job.run_at_ms)
-            };
+            let (state, finished, run_at) = Self::end_of(job, outcome, *retry_in_ms, now);
             let done = sqlx::query(&sql)
                 .bind(state)
                 .bind(finished)

@@ -416,6 +416,49 @@ async fn contract(engine: Engine) {
         "no address"
     );
 
+    // Several results in one call (PostgreSQL: one statement), each fenced on its own:
+    // a stale attempt among them is refused, the others are recorded.
+    let group_q = vec!["group".to_owned()];
+    for _ in 0..3 {
+        let mut grouped = job("grouped");
+        grouped.queue = "group".into();
+        s.submit(&grouped).await.unwrap();
+    }
+    let taken = s.claim("w1", &group_q, 3, 60_000).await.unwrap();
+    assert_eq!(taken.len(), 3);
+    let mut stale = taken[1].clone();
+    stale.attempt += 1;
+    let fail = failed("boom");
+    let recorded = s
+        .finish_many(
+            "w1",
+            &[
+                (&taken[0], &ok(), 0),
+                (&stale, &ok(), 0),
+                (&taken[2], &fail, 60_000),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        recorded,
+        [Some(store::SUCCEEDED), None, Some(store::QUEUED)]
+    );
+    let first = s.get(taken[0].id).await.unwrap().unwrap();
+    assert_eq!(
+        (first.state.as_str(), first.exit_code),
+        ("succeeded", Some(0))
+    );
+    assert_eq!(first.stdout.as_deref(), Some("done\n"));
+    assert_eq!(s.get(taken[1].id).await.unwrap().unwrap().state, "running");
+    let retried = s.get(taken[2].id).await.unwrap().unwrap();
+    assert_eq!(retried.state, "queued");
+    assert_eq!(retried.error.as_deref(), Some("boom"));
+    assert!(
+        retried.run_at_ms > store::now_ms() + 30_000,
+        "after its backoff"
+    );
+
     // API nonces: once per user, another user may use the same value.
     let until = store::now_ms() + 61_000;
     assert!(
