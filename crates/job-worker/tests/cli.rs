@@ -180,6 +180,13 @@ command = ["sh", "-c", "sleep {{secs}} & sleep {{secs}}; wait"]
         .collect()
     }
 
+    /// Point the configuration at `url` instead of the shared server of `setting`.
+    fn use_server(&self, setting: &str, url: &str) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let shared = test_support::require(setting).unwrap();
+        std::fs::write(&self.config, text.replace(&shared, url)).unwrap();
+    }
+
     fn spawn_worker(&self, args: &[&str]) -> Worker {
         let mut all = vec!["run"];
         all.extend_from_slice(args);
@@ -795,9 +802,7 @@ fn rabbitmq_restart_mid_run_loses_no_job() {
         return;
     };
     // This test's own node, not the shared server.
-    let text = std::fs::read_to_string(&h.config).unwrap();
-    let shared = test_support::require("AMQP_URL").unwrap();
-    std::fs::write(&h.config, text.replace(&shared, &node.url())).unwrap();
+    h.use_server("AMQP_URL", &node.url());
     let mut ids = h.submit_samples(0, 20);
     let worker = h.spawn_worker(&["--concurrency", "2"]);
     std::thread::sleep(Duration::from_millis(500));
@@ -858,9 +863,7 @@ fn postgres_restart_under_a_worker_it_reconnects() {
     let Some(h) = Home::new(&State::Postgres, "") else {
         return;
     };
-    let text = std::fs::read_to_string(&h.config).unwrap();
-    let shared = test_support::require("PG_URL").unwrap();
-    std::fs::write(&h.config, text.replace(&shared, &pg.url())).unwrap();
+    h.use_server("PG_URL", &pg.url());
     let first = h.submit_samples(0, 10);
     let mut worker = h.spawn_worker(&["--concurrency", "2"]);
     let succeeded = |ids: &[i64]| ids.iter().all(|id| h.job(*id)["state"] == "succeeded");

@@ -48,6 +48,20 @@ pub struct Fed {
     pub permit: OwnedSemaphorePermit,
 }
 
+impl Fed {
+    /// Give a claimed job that will not run here back: its row to the queue, its
+    /// message to RabbitMQ.
+    pub async fn give_back(self, store: &Store, worker: &str) {
+        if let Err(e) = store.release(&self.job, worker).await {
+            tracing::warn!(
+                job = self.job.id,
+                "giving the job back failed (its lease runs out): {e:#}"
+            );
+        }
+        settle(self.delivery.nack_requeue().await);
+    }
+}
+
 /// The RabbitMQ side of a worker.
 pub struct Dispatch {
     broker: AnyBroker,
@@ -253,13 +267,7 @@ async fn claim_batches(
                 .await
             {
                 // The worker is stopping: give the job back.
-                if let Err(e) = store.release(&fed.job, worker).await {
-                    tracing::warn!(
-                        job = id,
-                        "giving the job back failed (its lease runs out): {e:#}"
-                    );
-                }
-                settle(fed.delivery.nack_requeue().await);
+                fed.give_back(store, worker).await;
             }
         }
     }

@@ -252,13 +252,7 @@ pub async fn run(
     if let Some(mut rx) = feed.take() {
         rx.close();
         while let Some(fed) = rx.recv().await {
-            if let Err(e) = store.release(&fed.job, &opts.name).await {
-                tracing::warn!(
-                    job = fed.job.id,
-                    "giving the job back failed (its lease runs out): {e:#}"
-                );
-            }
-            let _ = fed.delivery.nack_requeue().await;
+            fed.give_back(store, &opts.name).await;
         }
     }
     for f in feeders {
