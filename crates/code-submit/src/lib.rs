@@ -1,5 +1,8 @@
-//! `code-submit`: submit jobs to the job platform. `task` submits a registered task;
-//! the code-file commands (`add`, `run`, `status`, `exec`, ...) come with the sandbox.
+//! `code-submit`: submit code and tasks to the job platform. `exec` runs one file in the
+//! sandbox right here; `languages` lists what the sandbox can run; `task` submits a
+//! registered task.
+
+mod exec;
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -12,13 +15,17 @@ use jobs::{JobError, Registry};
 use labrelay::cli::{Context, GlobalArgs, ToolArgs};
 use labrelay::exit::Exit;
 
-/// Submit jobs to the labrelay job queue
+/// Submit code and tasks to the labrelay job queue, or run code in the sandbox
 ///
-/// `task` submits a registered task ([tasks.NAME] in the configuration) with its
-/// arguments, prints the job id, or with --wait the job's result, exiting with the
-/// job's outcome.
+/// `exec` runs one source file in a fresh sandbox box and reports its status (exit 0 when
+/// Accepted). `languages` lists the sandbox's languages and which are installed. `task`
+/// submits a registered task ([tasks.NAME] in the configuration) with its arguments,
+/// prints the job id, or with --wait the job's result, exiting with the job's outcome.
 #[derive(Debug, Parser)]
 #[command(name = "code-submit", version, after_help = labrelay::after_help!("\
+  code-submit exec hello.py --language python
+  code-submit exec solution.c --language c --stdin input.txt --time-limit 2 --json
+  code-submit languages
   code-submit task rebuild-index
   code-submit task align --arg sample=S1 --arg lane=2 --wait
   code-submit task report --args-json args.json --unique-key report-2026-11
@@ -35,6 +42,10 @@ pub struct Args {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run one source file in the sandbox here (no queue, no database)
+    Exec(exec::ExecArgs),
+    /// The sandbox's languages, and which are installed here
+    Languages,
     /// Submit a registered task
     Task {
         /// Task name, as in [tasks.NAME] (`job-worker tasks` lists them)
@@ -200,6 +211,15 @@ fn each_requests(
 
 /// Run the tool.
 pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
+    match args.command {
+        Command::Exec(a) => exec::exec(a, &ctx).await,
+        Command::Languages => exec::languages(&ctx),
+        task @ Command::Task { .. } => submit_task(task, ctx).await,
+    }
+}
+
+/// `code-submit task`.
+async fn submit_task(command: Command, ctx: Context) -> anyhow::Result<Exit> {
     let Command::Task {
         name,
         args: pairs,
@@ -212,7 +232,10 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
         webhook,
         wait,
         timeout,
-    } = args.command;
+    } = command
+    else {
+        unreachable!("submit_task is called with Command::Task");
+    };
     let registry = Registry::from_config(&ctx.config)?;
     let client = jobs::client::Client::from_config(&registry.settings)?;
     let base = SubmitRequest {

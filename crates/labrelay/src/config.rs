@@ -108,6 +108,10 @@ pub struct Config {
     pub jobs: Option<toml::Value>,
     /// `[tasks.NAME]`: the job registry, owned and typed by the `jobs` crate.
     pub tasks: Option<toml::Value>,
+    /// `[sandbox]`: owned and typed by the `sandbox` crate.
+    pub sandbox: Option<toml::Value>,
+    /// `[languages.NAME]`: the sandbox's languages, owned and typed by the `sandbox` crate.
+    pub languages: Option<toml::Value>,
     /// The files read (path and text), so a tool section's type error can be reported
     /// with its file and line ([`Config::section`]).
     #[serde(skip)]
@@ -656,6 +660,8 @@ impl Config {
             "sync" => &self.sync,
             "jobs" => &self.jobs,
             "tasks" => &self.tasks,
+            "sandbox" => &self.sandbox,
+            "languages" => &self.languages,
             other => {
                 return Err(ConfigError::Missing(format!(
                     "no tool section named [{other}] is known"
