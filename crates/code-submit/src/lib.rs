@@ -3,6 +3,7 @@
 //! registered task.
 
 mod exec;
+mod submissions;
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -23,6 +24,9 @@ use labrelay::exit::Exit;
 /// prints the job id, or with --wait the job's result, exiting with the job's outcome.
 #[derive(Debug, Parser)]
 #[command(name = "code-submit", version, after_help = labrelay::after_help!("\
+  code-submit add hello.py --language python --email alice@example.org --stdin in.txt
+  code-submit run 3f2a9c0e1b7d4a55
+  code-submit status --email alice@example.org
   code-submit exec hello.py --language python
   code-submit exec solution.c --language c --stdin input.txt --time-limit 2 --json
   code-submit languages
@@ -42,6 +46,24 @@ pub struct Args {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Add a code submission: the source goes to the code storage, a row to the state
+    /// database; prints its id
+    Add(submissions::AddArgs),
+    /// Queue a run of a submission (a job of the built-in task `code`); prints the job id
+    Run {
+        /// The submission's id
+        id: String,
+        /// Wait for the run and print the submission's status; exit 0 when Accepted
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Status of a submission, or of every submission of an address
+    Status(submissions::StatusArgs),
+    /// Allow another run of a submission disabled after an error
+    Enable {
+        /// The submission's id
+        id: String,
+    },
     /// Run one source file in the sandbox here (no queue, no database)
     Exec(exec::ExecArgs),
     /// The sandbox's languages, and which are installed here
@@ -212,6 +234,10 @@ fn each_requests(
 /// Run the tool.
 pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
     match args.command {
+        Command::Add(a) => submissions::add(a, &ctx).await,
+        Command::Run { id, wait } => submissions::run(&id, wait, &ctx).await,
+        Command::Status(a) => submissions::status(a, &ctx).await,
+        Command::Enable { id } => submissions::enable(&id, &ctx).await,
         Command::Exec(a) => exec::exec(a, &ctx).await,
         Command::Languages => exec::languages(&ctx),
         task @ Command::Task { .. } => submit_task(task, ctx).await,

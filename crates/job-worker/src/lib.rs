@@ -138,6 +138,65 @@ fn parse_age(s: &str) -> Result<i64, String> {
         .ok_or_else(|| format!("`{s}` is too long"))
 }
 
+/// The worker's queues (given, or every task's) and, when they include the code queue,
+/// the sandbox that runs code jobs. Without a sandbox here the code queue is left out
+/// of the default queues (with a warning); named with --queues it is an error (78).
+async fn with_code(
+    ctx: &Context,
+    registry: &Registry,
+    store: Store,
+    queues: Vec<String>,
+) -> anyhow::Result<(Store, Vec<String>)> {
+    let code_queue = registry.settings.code_queue.clone();
+    let given = !queues.is_empty();
+    let mut queues = if given {
+        queues
+    } else {
+        let mut q: Vec<String> = registry.tasks.values().map(|t| t.queue.clone()).collect();
+        q.sort();
+        q.dedup();
+        q
+    };
+    if !queues.contains(&code_queue) {
+        return Ok((store, queues));
+    }
+    let settings = sandbox::Settings::from_config(&ctx.config)?;
+    let made = {
+        let s = settings.clone();
+        tokio::task::spawn_blocking(move || sandbox::Sandbox::new(s)).await?
+    };
+    match made {
+        Ok(sb) => {
+            tracing::info!(limits = sb.limits_label(), "code jobs run in the sandbox");
+            let storage =
+                jobs::code::code_storage(&ctx.config, registry.settings.code_storage.as_deref())
+                    .await?;
+            let submissions = jobs::code::Submissions::new(store.db().clone());
+            Ok((
+                store.with_code(jobs::code::CodeRunner {
+                    sandbox: Ok(Arc::new(sb)),
+                    settings,
+                    storage,
+                    submissions,
+                }),
+                queues,
+            ))
+        }
+        Err(e) if given => Err(labrelay::config::ConfigError::Invalid {
+            key: "sandbox".into(),
+            message: format!(
+                "--queues names the code queue `{code_queue}`, but code cannot run here: {e}"
+            ),
+        }
+        .into()),
+        Err(e) => {
+            tracing::warn!("not taking code jobs (queue `{code_queue}`): {e}");
+            queues.retain(|q| *q != code_queue);
+            Ok((store, queues))
+        }
+    }
+}
+
 /// Open the state database (migrated) and the checked registry.
 async fn open(ctx: &Context) -> anyhow::Result<(Store, Arc<Registry>)> {
     let registry = Registry::from_config(&ctx.config)?;
@@ -203,14 +262,7 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
                 None => store,
             };
             let notifier = jobs::notify::Notifier::from_config(&ctx.config)?;
-            let queues = if queues.is_empty() {
-                let mut q: Vec<String> = registry.tasks.values().map(|t| t.queue.clone()).collect();
-                q.sort();
-                q.dedup();
-                q
-            } else {
-                queues
-            };
+            let (store, queues) = with_code(&ctx, &registry, store, queues).await?;
             let opts = WorkerOptions {
                 queues,
                 concurrency: usize::from(concurrency.max(1)),

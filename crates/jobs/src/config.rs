@@ -56,6 +56,11 @@ pub struct JobsConfig {
     pub users: BTreeMap<String, ApiUser>,
     /// Webhooks a task or a submission may name, `[jobs.webhooks.NAME]`.
     pub webhooks: BTreeMap<String, WebhookConfig>,
+    /// A `[storage.NAME]` for submitted sources (`code-submit add`); default: the
+    /// folder `code` in the data directory.
+    pub code_storage: Option<String>,
+    /// The queue of code jobs (the built-in task `code`).
+    pub code_queue: String,
 }
 
 /// `[jobs.webhooks.NAME]`: where a job's outcome is POSTed, signed.
@@ -114,6 +119,8 @@ impl Default for JobsConfig {
             api_key: None,
             users: BTreeMap::new(),
             webhooks: BTreeMap::new(),
+            code_storage: None,
+            code_queue: "code".into(),
         }
     }
 }
@@ -373,6 +380,20 @@ impl Registry {
                 ));
             }
         }
+        if let Some(name) = &settings.code_storage {
+            config.storage(name).map_err(|_| {
+                invalid(
+                    "jobs.code_storage",
+                    format!("no [storage.{name}] is configured"),
+                )
+            })?;
+        }
+        if !is_name(&settings.code_queue) {
+            return Err(invalid(
+                "jobs.code_queue",
+                "a queue name is 1-64 of a-z, 0-9, _ and -".into(),
+            ));
+        }
         if let Some(name) = &settings.output_storage {
             config.storage(name).map_err(|_| {
                 invalid(
@@ -464,8 +485,37 @@ impl Registry {
                 email: None,
             },
         );
+        tasks.insert(
+            crate::code::CODE.to_owned(),
+            Task {
+                name: crate::code::CODE.into(),
+                command: Vec::new(),
+                workdir: None,
+                env: Vec::new(),
+                timeout_secs: settings.timeout_secs,
+                max_attempts: 3,
+                backoff_secs: 5,
+                backoff_max_secs: 60,
+                queue: settings.code_queue.clone(),
+                description:
+                    "built in: runs a code submission in the sandbox (`code-submit run ID`)".into(),
+                args_on_stdin: false,
+                params: vec!["submission".into(), "run".into()],
+                schedule: None,
+                schedule_args: serde_json::Map::new(),
+                concurrency: None,
+                webhook: None,
+                email: None,
+            },
+        );
         for (name, t) in raw {
             let key = |k: &str| format!("tasks.{name}.{k}");
+            if name == crate::code::CODE {
+                return Err(invalid(
+                    &format!("tasks.{name}"),
+                    "`code` is built in and cannot be redefined".into(),
+                ));
+            }
             if name == NOOP {
                 return Err(invalid(
                     &format!("tasks.{NOOP}"),

@@ -15,6 +15,7 @@
 
 pub mod api;
 pub mod client;
+pub mod code;
 pub mod config;
 pub mod notify;
 pub mod rabbit;

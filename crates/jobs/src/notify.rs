@@ -55,6 +55,21 @@ impl Notifier {
             .rsplit_once('@')
             .map_or("labrelay.invalid", |(_, d)| d)
             .to_owned();
+        let message_id = format!(
+            "labrelay-job-{}-{}@{domain}",
+            job.id,
+            job.finished_ms.unwrap_or_default()
+        );
+        if job.task == crate::code::CODE
+            && let Some((subject, text, html)) = crate::code::mail(job)
+        {
+            return base
+                .to(job.notify.clone().unwrap_or_default())
+                .subject(subject)
+                .text(text)
+                .html(html)
+                .message_id(message_id);
+        }
         let mut text = format!(
             "Job {} ({}) {}.\n\nArguments: {}\nAttempts: {} of {}\n",
             job.id, job.task, job.state, job.args, job.attempt, job.max_attempts
@@ -92,11 +107,7 @@ impl Notifier {
                 job.id, job.task, job.state
             ))
             .text(text)
-            .message_id(format!(
-                "labrelay-job-{}-{}@{domain}",
-                job.id,
-                job.finished_ms.unwrap_or_default()
-            ))
+            .message_id(message_id)
     }
 
     /// Send the outcome mails and webhooks that are due; returns how many went out.

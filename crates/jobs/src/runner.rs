@@ -141,8 +141,18 @@ pub async fn run(
     job: &Job,
     cap: usize,
     spill: Option<&Spill>,
+    code: Option<&crate::code::CodeRunner>,
     mut stop: watch::Receiver<Stop>,
 ) -> Ran {
+    if task.name == crate::code::CODE {
+        return match code {
+            Some(c) => c.run(job, stop).await,
+            None => Ran::Done(Outcome {
+                error: Some("this worker does not run code jobs (no sandbox)".into()),
+                ..Outcome::default()
+            }),
+        };
+    }
     let started = Instant::now();
     let elapsed =
         |started: Instant| i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);

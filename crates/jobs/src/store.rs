@@ -306,6 +306,8 @@ pub struct Store {
     limits: std::sync::Arc<BTreeMap<String, u32>>,
     /// Where outputs larger than the row's cap go.
     output: Option<std::sync::Arc<crate::runner::Spill>>,
+    /// What runs code jobs (the sandbox and the sources).
+    code: Option<std::sync::Arc<crate::code::CodeRunner>>,
 }
 
 impl Store {
@@ -317,7 +319,20 @@ impl Store {
             nonces_pruned_at: std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0)),
             limits: std::sync::Arc::default(),
             output: None,
+            code: None,
         }
+    }
+
+    /// The same store, running code jobs with `code`.
+    #[must_use]
+    pub fn with_code(mut self, code: crate::code::CodeRunner) -> Store {
+        self.code = Some(std::sync::Arc::new(code));
+        self
+    }
+
+    /// What runs code jobs, when this worker runs them.
+    pub fn code(&self) -> Option<&crate::code::CodeRunner> {
+        self.code.as_deref()
     }
 
     /// The same store, keeping outputs larger than the row's cap whole in `spill`'s

@@ -548,6 +548,7 @@ async fn attempt(
         &job,
         registry.settings.output_cap_bytes,
         store.output(),
+        store.code(),
         stop_rx,
     );
     tokio::pin!(run);
