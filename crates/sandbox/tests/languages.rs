@@ -1,0 +1,183 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Every shipped language: hello world, stdin echo, a compile error, a runtime error.
+//! Python, Bash, C, C++, Java, JavaScript and Rust must be installed (scripts/services
+//! installs them); Go, C# and R are tried when they are.
+
+use std::sync::atomic::AtomicBool;
+
+use sandbox::{Limits, Request, Sandbox, Settings, Status};
+
+/// (language, hello world, stdin echo, compile error, runtime error)
+const PROGRAMS: &[(&str, &str, &str, &str, &str)] = &[
+    (
+        "python",
+        "print('hello, world')\n",
+        "import sys\nprint(sys.stdin.read().strip().upper())\n",
+        "def f(:\n",
+        "raise SystemExit(3)\n",
+    ),
+    (
+        "bash",
+        "echo 'hello, world'\n",
+        "read -r x; echo \"${x^^}\"\n",
+        "if then fi (\n",
+        "exit 3\n",
+    ),
+    (
+        "c",
+        "#include <stdio.h>\nint main(void){puts(\"hello, world\");return 0;}\n",
+        "#include <stdio.h>\n#include <ctype.h>\nint main(void){int c;while((c=getchar())!=EOF){if(c!='\\n')putchar(toupper(c));}putchar('\\n');return 0;}\n",
+        "int main(void){ return undefined_name; }\n",
+        "int main(void){ return 3; }\n",
+    ),
+    (
+        "cpp",
+        "#include <iostream>\nint main(){std::cout<<\"hello, world\\n\";}\n",
+        "#include <iostream>\n#include <string>\n#include <cctype>\nint main(){std::string s;std::getline(std::cin,s);for(auto&c:s)c=std::toupper(c);std::cout<<s<<\"\\n\";}\n",
+        "int main(){ std::cout << 1; }\n",
+        "int main(){ return 3; }\n",
+    ),
+    (
+        "java",
+        "public class Main { public static void main(String[] a) { System.out.println(\"hello, world\"); } }\n",
+        "public class Main { public static void main(String[] a) { System.out.println(new java.util.Scanner(System.in).nextLine().toUpperCase()); } }\n",
+        "public class Main { public static void main(String[] a) { int x = \"s\"; } }\n",
+        "public class Main { public static void main(String[] a) { System.exit(3); } }\n",
+    ),
+    (
+        "javascript",
+        "console.log('hello, world');\n",
+        "console.log(require('fs').readFileSync(0, 'utf8').trim().toUpperCase());\n",
+        "function (\n",
+        "process.exit(3);\n",
+    ),
+    (
+        "rust",
+        "fn main() { println!(\"hello, world\"); }\n",
+        "use std::io::Read;\nfn main() { let mut s = String::new(); std::io::stdin().read_to_string(&mut s).unwrap(); println!(\"{}\", s.trim().to_uppercase()); }\n",
+        "fn main() { let x: u32 = \"s\"; }\n",
+        "fn main() { std::process::exit(3); }\n",
+    ),
+    (
+        "go",
+        "package main\nimport \"fmt\"\nfunc main() { fmt.Println(\"hello, world\") }\n",
+        "package main\nimport (\"bufio\";\"fmt\";\"os\";\"strings\")\nfunc main() { s, _ := bufio.NewReader(os.Stdin).ReadString('\\n'); fmt.Println(strings.ToUpper(strings.TrimSpace(s))) }\n",
+        "package main\nfunc main() { x := }\n",
+        "package main\nimport \"os\"\nfunc main() { os.Exit(3) }\n",
+    ),
+    (
+        "csharp",
+        "class P { static void Main() { System.Console.WriteLine(\"hello, world\"); } }\n",
+        "class P { static void Main() { System.Console.WriteLine(System.Console.ReadLine().ToUpper()); } }\n",
+        "class P { static void Main() { int x = \"s\"; } }\n",
+        "class P { static void Main() { System.Environment.Exit(3); } }\n",
+    ),
+    (
+        "r",
+        "cat('hello, world\\n')\n",
+        "cat(toupper(readLines(file('stdin'), n = 1)), '\\n', sep = '')\n",
+        "f <- function( {\n",
+        "quit(status = 3)\n",
+    ),
+];
+
+const REQUIRED: &[&str] = &["python", "bash", "c", "cpp", "java", "javascript", "rust"];
+
+fn run(sb: &Sandbox, lang: &str, src: &str, stdin: Option<&str>) -> sandbox::Report {
+    let l = sb.settings().language(lang).unwrap();
+    let limits = Limits {
+        // Java and the compilers on a loaded 2-core machine.
+        time_secs: 10.0,
+        wall_secs: 30.0,
+        ..l.limits
+    };
+    sb.run(
+        &Request {
+            language: l,
+            source: src.as_bytes(),
+            stdin: stdin.map(str::as_bytes),
+            expected: None,
+            limits,
+        },
+        &AtomicBool::new(false),
+    )
+}
+
+#[test]
+fn every_installed_language_runs_compiles_and_fails_as_it_should() {
+    let sb = Sandbox::new(Settings::shipped()).expect("a sandbox on this host");
+    let path = sb.settings().sandbox.path.clone();
+    let mut tried = Vec::new();
+    for (lang, hello, echo, bad, crash) in PROGRAMS {
+        let l = sb.settings().language(lang).unwrap();
+        if l.installed(&path).is_none() {
+            assert!(
+                !REQUIRED.contains(lang),
+                "{lang} is not installed: scripts/services installs it"
+            );
+            eprintln!("{lang}: not installed here, skipped");
+            continue;
+        }
+        tried.push(*lang);
+        let r = run(&sb, lang, hello, None);
+        assert_eq!(r.status, Status::Accepted, "{lang} hello: {r:?}");
+        assert_eq!(r.stdout, "hello, world\n", "{lang} hello");
+        assert_eq!(r.exit_code, Some(0));
+        assert!(r.wall_ms > 0 && r.memory_kib > 0, "{lang}: {r:?}");
+
+        let r = run(&sb, lang, echo, Some("labrelay echo\n"));
+        assert_eq!(r.status, Status::Accepted, "{lang} echo: {r:?}");
+        assert_eq!(r.stdout.trim_end(), "LABRELAY ECHO", "{lang} echo");
+
+        let r = run(&sb, lang, bad, None);
+        if l.compile.is_some() {
+            assert_eq!(r.status, Status::CompilationError, "{lang} bad: {r:?}");
+            assert!(
+                !r.compile_output.is_empty(),
+                "{lang}: the compiler said nothing"
+            );
+        } else {
+            // An interpreter finds the syntax error when it runs.
+            assert_eq!(r.status, Status::RuntimeError, "{lang} bad: {r:?}");
+        }
+
+        let r = run(&sb, lang, crash, None);
+        assert_eq!(r.status, Status::RuntimeError, "{lang} crash: {r:?}");
+        assert_eq!(r.exit_code, Some(3), "{lang} crash: {r:?}");
+    }
+    for l in REQUIRED {
+        assert!(tried.contains(l), "{l}");
+    }
+}
+
+#[test]
+fn expected_output_decides_between_accepted_and_wrong_answer() {
+    let sb = Sandbox::new(Settings::shipped()).unwrap();
+    let l = sb.settings().language("python").unwrap();
+    let go = |expected: &str| {
+        sb.run(
+            &Request {
+                language: l,
+                source: b"print('42')\nprint('x  ')\n",
+                stdin: None,
+                expected: Some(expected.as_bytes()),
+                limits: l.limits,
+            },
+            &AtomicBool::new(false),
+        )
+    };
+    // Trailing blanks and a missing last newline do not matter.
+    assert_eq!(go("42\nx").status, Status::Accepted);
+    assert_eq!(go("42\nx\n\n").status, Status::Accepted);
+    let r = go("43\nx\n");
+    assert_eq!(r.status, Status::WrongAnswer);
+    assert_eq!(r.exit_code, Some(0));
+}
+
+#[test]
+fn a_missing_bwrap_fails_closed() {
+    let mut s = Settings::shipped();
+    s.sandbox.bwrap = "/nonexistent/bwrap".into();
+    let e = Sandbox::new(s).unwrap_err();
+    assert!(e.contains("bubblewrap"), "{e}");
+}
