@@ -1,0 +1,537 @@
+//! Code submissions end to end: `code-submit add` → `run` → `job-worker` runs the code in
+//! the sandbox → `status` → the result mail arrives over IMAP. On SQLite + local storage
+//! and on PostgreSQL + RabbitMQ + Garage (S3); the enable flag; a worker killed with
+//! kill -9 mid-run leaves no process, mount or cgroup behind.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_code-submit");
+/// `job-worker`, built beside `code-submit` (a workspace test run builds both; with
+/// `-p code-submit` alone, build it first: `cargo build -p job-worker`).
+static WORKER: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let path = Path::new(BIN).with_file_name("job-worker");
+    assert!(
+        path.exists(),
+        "{} is missing: cargo build -p job-worker",
+        path.display()
+    );
+    path.to_string_lossy().into_owned()
+});
+
+enum State {
+    /// SQLite state, local code storage, the database broker.
+    Embedded,
+    /// PostgreSQL state, RabbitMQ broker, sources in Garage.
+    Servers,
+}
+
+struct Home {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    code_queue: String,
+    /// The address results are mailed to (alice's mailbox), `None`: the outbox.
+    mail_to: String,
+    amqp: Option<String>,
+    /// Appended to every submission id: the PostgreSQL database is shared.
+    tag: String,
+    pg: Option<String>,
+}
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        if let Some(pg) = &self.pg {
+            let _ = Command::new("psql")
+                .args([
+                    pg.as_str(),
+                    "-qc",
+                    &format!(
+                        "DELETE FROM labrelay_code_submissions WHERE id LIKE '%-{}'",
+                        self.tag
+                    ),
+                ])
+                .output();
+        }
+        let Some(url) = &self.amqp else { return };
+        let queue = jobs::rabbit::queue_name(&self.code_queue);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            use labrelay::queue::Broker as _;
+            let url = labrelay::secret::RedactedUrl::parse(url).unwrap();
+            if let Ok(b) = labrelay::queue::AnyBroker::connect(
+                &url,
+                &labrelay::queue::BrokerSettings::default(),
+            )
+            .await
+            {
+                let _ = b.delete_queue(&queue).await;
+                let _ = b
+                    .delete_queue(&labrelay::queue::dead_letter_name(&queue))
+                    .await;
+                b.close().await;
+            }
+        });
+    }
+}
+
+impl Home {
+    /// `smtp`: send the results through the test Postfix (else the outbox).
+    fn new(state: &State, smtp: bool) -> Option<Home> {
+        let dir = test_support::tempdir();
+        let code_queue = test_support::unique("code")
+            .replace('-', "_")
+            .to_lowercase();
+        let (state_url, extra, amqp) = match state {
+            State::Embedded => (
+                format!(
+                    "sqlite://{}?mode=rwc",
+                    dir.path().join("state.db").display()
+                ),
+                String::new(),
+                None,
+            ),
+            State::Servers => {
+                let amqp = test_support::require("AMQP_URL")?;
+                let prefix = test_support::unique("code-src");
+                (
+                    test_support::require("PG_URL")?,
+                    format!(
+                        "broker = \"rabbitmq\"\ncode_storage = \"src\"\n\n[queue]\nurl = \"{amqp}\"\n\n{}",
+                        test_support::s3_storage_toml("src", &prefix)?
+                    ),
+                    Some(amqp),
+                )
+            }
+        };
+        let (mail, mail_to) = if smtp {
+            let domain = test_support::require("MAIL_DOMAIN")?;
+            (
+                format!(
+                    "[mail]\nfrom = \"labrelay@{domain}\"\n\n[smtp]\nhost = \"{}\"\nport = {}\nsecurity = \"none\"\n",
+                    test_support::require("SMTP_HOST")?,
+                    test_support::require("SMTP_PORT")?
+                ),
+                format!("alice@{domain}"),
+            )
+        } else {
+            (
+                "[mail]\nfrom = \"labrelay@example.org\"\n".to_owned(),
+                "someone@example.org".to_owned(),
+            )
+        };
+        let toml = format!(
+            r#"[paths]
+data_dir = "{data}"
+
+[state]
+url = "{state_url}"
+
+{mail}
+[jobs]
+lease_secs = 3
+heartbeat_secs = 1
+poll_ms = 100
+grace_secs = 2
+code_queue = "{code_queue}"
+{extra}"#,
+            data = dir.path().join("data").display(),
+        );
+        let config = test_support::write_config(dir.path(), &toml);
+        let pg = matches!(state, State::Servers).then(|| state_url.clone());
+        Some(Home {
+            dir,
+            config,
+            tag: code_queue.rsplit('_').take(2).collect::<Vec<_>>().join(""),
+            code_queue,
+            mail_to,
+            amqp,
+            pg,
+        })
+    }
+
+    fn command(&self, bin: &str, args: &[&str]) -> Command {
+        let mut cmd = test_support::cli::command(bin, self.dir.path());
+        cmd.arg("--config").arg(&self.config).args(args);
+        cmd
+    }
+
+    fn run(&self, bin: &str, args: &[&str]) -> Output {
+        self.command(bin, args).output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(BIN, args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn file(&self, name: &str, text: &str) -> String {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_string_lossy().into_owned()
+    }
+
+    /// The id of submission `name` in this test.
+    fn id(&self, name: &str) -> String {
+        format!("{name}-{}", self.tag)
+    }
+
+    fn add(&self, name: &str, file_name: &str, source: &str, extra: &[&str]) {
+        let file = self.file(file_name, source);
+        let id = self.id(name);
+        let mut args = vec!["add", &file, "--email", &self.mail_to, "--id", &id];
+        args.extend_from_slice(extra);
+        assert_eq!(self.ok(&args).trim(), id);
+    }
+
+    /// Run `code-submit ARGS... ID-of-name`.
+    fn on(&self, args: &[&str], name: &str) -> String {
+        let id = self.id(name);
+        let mut all = args.to_vec();
+        all.push(&id);
+        self.ok(&all)
+    }
+
+    fn status(&self, name: &str) -> serde_json::Value {
+        serde_json::from_str(self.on(&["--json", "status"], name).trim()).unwrap()
+    }
+
+    fn worker(&self) -> Worker {
+        Worker(Some(
+            self.command(&WORKER, &["run", "--queues", &self.code_queue])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        ))
+    }
+
+    fn wait_status(&self, id: &str, secs: u64, done: impl Fn(&str) -> bool) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let s = self.status(id);
+            if done(s["status"].as_str().unwrap()) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "{} is still {s}", self.id(id));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn finished(&self, id: &str) -> serde_json::Value {
+        self.wait_status(id, 60, |s| {
+            !matches!(s, "Not Run" | "In Queue" | "Processing")
+        })
+    }
+}
+
+/// A worker process, killed when dropped still running.
+struct Worker(Option<Child>);
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The message with this Message-ID in alice's INBOX (raw), waiting for delivery; it is
+/// deleted from the shared mailbox after reading.
+fn mail_in_alices_inbox(message_id: &str) -> String {
+    use labrelay::config::{ImapConfig, TlsMode};
+    let cfg = ImapConfig {
+        host: test_support::setting("IMAP_HOST").unwrap(),
+        port: Some(test_support::setting("IMAP_PORT").unwrap().parse().unwrap()),
+        security: TlsMode::None,
+        username: "alice".into(),
+        password: labrelay::secret::SecretSpec::parse(
+            &test_support::setting("MAIL_PASS_ALICE").unwrap(),
+        ),
+        folder: "INBOX".into(),
+        timeout_secs: 20,
+        ca_file: None,
+    };
+    let mut c = labrelay::mail::ImapClient::connect(&cfg).unwrap();
+    c.select("INBOX").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(uid) = c.search_message_id(message_id).unwrap().first() {
+            let raw = c.fetch_raw(*uid).unwrap();
+            let _ = c.delete(*uid);
+            return String::from_utf8_lossy(&raw).into_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "mail {message_id} did not arrive"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn end_to_end(state: &State) {
+    let Some(h) = Home::new(state, true) else {
+        return;
+    };
+    let stdin = h.file("in.txt", "labrelay\n");
+    h.add(
+        "hello-py",
+        "hello.py",
+        "import sys\nprint('hello', sys.stdin.read().strip())\n",
+        &["--stdin", &stdin],
+    );
+    h.add(
+        "broken-c",
+        "broken.c",
+        "int main(void) { return undeclared; }\n",
+        &[],
+    );
+    assert_eq!(h.status("hello-py")["status"], "Not Run");
+    let job: i64 = h.on(&["run"], "hello-py").trim().parse().unwrap();
+    // Running again while it is queued finds the same job.
+    assert_eq!(h.on(&["run"], "hello-py").trim(), job.to_string());
+    h.on(&["run"], "broken-c");
+    assert_eq!(h.status("hello-py")["status"], "In Queue");
+    let _w = h.worker();
+    let s = h.finished("hello-py");
+    assert_eq!(s["status"], "Accepted", "{s}");
+    assert_eq!(s["stdout"], "hello labrelay\n");
+    assert_eq!(s["exit_code"], 0);
+    assert!(s["memory_kib"].as_i64().unwrap() > 0, "{s}");
+    assert!(
+        s["link"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("{}.py", h.id("hello-py"))),
+        "{s}"
+    );
+    let b = h.finished("broken-c");
+    assert_eq!(b["status"], "Compilation Error", "{b}");
+    assert!(
+        b["compile_output"].as_str().unwrap().contains("undeclared"),
+        "{b}"
+    );
+    assert_eq!(b["disabled"], true);
+
+    // The result mail: a table, text and HTML, with the status.
+    let j: serde_json::Value = serde_json::from_str(
+        String::from_utf8(
+            h.run(&WORKER, &["--json", "status", &job.to_string()])
+                .stdout,
+        )
+        .unwrap()
+        .trim(),
+    )
+    .unwrap();
+    let domain = test_support::setting("MAIL_DOMAIN").unwrap();
+    let mid = format!(
+        "labrelay-job-{job}-{}@{domain}",
+        j["finished_ms"].as_i64().unwrap()
+    );
+    let raw = mail_in_alices_inbox(&mid);
+    assert!(
+        raw.contains(&format!(
+            "Subject: [labrelay] submission {}: Accepted",
+            h.id("hello-py")
+        )),
+        "{raw}"
+    );
+    assert!(raw.contains("text/html"), "{raw}");
+    assert!(raw.contains("hello labrelay"), "{raw}");
+
+    // Disabled after the error: run refuses (exit 1), enable allows it again.
+    let out = h.run(BIN, &["run", &h.id("broken-c")]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("code-submit enable {}", h.id("broken-c"))),
+        "{err}"
+    );
+    h.on(&["enable"], "broken-c");
+    let again: i64 = h.on(&["run"], "broken-c").trim().parse().unwrap();
+    assert_ne!(again, job);
+    let b = h.finished("broken-c");
+    assert_eq!(b["runs"], 2, "{b}");
+
+    // The seed's check_user list: every submission of the address.
+    let list = h.ok(&["--json", "status", "--email", &h.mail_to]);
+    let ids: Vec<String> = list
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        // The PostgreSQL database is shared with other tests mailing alice.
+        .filter(|id| id.ends_with(&h.tag))
+        .collect();
+    assert_eq!(ids, [h.id("hello-py"), h.id("broken-c")]);
+}
+
+#[test]
+fn add_run_status_and_mail_on_sqlite_and_local_storage() {
+    end_to_end(&State::Embedded);
+}
+
+#[test]
+fn add_run_status_and_mail_on_postgres_rabbitmq_and_garage() {
+    end_to_end(&State::Servers);
+}
+
+#[test]
+fn bad_input_gets_its_exit_code() {
+    let h = Home::new(&State::Embedded, false).unwrap();
+    let f = h.file("x.py", "print(1)\n");
+    for (args, code, says) in [
+        (
+            vec!["add", &f, "--email", "a@example.org", "--id", "../x"],
+            2,
+            "--id",
+        ),
+        (
+            vec!["add", &f, "--email", "a@example.org", "--language", "cobol"],
+            2,
+            "cobol",
+        ),
+        (vec!["add", &f, "--email", "not an address"], 2, "address"),
+        (vec!["run", "nope"], 1, "no such submission"),
+        (vec!["status", "nope"], 1, "no such submission"),
+        (vec!["enable", "nope"], 1, "no such submission"),
+    ] {
+        let out = h.run(BIN, &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    h.add("dup", "x.py", "print(1)\n", &[]);
+    let out = h.run(
+        BIN,
+        &["add", &f, "--email", "a@example.org", "--id", &h.id("dup")],
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+}
+
+#[test]
+fn exec_prints_the_report_and_exits_with_the_status() {
+    let h = Home::new(&State::Embedded, false).unwrap();
+    let f = h.file(
+        "hi.c",
+        "#include <stdio.h>\nint main(void){puts(\"hi\");return 0;}\n",
+    );
+    let out = h.ok(&["--json", "exec", &f]);
+    let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    for key in [
+        "status",
+        "exit_code",
+        "signal",
+        "time_ms",
+        "wall_ms",
+        "memory_kib",
+        "stdout",
+        "stderr",
+        "compile_output",
+    ] {
+        assert!(r.get(key).is_some(), "{key} missing: {r}");
+    }
+    assert_eq!(r["status"], "Accepted");
+    assert_eq!(r["stdout"], "hi\n");
+    let f = h.file("loop.py", "while True: pass\n");
+    let out = h.run(BIN, &["exec", &f, "--time-limit", "0.5"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Time Limit Exceeded"));
+    let langs = h.ok(&["languages"]);
+    assert!(
+        langs.contains("python") && langs.contains("rust"),
+        "{langs}"
+    );
+}
+
+/// Host processes whose command line contains `marker`.
+fn host_processes_with(marker: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .chars()
+                .all(|c| c.is_ascii_digit())
+        })
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
+                String::from_utf8_lossy(&c)
+                    .replace('\0', " ")
+                    .contains(marker)
+            })
+        })
+        .count()
+}
+
+fn box_mounts() -> usize {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("labrelay-box"))
+        .count()
+}
+
+fn cgroups_of(pid: u32) -> Vec<PathBuf> {
+    let mut left = Vec::new();
+    for c in ["memory", "pids", "cpuacct", "unified", ""] {
+        let p = Path::new("/sys/fs/cgroup").join(c).join("labrelay-sandbox");
+        for e in std::fs::read_dir(&p).into_iter().flatten().flatten() {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{pid}-"))
+            {
+                left.push(e.path());
+            }
+        }
+    }
+    left
+}
+
+#[test]
+fn a_worker_killed_mid_run_leaves_no_process_mount_or_cgroup_and_the_run_is_redone() {
+    let h = Home::new(&State::Embedded, false).unwrap();
+    // Two seconds and a bit: unique to this test process, short enough to run whole.
+    let marker = format!("2.{:04}", std::process::id() % 10_000);
+    h.add(
+        "sleepy",
+        "sleepy.py",
+        &format!("import subprocess\nsubprocess.run(['sleep', '{marker}'])\nprint('woke')\n"),
+        &["--language", "python"],
+    );
+    h.on(&["run"], "sleepy");
+    let mut w = h.worker();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while host_processes_with(&format!("sleep {marker}")) == 0 {
+        assert!(Instant::now() < deadline, "the box never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(h.status("sleepy")["status"], "Processing");
+    let dead = w.0.as_ref().unwrap().id();
+    w.0.as_mut().unwrap().kill().unwrap(); // SIGKILL
+    w.0.as_mut().unwrap().wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while host_processes_with(&format!("sleep {marker}")) > 0 {
+        assert!(Instant::now() < deadline, "the box outlived its worker");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The tmpfs lived in the worker's own mount namespace.
+    assert_eq!(box_mounts(), 0, "a box mount outlived its worker");
+    // Another worker takes the job once the lease runs out, removes what the dead one
+    // left in the cgroup tree, and runs it to the end.
+    let _w2 = h.worker();
+    let s = h.wait_status("sleepy", 120, |s| s == "Accepted");
+    assert_eq!(s["stdout"], "woke\n", "{s}");
+    assert_eq!(cgroups_of(dead), Vec::<PathBuf>::new());
+    assert_eq!(host_processes_with(&format!("sleep {marker}")), 0);
+}
