@@ -171,7 +171,7 @@ fn kill_all(dir: &Path, within: Duration) -> bool {
         if Instant::now() >= until {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(2));
+        std::thread::sleep(Duration::from_micros(100));
     }
 }
 

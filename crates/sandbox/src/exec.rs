@@ -279,6 +279,10 @@ impl Sandbox {
         if let Err(e) = bx.prepare(&lang.source, req.source) {
             return Report::internal(format!("setting up the box: {e}"), label);
         }
+        tracing::debug!(
+            us = started.elapsed().as_micros() as u64,
+            "box mounted and prepared"
+        );
         let mut compile_output = String::new();
         if let Some(argv) = &lang.compile {
             let c = match self.step(
@@ -479,8 +483,10 @@ impl Sandbox {
         stdin: Option<&[u8]>,
         cancel: &AtomicBool,
     ) -> Result<Step, String> {
+        let t0 = Instant::now();
         let group = Group::create(&self.mode, &format!("{name}-{kind}"), limits)
             .map_err(|e| format!("setting up the box's cgroup: {e}"))?;
+        let t_cgroup = t0.elapsed();
         let procs = group.procs_files()?;
         let seccomp = seccomp_file()?;
         let mut bwrap_argv = self.bwrap_args(bx, lang, seccomp.as_raw_fd());
@@ -573,6 +579,7 @@ impl Sandbox {
             }
         };
         let wall_ms = started.elapsed().as_millis() as u64;
+        let t_ran = t0.elapsed();
         // Whatever the program left (a daemon, a process that escaped the PID namespace's
         // end by racing it) dies with the cgroup.
         group.kill();
@@ -592,7 +599,16 @@ impl Sandbox {
             killed = Some(Kill::Cpu);
         }
         let memory_hit = group.memory_limit_hit();
+        let t_measured = t0.elapsed();
         drop(group);
+        tracing::debug!(
+            step = kind,
+            cgroup_us = t_cgroup.as_micros() as u64,
+            ran_us = t_ran.as_micros() as u64,
+            measured_us = t_measured.as_micros() as u64,
+            removed_us = t0.elapsed().as_micros() as u64,
+            "step timings (cumulative)"
+        );
         // bubblewrap ends with 128 + N when the program was killed by signal N, and with
         // 1 and a `bwrap: ` message when it could not build the box.
         let (mut exit_code, mut signal) = (exited.code, exited.signal);
