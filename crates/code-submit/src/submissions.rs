@@ -5,12 +5,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use jobs::Registry;
-use jobs::api::SubmitRequest;
-use jobs::code::{self, NewSubmission, Queued, Submissions};
+use jobs::code::{self, Queued, Submissions};
 use jobs::store::Store;
 use labrelay::cli::Context;
 use labrelay::exit::Exit;
-use labrelay::storage::{AnyStorage, ObjectStorage as _};
+use labrelay::storage::AnyStorage;
 
 fn usage(m: impl Into<String>) -> anyhow::Error {
     labrelay::exit::usage(m)
@@ -49,7 +48,7 @@ pub struct StatusArgs {
     pub email: Option<String>,
 }
 
-fn read_limited(what: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
+fn read_text(what: &str, path: &Path) -> anyhow::Result<String> {
     let meta =
         std::fs::metadata(path).map_err(|e| usage(format!("{what}{}: {e}", path.display())))?;
     if meta.len() > code::MAX_INPUT_BYTES as u64 {
@@ -60,12 +59,8 @@ fn read_limited(what: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
             code::MAX_INPUT_BYTES
         )));
     }
-    std::fs::read(path).map_err(|e| usage(format!("{what}{}: {e}", path.display())))
-}
-
-fn read_text(what: &str, path: &Path) -> anyhow::Result<String> {
-    String::from_utf8(read_limited(what, path)?)
-        .map_err(|_| usage(format!("{what}{}: not UTF-8 text", path.display())))
+    let bytes = std::fs::read(path).map_err(|e| usage(format!("{what}{}: {e}", path.display())))?;
+    String::from_utf8(bytes).map_err(|_| usage(format!("{what}{}: not UTF-8 text", path.display())))
 }
 
 struct Local {
@@ -75,14 +70,21 @@ struct Local {
     storage: AnyStorage,
 }
 
-async fn open(ctx: &Context) -> anyhow::Result<Local> {
+/// The state database here, or a remote `job-worker serve` (`[jobs] api_url`).
+enum Target {
+    Local(Box<Local>),
+    Remote(jobs::client::Client),
+}
+
+async fn target(ctx: &Context) -> anyhow::Result<Target> {
     let registry = Registry::from_config(&ctx.config)?;
-    if registry.settings.api_url.is_some() {
-        return Err(usage(
-            "add, run, status and enable work on the state database; with [jobs] api_url \
-             use the HTTP API of `job-worker serve` (/v1/submissions)",
-        ));
+    if let Some(c) = jobs::client::Client::from_config(&registry.settings)? {
+        return Ok(Target::Remote(c));
     }
+    Ok(Target::Local(Box::new(open_local(ctx, registry).await?)))
+}
+
+async fn open_local(ctx: &Context, registry: Registry) -> anyhow::Result<Local> {
     let storage =
         code::code_storage(&ctx.config, registry.settings.code_storage.as_deref()).await?;
     let db = labrelay::db::Db::open_state(&ctx.config).await?;
@@ -94,25 +96,11 @@ async fn open(ctx: &Context) -> anyhow::Result<Local> {
     })
 }
 
-fn link(storage: &AnyStorage, key: &str) -> String {
-    format!("{}/{key}", storage.url().trim_end_matches('/'))
-}
-
 /// Run `code-submit add`.
 pub async fn add(a: AddArgs, ctx: &Context) -> anyhow::Result<Exit> {
     let settings = sandbox::Settings::from_config(&ctx.config)?;
-    let lang = crate::exec::language_for(&settings, a.language.as_deref(), &a.file)?;
-    jobs::notify::Notifier::check(&ctx.config, &a.email)?;
-    let id = match a.id {
-        Some(id) if code::valid_id(&id) => id,
-        Some(id) => {
-            return Err(usage(format!(
-                "--id {id:?}: an id is 1-64 of A-Z a-z 0-9 _ -"
-            )));
-        }
-        None => code::new_id(),
-    };
-    let source = read_limited("", &a.file)?;
+    let lang = crate::exec::language_for(&settings, a.language.as_deref(), &a.file)?.clone();
+    let source = read_text("", &a.file)?;
     let stdin = a
         .stdin
         .as_deref()
@@ -123,62 +111,64 @@ pub async fn add(a: AddArgs, ctx: &Context) -> anyhow::Result<Exit> {
         .as_deref()
         .map(|p| read_text("--expected ", p))
         .transpose()?;
-    let l = open(ctx).await?;
-    if l.submissions.get(&id).await?.is_some() {
-        anyhow::bail!("submission {id} exists already");
-    }
-    let key = format!("{id}.{}", lang.extension());
-    // The source first: a row never names a source that is not there.
-    l.storage.put_bytes(&key, source.into()).await?;
-    let created = l
-        .submissions
-        .insert(&NewSubmission {
-            id: id.clone(),
-            email: a.email.clone(),
-            language: lang.key.clone(),
-            source_key: key.clone(),
-            stdin,
-            expected,
-            submitter: jobs::current_user(),
-        })
-        .await?;
-    if !created {
-        anyhow::bail!("submission {id} exists already");
-    }
+    let req = code::AddRequest {
+        id: a.id,
+        language: lang.key.clone(),
+        source,
+        email: a.email.clone(),
+        stdin,
+        expected,
+    };
+    let l = match target(ctx).await? {
+        Target::Remote(c) => {
+            let sub = c.add_submission(&req).await?;
+            ctx.out.emit(
+                "added",
+                &serde_json::json!({"id": sub.id, "language": sub.language, "email": sub.email}),
+                || sub.id.clone(),
+            )?;
+            return Ok(Exit::Ok);
+        }
+        Target::Local(l) => l,
+    };
+    // A bad address is a usage error before anything is stored; no sender is 78.
+    jobs::notify::Notifier::check(&ctx.config, &a.email)?;
+    let sub = match code::add(
+        &l.submissions,
+        &l.storage,
+        &settings,
+        ctx.config.mail.from.as_deref(),
+        req,
+        &jobs::current_user(),
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(code::AddError::Invalid(m)) => return Err(usage(m)),
+        Err(e) => return Err(e.into()),
+    };
     ctx.out.emit(
         "added",
-        &serde_json::json!({"id": id, "language": lang.key, "email": a.email, "source": link(&l.storage, &key)}),
-        || id.clone(),
+        &serde_json::json!({"id": sub.id, "language": sub.language, "email": sub.email, "source": code::link(&l.storage, &sub.source_key)}),
+        || sub.id.clone(),
     )?;
     Ok(Exit::Ok)
 }
 
 /// Run `code-submit run`.
 pub async fn run(id: &str, wait: bool, ctx: &Context) -> anyhow::Result<Exit> {
-    let l = open(ctx).await?;
-    let Some(sub) = l.submissions.get(id).await? else {
-        anyhow::bail!("no such submission: {id}");
+    let l = match target(ctx).await? {
+        Target::Remote(c) => return run_remote(&c, id, wait, ctx).await,
+        Target::Local(l) => l,
     };
-    let queued = l
-        .submissions
-        .queue(id, |args, key| {
-            let req = SubmitRequest {
-                task: code::CODE.into(),
-                args,
-                unique_key: Some(key),
-                run_at: None,
-                priority: 0,
-                email: Some(sub.email.clone()),
-                webhook: None,
-            };
-            let store = l.store.clone();
-            let job = l.registry.new_job(&req, &jobs::current_user());
-            async move {
-                let job = job.map_err(usage)?;
-                Ok(store.submit(&job).await?.0)
-            }
-        })
-        .await?;
+    let queued = code::queue_run(
+        &l.submissions,
+        &l.store,
+        &l.registry,
+        id,
+        &jobs::current_user(),
+    )
+    .await?;
     let job = match queued {
         Queued::NoSuch => anyhow::bail!("no such submission: {id}"),
         Queued::Disabled => anyhow::bail!(
@@ -212,15 +202,71 @@ pub async fn run(id: &str, wait: bool, ctx: &Context) -> anyhow::Result<Exit> {
         .await?
         .ok_or_else(|| anyhow::anyhow!("no such submission: {id}"))?;
     let accepted = sub.status == sandbox::Status::Accepted.as_str();
-    let source_link = link(&l.storage, &sub.source_key);
+    let source_link = code::link(&l.storage, &sub.source_key);
     ctx.out
         .emit("submission", &sub.record(&source_link), || sub.line())?;
     Ok(if accepted { Exit::Ok } else { Exit::Failed })
 }
 
+/// `code-submit run` through a remote `job-worker serve`.
+async fn run_remote(
+    c: &jobs::client::Client,
+    id: &str,
+    wait: bool,
+    ctx: &Context,
+) -> anyhow::Result<Exit> {
+    let job = c.run_submission(id).await?;
+    if !wait {
+        ctx.out
+            .emit("queued", &serde_json::json!({"id": id, "job": job}), || {
+                job.to_string()
+            })?;
+        return Ok(Exit::Ok);
+    }
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let j = c.job(job).await?;
+        let state = j.get("state").and_then(serde_json::Value::as_str);
+        if !matches!(state, Some(jobs::store::QUEUED | jobs::store::RUNNING)) {
+            break;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
+    }
+    let v = c.submission(id).await?;
+    emit_remote(ctx, &v)?;
+    Ok(if v["status"] == sandbox::Status::Accepted.as_str() {
+        Exit::Ok
+    } else {
+        Exit::Failed
+    })
+}
+
+/// A submission record from a remote server, as `status` prints one.
+fn emit_remote(ctx: &Context, v: &serde_json::Value) -> anyhow::Result<()> {
+    let line = serde_json::from_value::<code::Submission>(v.clone())
+        .map_or_else(|_| v.to_string(), |s| s.line());
+    ctx.out.emit("submission", v, || line.clone())?;
+    Ok(())
+}
+
 /// Run `code-submit status`.
 pub async fn status(a: StatusArgs, ctx: &Context) -> anyhow::Result<Exit> {
-    let l = open(ctx).await?;
+    let l = match target(ctx).await? {
+        Target::Remote(c) => {
+            let list = if let Some(id) = &a.id {
+                vec![c.submission(id).await?]
+            } else {
+                c.submissions(a.email.as_deref().unwrap_or_default())
+                    .await?
+            };
+            for v in &list {
+                emit_remote(ctx, v)?;
+            }
+            return Ok(Exit::Ok);
+        }
+        Target::Local(l) => l,
+    };
     let list = if let Some(id) = &a.id {
         vec![
             l.submissions
@@ -234,7 +280,7 @@ pub async fn status(a: StatusArgs, ctx: &Context) -> anyhow::Result<Exit> {
             .await?
     };
     for s in &list {
-        let source_link = link(&l.storage, &s.source_key);
+        let source_link = code::link(&l.storage, &s.source_key);
         ctx.out
             .emit("submission", &s.record(&source_link), || s.line())?;
     }
@@ -243,9 +289,15 @@ pub async fn status(a: StatusArgs, ctx: &Context) -> anyhow::Result<Exit> {
 
 /// Run `code-submit enable`.
 pub async fn enable(id: &str, ctx: &Context) -> anyhow::Result<Exit> {
-    let l = open(ctx).await?;
-    if !l.submissions.enable(id).await? {
-        anyhow::bail!("no such submission: {id}");
+    match target(ctx).await? {
+        Target::Remote(c) => {
+            c.enable_submission(id).await?;
+        }
+        Target::Local(l) => {
+            if !l.submissions.enable(id).await? {
+                anyhow::bail!("no such submission: {id}");
+            }
+        }
     }
     ctx.out
         .emit("enabled", &serde_json::json!({"id": id}), || {

@@ -219,7 +219,16 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
         Command::Serve { listen } => {
             let (store, registry) = open(&ctx).await?;
             let listen = listen.unwrap_or_else(|| registry.settings.listen.clone());
-            let state = serve::ApiState::new(store, registry, ctx.config.mail.from.clone())?;
+            let code = serve::CodeApi {
+                submissions: jobs::code::Submissions::new(store.db().clone()),
+                storage: jobs::code::code_storage(
+                    &ctx.config,
+                    registry.settings.code_storage.as_deref(),
+                )
+                .await?,
+                settings: sandbox::Settings::from_config(&ctx.config)?,
+            };
+            let state = serve::ApiState::new(store, registry, code, ctx.config.mail.from.clone())?;
             let out = &ctx.out;
             serve::serve(
                 Arc::new(state),

@@ -53,10 +53,21 @@ struct Metrics {
     refused: Mutex<BTreeMap<&'static str, u64>>,
 }
 
+/// What the submission endpoints need: the table, the sources, the languages.
+pub struct CodeApi {
+    /// The submissions table.
+    pub submissions: jobs::code::Submissions,
+    /// `[jobs] code_storage`.
+    pub storage: labrelay::storage::AnyStorage,
+    /// The sandbox's languages (to check a submission's language).
+    pub settings: sandbox::Settings,
+}
+
 /// Everything a handler needs.
 pub struct ApiState {
     store: Store,
     registry: Arc<Registry>,
+    code: CodeApi,
     users: BTreeMap<String, User>,
     mail_from: Option<String>,
     metrics: Metrics,
@@ -68,6 +79,7 @@ impl ApiState {
     pub fn new(
         store: Store,
         registry: Arc<Registry>,
+        code: CodeApi,
         mail_from: Option<String>,
     ) -> Result<ApiState, ConfigError> {
         let mut users = BTreeMap::new();
@@ -98,6 +110,7 @@ impl ApiState {
         Ok(ApiState {
             store,
             registry,
+            code,
             users,
             mail_from,
             metrics: Metrics::default(),
@@ -165,6 +178,13 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/jobs/{id}", get(status))
         .route("/v1/jobs/{id}/result", get(result))
         .route("/v1/jobs/{id}/cancel", post(cancel))
+        .route(
+            "/v1/submissions",
+            post(add_submission).get(list_submissions),
+        )
+        .route("/v1/submissions/{id}", get(get_submission))
+        .route("/v1/submissions/{id}/run", post(run_submission))
+        .route("/v1/submissions/{id}/enable", post(enable_submission))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .route("/openapi.json", get(openapi))
@@ -451,6 +471,150 @@ async fn list(
     }
     let jobs = st.store.list(&filter).await.map_err(|e| unavailable(&e))?;
     Ok(Json(jobs.iter().map(jobs::Job::summary).collect()))
+}
+
+fn no_submission(id: &str) -> ApiErr {
+    ApiErr::new(StatusCode::NOT_FOUND, format!("no such submission: {id}"))
+}
+
+fn submission_json(st: &ApiState, s: &jobs::code::Submission) -> serde_json::Value {
+    s.record(&jobs::code::link(&st.code.storage, &s.source_key))
+}
+
+/// The submission `id` if the caller may see it.
+async fn visible_submission(
+    st: &ApiState,
+    caller: &Caller,
+    id: &str,
+) -> Result<jobs::code::Submission, ApiErr> {
+    if !jobs::code::valid_id(id) {
+        return Err(no_submission(id));
+    }
+    match st
+        .code
+        .submissions
+        .get(id)
+        .await
+        .map_err(|e| unavailable(&e))?
+    {
+        Some(s) if caller.admin || s.submitter == caller.name => Ok(s),
+        _ => Err(no_submission(id)),
+    }
+}
+
+/// `code-submit add` over HTTP.
+async fn add_submission(
+    State(st): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Result<Response, ApiErr> {
+    let req: jobs::code::AddRequest =
+        serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
+    let sub = jobs::code::add(
+        &st.code.submissions,
+        &st.code.storage,
+        &st.code.settings,
+        st.mail_from.as_deref(),
+        req,
+        &caller.name,
+    )
+    .await
+    .map_err(|e| match e {
+        jobs::code::AddError::Invalid(m) => bad(m),
+        jobs::code::AddError::Exists(id) => ApiErr::new(
+            StatusCode::CONFLICT,
+            format!("submission {id} exists already"),
+        ),
+        jobs::code::AddError::Failed(e) => unavailable(&e),
+    })?;
+    Ok((StatusCode::CREATED, Json(submission_json(&st, &sub))).into_response())
+}
+
+/// The seed's `check_user`: every submission of an address (the caller's own).
+async fn list_submissions(
+    State(st): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Vec<serde_json::Value>>, ApiErr> {
+    let mut email = None;
+    for (k, v) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match k.as_ref() {
+            "email" if !v.is_empty() => email = Some(v.into_owned()),
+            "email" => return Err(bad("email: empty")),
+            other => {
+                return Err(bad(format!("unknown query parameter `{other}` (email)")));
+            }
+        }
+    }
+    let email = email.ok_or_else(|| bad("the query parameter `email` is required"))?;
+    let list = st
+        .code
+        .submissions
+        .by_email(&email)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    Ok(Json(
+        list.iter()
+            .filter(|s| caller.admin || s.submitter == caller.name)
+            .map(|s| submission_json(&st, s))
+            .collect(),
+    ))
+}
+
+async fn get_submission(
+    State(st): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiErr> {
+    let s = visible_submission(&st, &caller, &id).await?;
+    Ok(Json(submission_json(&st, &s)))
+}
+
+/// `code-submit run` over HTTP: 202 with the job (the same job while it is queued).
+async fn run_submission(
+    State(st): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiErr> {
+    visible_submission(&st, &caller, &id).await?;
+    let q = jobs::code::queue_run(
+        &st.code.submissions,
+        &st.store,
+        &st.registry,
+        &id,
+        &caller.name,
+    )
+    .await
+    .map_err(|e| unavailable(&e))?;
+    match q {
+        jobs::code::Queued::Job(job) => Ok((
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({"id": id, "job": job})),
+        )
+            .into_response()),
+        jobs::code::Queued::NoSuch => Err(no_submission(&id)),
+        jobs::code::Queued::Disabled => Err(ApiErr::new(
+            StatusCode::CONFLICT,
+            format!(
+                "submission {id} is disabled after an error; POST /v1/submissions/{id}/enable allows another run"
+            ),
+        )),
+    }
+}
+
+async fn enable_submission(
+    State(st): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiErr> {
+    visible_submission(&st, &caller, &id).await?;
+    st.code
+        .submissions
+        .enable(&id)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let s = visible_submission(&st, &caller, &id).await?;
+    Ok(Json(submission_json(&st, &s)))
 }
 
 /// Prometheus text: request and refusal counters, jobs per queue and state.

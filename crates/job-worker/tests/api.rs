@@ -553,6 +553,10 @@ async fn the_openapi_document_is_served_and_lists_every_route() {
         "/v1/jobs/{id}/result",
         "/v1/jobs/{id}/cancel",
         "/v1/tasks",
+        "/v1/submissions",
+        "/v1/submissions/{id}",
+        "/v1/submissions/{id}/run",
+        "/v1/submissions/{id}/enable",
         "/metrics",
     ] {
         assert!(paths.contains(&p), "{p} missing from {paths:?}");
@@ -564,6 +568,154 @@ async fn the_openapi_document_is_served_and_lists_every_route() {
         .await
         .unwrap();
     assert_eq!(health["ok"], true);
+}
+
+#[tokio::test]
+async fn code_submissions_are_added_run_and_read_over_the_signed_api() {
+    let api = Api::home(None, "\n[mail]\nfrom = \"labrelay@example.org\"\n").start();
+    let null = serde_json::Value::Null;
+    let hello = serde_json::json!({
+        "id": "api-hello", "language": "python", "email": "alice@example.org",
+        "source": "import sys\nprint('hi', sys.stdin.read().strip())\n", "stdin": "api\n",
+    });
+    let (s, v) = api.call("alice", "POST", "/v1/submissions", &hello).await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(
+        (v["id"].as_str(), v["status"].as_str()),
+        (Some("api-hello"), Some("Not Run"))
+    );
+    assert_eq!(
+        api.call("alice", "POST", "/v1/submissions", &hello).await.0,
+        409
+    );
+    for (body, says) in [
+        (
+            serde_json::json!({"language": "cobol", "source": "x", "email": "a@example.org"}),
+            "cobol",
+        ),
+        (
+            serde_json::json!({"language": "python", "source": "x", "email": "nope"}),
+            "email",
+        ),
+        (
+            serde_json::json!({"id": "../x", "language": "python", "source": "x", "email": "a@example.org"}),
+            "id",
+        ),
+    ] {
+        let (s, v) = api.call("alice", "POST", "/v1/submissions", &body).await;
+        assert_eq!(s, 400, "{body}: {v}");
+        assert!(v["error"].as_str().unwrap().contains(says), "{v}");
+    }
+    let broken = serde_json::json!({
+        "id": "api-broken", "language": "c", "email": "alice@example.org",
+        "source": "int main(void) { return nope; }\n",
+    });
+    assert_eq!(
+        api.call("alice", "POST", "/v1/submissions", &broken)
+            .await
+            .0,
+        201
+    );
+    // Bob sees neither, and cannot run them.
+    for path in ["/v1/submissions/api-hello", "/v1/submissions/api-hello/run"] {
+        let method = if path.ends_with("run") { "POST" } else { "GET" };
+        assert_eq!(api.call("bob", method, path, &null).await.0, 404, "{path}");
+    }
+    let (s, v) = api
+        .call(
+            "bob",
+            "GET",
+            "/v1/submissions?email=alice%40example.org",
+            &null,
+        )
+        .await;
+    assert_eq!((s, v.as_array().unwrap().len()), (200, 0), "{v}");
+    let (s, v) = api
+        .call("alice", "POST", "/v1/submissions/api-hello/run", &null)
+        .await;
+    assert_eq!(s, 202, "{v}");
+    let job = v["job"].as_i64().unwrap();
+    assert_eq!(
+        api.call("alice", "POST", "/v1/submissions/api-hello/run", &null)
+            .await
+            .1["job"],
+        job,
+        "a second run while queued is the same job"
+    );
+    assert_eq!(
+        api.call("alice", "POST", "/v1/submissions/api-broken/run", &null)
+            .await
+            .0,
+        202
+    );
+    // The code job is an ordinary job of alice's.
+    assert_eq!(
+        api.call("alice", "GET", &format!("/v1/jobs/{job}"), &null)
+            .await
+            .0,
+        200
+    );
+    let out = api
+        .command(BIN, &["run", "--once", "--queues", "code"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let (s, v) = api
+        .call("alice", "GET", "/v1/submissions/api-hello", &null)
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        (v["status"].as_str(), v["stdout"].as_str()),
+        (Some("Accepted"), Some("hi api\n")),
+        "{v}"
+    );
+    let (_, v) = api
+        .call("alice", "GET", "/v1/submissions/api-broken", &null)
+        .await;
+    assert_eq!(
+        (v["status"].as_str(), v["disabled"].as_bool()),
+        (Some("Compilation Error"), Some(true)),
+        "{v}"
+    );
+    assert_eq!(
+        api.call("alice", "POST", "/v1/submissions/api-broken/run", &null)
+            .await
+            .0,
+        409
+    );
+    let (s, v) = api
+        .call("alice", "POST", "/v1/submissions/api-broken/enable", &null)
+        .await;
+    assert_eq!((s, v["disabled"].as_bool()), (200, Some(false)), "{v}");
+    assert_eq!(
+        api.call("alice", "POST", "/v1/submissions/api-broken/run", &null)
+            .await
+            .0,
+        202
+    );
+    let (s, v) = api
+        .call(
+            "alice",
+            "GET",
+            "/v1/submissions?email=alice%40example.org",
+            &null,
+        )
+        .await;
+    assert_eq!(s, 200);
+    let ids: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["api-hello", "api-broken"]);
+    // An admin sees them all.
+    assert_eq!(
+        api.call("root", "GET", "/v1/submissions/api-hello", &null)
+            .await
+            .0,
+        200
+    );
 }
 
 #[test]
@@ -599,6 +751,84 @@ fn serve_without_users_or_with_a_short_key_exits_78_before_listening() {
 
 /// `code-submit` with `[jobs] api_url`: submit, wait and read the result through a
 /// remote server while a worker runs the job; a wrong key exits 78.
+#[test]
+fn code_submit_adds_runs_and_reads_submissions_through_a_remote_serve() {
+    let server = Api::home(None, "\n[mail]\nfrom = \"labrelay@example.org\"\n").start();
+    let client = Api::home(None, "");
+    let text = std::fs::read_to_string(&client.config).unwrap().replacen(
+        "[jobs]\n",
+        &format!(
+            "[jobs]\napi_url = \"{}\"\napi_user = \"alice\"\napi_key = \"env:ALICE_KEY\"\n",
+            server.base
+        ),
+        1,
+    );
+    std::fs::write(&client.config, text).unwrap();
+    let _worker = KillOnDrop(
+        server
+            .command(BIN, &["run", "--queues", "code"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let src = client.dir.path().join("sum.py");
+    std::fs::write(&src, "print(sum(map(int, input().split())))\n").unwrap();
+    let input = client.dir.path().join("in.txt");
+    std::fs::write(&input, "40 2\n").unwrap();
+    let run = |args: &[&str]| client.command(&SUBMIT, args).output().unwrap();
+    let out = run(&[
+        "add",
+        src.to_str().unwrap(),
+        "--email",
+        "alice@example.org",
+        "--stdin",
+        input.to_str().unwrap(),
+        "--id",
+        "remote-sum",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "remote-sum");
+    let out = run(&["--json", "run", "remote-sum", "--wait"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["status"].as_str(), v["stdout"].as_str()),
+        (Some("Accepted"), Some("42\n")),
+        "{v}"
+    );
+    let out = run(&["status", "--email", "alice@example.org"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("remote-sum  python  Accepted"),
+        "{out:?}"
+    );
+    for (args, code, says) in [
+        (vec!["run", "nope"], 1, "no such submission: nope"),
+        (vec!["status", "nope"], 1, "no such submission: nope"),
+        (vec!["enable", "nope"], 1, "no such submission: nope"),
+    ] {
+        let out = run(&args);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(says),
+            "{out:?}"
+        );
+    }
+    let out = run(&[
+        "add",
+        src.to_str().unwrap(),
+        "--email",
+        "alice@example.org",
+        "--id",
+        "remote-sum",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("exists already"),
+        "{out:?}"
+    );
+}
+
 #[test]
 fn code_submit_talks_to_a_remote_serve_with_the_users_key() {
     let Some(pg) = test_support::require("PG_URL") else {

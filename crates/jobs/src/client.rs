@@ -224,4 +224,82 @@ impl Client {
     pub async fn result(&self, id: i64) -> anyhow::Result<serde_json::Value> {
         self.get_job(format!("/v1/jobs/{id}/result"), id).await
     }
+
+    /// A submission call: 404 is "no such submission", 409 (exists, disabled) a failure
+    /// (exit 1) with the server's words.
+    async fn submission_call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        id: &str,
+    ) -> anyhow::Result<serde_json::Value> {
+        match self.call(method, path, body).await {
+            Err(e) => match e.downcast_ref::<ApiError>() {
+                Some(ApiError::Server { status: 404, .. }) => {
+                    Err(anyhow::anyhow!("no such submission: {id}"))
+                }
+                Some(ApiError::Invalid(m))
+                    if m.contains("exists already") || m.contains("disabled") =>
+                {
+                    Err(anyhow::anyhow!("{m}"))
+                }
+                _ => Err(e),
+            },
+            ok => ok,
+        }
+    }
+
+    /// Add a code submission; its record.
+    pub async fn add_submission(
+        &self,
+        req: &crate::code::AddRequest,
+    ) -> anyhow::Result<crate::code::Submission> {
+        let id = req.id.clone().unwrap_or_default();
+        let v = self
+            .submission_call(
+                reqwest::Method::POST,
+                "/v1/submissions",
+                Some(serde_json::to_vec(req)?),
+                &id,
+            )
+            .await?;
+        Ok(serde_json::from_value(v)?)
+    }
+
+    /// One submission, with its `link`.
+    pub async fn submission(&self, id: &str) -> anyhow::Result<serde_json::Value> {
+        let path = format!("/v1/submissions/{}", enc(id));
+        self.submission_call(reqwest::Method::GET, &path, None, id)
+            .await
+    }
+
+    /// Every submission of `email` the user may see.
+    pub async fn submissions(&self, email: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+        let path = format!("/v1/submissions?email={}", enc(email));
+        let v = self.call(reqwest::Method::GET, &path, None).await?;
+        Ok(serde_json::from_value(v)?)
+    }
+
+    /// Queue a run; the job id.
+    pub async fn run_submission(&self, id: &str) -> anyhow::Result<i64> {
+        let path = format!("/v1/submissions/{}/run", enc(id));
+        let v = self
+            .submission_call(reqwest::Method::POST, &path, None, id)
+            .await?;
+        v.get("job")
+            .and_then(serde_json::Value::as_i64)
+            .ok_or_else(|| anyhow::anyhow!("the server's answer has no job: {v}"))
+    }
+
+    /// Allow another run.
+    pub async fn enable_submission(&self, id: &str) -> anyhow::Result<serde_json::Value> {
+        let path = format!("/v1/submissions/{}/enable", enc(id));
+        self.submission_call(reqwest::Method::POST, &path, None, id)
+            .await
+    }
+}
+
+fn enc(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }

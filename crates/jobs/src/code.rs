@@ -32,7 +32,7 @@ pub const NOT_RUN: &str = "Not Run";
 pub const MAX_INPUT_BYTES: usize = 1 << 20;
 
 /// One submission.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Submission {
     /// Its id.
     pub id: String,
@@ -419,6 +419,140 @@ impl Submissions {
             .map_err(|e| self.err(e))?;
         Ok(res.rows_affected() > 0)
     }
+}
+
+/// What `add` is given (from the command line or the HTTP API).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddRequest {
+    /// The id; default: a new random one.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Language key.
+    pub language: String,
+    /// The code.
+    pub source: String,
+    /// Who gets the result by mail.
+    pub email: String,
+    /// stdin of the run.
+    #[serde(default)]
+    pub stdin: Option<String>,
+    /// The expected output.
+    #[serde(default)]
+    pub expected: Option<String>,
+}
+
+/// Why `add` refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AddError {
+    /// Bad input (exit 2, HTTP 400).
+    #[error("{0}")]
+    Invalid(String),
+    /// The id is taken (exit 1, HTTP 409).
+    #[error("submission {0} exists already")]
+    Exists(String),
+    /// The storage or the database failed.
+    #[error(transparent)]
+    Failed(#[from] anyhow::Error),
+}
+
+/// Add a submission: checked, the source into `storage` as `ID.EXT`, then the row.
+/// Returns the new submission.
+pub async fn add(
+    subs: &Submissions,
+    storage: &labrelay::storage::AnyStorage,
+    settings: &Settings,
+    mail_from: Option<&str>,
+    req: AddRequest,
+    submitter: &str,
+) -> Result<Submission, AddError> {
+    let lang = settings
+        .language(&req.language)
+        .map_err(AddError::Invalid)?;
+    crate::notify::check_address(mail_from, &req.email)
+        .map_err(|e| AddError::Invalid(format!("email: {e:#}")))?;
+    let id = match req.id {
+        Some(id) if valid_id(&id) => id,
+        Some(id) => {
+            return Err(AddError::Invalid(format!(
+                "id {id:?}: an id is 1-64 of A-Z a-z 0-9 _ -"
+            )));
+        }
+        None => new_id(),
+    };
+    for (what, len) in [
+        ("source", Some(req.source.len())),
+        ("stdin", req.stdin.as_ref().map(String::len)),
+        ("expected", req.expected.as_ref().map(String::len)),
+    ] {
+        if len.is_some_and(|n| n > MAX_INPUT_BYTES) {
+            return Err(AddError::Invalid(format!(
+                "{what}: more than the {MAX_INPUT_BYTES} bytes allowed"
+            )));
+        }
+    }
+    if subs.get(&id).await?.is_some() {
+        return Err(AddError::Exists(id));
+    }
+    let key = format!("{id}.{}", lang.extension());
+    // The source first: a row never names a source that is not there.
+    storage
+        .put_bytes(&key, req.source.into_bytes().into())
+        .await
+        .map_err(anyhow::Error::from)?;
+    let created = subs
+        .insert(&NewSubmission {
+            id: id.clone(),
+            email: req.email,
+            language: lang.key.clone(),
+            source_key: key,
+            stdin: req.stdin,
+            expected: req.expected,
+            submitter: submitter.to_owned(),
+        })
+        .await?;
+    if !created {
+        return Err(AddError::Exists(id));
+    }
+    subs.get(&id)
+        .await?
+        .ok_or_else(|| AddError::Failed(anyhow::anyhow!("submission {id} vanished")))
+}
+
+/// Queue a run of submission `id` as `user`: a job of the task `code` in `store`, mailed
+/// to the submission's address.
+pub async fn queue_run(
+    subs: &Submissions,
+    store: &crate::Store,
+    registry: &crate::Registry,
+    id: &str,
+    user: &str,
+) -> anyhow::Result<Queued> {
+    let Some(sub) = subs.get(id).await? else {
+        return Ok(Queued::NoSuch);
+    };
+    subs.queue(id, |args, key| {
+        let req = crate::api::SubmitRequest {
+            task: CODE.into(),
+            args,
+            unique_key: Some(key),
+            run_at: None,
+            priority: 0,
+            email: Some(sub.email.clone()),
+            webhook: None,
+        };
+        let job = registry.new_job(&req, user);
+        async move {
+            let job = job.map_err(|e| anyhow::anyhow!(e))?;
+            Ok(store.submit(&job).await?.0)
+        }
+    })
+    .await
+}
+
+/// The link of a source in the code storage.
+pub fn link(storage: &labrelay::storage::AnyStorage, key: &str) -> String {
+    format!("{}/{key}", storage.url().trim_end_matches('/'))
 }
 
 /// Whether a run that ended so disables its submission: an error of the code (the seed
