@@ -778,6 +778,21 @@ fn rlimits(l: &Limits, mode: &Mode) -> Vec<(libc::__rlimit_resource_t, u64, u64)
             u64::from(l.processes),
         ));
     }
+    // Never above the current hard limit: after dropping to the box user, raising one
+    // would fail (and the box would not start).
+    for (res, soft, hard) in &mut v {
+        let r = match *res {
+            libc::RLIMIT_FSIZE => rustix::process::Resource::Fsize,
+            libc::RLIMIT_CORE => rustix::process::Resource::Core,
+            libc::RLIMIT_CPU => rustix::process::Resource::Cpu,
+            libc::RLIMIT_AS => rustix::process::Resource::As,
+            _ => rustix::process::Resource::Nproc,
+        };
+        if let Some(max) = rustix::process::getrlimit(r).maximum {
+            *hard = (*hard).min(max);
+            *soft = (*soft).min(*hard);
+        }
+    }
     v
 }
 

@@ -181,3 +181,45 @@ fn a_missing_bwrap_fails_closed() {
     let e = Sandbox::new(s).unwrap_err();
     assert!(e.contains("bubblewrap"), "{e}");
 }
+
+#[test]
+fn without_cgroups_rlimits_hold_and_the_report_says_weaker() {
+    let mut s = Settings::shipped();
+    s.sandbox.cgroup = "none".into();
+    let sb = Sandbox::new(s).unwrap();
+    assert_eq!(sb.limits_label(), "rlimits");
+    let l = sb.settings().language("python").unwrap();
+    // RLIMIT_NPROC counts every process of the box user on the host (other boxes too):
+    // that is what makes this mode weaker; a high limit keeps this test independent.
+    let limits = Limits {
+        processes: 100_000,
+        time_secs: 1.0,
+        ..l.limits
+    };
+    let go = |src: &str| {
+        sb.run(
+            &Request {
+                language: l,
+                source: src.as_bytes(),
+                stdin: None,
+                expected: None,
+                limits,
+            },
+            &AtomicBool::new(false),
+        )
+    };
+    let r = go("print('hi')\n");
+    assert_eq!(
+        (r.status, r.stdout.as_str()),
+        (Status::Accepted, "hi\n"),
+        "{r:?}"
+    );
+    assert_eq!(r.limits, "rlimits");
+    // RLIMIT_CPU: the kernel's SIGXCPU, or the host's own check of the rusage.
+    let r = go("while True: pass\n");
+    assert_eq!(r.status, Status::TimeLimitExceeded, "{r:?}");
+    // RLIMIT_AS: an allocation fails inside the program.
+    let r = go("a = bytearray(1 << 30)\n");
+    assert_eq!(r.status, Status::RuntimeError, "{r:?}");
+    assert!(r.stderr.contains("MemoryError"), "{r:?}");
+}
