@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicBool;
 
 use labrelay::cli::Context;
 use labrelay::exit::Exit;
-use sandbox::{Report, Request, Sandbox, Settings, Status};
+use sandbox::{Sandbox, Settings, Status};
 
 /// `code-submit exec`.
 #[derive(Debug, clap::Args)]
@@ -98,21 +98,23 @@ pub async fn exec(args: ExecArgs, ctx: &Context) -> anyhow::Result<Exit> {
         }
         limits.memory_mib = m;
     }
-    let report = tokio::task::spawn_blocking(move || {
-        let sb = match Sandbox::new(settings) {
-            Ok(s) => Arc::new(s),
-            Err(e) => return Report::internal(e, "none"),
-        };
-        let req = Request {
-            language: &lang,
-            source: &source,
-            stdin: stdin.as_deref(),
-            expected: expected.as_deref(),
+    let local = if lang.remote.is_some() {
+        Err("the language runs remotely".to_owned())
+    } else {
+        tokio::task::spawn_blocking(move || Sandbox::new(settings).map(Arc::new)).await?
+    };
+    let report = jobs::engine::execute(
+        local,
+        lang,
+        jobs::engine::Input {
+            source,
+            stdin,
+            expected,
             limits,
-        };
-        sb.run(&req, &AtomicBool::new(false))
-    })
-    .await?;
+        },
+        Arc::new(AtomicBool::new(false)),
+    )
+    .await;
     if ctx.out.is_json() {
         ctx.out.record("exec", &report)?;
     } else {

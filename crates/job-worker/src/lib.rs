@@ -227,6 +227,16 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
                 )
                 .await?,
                 settings: sandbox::Settings::from_config(&ctx.config)?,
+                sandbox: {
+                    let s = sandbox::Settings::from_config(&ctx.config)?;
+                    let made =
+                        tokio::task::spawn_blocking(move || sandbox::Sandbox::new(s).map(Arc::new))
+                            .await?;
+                    if let Err(e) = &made {
+                        tracing::info!("POST /api/v2/execute answers 503: {e}");
+                    }
+                    made
+                },
             };
             let state = serve::ApiState::new(store, registry, code, ctx.config.mail.from.clone())?;
             let out = &ctx.out;

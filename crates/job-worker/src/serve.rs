@@ -61,6 +61,8 @@ pub struct CodeApi {
     pub storage: labrelay::storage::AnyStorage,
     /// The sandbox's languages (to check a submission's language).
     pub settings: sandbox::Settings,
+    /// The sandbox `POST /api/v2/execute` runs code in, or why there is none here.
+    pub sandbox: Result<Arc<sandbox::Sandbox>, String>,
 }
 
 /// Everything a handler needs.
@@ -185,6 +187,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/submissions/{id}", get(get_submission))
         .route("/v1/submissions/{id}/run", post(run_submission))
         .route("/v1/submissions/{id}/enable", post(enable_submission))
+        .route("/api/v2/execute", post(piston_execute))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .route("/openapi.json", get(openapi))
@@ -615,6 +618,156 @@ async fn enable_submission(
         .map_err(|e| unavailable(&e))?;
     let s = visible_submission(&st, &caller, &id).await?;
     Ok(Json(submission_json(&st, &s)))
+}
+
+/// One file of a Piston request.
+#[derive(serde::Deserialize)]
+struct PistonFile {
+    content: String,
+}
+
+/// Piston's `POST /api/v2/execute` request (the fields labrelay uses; others ignored).
+#[derive(serde::Deserialize)]
+struct PistonRequest {
+    language: String,
+    files: Vec<PistonFile>,
+    #[serde(default)]
+    stdin: Option<String>,
+    #[serde(default)]
+    run_timeout: Option<i64>,
+    #[serde(default)]
+    run_memory_limit: Option<i64>,
+}
+
+fn signal_name(n: i32) -> String {
+    let name = match n {
+        1 => "HUP",
+        2 => "INT",
+        3 => "QUIT",
+        4 => "ILL",
+        6 => "ABRT",
+        8 => "FPE",
+        9 => "KILL",
+        11 => "SEGV",
+        13 => "PIPE",
+        14 => "ALRM",
+        15 => "TERM",
+        24 => "XCPU",
+        25 => "XFSZ",
+        _ => return format!("SIG{n}"),
+    };
+    format!("SIG{name}")
+}
+
+/// A Piston-compatible engine: run one program in this host's sandbox and answer in
+/// Piston's shape, with labrelay's whole report under `labrelay`. The language's limits
+/// here cap what the request asks for.
+async fn piston_execute(
+    State(st): State<Arc<ApiState>>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiErr> {
+    let req: PistonRequest =
+        serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
+    let lang = st
+        .code
+        .settings
+        .language(&req.language)
+        .map_err(bad)?
+        .clone();
+    if lang.remote.is_some() {
+        return Err(bad(format!(
+            "language {} runs on a remote engine here too",
+            lang.key
+        )));
+    }
+    let Some(file) = req.files.into_iter().next() else {
+        return Err(bad("files: at least one file (the program)"));
+    };
+    if file.content.len() > jobs::code::MAX_INPUT_BYTES
+        || req
+            .stdin
+            .as_ref()
+            .is_some_and(|s| s.len() > jobs::code::MAX_INPUT_BYTES)
+    {
+        return Err(bad("the program or stdin is over 1 MiB"));
+    }
+    let sb = st.code.sandbox.clone().map_err(|why| {
+        ApiErr::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("no sandbox on this server: {why}"),
+        )
+    })?;
+    let mut limits = lang.limits;
+    if let Some(ms) = req.run_timeout.filter(|ms| *ms > 0) {
+        limits.wall_secs = limits.wall_secs.min(ms as f64 / 1000.0).max(0.001);
+        limits.time_secs = limits.time_secs.min(limits.wall_secs);
+    }
+    if let Some(bytes) = req.run_memory_limit.filter(|b| *b > 0) {
+        limits.memory_mib = limits.memory_mib.min((bytes as u64 >> 20).max(8));
+    }
+    let compiles = lang.compile.is_some();
+    let key = lang.key.clone();
+    let report = jobs::engine::execute(
+        Ok(sb),
+        lang,
+        jobs::engine::Input {
+            source: file.content.into_bytes(),
+            stdin: req.stdin.map(String::into_bytes),
+            expected: None,
+            limits,
+        },
+        Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    )
+    .await;
+    if report.status == sandbox::Status::InternalError {
+        return Err(ApiErr::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            report.message.unwrap_or_default(),
+        ));
+    }
+    let status = match report.status {
+        sandbox::Status::TimeLimitExceeded => Some("TO"),
+        sandbox::Status::OutputLimitExceeded => Some("OL"),
+        sandbox::Status::MemoryLimitExceeded | sandbox::Status::RuntimeError
+            if report.signal.is_some() =>
+        {
+            Some("SG")
+        }
+        sandbox::Status::RuntimeError => Some("RE"),
+        _ => None,
+    };
+    let run = serde_json::json!({
+        "stdout": report.stdout,
+        "stderr": report.stderr,
+        "output": format!("{}{}", report.stdout, report.stderr),
+        "code": report.exit_code,
+        "signal": report.signal.map(signal_name),
+        "status": status,
+        "message": report.message,
+        "cpu_time": report.time_ms,
+        "wall_time": report.wall_ms,
+        "memory": report.memory_kib * 1024,
+    });
+    let mut answer = serde_json::json!({
+        "language": key,
+        "version": "labrelay",
+        "run": run,
+        "labrelay": report,
+    });
+    if compiles {
+        let failed = report.status == sandbox::Status::CompilationError;
+        answer["compile"] = serde_json::json!({
+            "stdout": "",
+            "stderr": report.compile_output,
+            "output": report.compile_output,
+            "code": if failed { report.exit_code.unwrap_or(1) } else { 0 },
+            "signal": serde_json::Value::Null,
+        });
+        if failed {
+            answer["run"] = serde_json::Value::Null;
+        }
+    }
+    Ok(Json(answer))
 }
 
 /// Prometheus text: request and refusal counters, jobs per queue and state.

@@ -830,6 +830,84 @@ fn code_submit_adds_runs_and_reads_submissions_through_a_remote_serve() {
 }
 
 #[test]
+fn a_language_can_run_on_a_remote_piston_compatible_engine() {
+    // The engine: another labrelay's serve, which answers Piston's execute request.
+    let engine = Api::home(None, "").start();
+    let url = format!("{}/api/v2/execute", engine.base);
+    let client = Api::home(
+        None,
+        &format!(
+            "\n[languages.rpython]\nsource = \"main.py\"\nrun = [\"python3\"]\n\
+             remote = {{ url = \"{url}\", language = \"python\", user = \"alice\", key = \"env:ALICE_KEY\" }}\n\
+             [languages.rc]\nsource = \"main.c\"\nrun = [\"./main\"]\n\
+             remote = {{ url = \"{url}\", language = \"c\", user = \"alice\", key = \"env:ALICE_KEY\" }}\n\
+             [languages.unsigned]\nsource = \"main.py\"\nrun = [\"python3\"]\n\
+             remote = {{ url = \"{url}\", language = \"python\" }}\n"
+        ),
+    );
+    let file = |name: &str, text: &str| {
+        let p = client.dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_string_lossy().into_owned()
+    };
+    let py = file(
+        "a.py",
+        "import sys\nprint(sys.stdin.read().strip()[::-1])\n",
+    );
+    let input = file("in.txt", "remote\n");
+    let exec = |args: &[&str]| {
+        let out = client.command(&SUBMIT, args).output().unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{args:?}: {out:?}"));
+        (out.status.code(), v)
+    };
+    let (code, v) = exec(&[
+        "--json",
+        "exec",
+        &py,
+        "--language",
+        "rpython",
+        "--stdin",
+        &input,
+    ]);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(
+        (v["status"].as_str(), v["stdout"].as_str()),
+        (Some("Accepted"), Some("etomer\n")),
+        "{v}"
+    );
+    assert!(v["limits"].as_str().unwrap().ends_with("(remote)"), "{v}");
+    let c = file("bad.c", "int main(void) { return nope; }\n");
+    let (code, v) = exec(&["--json", "exec", &c, "--language", "rc"]);
+    assert_eq!(
+        (code, v["status"].as_str()),
+        (Some(1), Some("Compilation Error")),
+        "{v}"
+    );
+    let c = file("crash.c", "int main(void) { return 7; }\n");
+    let (_, v) = exec(&["--json", "exec", &c, "--language", "rc"]);
+    assert_eq!(
+        (v["status"].as_str(), v["exit_code"].as_i64()),
+        (Some("Runtime Error"), Some(7)),
+        "{v}"
+    );
+    // Without a signature the engine refuses: an Internal Error that says so, no run.
+    let (code, v) = exec(&["--json", "exec", &py, "--language", "unsigned"]);
+    assert_eq!(
+        (code, v["status"].as_str()),
+        (Some(1), Some("Internal Error")),
+        "{v}"
+    );
+    assert!(v["message"].as_str().unwrap().contains("401"), "{v}");
+    // `languages` shows where a remote language runs.
+    let out = client.command(&SUBMIT, &["languages"]).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&url),
+        "{out:?}"
+    );
+}
+
+#[test]
 fn code_submit_talks_to_a_remote_serve_with_the_users_key() {
     let Some(pg) = test_support::require("PG_URL") else {
         return;

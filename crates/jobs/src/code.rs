@@ -645,53 +645,42 @@ impl CodeRunner {
             Ok(false) => return fail(format!("run {run} of submission {id} is over"), true),
             Err(e) => return fail(format!("{e:#}"), false),
         }
-        let report = match &self.sandbox {
-            Err(why) => Report::internal(format!("no sandbox on this worker: {why}"), "none"),
-            Ok(sb) => {
-                let sb = sb.clone();
-                let cancel = Arc::new(AtomicBool::new(false));
-                let flag = cancel.clone();
-                let stdin = sub.stdin.clone();
-                let expected = sub.expected.clone();
-                let limits = lang.limits;
-                let mut run = tokio::task::spawn_blocking(move || {
-                    sb.run(
-                        &sandbox::Request {
-                            language: &lang,
-                            source: &source,
-                            stdin: stdin.as_deref().map(str::as_bytes),
-                            expected: expected.as_deref().map(str::as_bytes),
-                            limits,
-                        },
-                        &flag,
-                    )
-                });
-                let mut stopped = Stop::No;
-                let report = loop {
-                    tokio::select! {
-                        r = &mut run => break r,
-                        c = stop.changed(), if stopped == Stop::No => {
-                            if c.is_err() {
-                                stopped = Stop::Lost;
-                                continue;
-                            }
-                            let v = *stop.borrow();
-                            if v != Stop::No {
-                                stopped = v;
-                                cancel.store(true, std::sync::atomic::Ordering::Relaxed);
-                            }
+        let cancel = Arc::new(AtomicBool::new(false));
+        let remote = lang.remote.is_some();
+        let limits = lang.limits;
+        let running = crate::engine::execute(
+            self.sandbox.clone(),
+            lang,
+            crate::engine::Input {
+                source,
+                stdin: sub.stdin.clone().map(String::into_bytes),
+                expected: sub.expected.clone().map(String::into_bytes),
+                limits,
+            },
+            cancel.clone(),
+        );
+        tokio::pin!(running);
+        let mut stopped = Stop::No;
+        let report = loop {
+            tokio::select! {
+                r = &mut running => break r,
+                c = stop.changed(), if stopped == Stop::No => {
+                    let v = if c.is_err() { Stop::Lost } else { *stop.borrow() };
+                    if v != Stop::No {
+                        stopped = v;
+                        // A local box is killed and ends soon; a remote request is
+                        // dropped.
+                        cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+                        if remote {
+                            return Ran::Stopped(v);
                         }
                     }
-                };
-                if stopped != Stop::No {
-                    return Ran::Stopped(stopped);
-                }
-                match report {
-                    Ok(r) => r,
-                    Err(e) => Report::internal(format!("the sandbox thread failed: {e}"), "none"),
                 }
             }
         };
+        if stopped != Stop::No {
+            return Ran::Stopped(stopped);
+        }
         if report.status == Status::InternalError && report.message.as_deref() == Some("stopped") {
             return Ran::Stopped(Stop::Shutdown);
         }

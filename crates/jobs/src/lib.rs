@@ -17,6 +17,7 @@ pub mod api;
 pub mod client;
 pub mod code;
 pub mod config;
+pub mod engine;
 pub mod notify;
 pub mod rabbit;
 pub mod runner;

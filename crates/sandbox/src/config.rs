@@ -161,6 +161,49 @@ impl Default for SandboxConfig {
     }
 }
 
+/// `remote = { ... }` of a language: run it on a Piston-compatible engine (Piston's
+/// `POST /api/v2/execute`, or another labrelay's `job-worker serve`) instead of the local
+/// sandbox.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteConfig {
+    /// The execute endpoint, e.g. `http://piston.lab:2000/api/v2/execute`.
+    pub url: String,
+    /// The engine's name of the language (default: the language's key).
+    #[serde(default)]
+    pub language: Option<String>,
+    /// The engine's version of it (Piston: `*` takes the newest).
+    #[serde(default = "default_version")]
+    pub version: String,
+    /// Sign requests as this `job-worker serve` user (with `key`); unsigned without.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// That user's key (`env:NAME`, `file:PATH`).
+    #[serde(default)]
+    pub key: Option<labrelay::secret::SecretSpec>,
+    /// Give up on a request after this long (default: the limits' wall times + 30 s).
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+}
+
+fn default_version() -> String {
+    "*".into()
+}
+
+impl RemoteConfig {
+    fn check(&self) -> Result<(), String> {
+        match url::Url::parse(&self.url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+            Ok(_) => return Err(format!("`{}`: only http and https", self.url)),
+            Err(e) => return Err(format!("`{}`: {e}", self.url)),
+        }
+        if self.user.is_some() != self.key.is_some() {
+            return Err("user and key go together".into());
+        }
+        Ok(())
+    }
+}
+
 /// `[languages.NAME]` as written.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -179,6 +222,8 @@ struct RawLanguage {
     limits: PartialLimits,
     #[serde(default)]
     compile_limits: PartialLimits,
+    #[serde(default)]
+    remote: Option<RemoteConfig>,
 }
 
 /// One language, checked.
@@ -202,6 +247,9 @@ pub struct Language {
     pub limits: Limits,
     /// Limits of the compile step.
     pub compile_limits: Limits,
+    /// Run on a remote engine instead of the local sandbox.
+    #[serde(skip)]
+    pub remote: Option<RemoteConfig>,
 }
 
 impl Language {
@@ -219,8 +267,12 @@ impl Language {
             .unwrap_or(&self.run[0])
     }
 
-    /// Where the language's program is installed on this host, if it is.
+    /// Where the language's program is installed on this host, if it is (a remote
+    /// language: its engine's URL).
     pub fn installed(&self, path: &str) -> Option<PathBuf> {
+        if let Some(r) = &self.remote {
+            return Some(PathBuf::from(&r.url));
+        }
         find_program(self.tool(), path)
     }
 }
@@ -360,6 +412,9 @@ impl Settings {
             compile_limits
                 .check()
                 .map_err(|m| invalid(format!("{at}.compile_limits"), m))?;
+            if let Some(r) = &raw.remote {
+                r.check().map_err(|m| invalid(format!("{at}.remote"), m))?;
+            }
             languages.insert(
                 key.clone(),
                 Language {
@@ -372,6 +427,7 @@ impl Settings {
                     env: raw.env,
                     limits,
                     compile_limits,
+                    remote: raw.remote,
                 },
             );
         }

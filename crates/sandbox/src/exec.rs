@@ -649,7 +649,7 @@ fn lossy(b: &[u8]) -> String {
 }
 
 /// Same output, ignoring trailing blanks on each line and trailing empty lines.
-fn same_output(got: &[u8], want: &[u8]) -> bool {
+pub fn same_output(got: &[u8], want: &[u8]) -> bool {
     let norm = |b: &[u8]| {
         let s = String::from_utf8_lossy(b).replace("\r\n", "\n");
         let lines: Vec<String> = s.lines().map(|l| l.trim_end().to_owned()).collect();

@@ -13,7 +13,7 @@ mod exec;
 pub mod seccomp;
 
 pub use config::{Language, Limits, SandboxConfig, Settings};
-pub use exec::{Report, Request, Sandbox, Status, read_all};
+pub use exec::{Report, Request, Sandbox, Status, read_all, same_output};
 
 /// Put this process in a mount namespace of its own whose mounts do not propagate to the
 /// host (host mounts still propagate in): the boxes' tmpfs mounts then vanish with the
