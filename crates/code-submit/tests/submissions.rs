@@ -393,7 +393,7 @@ fn bad_input_gets_its_exit_code() {
         (
             vec!["add", &f, "--email", "a@example.org", "--id", "../x"],
             2,
-            "--id",
+            "id \"../x\": an id is",
         ),
         (
             vec!["add", &f, "--email", "a@example.org", "--language", "cobol"],

@@ -763,7 +763,16 @@ async fn two_processes_consume_one_queue_at_once(fx: &Fixture) {
         "one process got nothing: {:?}",
         per_child.iter().map(Vec::len).collect::<Vec<_>>()
     );
-    assert_eq!(b.ready_count(&q).await.unwrap(), 0);
+    // The children exit right after their last ack; a quorum queue applies settlements
+    // through its Raft log, so its count may show a message for a moment after the ack
+    // was sent (seen under load). Nothing may stay ready.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut ready = b.ready_count(&q).await.unwrap();
+    while ready > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        ready = b.ready_count(&q).await.unwrap();
+    }
+    assert_eq!(ready, 0);
 }
 
 // ---------------------------------------------------------------------------------------
