@@ -5,21 +5,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
+
 use std::time::{Duration, Instant};
+use test_support::cli::KillOnDrop;
 
 const BIN: &str = env!("CARGO_BIN_EXE_code-submit");
-/// `job-worker`, built beside `code-submit` (a workspace test run builds both; with
-/// `-p code-submit` alone, build it first: `cargo build -p job-worker`).
-static WORKER: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    let path = Path::new(BIN).with_file_name("job-worker");
-    assert!(
-        path.exists(),
-        "{} is missing: cargo build -p job-worker",
-        path.display()
-    );
-    path.to_string_lossy().into_owned()
-});
+static WORKER: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| test_support::cli::sibling(BIN, "job-worker"));
 
 enum State {
     /// SQLite state, local code storage, the database broker.
@@ -201,14 +194,14 @@ code_queue = "{code_queue}"
         serde_json::from_str(self.on(&["--json", "status"], name).trim()).unwrap()
     }
 
-    fn worker(&self) -> Worker {
-        Worker(Some(
+    fn worker(&self) -> KillOnDrop {
+        KillOnDrop(
             self.command(&WORKER, &["run", "--queues", &self.code_queue])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap(),
-        ))
+        )
     }
 
     fn wait_status(&self, id: &str, secs: u64, done: impl Fn(&str) -> bool) -> serde_json::Value {
@@ -227,18 +220,6 @@ code_queue = "{code_queue}"
         self.wait_status(id, 60, |s| {
             !matches!(s, "Not Run" | "In Queue" | "Processing")
         })
-    }
-}
-
-/// A worker process, killed when dropped still running.
-struct Worker(Option<Child>);
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        if let Some(c) = self.0.as_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 
@@ -517,9 +498,9 @@ fn a_worker_killed_mid_run_leaves_no_process_mount_or_cgroup_and_the_run_is_redo
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(h.status("sleepy")["status"], "Processing");
-    let dead = w.0.as_ref().unwrap().id();
-    w.0.as_mut().unwrap().kill().unwrap(); // SIGKILL
-    w.0.as_mut().unwrap().wait().unwrap();
+    let dead = w.0.id();
+    w.0.kill().unwrap(); // SIGKILL
+    w.0.wait().unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while host_processes_with(&format!("sleep {marker}")) > 0 {
         assert!(Instant::now() < deadline, "the box outlived its worker");

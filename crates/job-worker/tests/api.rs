@@ -17,25 +17,8 @@ const ALICE: &str = "alice-key-0123456789";
 const BOB: &str = "bob-key-9876543210";
 const ROOT: &str = "root-key-5555555555";
 
-static SUBMIT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    let path = Path::new(BIN).with_file_name("code-submit");
-    assert!(
-        path.exists(),
-        "{} is missing: cargo build -p code-submit",
-        path.display()
-    );
-    path.to_string_lossy().into_owned()
-});
-
-/// A child process killed when dropped.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+static SUBMIT: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| test_support::cli::sibling(BIN, "code-submit"));
 
 /// A configured home and, once started, its server.
 struct Api {
@@ -103,6 +86,21 @@ description = "prints its sample, then a JSON result"
             base: String::new(),
             http: reqwest::Client::new(),
         }
+    }
+
+    /// Make this home a client of `server`'s API as `user` (`[jobs] api_url`, api_user,
+    /// api_key).
+    fn use_api_of(&self, server: &Api, user: &str) {
+        let text = std::fs::read_to_string(&self.config).unwrap().replacen(
+            "[jobs]\n",
+            &format!(
+                "[jobs]\napi_url = \"{}\"\napi_user = \"{user}\"\napi_key = \"env:{}_KEY\"\n",
+                server.base,
+                user.to_uppercase()
+            ),
+            1,
+        );
+        std::fs::write(&self.config, text).unwrap();
     }
 
     fn command(&self, bin: &str, args: &[&str]) -> Command {
@@ -755,16 +753,8 @@ fn serve_without_users_or_with_a_short_key_exits_78_before_listening() {
 fn code_submit_adds_runs_and_reads_submissions_through_a_remote_serve() {
     let server = Api::home(None, "\n[mail]\nfrom = \"labrelay@example.org\"\n").start();
     let client = Api::home(None, "");
-    let text = std::fs::read_to_string(&client.config).unwrap().replacen(
-        "[jobs]\n",
-        &format!(
-            "[jobs]\napi_url = \"{}\"\napi_user = \"alice\"\napi_key = \"env:ALICE_KEY\"\n",
-            server.base
-        ),
-        1,
-    );
-    std::fs::write(&client.config, text).unwrap();
-    let _worker = KillOnDrop(
+    client.use_api_of(&server, "alice");
+    let _worker = test_support::cli::KillOnDrop(
         server
             .command(BIN, &["run", "--queues", "code"])
             .stdout(Stdio::null())
@@ -914,19 +904,10 @@ fn code_submit_talks_to_a_remote_serve_with_the_users_key() {
     };
     let server = Api::home(Some(pg.clone()), "").start();
     let client = Api::home(Some(pg), "");
-    // The client's [jobs] gains api_url, api_user and api_key.
-    let text = std::fs::read_to_string(&client.config).unwrap().replacen(
-        "[jobs]\n",
-        &format!(
-            "[jobs]\napi_url = \"{}\"\napi_user = \"alice\"\napi_key = \"env:ALICE_KEY\"\n",
-            server.base
-        ),
-        1,
-    );
-    std::fs::write(&client.config, text).unwrap();
+    client.use_api_of(&server, "alice");
     // The worker runs on the server's home (same queue), the submitter is remote.
     // Killed when dropped, also when an assertion below fails.
-    let _worker = KillOnDrop(
+    let _worker = test_support::cli::KillOnDrop(
         server
             .command(BIN, &["run", "--concurrency", "2"])
             .stdout(Stdio::null())

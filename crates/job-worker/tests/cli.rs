@@ -10,15 +10,8 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_job-worker");
 /// `code-submit`, built beside `job-worker` (a workspace test run builds both; with
 /// `-p job-worker` alone, build it first: `cargo build -p code-submit`).
-static SUBMIT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    let path = Path::new(BIN).with_file_name("code-submit");
-    assert!(
-        path.exists(),
-        "{} is missing: cargo build -p code-submit",
-        path.display()
-    );
-    path.to_string_lossy().into_owned()
-});
+static SUBMIT: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| test_support::cli::sibling(BIN, "code-submit"));
 const VALID: &[&str] = &["tasks"];
 
 #[test]

@@ -520,6 +520,7 @@ impl Sandbox {
             .map_err(|e| format!("starting {}: {e}", self.bwrap.display()))?;
         drop(procs);
         drop(seccomp);
+        let t_spawned = t0.elapsed();
         let pid = rustix::process::Pid::from_child(&child);
         let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok();
         let (tx, rx) = mpsc::channel::<Event>();
@@ -604,6 +605,7 @@ impl Sandbox {
         tracing::debug!(
             step = kind,
             cgroup_us = t_cgroup.as_micros() as u64,
+            spawned_us = t_spawned.as_micros() as u64,
             ran_us = t_ran.as_micros() as u64,
             measured_us = t_measured.as_micros() as u64,
             removed_us = t0.elapsed().as_micros() as u64,

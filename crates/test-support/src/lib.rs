@@ -200,6 +200,30 @@ pub mod cli {
         cmd
     }
 
+    /// Another tool binary built beside `bin` (a workspace test run builds every binary;
+    /// with `-p` alone, build the other one first).
+    pub fn sibling(bin: &str, name: &str) -> String {
+        let path = Path::new(bin).with_file_name(name);
+        assert!(
+            path.exists(),
+            "{} is missing: cargo build -p {name}",
+            path.display()
+        );
+        path.to_string_lossy().into_owned()
+    }
+
+    /// A child process, killed and reaped when dropped (a test that fails half-way
+    /// leaves no server or worker running).
+    #[derive(Debug)]
+    pub struct KillOnDrop(pub std::process::Child);
+
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
     /// Run and collect output.
     pub fn run(bin: &str, home: &Path, args: &[&str]) -> Output {
         command(bin, home)
