@@ -201,6 +201,7 @@ pub async fn run(id: &str, wait: bool, ctx: &Context) -> anyhow::Result<Exit> {
         .get(id)
         .await?
         .ok_or_else(|| anyhow::anyhow!("no such submission: {id}"))?;
+    let sub = l.submissions.settle(&l.store, sub).await?;
     let accepted = sub.status == sandbox::Status::Accepted.as_str();
     let source_link = code::link(&l.storage, &sub.source_key);
     ctx.out
@@ -279,7 +280,8 @@ pub async fn status(a: StatusArgs, ctx: &Context) -> anyhow::Result<Exit> {
             .by_email(a.email.as_deref().unwrap_or_default())
             .await?
     };
-    for s in &list {
+    for s in list {
+        let s = l.submissions.settle(&l.store, s).await?;
         let source_link = code::link(&l.storage, &s.source_key);
         ctx.out
             .emit("submission", &s.record(&source_link), || s.line())?;

@@ -516,3 +516,142 @@ fn a_worker_killed_mid_run_leaves_no_process_mount_or_cgroup_and_the_run_is_redo
     assert_eq!(cgroups_of(dead), Vec::<PathBuf>::new());
     assert_eq!(host_processes_with(&format!("sleep {marker}")), 0);
 }
+
+/// A small deterministic pseudo-random sequence (xorshift), seeded from the clock and
+/// printed, so a failing run can be told apart.
+struct Rng(u64);
+
+impl Rng {
+    fn new() -> Rng {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+            | 1;
+        eprintln!("crash-loop seed {seed}");
+        Rng(seed)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+#[test]
+fn kill_9_crash_loop_each_submission_ends_with_one_result_and_one_mail() {
+    let h = Home::new(&State::Embedded, false).unwrap();
+    let n = 10;
+    let marker = format!("0.2{:04}", std::process::id() % 10_000);
+    for i in 0..n {
+        h.add(
+            &format!("c{i}"),
+            &format!("c{i}.py"),
+            &format!(
+                "import subprocess\nsubprocess.run(['sleep', '{marker}'])\nprint('done {i}')\n"
+            ),
+            &[],
+        );
+        h.on(&["run"], &format!("c{i}"));
+    }
+    let finished = |h: &Home| {
+        (0..n).all(|i| {
+            !matches!(
+                h.status(&format!("c{i}"))["status"].as_str(),
+                Some("In Queue" | "Processing")
+            )
+        })
+    };
+    let mut rng = Rng::new();
+    let mut killed = Vec::new();
+    // Workers killed at random points, 60 times or until every run is over; a job whose
+    // workers die three times is dead (its submission then says Internal Error).
+    while killed.len() < 60 && !finished(&h) {
+        let mut w = h.worker();
+        std::thread::sleep(Duration::from_millis(30 + rng.below(600)));
+        killed.push(w.0.id());
+        w.0.kill().unwrap(); // SIGKILL, at a random point
+        w.0.wait().unwrap();
+    }
+    {
+        let _w = h.worker();
+        let deadline = Instant::now() + Duration::from_mins(1);
+        while !finished(&h) {
+            assert!(
+                Instant::now() < deadline,
+                "runs still open after the crash loop"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    eprintln!("{} workers killed", killed.len());
+    assert!(killed.len() >= 5, "only {} kills", killed.len());
+    // A last worker sends what the killed ones left unsent (a mail whose sender died
+    // while holding it waits out the 2-minute hold).
+    let read_mails = || -> Vec<String> {
+        std::fs::read_dir(h.dir.path().join("data/outbox"))
+            .map(|d| {
+                d.map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let subject = |i: usize| format!("Subject: [labrelay] submission {}:", h.id(&format!("c{i}")));
+    {
+        let _w = h.worker();
+        let deadline = Instant::now() + Duration::from_secs(150);
+        while !(0..n).all(|i| read_mails().iter().any(|m| m.contains(&subject(i)))) {
+            assert!(Instant::now() < deadline, "some outcome was never mailed");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let mails = read_mails();
+    let mut dead = 0;
+    for i in 0..n {
+        let name = format!("c{i}");
+        let s = h.status(&name);
+        assert_eq!(s["runs"], 1, "{s}");
+        let status = s["status"].as_str().unwrap().to_owned();
+        if status == "Accepted" {
+            assert_eq!(s["stdout"], format!("done {i}\n"), "{s}");
+        } else {
+            // Its job died with its workers: said so, not left Processing.
+            assert_eq!(status, "Internal Error", "{s}");
+            assert!(s["message"].as_str().unwrap().contains("ended dead"), "{s}");
+            dead += 1;
+        }
+        // One outcome mail (a mail written twice keeps its Message-ID), and it is the
+        // real outcome.
+        let subject = subject(i);
+        let ids: std::collections::BTreeSet<String> = mails
+            .iter()
+            .filter(|m| m.contains(&subject))
+            .map(|m| {
+                m.lines()
+                    .find(|l| l.starts_with("Message-ID:"))
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(ids.len(), 1, "{name}: {ids:?}");
+        assert!(
+            status != "Accepted"
+                || mails
+                    .iter()
+                    .filter(|m| m.contains(&subject))
+                    .all(|m| m.contains(&format!("{subject} Accepted"))),
+            "{name}"
+        );
+    }
+    eprintln!("{dead} of {n} jobs died with their workers");
+    assert_eq!(host_processes_with(&format!("sleep {marker}")), 0);
+    assert_eq!(box_mounts(), 0);
+    // What the killed workers left in the cgroup tree goes at the next start.
+    let f = h.file("x.py", "print(1)\n");
+    h.ok(&["exec", &f]);
+    for pid in killed {
+        assert_eq!(cgroups_of(pid), Vec::<PathBuf>::new(), "worker {pid}");
+    }
+}

@@ -500,7 +500,12 @@ async fn visible_submission(
         .await
         .map_err(|e| unavailable(&e))?
     {
-        Some(s) if caller.admin || s.submitter == caller.name => Ok(s),
+        Some(s) if caller.admin || s.submitter == caller.name => st
+            .code
+            .submissions
+            .settle(&st.store, s)
+            .await
+            .map_err(|e| unavailable(&e)),
         _ => Err(no_submission(id)),
     }
 }
@@ -556,12 +561,19 @@ async fn list_submissions(
         .by_email(&email)
         .await
         .map_err(|e| unavailable(&e))?;
-    Ok(Json(
-        list.iter()
-            .filter(|s| caller.admin || s.submitter == caller.name)
-            .map(|s| submission_json(&st, s))
-            .collect(),
-    ))
+    let mut out = Vec::new();
+    for s in list {
+        if caller.admin || s.submitter == caller.name {
+            let s = st
+                .code
+                .submissions
+                .settle(&st.store, s)
+                .await
+                .map_err(|e| unavailable(&e))?;
+            out.push(submission_json(&st, &s));
+        }
+    }
+    Ok(Json(out))
 }
 
 async fn get_submission(

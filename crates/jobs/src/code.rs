@@ -137,6 +137,24 @@ impl Submission {
         v
     }
 
+    /// The stored report of the latest run, when it finished.
+    pub fn report(&self) -> Option<Report> {
+        self.finished_ms?;
+        Some(Report {
+            status: Status::parse(&self.status)?,
+            exit_code: self.exit_code.map(|c| c as i32),
+            signal: self.signal.map(|c| c as i32),
+            time_ms: self.time_ms.unwrap_or(0) as u64,
+            wall_ms: self.wall_ms.unwrap_or(0) as u64,
+            memory_kib: self.memory_kib.unwrap_or(0) as u64,
+            stdout: self.stdout.clone().unwrap_or_default(),
+            stderr: self.stderr.clone().unwrap_or_default(),
+            compile_output: self.compile_output.clone().unwrap_or_default(),
+            message: self.message.clone(),
+            limits: self.limits_by.clone().unwrap_or_default(),
+        })
+    }
+
     /// One line of `code-submit status`.
     pub fn line(&self) -> String {
         let mut s = format!("{}  {}  {}", self.id, self.language, self.status);
@@ -347,6 +365,45 @@ impl Submissions {
         Ok(Queued::Job(job))
     }
 
+    /// `sub` as it stands, after closing a run whose job ended without storing a result
+    /// (dead after its workers died one after another, or cancelled): an Internal Error
+    /// naming the job's end, so the submission does not stay In Queue or Processing and
+    /// the next `run` queues a new job.
+    pub async fn settle(
+        &self,
+        store: &crate::Store,
+        sub: Submission,
+    ) -> anyhow::Result<Submission> {
+        if !matches!(
+            Status::parse(&sub.status),
+            Some(Status::InQueue | Status::Processing)
+        ) {
+            return Ok(sub);
+        }
+        let Some(job_id) = sub.job_id else {
+            return Ok(sub);
+        };
+        let Some(job) = store.get(job_id).await? else {
+            return Ok(sub);
+        };
+        if !matches!(
+            job.state.as_str(),
+            crate::store::DEAD | crate::store::CANCELLED | crate::store::FAILED
+        ) {
+            return Ok(sub);
+        }
+        let report = Report::internal(
+            format!(
+                "job {job_id} ended {}{}",
+                job.state,
+                job.error.map(|e| format!(": {e}")).unwrap_or_default()
+            ),
+            "none",
+        );
+        self.finish(&sub.id, sub.runs, job_id, &report).await?;
+        Ok(self.get(&sub.id).await?.unwrap_or(sub))
+    }
+
     /// The worker takes run `run` with job `job`; `false` when that run is over.
     async fn processing(&self, id: &str, run: i64, job: i64) -> anyhow::Result<bool> {
         let r = sqlx::query(&format!(
@@ -531,6 +588,7 @@ pub async fn queue_run(
     let Some(sub) = subs.get(id).await? else {
         return Ok(Queued::NoSuch);
     };
+    let sub = subs.settle(store, sub).await?;
     subs.queue(id, |args, key| {
         let req = crate::api::SubmitRequest {
             task: CODE.into(),
@@ -642,7 +700,7 @@ impl CodeRunner {
         };
         match self.submissions.processing(id, run, job.id).await {
             Ok(true) => {}
-            Ok(false) => return fail(format!("run {run} of submission {id} is over"), true),
+            Ok(false) => return self.already_done(id, run, job, elapsed()).await,
             Err(e) => return fail(format!("{e:#}"), false),
         }
         let cancel = Arc::new(AtomicBool::new(false));
@@ -690,34 +748,94 @@ impl CodeRunner {
         if report.status != Status::InternalError || last_attempt {
             match self.submissions.finish(id, run, job.id, &report).await {
                 Ok(true) => {}
-                Ok(false) => return fail(format!("run {run} of submission {id} is over"), true),
+                Ok(false) => return self.already_done(id, run, job, elapsed()).await,
                 Err(e) => return fail(format!("storing the result: {e:#}"), false),
             }
         }
-        let accepted = report.status == Status::Accepted;
-        let error = (!accepted).then(|| {
-            report.message.as_ref().map_or_else(
-                || report.status.to_string(),
-                |m| format!("{}: {m}", report.status),
-            )
-        });
-        Ran::Done(Outcome {
-            exit_code: Some(i32::from(!accepted)),
-            signal: None,
-            stdout: report.stdout.clone(),
-            stderr: report.stderr.clone(),
-            result: serde_json::to_value(&report).ok(),
-            permanent: report.status != Status::InternalError,
-            error,
-            duration_ms: elapsed(),
-            ..Outcome::default()
-        })
+        done(&report, elapsed())
     }
+
+    /// Run `run` of submission `id` cannot start: if this very job already stored its
+    /// result (its worker died between that and the job's own completion), the job ends
+    /// with that result again, so the submitter gets one mail with the real outcome;
+    /// otherwise a newer run owns the submission and this job is void.
+    async fn already_done(&self, id: &str, run: i64, job: &Job, elapsed: i64) -> Ran {
+        match self.submissions.get(id).await {
+            Ok(Some(sub)) if sub.job_id == Some(job.id) && sub.runs > run => {
+                if let Some(report) = sub.report() {
+                    tracing::info!(
+                        job = job.id,
+                        submission = id,
+                        "the result was stored before a crash: the job ends with it"
+                    );
+                    return done(&report, elapsed);
+                }
+                void(format!("run {run} of submission {id} is over"), elapsed)
+            }
+            Ok(_) => void(format!("run {run} of submission {id} is over"), elapsed),
+            Err(e) => Ran::Done(Outcome {
+                error: Some(format!("{e:#}")),
+                duration_ms: elapsed,
+                ..Outcome::default()
+            }),
+        }
+    }
+}
+
+fn void(error: String, elapsed: i64) -> Ran {
+    Ran::Done(Outcome {
+        error: Some(error),
+        permanent: true,
+        duration_ms: elapsed,
+        ..Outcome::default()
+    })
+}
+
+/// A code job's outcome from its report: succeeded when Accepted, else failed for good
+/// (the code's own failure is not retried) except an Internal Error (ours: retried).
+fn done(report: &Report, elapsed: i64) -> Ran {
+    let accepted = report.status == Status::Accepted;
+    let error = (!accepted).then(|| {
+        report.message.as_ref().map_or_else(
+            || report.status.to_string(),
+            |m| format!("{}: {m}", report.status),
+        )
+    });
+    Ran::Done(Outcome {
+        exit_code: Some(i32::from(!accepted)),
+        signal: None,
+        stdout: report.stdout.clone(),
+        stderr: report.stderr.clone(),
+        result: serde_json::to_value(report).ok(),
+        permanent: report.status != Status::InternalError,
+        error,
+        duration_ms: elapsed,
+        ..Outcome::default()
+    })
 }
 
 /// The outcome mail of a code job: subject, text and HTML (the result as a table).
 pub fn mail(job: &Job) -> Option<(String, String, String)> {
-    let r: Report = serde_json::from_value(job.result.clone()?).ok()?;
+    // A job that ended without a report (dead after its workers died, cancelled) is the
+    // submission's Internal Error, as `status` shows it.
+    let r: Report = job
+        .result
+        .clone()
+        .and_then(|v| serde_json::from_value(v).ok())
+        .unwrap_or_else(|| {
+            Report::internal(
+                format!(
+                    "job {} ended {}{}",
+                    job.id,
+                    job.state,
+                    job.error
+                        .as_ref()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                ),
+                "none",
+            )
+        });
     let id = job
         .args
         .get("submission")
