@@ -405,7 +405,7 @@ impl Submissions {
     }
 
     /// The worker takes run `run` with job `job`; `false` when that run is over.
-    async fn processing(&self, id: &str, run: i64, job: i64) -> anyhow::Result<bool> {
+    pub async fn processing(&self, id: &str, run: i64, job: i64) -> anyhow::Result<bool> {
         let r = sqlx::query(&format!(
             "UPDATE labrelay_code_submissions SET status = {}, job_id = {} WHERE id = {} AND runs = {}",
             self.p(1),
@@ -424,7 +424,7 @@ impl Submissions {
     }
 
     /// Store the report of run `run` (job `job`); `false` when that run is over.
-    async fn finish(&self, id: &str, run: i64, job: i64, r: &Report) -> anyhow::Result<bool> {
+    pub async fn finish(&self, id: &str, run: i64, job: i64, r: &Report) -> anyhow::Result<bool> {
         let disable = disables(r.status);
         let cols = [
             "status",

@@ -646,3 +646,132 @@ async fn regression_a_named_claim_waits_for_a_locked_row_postgres() {
 async fn regression_a_named_claim_waits_for_a_locked_row_mariadb() {
     regression_a_named_claim_waits_for_a_locked_row(Engine::Mysql).await;
 }
+
+/// The code submissions table, the same on every engine: insert once, list by address,
+/// a run's job found again by its unique key, the worker's steps fenced by run and job,
+/// the enable flag, a run whose job ended without a result settled.
+async fn submissions_contract(engine: Engine) {
+    use jobs::code::{NewSubmission, Queued, Submissions};
+    let Some(f) = Fresh::new(engine).await else {
+        return;
+    };
+    let subs = Submissions::new(f.store.db().clone());
+    let new = |id: &str, email: &str| NewSubmission {
+        id: id.into(),
+        email: email.into(),
+        language: "python".into(),
+        source_key: format!("{id}.py"),
+        stdin: Some("数据 ünïcode\n".into()),
+        expected: None,
+        submitter: "alice".into(),
+    };
+    assert!(subs.insert(&new("s1", "a@example.org")).await.unwrap());
+    assert!(!subs.insert(&new("s1", "b@example.org")).await.unwrap());
+    assert!(subs.insert(&new("s2", "a@example.org")).await.unwrap());
+    assert!(subs.insert(&new("s3", "c@example.org")).await.unwrap());
+    let s = subs.get("s1").await.unwrap().unwrap();
+    assert_eq!(
+        (
+            s.status.as_str(),
+            s.runs,
+            s.disabled,
+            s.job_id,
+            s.stdin.as_deref()
+        ),
+        ("Not Run", 0, false, None, Some("数据 ünïcode\n"))
+    );
+    let ids: Vec<String> = subs
+        .by_email("a@example.org")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(ids, ["s1", "s2"]);
+    assert!(subs.get("nope").await.unwrap().is_none());
+
+    let store = &f.store;
+    let queue = |id: &'static str| queue_code(&subs, store, id);
+    let Queued::Job(j1) = queue("s1").await else {
+        panic!("not queued")
+    };
+    // Again while queued (or after a crash between the job and the row): the same job.
+    assert_eq!(queue("s1").await, Queued::Job(j1));
+    let j = store.get(j1).await.unwrap().unwrap();
+    assert_eq!(j.args, serde_json::json!({"submission": "s1", "run": 0}));
+    let s = subs.get("s1").await.unwrap().unwrap();
+    assert_eq!((s.status.as_str(), s.job_id), ("In Queue", Some(j1)));
+
+    // The worker's steps, fenced by the run number and the job.
+    assert!(subs.processing("s1", 0, j1).await.unwrap());
+    assert!(!subs.processing("s1", 1, j1).await.unwrap());
+    let mut report = sandbox::Report::internal("", "cgroup v1");
+    report.status = sandbox::Status::CompilationError;
+    report.message = None;
+    report.compile_output = "main.c:1: error\n".into();
+    assert!(subs.finish("s1", 0, j1, &report).await.unwrap());
+    assert!(
+        !subs.finish("s1", 0, j1, &report).await.unwrap(),
+        "a run ends once"
+    );
+    let s = subs.get("s1").await.unwrap().unwrap();
+    assert_eq!(
+        (s.status.as_str(), s.runs, s.disabled),
+        ("Compilation Error", 1, true)
+    );
+    assert_eq!(s.report().unwrap().compile_output, "main.c:1: error\n");
+    assert_eq!(queue("s1").await, Queued::Disabled);
+    assert!(subs.enable("s1").await.unwrap());
+    assert!(!subs.enable("nope").await.unwrap());
+    let Queued::Job(j2) = queue("s1").await else {
+        panic!("not queued after enable")
+    };
+    assert_ne!(j2, j1, "the next run is a new job");
+    assert!(
+        !subs.processing("s1", 0, j1).await.unwrap(),
+        "the old run is over"
+    );
+
+    // A run whose job is cancelled settles as an Internal Error; the next run is new.
+    store.cancel(j2, "alice").await.unwrap();
+    let s = subs.get("s1").await.unwrap().unwrap();
+    let s = subs.settle(store, s).await.unwrap();
+    assert_eq!((s.status.as_str(), s.runs), ("Internal Error", 2));
+    assert!(s.message.unwrap().contains("ended cancelled"));
+    let Queued::Job(j3) = queue("s1").await else {
+        panic!("not queued after settling")
+    };
+    assert!(j3 != j2 && j3 != j1);
+    assert_eq!(
+        store.get(j3).await.unwrap().unwrap().args["run"],
+        serde_json::json!(2)
+    );
+    f.drop().await;
+}
+
+/// `run`: a job of `code` with the submission's unique key.
+async fn queue_code(subs: &jobs::code::Submissions, store: &Store, id: &str) -> jobs::code::Queued {
+    subs.queue(id, |args, key| async move {
+        let mut j = job("code");
+        j.args = args;
+        j.unique_key = Some(key);
+        Ok(store.submit(&j).await?.0)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn submissions_contract_sqlite() {
+    submissions_contract(Engine::Sqlite).await;
+}
+
+#[tokio::test]
+async fn submissions_contract_postgres() {
+    submissions_contract(Engine::Postgres).await;
+}
+
+#[tokio::test]
+async fn submissions_contract_mariadb() {
+    submissions_contract(Engine::Mysql).await;
+}
