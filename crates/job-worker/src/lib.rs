@@ -238,7 +238,23 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
                     made
                 },
             };
-            let state = serve::ApiState::new(store, registry, code, ctx.config.mail.from.clone())?;
+            let output = match &registry.settings.output_storage {
+                Some(name) => {
+                    let storage =
+                        labrelay::storage::AnyStorage::open_checked(ctx.config.storage(name)?)
+                            .await?;
+                    let dir = ctx.config.data_dir().join("job-output");
+                    std::fs::create_dir_all(&dir)
+                        .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+                    Some((storage, dir))
+                }
+                None => None,
+            };
+            let mut state =
+                serve::ApiState::new(store, registry, code, ctx.config.mail.from.clone())?;
+            if let Some((storage, dir)) = output {
+                state = state.with_output(storage, dir);
+            }
             let out = &ctx.out;
             serve::serve(
                 Arc::new(state),

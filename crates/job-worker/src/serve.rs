@@ -70,6 +70,8 @@ pub struct ApiState {
     store: Store,
     registry: Arc<Registry>,
     code: CodeApi,
+    /// `[jobs] output_storage` and a folder for downloads from it.
+    output: Option<(labrelay::storage::AnyStorage, std::path::PathBuf)>,
     users: BTreeMap<String, User>,
     mail_from: Option<String>,
     metrics: Metrics,
@@ -113,10 +115,25 @@ impl ApiState {
             store,
             registry,
             code,
+            output: None,
             users,
             mail_from,
             metrics: Metrics::default(),
         })
+    }
+}
+
+impl ApiState {
+    /// Serve whole outputs kept in `storage` (`[jobs] output_storage`), downloading
+    /// through temporary files in `dir`.
+    #[must_use]
+    pub fn with_output(
+        mut self,
+        storage: labrelay::storage::AnyStorage,
+        dir: std::path::PathBuf,
+    ) -> ApiState {
+        self.output = Some((storage, dir));
+        self
     }
 }
 
@@ -180,6 +197,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/jobs/{id}", get(status))
         .route("/v1/jobs/{id}/result", get(result))
         .route("/v1/jobs/{id}/cancel", post(cancel))
+        .route("/v1/jobs/{id}/output/{stream}", get(output))
         .route(
             "/v1/submissions",
             post(add_submission).get(list_submissions),
@@ -407,6 +425,65 @@ async fn result(
         .with("state", &j.state));
     }
     Ok(Json(j.result_record()))
+}
+
+/// A finished job's whole stdout or stderr as text: from `[jobs] output_storage` when
+/// the stream was kept there (streamed, never held in memory), else the row's text.
+async fn output(
+    State(st): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    Path((id, stream)): Path<(String, String)>,
+) -> Result<Response, ApiErr> {
+    use labrelay::storage::ObjectStorage as _;
+    let j = visible(&st, &caller, &id).await?;
+    let (text, key) = match stream.as_str() {
+        "stdout" => (j.stdout.clone(), j.stdout_ref.clone()),
+        "stderr" => (j.stderr.clone(), j.stderr_ref.clone()),
+        _ => {
+            return Err(ApiErr::new(
+                StatusCode::NOT_FOUND,
+                format!("no such stream: {stream} (stdout, stderr)"),
+            ));
+        }
+    };
+    if !j.is_finished() {
+        return Err(ApiErr::new(
+            StatusCode::CONFLICT,
+            format!("job {} is {}: no output yet", j.id, j.state),
+        )
+        .with("id", j.id)
+        .with("state", &j.state));
+    }
+    let text_plain = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
+    if let (Some(key), Some((storage, dir))) = (key, &st.output) {
+        let path = dir.join(format!("api-{}-{stream}-{}", j.id, api::new_nonce()));
+        let fetched = storage.get_to_file(&key, &path).await;
+        let file = match fetched {
+            Ok(_) => tokio::fs::File::open(&path).await,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&path).await;
+                return Err(unavailable(&anyhow::anyhow!("{key}: {e}")));
+            }
+        };
+        // Unlinked at once: the open descriptor keeps the data until it is sent.
+        let _ = tokio::fs::remove_file(&path).await;
+        let file = file.map_err(|e| unavailable(&anyhow::anyhow!("{key}: {e}")))?;
+        let chunks = futures::stream::unfold(file, |mut f| async move {
+            use tokio::io::AsyncReadExt as _;
+            let mut buf = vec![0u8; 64 * 1024];
+            match f.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((Ok::<_, std::io::Error>(bytes::Bytes::from(buf)), f))
+                }
+                Err(e) => Some((Err(e), f)),
+            }
+        });
+        let body = Body::from_stream(chunks);
+        return Ok((text_plain, body).into_response());
+    }
+    Ok((text_plain, text.unwrap_or_default()).into_response())
 }
 
 async fn cancel(
