@@ -231,6 +231,23 @@ fn each_requests(
     Ok(out)
 }
 
+/// Ask `check` until it gives a value: after 50 ms, then twice as long each time, at
+/// most a second apart (waiting for a job or a run to finish).
+async fn poll<T, F, Fut>(mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let mut pause = Duration::from_millis(50);
+    loop {
+        if let Some(v) = check().await? {
+            return Ok(v);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
+    }
+}
+
 /// Run the tool.
 pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
     match args.command {
@@ -336,10 +353,9 @@ async fn submit_task(command: Command, ctx: Context) -> anyhow::Result<Exit> {
         return Ok(Exit::Ok);
     }
     let deadline = timeout.map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
-    let mut pause = Duration::from_millis(50);
-    let record = loop {
+    let record = poll(|| async {
         if let Some(r) = target.finished(id).await? {
-            break r;
+            return Ok(Some(r));
         }
         if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
             return Err(JobError::NotFinished {
@@ -348,9 +364,9 @@ async fn submit_task(command: Command, ctx: Context) -> anyhow::Result<Exit> {
             }
             .into());
         }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(1));
-    };
+        Ok(None)
+    })
+    .await?;
     ctx.out
         .emit("result", &record, || store::result_text(&record))?;
     let state = record["state"].as_str().unwrap_or_default();

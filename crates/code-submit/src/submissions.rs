@@ -2,7 +2,6 @@
 //! their sources in the code storage, runs as jobs of the built-in task `code`.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use jobs::Registry;
 use jobs::code::{self, Queued, Submissions};
@@ -183,19 +182,15 @@ pub async fn run(id: &str, wait: bool, ctx: &Context) -> anyhow::Result<Exit> {
             })?;
         return Ok(Exit::Ok);
     }
-    let mut pause = Duration::from_millis(50);
-    loop {
+    crate::poll(|| async {
         let j = l
             .store
             .get(job)
             .await?
             .ok_or(jobs::JobError::NoSuchJob(job))?;
-        if j.is_finished() {
-            break;
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(1));
-    }
+        Ok(j.is_finished().then_some(()))
+    })
+    .await?;
     let sub = l
         .submissions
         .get(id)
@@ -224,16 +219,12 @@ async fn run_remote(
             })?;
         return Ok(Exit::Ok);
     }
-    let mut pause = Duration::from_millis(50);
-    loop {
+    crate::poll(|| async {
         let j = c.job(job).await?;
         let state = j.get("state").and_then(serde_json::Value::as_str);
-        if !matches!(state, Some(jobs::store::QUEUED | jobs::store::RUNNING)) {
-            break;
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(1));
-    }
+        Ok((!matches!(state, Some(jobs::store::QUEUED | jobs::store::RUNNING))).then_some(()))
+    })
+    .await?;
     let v = c.submission(id).await?;
     emit_remote(ctx, &v)?;
     Ok(if v["status"] == sandbox::Status::Accepted.as_str() {

@@ -161,11 +161,7 @@ async fn with_code(
         return Ok((store, queues));
     }
     let settings = sandbox::Settings::from_config(&ctx.config)?;
-    let made = {
-        let s = settings.clone();
-        tokio::task::spawn_blocking(move || sandbox::Sandbox::new(s)).await?
-    };
-    match made {
+    match sandbox_here(&settings).await? {
         Ok(sb) => {
             tracing::info!(limits = sb.limits_label(), "code jobs run in the sandbox");
             let storage =
@@ -174,7 +170,7 @@ async fn with_code(
             let submissions = jobs::code::Submissions::new(store.db().clone());
             Ok((
                 store.with_code(jobs::code::CodeRunner {
-                    sandbox: Ok(Arc::new(sb)),
+                    sandbox: Ok(sb),
                     settings,
                     storage,
                     submissions,
@@ -195,6 +191,30 @@ async fn with_code(
             Ok((store, queues))
         }
     }
+}
+
+/// The sandbox of this host, or why there is none; built off the async threads (it
+/// removes what boxes of dead workers left behind).
+async fn sandbox_here(
+    settings: &sandbox::Settings,
+) -> anyhow::Result<Result<Arc<sandbox::Sandbox>, String>> {
+    let s = settings.clone();
+    Ok(tokio::task::spawn_blocking(move || sandbox::Sandbox::new(s).map(Arc::new)).await?)
+}
+
+/// `[jobs] output_storage`, opened, and the folder for temporary files beside it.
+async fn output_storage(
+    ctx: &Context,
+    registry: &Registry,
+) -> anyhow::Result<Option<(labrelay::storage::AnyStorage, std::path::PathBuf)>> {
+    let Some(name) = &registry.settings.output_storage else {
+        return Ok(None);
+    };
+    let storage = labrelay::storage::AnyStorage::open_checked(ctx.config.storage(name)?).await?;
+    let dir = ctx.config.data_dir().join("job-output");
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+    Ok(Some((storage, dir)))
 }
 
 /// Open the state database (migrated) and the checked registry.
@@ -219,6 +239,11 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
         Command::Serve { listen } => {
             let (store, registry) = open(&ctx).await?;
             let listen = listen.unwrap_or_else(|| registry.settings.listen.clone());
+            let settings = sandbox::Settings::from_config(&ctx.config)?;
+            let made = sandbox_here(&settings).await?;
+            if let Err(e) = &made {
+                tracing::info!("POST /api/v2/execute answers 503: {e}");
+            }
             let code = serve::CodeApi {
                 submissions: jobs::code::Submissions::new(store.db().clone()),
                 storage: jobs::code::code_storage(
@@ -226,30 +251,10 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
                     registry.settings.code_storage.as_deref(),
                 )
                 .await?,
-                settings: sandbox::Settings::from_config(&ctx.config)?,
-                sandbox: {
-                    let s = sandbox::Settings::from_config(&ctx.config)?;
-                    let made =
-                        tokio::task::spawn_blocking(move || sandbox::Sandbox::new(s).map(Arc::new))
-                            .await?;
-                    if let Err(e) = &made {
-                        tracing::info!("POST /api/v2/execute answers 503: {e}");
-                    }
-                    made
-                },
+                settings,
+                sandbox: made,
             };
-            let output = match &registry.settings.output_storage {
-                Some(name) => {
-                    let storage =
-                        labrelay::storage::AnyStorage::open_checked(ctx.config.storage(name)?)
-                            .await?;
-                    let dir = ctx.config.data_dir().join("job-output");
-                    std::fs::create_dir_all(&dir)
-                        .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
-                    Some((storage, dir))
-                }
-                None => None,
-            };
+            let output = output_storage(&ctx, &registry).await?;
             let mut state =
                 serve::ApiState::new(store, registry, code, ctx.config.mail.from.clone())?;
             if let Some((storage, dir)) = output {
@@ -280,20 +285,12 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
             name,
         } => {
             let (store, registry) = open(&ctx).await?;
-            let store = match &registry.settings.output_storage {
-                Some(name) => {
-                    let storage =
-                        labrelay::storage::AnyStorage::open_checked(ctx.config.storage(name)?)
-                            .await?;
-                    let dir = ctx.config.data_dir().join("job-output");
-                    std::fs::create_dir_all(&dir)
-                        .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
-                    store.with_output(jobs::runner::Spill {
-                        storage,
-                        dir,
-                        max: registry.settings.output_max_bytes,
-                    })
-                }
+            let store = match output_storage(&ctx, &registry).await? {
+                Some((storage, dir)) => store.with_output(jobs::runner::Spill {
+                    storage,
+                    dir,
+                    max: registry.settings.output_max_bytes,
+                }),
                 None => store,
             };
             let notifier = jobs::notify::Notifier::from_config(&ctx.config)?;

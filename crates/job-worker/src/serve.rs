@@ -728,26 +728,6 @@ struct PistonRequest {
     run_memory_limit: Option<i64>,
 }
 
-fn signal_name(n: i32) -> String {
-    let name = match n {
-        1 => "HUP",
-        2 => "INT",
-        3 => "QUIT",
-        4 => "ILL",
-        6 => "ABRT",
-        8 => "FPE",
-        9 => "KILL",
-        11 => "SEGV",
-        13 => "PIPE",
-        14 => "ALRM",
-        15 => "TERM",
-        24 => "XCPU",
-        25 => "XFSZ",
-        _ => return format!("SIG{n}"),
-    };
-    format!("SIG{name}")
-}
-
 /// A Piston-compatible engine: run one program in this host's sandbox and answer in
 /// Piston's shape, with labrelay's whole report under `labrelay`. The language's limits
 /// here cap what the request asks for.
@@ -830,7 +810,7 @@ async fn piston_execute(
         "stderr": report.stderr,
         "output": format!("{}{}", report.stdout, report.stderr),
         "code": report.exit_code,
-        "signal": report.signal.map(signal_name),
+        "signal": report.signal.map(jobs::engine::signal_name),
         "status": status,
         "message": report.message,
         "cpu_time": report.time_ms,

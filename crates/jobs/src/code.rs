@@ -243,9 +243,6 @@ impl Submissions {
 
     /// Insert; `false` when the id is taken.
     pub async fn insert(&self, s: &NewSubmission) -> anyhow::Result<bool> {
-        if self.get(&s.id).await?.is_some() {
-            return Ok(false);
-        }
         let sql = format!(
             "INSERT INTO labrelay_code_submissions (id, email, language, source_key, stdin, expected, \
              submitter, status, created_ms) VALUES ({}, {}, {}, {}, {}, {}, {}, {}, {})",
@@ -273,7 +270,7 @@ impl Submissions {
             .await;
         match r {
             Ok(_) => Ok(true),
-            // Added at the same moment by someone else.
+            // The id is taken (the primary key says so on every engine).
             Err(sqlx::Error::Database(d)) if d.is_unique_violation() => Ok(false),
             Err(e) => Err(self.err(e)),
         }
@@ -668,14 +665,7 @@ impl CodeRunner {
     pub async fn run(&self, job: &Job, mut stop: watch::Receiver<Stop>) -> Ran {
         let started = std::time::Instant::now();
         let elapsed = || i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
-        let fail = |error: String, permanent: bool| {
-            Ran::Done(Outcome {
-                error: Some(error),
-                permanent,
-                duration_ms: elapsed(),
-                ..Outcome::default()
-            })
-        };
+        let fail = |error: String, permanent: bool| failed(error, permanent, elapsed());
         let (Some(id), Some(run)) = (
             job.args.get("submission").and_then(|v| v.as_str()),
             job.args.get("run").and_then(serde_json::Value::as_i64),
@@ -770,22 +760,27 @@ impl CodeRunner {
                     );
                     return done(&report, elapsed);
                 }
-                void(format!("run {run} of submission {id} is over"), elapsed)
+                failed(
+                    format!("run {run} of submission {id} is over"),
+                    true,
+                    elapsed,
+                )
             }
-            Ok(_) => void(format!("run {run} of submission {id} is over"), elapsed),
-            Err(e) => Ran::Done(Outcome {
-                error: Some(format!("{e:#}")),
-                duration_ms: elapsed,
-                ..Outcome::default()
-            }),
+            Ok(_) => failed(
+                format!("run {run} of submission {id} is over"),
+                true,
+                elapsed,
+            ),
+            Err(e) => failed(format!("{e:#}"), false, elapsed),
         }
     }
 }
 
-fn void(error: String, elapsed: i64) -> Ran {
+/// A code job that failed before or beside its run: `permanent` failures are not retried.
+fn failed(error: String, permanent: bool, elapsed: i64) -> Ran {
     Ran::Done(Outcome {
         error: Some(error),
-        permanent: true,
+        permanent,
         duration_ms: elapsed,
         ..Outcome::default()
     })

@@ -157,25 +157,41 @@ fn text(v: &serde_json::Value, k: &str) -> String {
         .to_owned()
 }
 
-fn signal_number(v: &serde_json::Value) -> Option<i32> {
-    let name = v.get("signal")?.as_str()?;
-    let n = match name.trim_start_matches("SIG") {
-        "HUP" => 1,
-        "INT" => 2,
-        "QUIT" => 3,
-        "ILL" => 4,
-        "ABRT" => 6,
-        "FPE" => 8,
-        "KILL" => 9,
-        "SEGV" => 11,
-        "PIPE" => 13,
-        "ALRM" => 14,
-        "TERM" => 15,
-        "XCPU" => 24,
-        "XFSZ" => 25,
-        _ => 0,
-    };
-    Some(n)
+/// Signals by number and name (the same numbers on x86-64 and aarch64), for Piston's
+/// `signal` field both ways.
+const SIGNALS: &[(i32, &str)] = &[
+    (1, "HUP"),
+    (2, "INT"),
+    (3, "QUIT"),
+    (4, "ILL"),
+    (6, "ABRT"),
+    (8, "FPE"),
+    (9, "KILL"),
+    (11, "SEGV"),
+    (13, "PIPE"),
+    (14, "ALRM"),
+    (15, "TERM"),
+    (24, "XCPU"),
+    (25, "XFSZ"),
+];
+
+/// `SIGKILL` for 9; `SIGn` for a signal without a name here.
+pub fn signal_name(n: i32) -> String {
+    SIGNALS
+        .iter()
+        .find(|(k, _)| *k == n)
+        .map_or_else(|| format!("SIG{n}"), |(_, name)| format!("SIG{name}"))
+}
+
+/// 9 for `SIGKILL` (or `KILL`, or `SIG9`); 0 for a name unknown here.
+pub fn signal_number(name: &str) -> i32 {
+    let bare = name.trim_start_matches("SIG");
+    SIGNALS
+        .iter()
+        .find(|(_, s)| *s == bare)
+        .map(|(n, _)| *n)
+        .or_else(|| bare.parse().ok())
+        .unwrap_or(0)
 }
 
 /// A report from Piston's answer `{"run": {...}, "compile": {...}}`.
@@ -210,7 +226,10 @@ pub fn from_piston(v: &serde_json::Value, input: &Input) -> Report {
         .get("code")
         .and_then(serde_json::Value::as_i64)
         .map(|c| c as i32);
-    r.signal = signal_number(run);
+    r.signal = run
+        .get("signal")
+        .and_then(serde_json::Value::as_str)
+        .map(signal_number);
     let num = |k: &str| run.get(k).and_then(serde_json::Value::as_f64);
     r.time_ms = num("cpu_time").unwrap_or(0.0) as u64;
     r.wall_ms = num("wall_time").unwrap_or(0.0) as u64;
@@ -261,6 +280,8 @@ mod tests {
             "signal": "SIGKILL", "status": "TO", "message": "Timeout", "output": ""}});
         let r = from_piston(&killed, &input(None));
         assert_eq!((r.status, r.signal), (Status::TimeLimitExceeded, Some(9)));
+        assert_eq!(signal_name(9), "SIGKILL");
+        assert_eq!((signal_number("SIGXCPU"), signal_number("SIG31")), (24, 31));
         let crashed = serde_json::json!({"run": {"stdout": "", "stderr": "boom", "code": 3,
             "signal": null, "output": "boom"}});
         assert_eq!(
