@@ -155,6 +155,14 @@ impl Submission {
         })
     }
 
+    /// The report that job `job` stored for run `run`, when it did (the row has moved
+    /// past that run with that job).
+    pub fn stored_by(&self, job: i64, run: i64) -> Option<Report> {
+        (self.job_id == Some(job) && self.runs > run)
+            .then(|| self.report())
+            .flatten()
+    }
+
     /// One line of `code-submit status`.
     pub fn line(&self) -> String {
         let mut s = format!("{}  {}  {}", self.id, self.language, self.status);
@@ -751,20 +759,13 @@ impl CodeRunner {
     /// otherwise a newer run owns the submission and this job is void.
     async fn already_done(&self, id: &str, run: i64, job: &Job, elapsed: i64) -> Ran {
         match self.submissions.get(id).await {
-            Ok(Some(sub)) if sub.job_id == Some(job.id) && sub.runs > run => {
-                if let Some(report) = sub.report() {
-                    tracing::info!(
-                        job = job.id,
-                        submission = id,
-                        "the result was stored before a crash: the job ends with it"
-                    );
-                    return done(&report, elapsed);
-                }
-                failed(
-                    format!("run {run} of submission {id} is over"),
-                    true,
-                    elapsed,
-                )
+            Ok(Some(sub)) if let Some(report) = sub.stored_by(job.id, run) => {
+                tracing::info!(
+                    job = job.id,
+                    submission = id,
+                    "the result was stored before a crash: the job ends with it"
+                );
+                done(&report, elapsed)
             }
             Ok(_) => failed(
                 format!("run {run} of submission {id} is over"),
@@ -807,6 +808,33 @@ fn done(report: &Report, elapsed: i64) -> Ran {
         duration_ms: elapsed,
         ..Outcome::default()
     })
+}
+
+/// `job` with the result its submission stored, when the job row has none: a worker
+/// killed between storing the result and completing the job leaves a job that ends
+/// dead without one, and its mail must still tell the outcome `code-submit status`
+/// shows.
+pub async fn with_stored_result(store: &crate::Store, mut job: Job) -> Job {
+    if job.task != CODE || job.result.is_some() {
+        return job;
+    }
+    let (Some(id), Some(run)) = (
+        job.args.get("submission").and_then(|v| v.as_str()),
+        job.args.get("run").and_then(serde_json::Value::as_i64),
+    ) else {
+        return job;
+    };
+    let subs = Submissions::new(store.db().clone());
+    match subs.get(id).await {
+        Ok(Some(sub)) => {
+            if let Some(r) = sub.stored_by(job.id, run) {
+                job.result = serde_json::to_value(r).ok();
+            }
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(job = job.id, "reading submission {id} for its mail: {e:#}"),
+    }
+    job
 }
 
 /// The outcome mail of a code job: subject, text and HTML (the result as a table).

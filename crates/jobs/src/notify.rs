@@ -115,6 +115,7 @@ impl Notifier {
         let mut sent = 0;
         if let Some((mailer, from)) = &self.mail {
             for job in store.claim_due(Due::Mail, 20, 120_000).await? {
+                let job = crate::code::with_stored_result(store, job).await;
                 match mailer.send(&Self::message(from, &job)).await {
                     Ok(m) => {
                         store.sent(Due::Mail, job.id, None).await?;

@@ -746,6 +746,37 @@ async fn submissions_contract(engine: Engine) {
         store.get(j3).await.unwrap().unwrap().args["run"],
         serde_json::json!(2)
     );
+
+    // Regression (found by code-submit's kill -9 crash loop): the worker stored the
+    // result, then died; the job ended without a result (dead, or here cancelled). Its
+    // mail tells the stored outcome, the one `status` shows, not "Internal Error".
+    assert!(subs.processing("s1", 2, j3).await.unwrap());
+    let mut accepted = sandbox::Report::internal("", "cgroup v1");
+    accepted.status = sandbox::Status::Accepted;
+    accepted.message = None;
+    accepted.stdout = "hi\n".into();
+    assert!(subs.finish("s1", 2, j3, &accepted).await.unwrap());
+    store.cancel(j3, "alice").await.unwrap();
+    let ended = store.get(j3).await.unwrap().unwrap();
+    assert!(ended.result.is_none(), "{ended:?}");
+    let before = jobs::notify::Notifier::message("labrelay@example.org", &ended);
+    assert!(
+        before.subject_text().ends_with("Internal Error"),
+        "{}",
+        before.subject_text()
+    );
+    let mailed = jobs::code::with_stored_result(store, ended).await;
+    let mail = jobs::notify::Notifier::message("labrelay@example.org", &mailed);
+    assert_eq!(mail.subject_text(), "[labrelay] submission s1: Accepted");
+    // A job whose run stored nothing keeps the job's own outcome.
+    let j2_job = store.get(j2).await.unwrap().unwrap();
+    let j2_mailed = jobs::code::with_stored_result(store, j2_job).await;
+    let j2_mail = jobs::notify::Notifier::message("labrelay@example.org", &j2_mailed);
+    assert!(
+        j2_mail.subject_text().ends_with("Internal Error"),
+        "{}",
+        j2_mail.subject_text()
+    );
     f.drop().await;
 }
 
