@@ -7,6 +7,9 @@
 #   2. A compiled C hello, RUNS runs each: bare, in plain bwrap, and through
 #      `code-submit exec` with the language `elf` (the prebuilt binary run through the
 #      dynamic loader, so the figure is the box, not gcc).
+#   In both, on cgroup v1 hosts, the kernel's floor: bench/sandbox-floor.c, the same
+#      namespaces, mounts, cgroups and uid change in plain C (what any box costs here
+#      before a supervisor adds its share).
 #   3. End to end: JOBS Python hello submissions (`code-submit add` + `run`, not timed),
 #      then `job-worker run --once --concurrency 2` on the embedded SQLite state database
 #      until all are done: runs/s.
@@ -59,7 +62,7 @@ if ((build)); then
 fi
 BIN=$REPO/target/release
 W=$(mktemp -d /tmp/labrelay-bench-sandbox.XXXXXX)
-trap 'rm -rf "$W"' EXIT
+trap 'umount "$W/floor/dev" 2>/dev/null; rm -rf "$W"' EXIT
 cd "$W"
 
 printf "print('hi')\n" >hi.py
@@ -89,10 +92,27 @@ BW=(bwrap --unshare-all --die-with-parent --ro-bind /usr /usr --symlink usr/lib 
     --symlink usr/lib64 /lib64 --symlink usr/bin /bin --proc /proc --dev /dev
     --bind "$W" /box --chdir /box)
 
+# The kernel's floor (bench/sandbox-floor.c): the same mechanisms in plain C, with a
+# read-only /dev of its own prepared once, as the sandbox does. cgroup v1 hosts only.
+FLOOR=()
+if [[ -e /sys/fs/cgroup/memory/cgroup.procs && -e /sys/fs/cgroup/pids/cgroup.procs ]]; then
+    gcc -O2 -o floor-bin "$REPO/bench/sandbox-floor.c"
+    mkdir -p floor/dev
+    mount -t tmpfs -o size=16k,nr_inodes=32,mode=0755 labrelay-floor-dev floor/dev
+    for d in null:3 zero:5 full:7 random:8 urandom:9; do mknod -m 666 "floor/dev/${d%:*}" c 1 "${d#*:}"; done
+    ln -s /proc/self/fd floor/dev/fd
+    ln -s /box/tmp floor/dev/shm
+    mount -o remount,ro floor/dev
+    FLOOR=("$W/floor-bin" /sys/fs/cgroup "$W/floor")
+fi
+
 say "checking every command once"
 "$BIN/code-submit" exec hi.py --language python >/dev/null || die "code-submit exec hi.py failed"
 "$BIN/code-submit" exec main.bin --language elf >/dev/null || die "code-submit exec main.bin failed"
 "${BW[@]}" "$PY" -S -B hi.py >/dev/null || die "plain bwrap failed"
+if ((${#FLOOR[@]})); then
+    "${FLOOR[@]}" hi.py "$PY" -S -B hi.py >/dev/null || die "the kernel floor (sandbox-floor.c) failed"
+fi
 
 bench() { # NAME CMD... -> results in $W/NAME.json
     local name=$1
@@ -100,10 +120,16 @@ bench() { # NAME CMD... -> results in $W/NAME.json
     hyperfine -N --warmup 5 --runs "$RUNS" --export-json "$W/$name.json" "$@" >"$W/$name.log" 2>&1 ||
         { cat "$W/$name.log" >&2; die "hyperfine $name failed"; }
 }
-say "python: $RUNS runs each of bare, bwrap, code-submit exec"
-bench python "$PY -S -B hi.py" "${BW[*]} $PY -S -B hi.py" "$BIN/code-submit exec hi.py --language python"
-say "C: $RUNS runs each of bare, bwrap, code-submit exec"
-bench c "./hello" "${BW[*]} ./hello" "$BIN/code-submit exec main.bin --language elf"
+say "python: $RUNS runs each of bare, bwrap, code-submit exec, the kernel floor"
+floor_py=() floor_c=()
+if ((${#FLOOR[@]})); then
+    floor_py=("${FLOOR[*]} hi.py $PY -S -B hi.py")
+    floor_c=("${FLOOR[*]} main.bin $LOADER ./main.bin")
+fi
+bench python "$PY -S -B hi.py" "${BW[*]} $PY -S -B hi.py" "$BIN/code-submit exec hi.py --language python" \
+    "${floor_py[@]}"
+say "C: $RUNS runs each of bare, bwrap, code-submit exec, the kernel floor"
+bench c "./hello" "${BW[*]} ./hello" "$BIN/code-submit exec main.bin --language elf" "${floor_c[@]}"
 
 report() { # NAME -> one line per command: p50 mean, overhead over the first (bare)
     python3 - "$W/$1.json" "$1" "$T_OVERHEAD_MS" <<'PY'
@@ -111,7 +137,7 @@ import json, statistics, sys
 res = json.load(open(sys.argv[1]))["results"]
 name, target = sys.argv[2], float(sys.argv[3])
 p50 = [statistics.median(r["times"]) * 1000 for r in res]
-labels = ["bare", "bwrap --unshare-all", "code-submit exec"]
+labels = ["bare", "bwrap --unshare-all", "code-submit exec", "kernel floor (C)"]
 for label, r, p in zip(labels, res, p50):
     extra = ""
     if label != "bare":
@@ -140,7 +166,9 @@ secs=$(calc "$t1 - $t0" 3)
 rps=$(calc "$JOBS / ($t1 - $t0)" 1)
 
 echo
-echo "== sandbox benchmark ($RUNS runs per command, $(nproc) cores, limits by $("$BIN/code-submit" --json exec hi.py --language python | python3 -c 'import json,sys; print(json.load(sys.stdin)["limits"])'))"
+dyn=off
+awk '$9 == "cgroup2"' /proc/self/mountinfo | grep -q favordynmods && dyn=on
+echo "== sandbox benchmark ($RUNS runs per command, $(nproc) cores, limits by $("$BIN/code-submit" --json exec hi.py --language python | python3 -c 'import json,sys; print(json.load(sys.stdin)["limits"])'), cgroup favordynmods $dyn)"
 report python
 report c
 echo "end-to-end $JOBS Python hello jobs, concurrency 2: $secs s, $rps runs/s (target >= $T_RPS: $(mark "$rps >= $T_RPS"))"

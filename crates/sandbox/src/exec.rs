@@ -167,6 +167,8 @@ pub struct Sandbox {
     settings: Settings,
     mode: Mode,
     bwrap: PathBuf,
+    /// The read-only /dev every box binds ([`shared_dev`]).
+    dev: PathBuf,
     seq: AtomicU64,
 }
 
@@ -210,10 +212,12 @@ impl Sandbox {
         // The box user must reach its box's mount point, and list nothing else.
         std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o711))
             .map_err(|e| format!("{}: {e}", dir.display()))?;
+        let dev = shared_dev(&dir.join(DEV))?;
         let sb = Sandbox {
             settings,
             mode,
             bwrap,
+            dev,
             seq: AtomicU64::new(0),
         };
         sb.sweep();
@@ -235,7 +239,7 @@ impl Sandbox {
         if let Ok(entries) = std::fs::read_dir(&self.settings.sandbox.dir) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if !pid_alive(&name) {
+                if name != DEV && !pid_alive(&name) {
                     let _ = rustix::mount::unmount(e.path(), rustix::mount::UnmountFlags::DETACH);
                     let _ = std::fs::remove_dir(e.path());
                 }
@@ -453,7 +457,8 @@ impl Sandbox {
                 push(&["--ro-bind", &s, &s]);
             }
         }
-        push(&["--proc", "/proc", "--dev", "/dev"]);
+        push(&["--proc", "/proc"]);
+        push(&["--dev-bind", &self.dev.to_string_lossy(), "/dev"]);
         push(&["--bind", &bx.path.to_string_lossy(), "/box"]);
         push(&["--symlink", "/box/tmp", "/tmp"]);
         push(&["--remount-ro", "/"]);
@@ -846,6 +851,110 @@ fn seccomp_file() -> Result<std::fs::File, String> {
         .and_then(|()| f.rewind())
         .map_err(|e| format!("writing the seccomp program: {e}"))?;
     Ok(f)
+}
+
+/// The name of the shared /dev under `[sandbox] dir`.
+const DEV: &str = "dev";
+
+/// The device nodes of a box's /dev: name, major, minor.
+const DEVICES: [(&str, u32, u32); 5] = [
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+];
+
+/// The links of a box's /dev: /dev/shm is the box's own /box/tmp.
+const DEV_LINKS: [(&str, &str); 5] = [
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+    ("shm", "/box/tmp"),
+];
+
+/// Whether `dev` already holds exactly the nodes and links of [`shared_dev`].
+fn dev_ready(dev: &Path) -> bool {
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+    let nodes = DEVICES.iter().all(|(name, major, minor)| {
+        std::fs::symlink_metadata(dev.join(name)).is_ok_and(|m| {
+            m.file_type().is_char_device()
+                && m.rdev() == rustix::fs::makedev(*major, *minor)
+                && m.mode() & 0o7777 == 0o666
+        })
+    });
+    let links = DEV_LINKS.iter().all(|(name, target)| {
+        std::fs::read_link(dev.join(name)).is_ok_and(|t| t == Path::new(target))
+    });
+    nodes
+        && links
+        && rustix::fs::statvfs(dev)
+            .is_ok_and(|v| v.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
+}
+
+/// The /dev that every box binds read-only: a small tmpfs of this process (its mount
+/// namespace is private, [`crate::private_mounts`]) holding null, zero, full, random,
+/// urandom and the fd links, made read-only once populated. One bind per box instead of
+/// bubblewrap's `--dev`, which builds a tmpfs, a devpts and a dozen binds for every box.
+fn shared_dev(dev: &Path) -> Result<PathBuf, String> {
+    if dev_ready(dev) {
+        return Ok(dev.to_path_buf());
+    }
+    let err = |what: &str, e: rustix::io::Errno| format!("{what} {}: {e}", dev.display());
+    match std::fs::create_dir(dev) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("creating {}: {e}", dev.display())),
+    }
+    rustix::mount::mount(
+        "labrelay-dev",
+        dev,
+        "tmpfs",
+        rustix::mount::MountFlags::NOSUID | rustix::mount::MountFlags::NOEXEC,
+        Some(c"size=16k,nr_inodes=32,mode=0755"),
+    )
+    .map_err(|e| err("mounting a tmpfs on", e))?;
+    let dir = rustix::fs::open(
+        dev,
+        rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| err("opening", e))?;
+    for (name, major, minor) in DEVICES {
+        rustix::fs::mknodat(
+            &dir,
+            name,
+            rustix::fs::FileType::CharacterDevice,
+            rustix::fs::Mode::from_raw_mode(0o666),
+            rustix::fs::makedev(major, minor),
+        )
+        .map_err(|e| err(&format!("mknod {name} in"), e))?;
+        // mknod applies the umask.
+        rustix::fs::chmodat(
+            &dir,
+            name,
+            rustix::fs::Mode::from_raw_mode(0o666),
+            rustix::fs::AtFlags::empty(),
+        )
+        .map_err(|e| err(&format!("chmod {name} in"), e))?;
+    }
+    for (name, target) in DEV_LINKS {
+        rustix::fs::symlinkat(target, &dir, name)
+            .map_err(|e| err(&format!("symlink {name} in"), e))?;
+    }
+    rustix::mount::mount_remount(
+        dev,
+        rustix::mount::MountFlags::RDONLY
+            | rustix::mount::MountFlags::NOSUID
+            | rustix::mount::MountFlags::NOEXEC,
+        c"",
+    )
+    .map_err(|e| err("making read-only", e))?;
+    if !dev_ready(dev) {
+        return Err(format!("{}: not the expected device nodes", dev.display()));
+    }
+    Ok(dev.to_path_buf())
 }
 
 /// The box's tmpfs, mounted by the host.

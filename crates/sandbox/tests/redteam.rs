@@ -274,6 +274,55 @@ print(open("/proc/self/status").read())
 }
 
 #[test]
+fn dev_holds_only_harmless_devices_and_is_read_only() {
+    let r = run(
+        "python",
+        r#"import os
+print("dev", sorted(os.listdir("/dev")))
+for p in ["/dev/x", "/dev/null2"]:
+    try:
+        open(p, "w")
+        print("CREATED", p)
+    except OSError as e:
+        print("no", p, e.errno)
+try:
+    os.mknod("/box/tmp/sda", 0o600 | 0o060000, os.makedev(8, 0))
+    print("MKNOD")
+except OSError as e:
+    print("no mknod", e.errno)
+try:
+    os.remove("/dev/null")
+    print("REMOVED")
+except OSError as e:
+    print("no remove", e.errno)
+open("/dev/null", "w").write("x" * 1000)
+print("zero", open("/dev/zero", "rb").read(4) == bytes(4))
+print("urandom", len(open("/dev/urandom", "rb").read(16)))
+open("/dev/shm/seg", "w").write("shared")
+print("shm", open("/box/tmp/seg").read())
+print("fd", sorted(os.listdir("/dev/fd")) [:3])
+"#,
+    );
+    assert_eq!(r.status, Status::Accepted, "{r:?}");
+    let out = &r.stdout;
+    assert!(
+        out.contains(
+            "dev ['fd', 'full', 'null', 'random', 'shm', 'stderr', 'stdin', 'stdout', 'urandom', 'zero']"
+        ),
+        "{out}"
+    );
+    // EROFS for a new file in /dev and for removing a node; EPERM for mknod.
+    assert!(out.contains("no /dev/x 30"), "{out}");
+    assert!(out.contains("no /dev/null2 30"), "{out}");
+    assert!(out.contains("no mknod 1"), "{out}");
+    assert!(out.contains("no remove 30"), "{out}");
+    assert!(out.contains("zero True"), "{out}");
+    assert!(out.contains("urandom 16"), "{out}");
+    assert!(out.contains("shm shared"), "{out}");
+    assert!(out.contains("fd ['0', '1', '2']"), "{out}");
+}
+
+#[test]
 fn denied_system_calls_fail() {
     let r = run(
         "python",
