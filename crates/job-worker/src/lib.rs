@@ -303,7 +303,9 @@ pub async fn run(args: Args, ctx: Context) -> anyhow::Result<Exit> {
                 name: name.unwrap_or_else(worker::default_name),
             };
             let wake = match ctx.config.state_database() {
-                Ok(cfg) if !once => labrelay::db::Wakeup::listen(&cfg, jobs::NOTIFY_CHANNEL).await,
+                Ok(cfg) if !once => {
+                    labrelay::db::Wakeup::listen_or_watch(&cfg, jobs::NOTIFY_CHANNEL).await
+                }
                 _ => labrelay::db::Wakeup::Poll,
             };
             let dispatch = if registry.settings.broker == "rabbitmq" && !once {

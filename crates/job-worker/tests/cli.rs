@@ -368,6 +368,32 @@ fn submit_run_and_read_the_result_postgres() {
     submit_run_and_read_the_result(&State::Postgres);
 }
 
+/// No busy polling when idle: with `poll_ms` at a minute, a submission still starts at
+/// once, because the submitter writes the SQLite wake file the worker watches (inotify;
+/// on PostgreSQL, NOTIFY does the same). Twice: the watch outlives its first wake.
+#[test]
+fn an_idle_worker_on_sqlite_wakes_on_a_submission_not_on_a_timer() {
+    let h = Home::new(&State::Sqlite, "").unwrap();
+    let text = std::fs::read_to_string(&h.config).unwrap();
+    std::fs::write(&h.config, text.replace("poll_ms = 100", "poll_ms = 60000")).unwrap();
+    let wake = h.dir.path().join("state.db.labrelay_jobs.wake");
+    let w = h.spawn_worker(&["--concurrency", "1"]);
+    wait_for("the worker's wake file", 30, || wake.exists());
+    for sample in ["S1", "S2"] {
+        // The worker's claim found nothing: it now waits up to a minute.
+        std::thread::sleep(Duration::from_millis(500));
+        let id = h.submit(&["echo", "--arg", &format!("sample={sample}")]);
+        wait_for(
+            "the job to end (a minute without the wake file)",
+            20,
+            || h.job(id)["state"] == "succeeded",
+        );
+    }
+    signal(&w, "-TERM");
+    let out = w.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+}
+
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }

@@ -587,13 +587,10 @@ impl Store {
         Ok(ids)
     }
 
-    /// Wake PostgreSQL workers listening on `labrelay_jobs` (best effort).
+    /// Wake the workers waiting on `labrelay_jobs`: PostgreSQL NOTIFY, the SQLite wake
+    /// file (best effort; MariaDB workers poll).
     async fn notify_workers(&self) {
-        if self.db.engine() == Engine::Postgres {
-            let _ = sqlx::query("SELECT pg_notify('labrelay_jobs', '')")
-                .execute(self.db.pool())
-                .await;
-        }
+        self.db.notify(crate::NOTIFY_CHANNEL).await;
     }
 
     /// Jobs whose worker died after their last attempt started: dead, with the reason.

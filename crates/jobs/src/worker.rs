@@ -106,6 +106,12 @@ pub async fn run(
     // A sweep that found nothing to publish doubles the wait before the next one (up to
     // a second, or poll_ms if longer); a notification or a find brings it back to poll_ms.
     let mut sweep_every = poll;
+    // Idle, the wait between claims doubles up to a second (or poll_ms if longer): no
+    // busy polling of an idle database. A notification (PostgreSQL, the SQLite wake file)
+    // or a claim that found work brings it back to poll_ms; MariaDB, which has no
+    // notifications, finds new work within that second.
+    let idle_max = poll.max(Duration::from_secs(1));
+    let mut idle_wait = poll;
     loop {
         if let Some(d) = dispatch
             && (woken || swept_at.is_none_or(|t| t.elapsed() >= sweep_every))
@@ -166,6 +172,9 @@ pub async fn run(
             };
             match claim {
                 Ok(jobs) => {
+                    if !jobs.is_empty() {
+                        idle_wait = poll;
+                    }
                     claimed = jobs;
                     claim_failures = 0;
                 }
@@ -238,10 +247,13 @@ pub async fn run(
                     spawn_fed(fed, store, &registry, &opts.name, &finisher, &stop_rx, &done_tx, lease_ms);
                 }
             }
-            by_notify = wake.wait(poll), if slots.available_permits() > 0 || dispatch.is_some() => {
+            by_notify = wake.wait(idle_wait), if slots.available_permits() > 0 || dispatch.is_some() => {
                 if by_notify {
                     woken = true;
                     sweep_every = poll;
+                    idle_wait = poll;
+                } else {
+                    idle_wait = (idle_wait * 2).min(idle_max);
                 }
             }
             // Schedules are looked at every second even while every slot is busy.

@@ -266,6 +266,34 @@ impl Db {
         Some(path.with_file_name(name))
     }
 
+    /// Tell processes waiting on `channel` ([`Wakeup::listen_or_watch`]) that there is
+    /// new work: a PostgreSQL NOTIFY, or a write to the SQLite database file's wake file
+    /// when a waiting process created it; nothing on MariaDB, whose waiters poll. Best
+    /// effort: a waiter finds the work at its next poll anyway.
+    pub async fn notify(&self, channel: &str) {
+        match self.engine {
+            Engine::Postgres => {
+                let _ = sqlx::query("SELECT pg_notify($1, '')")
+                    .bind(channel)
+                    .execute(&self.pool)
+                    .await;
+            }
+            Engine::Sqlite => {
+                if let Some(p) = sqlite_wake_path(self.url.expose(), channel) {
+                    // Never created here: only a waiter's file is written.
+                    if let Ok(mut f) = std::fs::OpenOptions::new()
+                        .write(true)
+                        .truncate(true)
+                        .open(&p)
+                    {
+                        let _ = std::io::Write::write_all(&mut f, b"1");
+                    }
+                }
+            }
+            Engine::Mysql => {}
+        }
+    }
+
     /// The pool.
     pub fn pool(&self) -> &AnyPool {
         &self.pool
@@ -434,6 +462,15 @@ async fn lock_file(path: std::path::PathBuf) -> Result<std::fs::File, String> {
     .map_err(|e| format!("taking the migration lock: {e}"))?
 }
 
+/// The file beside a SQLite database through which [`Db::notify`] wakes the waiters on
+/// `channel`: `NAME.CHANNEL.wake`.
+fn sqlite_wake_path(url: &url::Url, channel: &str) -> Option<std::path::PathBuf> {
+    let path = sqlite_file(url)?;
+    let mut name = path.file_name()?.to_os_string();
+    name.push(format!(".{channel}.wake"));
+    Some(path.with_file_name(name))
+}
+
 /// The file of a `sqlite:` URL; `None` for an in-memory database.
 fn sqlite_file(url: &url::Url) -> Option<std::path::PathBuf> {
     let rest = url
@@ -549,6 +586,8 @@ fn classify_connect_error(url: &str, e: &sqlx::Error) -> DbError {
 pub enum Wakeup {
     /// LISTEN on a PostgreSQL database.
     Listen(Box<sqlx::postgres::PgListener>),
+    /// inotify on a SQLite database's wake file ([`Db::notify`]).
+    Watch(tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>),
     /// Only the interval.
     Poll,
 }
@@ -582,6 +621,44 @@ impl Wakeup {
         }
     }
 
+    /// [`Wakeup::listen`], and on a SQLite database file also a watch of its wake file
+    /// (created here), which [`Db::notify`] writes: processes on one machine sharing
+    /// the embedded database wake each other without polling fast.
+    pub async fn listen_or_watch(cfg: &DatabaseConfig, channel: &str) -> Wakeup {
+        if Engine::from_url(cfg.url.expose()) != Some(Engine::Sqlite) {
+            return Wakeup::listen(cfg, channel).await;
+        }
+        let Some(path) = sqlite_wake_path(cfg.url.expose(), channel) else {
+            return Wakeup::Poll;
+        };
+        let watch = || -> std::io::Result<Wakeup> {
+            use rustix::fs::inotify;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)?;
+            let fd = inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC)?;
+            inotify::add_watch(
+                &fd,
+                &path,
+                inotify::WatchFlags::MODIFY | inotify::WatchFlags::CLOSE_WRITE,
+            )?;
+            // SAFETY: `fd` is an open inotify descriptor owned by the AsyncFd from here on;
+            // an OwnedFd's raw descriptor never changes while it is open.
+            #[allow(unsafe_code)]
+            let fd = unsafe { tokio::io::unix::AsyncFd::register(fd) }?;
+            Ok(Wakeup::Watch(fd))
+        };
+        match watch() {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e,
+                    "cannot watch the wake file; polling instead");
+                Wakeup::Poll
+            }
+        }
+    }
+
     /// Wait for a notification or the interval, whichever comes first; `true` when a
     /// notification came.
     pub async fn wait(&mut self, interval: Duration) -> bool {
@@ -598,6 +675,22 @@ impl Wakeup {
                             tokio::time::sleep(interval).await;
                             return false;
                         }
+                        true
+                    }
+                    () = tokio::time::sleep(interval) => false,
+                }
+            }
+            Wakeup::Watch(fd) => {
+                tokio::select! {
+                    ready = fd.readable() => {
+                        let Ok(mut guard) = ready else {
+                            tokio::time::sleep(interval).await;
+                            return false;
+                        };
+                        // Take every event queued: one wake for all of them.
+                        let mut buf = [0u8; 4096];
+                        while rustix::io::read(guard.get_inner(), &mut buf).is_ok_and(|n| n > 0) {}
+                        guard.clear_ready();
                         true
                     }
                     () = tokio::time::sleep(interval) => false,

@@ -887,8 +887,10 @@ fn dev_ready(dev: &Path) -> bool {
     let links = DEV_LINKS.iter().all(|(name, target)| {
         std::fs::read_link(dev.join(name)).is_ok_and(|t| t == Path::new(target))
     });
+    let entries = std::fs::read_dir(dev).map_or(usize::MAX, Iterator::count);
     nodes
         && links
+        && entries == DEVICES.len() + DEV_LINKS.len()
         && rustix::fs::statvfs(dev)
             .is_ok_and(|v| v.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
 }
