@@ -320,13 +320,7 @@ async fn submit_task(command: Command, ctx: Context) -> anyhow::Result<Exit> {
                     .collect::<anyhow::Result<Vec<_>>>()?;
                 store.submit_many(&jobs).await?
             }
-            Target::Remote(_) => {
-                let mut ids = Vec::with_capacity(batch.len());
-                for r in &batch {
-                    ids.push(target.submit(r).await?.0);
-                }
-                ids
-            }
+            Target::Remote(client) => client.submit_many(&batch).await?,
         };
         for id in ids {
             ctx.out.emit(

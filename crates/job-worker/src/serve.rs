@@ -194,6 +194,11 @@ pub fn router(state: Arc<ApiState>) -> Router {
     let v1 = Router::new()
         .route("/v1/tasks", get(tasks))
         .route("/v1/jobs", post(submit).get(list))
+        // GET answers as GET /v1/jobs/{id} does for an id that is not a job.
+        .route(
+            "/v1/jobs/batch",
+            post(submit_batch).get(|| async { Err::<(), _>(not_found("batch")) }),
+        )
         .route("/v1/jobs/{id}", get(status))
         .route("/v1/jobs/{id}/result", get(result))
         .route("/v1/jobs/{id}/cancel", post(cancel))
@@ -391,6 +396,46 @@ async fn submit(
         }),
     )
         .into_response())
+}
+
+/// `POST /v1/jobs/batch`: every job checked before any is stored, then one insert.
+async fn submit_batch(
+    State(st): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Result<Response, ApiErr> {
+    let req: jobs::api::BatchRequest =
+        serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
+    if req.jobs.is_empty() || req.jobs.len() > jobs::api::MAX_BATCH {
+        return Err(bad(format!(
+            "jobs: {} given, 1 to {} allowed",
+            req.jobs.len(),
+            jobs::api::MAX_BATCH
+        )));
+    }
+    let mut new = Vec::with_capacity(req.jobs.len());
+    for (i, r) in req.jobs.iter().enumerate() {
+        if r.unique_key.is_some() {
+            return Err(bad(format!(
+                "jobs[{i}]: jobs submitted together take no unique key"
+            )));
+        }
+        new.push(
+            st.registry
+                .new_job(r, &caller.name)
+                .map_err(|e| bad(format!("jobs[{i}]: {e}")))?,
+        );
+        if let Some(to) = &r.email {
+            jobs::notify::check_address(st.mail_from.as_deref(), to)
+                .map_err(|e| bad(format!("jobs[{i}].email: {e}")))?;
+        }
+    }
+    let ids = st
+        .store
+        .submit_many(&new)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    Ok((StatusCode::CREATED, Json(jobs::api::BatchSubmitted { ids })).into_response())
 }
 
 /// The job `id` if the caller may see it.

@@ -396,6 +396,78 @@ async fn only_a_fresh_correct_signature_over_this_very_request_is_accepted() {
 }
 
 #[tokio::test]
+async fn a_batch_is_checked_whole_before_any_job_is_stored() {
+    let api = Api::home(None, "").start();
+    let count = |v: &serde_json::Value| v.as_array().map_or(usize::MAX, Vec::len);
+    let (_, before) = api
+        .call("alice", "GET", "/v1/jobs", &serde_json::Value::Null)
+        .await;
+    let mut keyed = echo("K");
+    keyed["unique_key"] = "k1".into();
+    for (body, why) in [
+        (
+            serde_json::json!({"jobs": []}),
+            "jobs: 0 given, 1 to 1000 allowed",
+        ),
+        (
+            serde_json::json!({"jobs": [echo("A"), {"task": "nope"}]}),
+            "jobs[1]: ",
+        ),
+        (
+            serde_json::json!({"jobs": [echo("A"), keyed]}),
+            "jobs[1]: jobs submitted together take no unique key",
+        ),
+        (
+            serde_json::json!({"jobs": [echo("A")], "extra": 1}),
+            "request body: unknown field `extra`",
+        ),
+    ] {
+        let (s, v) = api.call("alice", "POST", "/v1/jobs/batch", &body).await;
+        assert_eq!(s, 400, "{body}: {v}");
+        assert!(v["error"].as_str().unwrap().contains(why), "{body}: {v}");
+    }
+    let (_, after) = api
+        .call("alice", "GET", "/v1/jobs", &serde_json::Value::Null)
+        .await;
+    assert_eq!(count(&after), count(&before), "nothing stored: {after}");
+    let jobs: Vec<serde_json::Value> = (0..5).map(|i| echo(&format!("B{i}"))).collect();
+    let (s, v) = api
+        .call(
+            "alice",
+            "POST",
+            "/v1/jobs/batch",
+            &serde_json::json!({"jobs": jobs}),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let ids: Vec<i64> = serde_json::from_value(v["ids"].clone()).unwrap();
+    assert_eq!(ids.len(), 5);
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    let (_, listed) = api
+        .call("alice", "GET", "/v1/jobs", &serde_json::Value::Null)
+        .await;
+    assert_eq!(count(&listed), count(&before) + 5, "{listed}");
+    for (i, id) in ids.iter().enumerate() {
+        let (s, v) = api
+            .call(
+                "alice",
+                "GET",
+                &format!("/v1/jobs/{id}"),
+                &serde_json::Value::Null,
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["args"]["sample"], format!("B{i}"), "{v}");
+        assert_eq!(v["submitter"], "alice", "{v}");
+    }
+    // GET on the batch route answers like an id that is no job.
+    let (s, v) = api
+        .call("alice", "GET", "/v1/jobs/batch", &serde_json::Value::Null)
+        .await;
+    assert_eq!(s, 404, "{v}");
+}
+
+#[tokio::test]
 async fn users_see_and_cancel_only_their_own_jobs_and_an_admin_sees_all() {
     let api = Api::home(None, "").start();
     let (s, v) = api.call("alice", "POST", "/v1/jobs", &echo("A")).await;
@@ -547,6 +619,7 @@ async fn the_openapi_document_is_served_and_lists_every_route() {
         .collect();
     for p in [
         "/v1/jobs",
+        "/v1/jobs/batch",
         "/v1/jobs/{id}",
         "/v1/jobs/{id}/result",
         "/v1/jobs/{id}/cancel",
@@ -1037,6 +1110,68 @@ fn code_submit_talks_to_a_remote_serve_with_the_users_key() {
         assert!(Instant::now() < deadline, "{j}");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // --each: one batch request for all lines, not one per line; the jobs are alice's
+    // and run.
+    let lines = client.dir.path().join("each.jsonl");
+    std::fs::write(
+        &lines,
+        "{\"sample\": \"each-1\"}\n\n{\"sample\": \"each-2\"}\n{\"sample\": \"each-3\"}\n",
+    )
+    .unwrap();
+    let out = client
+        .command(
+            &SUBMIT,
+            &["task", "echo", "--each", lines.to_str().unwrap()],
+        )
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let ids: Vec<i64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 3, "{out:?}");
+    for (n, id) in ids.iter().enumerate() {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = server
+                .command(BIN, &["--json", "result", &id.to_string()])
+                .output()
+                .unwrap();
+            if out.status.code() == Some(0) {
+                let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                assert_eq!(j["result"]["sample"], format!("each-{}", n + 1), "{j}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "{out:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let metrics = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        reqwest::get(format!("{}/metrics", server.base))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
+    assert!(
+        metrics.contains(
+            r#"labrelay_api_requests_total{method="POST",route="/v1/jobs/batch",status="201"} 1"#
+        ),
+        "{metrics}"
+    );
+    // A bad line is found before anything is sent.
+    std::fs::write(&lines, "{\"sample\": \"ok\"}\n[1, 2]\n").unwrap();
+    let out = client
+        .command(
+            &SUBMIT,
+            &["task", "echo", "--each", lines.to_str().unwrap()],
+        )
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("line 2: not a JSON object"));
     // An unknown task is the server's 400: a usage error here.
     let out = client.command(&SUBMIT, &["task", "nope"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{out:?}");

@@ -164,6 +164,25 @@ pub struct SubmitRequest {
     pub webhook: Option<String>,
 }
 
+/// `POST /v1/jobs/batch`: many submissions in one request (`code-submit task --each`
+/// through a remote server). No unique keys; at most [`MAX_BATCH`] jobs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    /// The jobs, each as `POST /v1/jobs` takes one.
+    pub jobs: Vec<SubmitRequest>,
+}
+
+/// The answer to a batch: the new jobs' ids, in the request's order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BatchSubmitted {
+    /// One id per job of the request.
+    pub ids: Vec<i64>,
+}
+
+/// Jobs per `POST /v1/jobs/batch`.
+pub const MAX_BATCH: usize = 1000;
+
 /// The answer to a submission.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Submitted {

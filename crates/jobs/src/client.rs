@@ -201,6 +201,47 @@ impl Client {
         Ok(serde_json::from_value(v)?)
     }
 
+    /// Submit `reqs` (no unique keys) in batches of at most [`crate::api::MAX_BATCH`]
+    /// jobs and 512 KiB each; the ids in order. A failed batch ends it: its error says
+    /// how many jobs the earlier batches submitted.
+    pub async fn submit_many(&self, reqs: &[SubmitRequest]) -> anyhow::Result<Vec<i64>> {
+        const MAX_BYTES: usize = 512 * 1024;
+        let mut ids = Vec::with_capacity(reqs.len());
+        let mut rest = reqs;
+        while !rest.is_empty() {
+            let (mut n, mut bytes) = (0, 0);
+            while n < rest.len() && n < crate::api::MAX_BATCH {
+                let size = serde_json::to_vec(&rest[n])?.len() + 1;
+                if n > 0 && bytes + size > MAX_BYTES {
+                    break;
+                }
+                bytes += size;
+                n += 1;
+            }
+            let body = serde_json::to_vec(&crate::api::BatchRequest {
+                jobs: rest[..n].to_vec(),
+            })?;
+            let v = self
+                .call(reqwest::Method::POST, "/v1/jobs/batch", Some(body))
+                .await
+                .map_err(|e| {
+                    if ids.is_empty() {
+                        e
+                    } else {
+                        e.context(format!(
+                            "{} of the {} jobs were submitted before this failure",
+                            ids.len(),
+                            reqs.len()
+                        ))
+                    }
+                })?;
+            let got: crate::api::BatchSubmitted = serde_json::from_value(v)?;
+            ids.extend(got.ids);
+            rest = &rest[n..];
+        }
+        Ok(ids)
+    }
+
     async fn get_job(&self, path: String, id: i64) -> anyhow::Result<serde_json::Value> {
         match self.call(reqwest::Method::GET, &path, None).await {
             Err(e)
