@@ -1113,18 +1113,18 @@ fn code_submit_talks_to_a_remote_serve_with_the_users_key() {
     // --each: one batch request for all lines, not one per line; the jobs are alice's
     // and run.
     let lines = client.dir.path().join("each.jsonl");
-    std::fs::write(
-        &lines,
-        "{\"sample\": \"each-1\"}\n\n{\"sample\": \"each-2\"}\n{\"sample\": \"each-3\"}\n",
-    )
-    .unwrap();
-    let out = client
-        .command(
-            &SUBMIT,
-            &["task", "echo", "--each", lines.to_str().unwrap()],
-        )
-        .output()
-        .unwrap();
+    let each = |text: &str| {
+        std::fs::write(&lines, text).unwrap();
+        client
+            .command(
+                &SUBMIT,
+                &["task", "echo", "--each", lines.to_str().unwrap()],
+            )
+            .output()
+            .unwrap()
+    };
+    let out =
+        each("{\"sample\": \"each-1\"}\n\n{\"sample\": \"each-2\"}\n{\"sample\": \"each-3\"}\n");
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let ids: Vec<i64> = String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -1162,14 +1162,7 @@ fn code_submit_talks_to_a_remote_serve_with_the_users_key() {
         "{metrics}"
     );
     // A bad line is found before anything is sent.
-    std::fs::write(&lines, "{\"sample\": \"ok\"}\n[1, 2]\n").unwrap();
-    let out = client
-        .command(
-            &SUBMIT,
-            &["task", "echo", "--each", lines.to_str().unwrap()],
-        )
-        .output()
-        .unwrap();
+    let out = each("{\"sample\": \"ok\"}\n[1, 2]\n");
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("line 2: not a JSON object"));
     // An unknown task is the server's 400: a usage error here.
