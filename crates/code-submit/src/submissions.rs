@@ -176,11 +176,7 @@ pub async fn run(id: &str, wait: bool, ctx: &Context) -> anyhow::Result<Exit> {
         Queued::Job(j) => j,
     };
     if !wait {
-        ctx.out
-            .emit("queued", &serde_json::json!({"id": id, "job": job}), || {
-                job.to_string()
-            })?;
-        return Ok(Exit::Ok);
+        return emit_queued(ctx, id, job);
     }
     crate::poll(|| async {
         let j = l
@@ -204,6 +200,15 @@ pub async fn run(id: &str, wait: bool, ctx: &Context) -> anyhow::Result<Exit> {
     Ok(if accepted { Exit::Ok } else { Exit::Failed })
 }
 
+/// The answer of `run` without `--wait`: the job that will run the submission.
+fn emit_queued(ctx: &Context, id: &str, job: i64) -> anyhow::Result<Exit> {
+    ctx.out
+        .emit("queued", &serde_json::json!({"id": id, "job": job}), || {
+            job.to_string()
+        })?;
+    Ok(Exit::Ok)
+}
+
 /// `code-submit run` through a remote `job-worker serve`.
 async fn run_remote(
     c: &jobs::client::Client,
@@ -213,11 +218,7 @@ async fn run_remote(
 ) -> anyhow::Result<Exit> {
     let job = c.run_submission(id).await?;
     if !wait {
-        ctx.out
-            .emit("queued", &serde_json::json!({"id": id, "job": job}), || {
-                job.to_string()
-            })?;
-        return Ok(Exit::Ok);
+        return emit_queued(ctx, id, job);
     }
     crate::poll(|| async {
         let j = c.job(job).await?;

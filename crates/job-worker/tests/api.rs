@@ -103,6 +103,20 @@ description = "prints its sample, then a JSON result"
         std::fs::write(&self.config, text).unwrap();
     }
 
+    /// A `job-worker run ARGS` on this home, killed when dropped (also when an assertion
+    /// fails first).
+    fn worker(&self, args: &[&str]) -> test_support::cli::KillOnDrop {
+        let mut all = vec!["run"];
+        all.extend_from_slice(args);
+        test_support::cli::KillOnDrop(
+            self.command(BIN, &all)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    }
+
     fn command(&self, bin: &str, args: &[&str]) -> Command {
         let mut cmd = test_support::cli::command(bin, self.dir.path());
         cmd.env("ALICE_KEY", ALICE)
@@ -904,14 +918,7 @@ fn code_submit_adds_runs_and_reads_submissions_through_a_remote_serve() {
     let server = Api::home(None, "\n[mail]\nfrom = \"labrelay@example.org\"\n").start();
     let client = Api::home(None, "");
     client.use_api_of(&server, "alice");
-    let _worker = test_support::cli::KillOnDrop(
-        server
-            .command(BIN, &["run", "--queues", "code"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _worker = server.worker(&["--queues", "code"]);
     let src = client.dir.path().join("sum.py");
     std::fs::write(&src, "print(sum(map(int, input().split())))\n").unwrap();
     let input = client.dir.path().join("in.txt");
@@ -1056,15 +1063,7 @@ fn code_submit_talks_to_a_remote_serve_with_the_users_key() {
     let client = Api::home(Some(pg), "");
     client.use_api_of(&server, "alice");
     // The worker runs on the server's home (same queue), the submitter is remote.
-    // Killed when dropped, also when an assertion below fails.
-    let _worker = test_support::cli::KillOnDrop(
-        server
-            .command(BIN, &["run", "--concurrency", "2"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _worker = server.worker(&["--concurrency", "2"]);
     let out = client
         .command(
             &SUBMIT,

@@ -150,6 +150,12 @@ async fn piston(remote: &RemoteConfig, lang: &Language, input: &Input) -> Report
     from_piston(&v, input)
 }
 
+fn int(v: &serde_json::Value, k: &str) -> Option<i32> {
+    v.get(k)
+        .and_then(serde_json::Value::as_i64)
+        .and_then(|x| i32::try_from(x).ok())
+}
+
 fn text(v: &serde_json::Value, k: &str) -> String {
     v.get(k)
         .and_then(serde_json::Value::as_str)
@@ -201,14 +207,10 @@ pub fn from_piston(v: &serde_json::Value, input: &Input) -> Report {
     let compile = v.get("compile").filter(|c| c.is_object());
     if let Some(c) = compile {
         r.compile_output = text(c, "output");
-        let failed = c.get("code").and_then(serde_json::Value::as_i64) != Some(0)
-            || c.get("signal").is_some_and(|s| !s.is_null());
+        let failed = int(c, "code") != Some(0) || c.get("signal").is_some_and(|s| !s.is_null());
         if failed {
             r.status = Status::CompilationError;
-            r.exit_code = c
-                .get("code")
-                .and_then(serde_json::Value::as_i64)
-                .map(|x| x as i32);
+            r.exit_code = int(c, "code");
             r.message = c
                 .get("message")
                 .and_then(serde_json::Value::as_str)
@@ -222,10 +224,7 @@ pub fn from_piston(v: &serde_json::Value, input: &Input) -> Report {
     };
     r.stdout = text(run, "stdout");
     r.stderr = text(run, "stderr");
-    r.exit_code = run
-        .get("code")
-        .and_then(serde_json::Value::as_i64)
-        .map(|c| c as i32);
+    r.exit_code = int(run, "code");
     r.signal = run
         .get("signal")
         .and_then(serde_json::Value::as_str)
