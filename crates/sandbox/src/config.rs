@@ -115,7 +115,10 @@ pub struct PartialLimits {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SandboxConfig {
-    /// The bubblewrap program.
+    /// How boxes are built: `direct` (system calls of labrelay's own between fork and
+    /// exec; the default) or `bwrap` (bubblewrap).
+    pub launcher: String,
+    /// The bubblewrap program (`launcher = "bwrap"`).
     pub bwrap: PathBuf,
     /// The unprivileged user and group the box runs as on the host.
     pub uid: u32,
@@ -141,6 +144,7 @@ pub struct SandboxConfig {
 impl Default for SandboxConfig {
     fn default() -> Self {
         SandboxConfig {
+            launcher: "direct".into(),
             bwrap: "bwrap".into(),
             uid: 65534,
             gid: 65534,

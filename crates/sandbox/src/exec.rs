@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cgroup::{Group, Mode};
 use crate::config::{Language, Limits, Settings, find_program};
+use crate::launch;
 
 /// A submission's status, as Judge0 names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -166,10 +167,20 @@ pub struct Request<'a> {
 pub struct Sandbox {
     settings: Settings,
     mode: Mode,
-    bwrap: PathBuf,
+    launcher: Launcher,
     /// The read-only /dev every box binds ([`shared_dev`]).
     dev: PathBuf,
     seq: AtomicU64,
+}
+
+/// How boxes are built.
+#[derive(Debug)]
+enum Launcher {
+    /// bubblewrap, this program.
+    Bwrap(PathBuf),
+    /// System calls of our own ([`launch`]); the empty directory each box's new root is
+    /// mounted on (in the box's own mount namespace).
+    Direct(PathBuf),
 }
 
 fn pid_alive(name: &str) -> bool {
@@ -191,14 +202,27 @@ impl Sandbox {
     /// Check that boxes can be built here (bubblewrap, root for the tmpfs, cgroups) and
     /// remove what boxes of dead workers left behind.
     pub fn new(settings: Settings) -> Result<Sandbox, String> {
-        let host_path = std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into());
-        let bwrap = find_program(&settings.sandbox.bwrap.to_string_lossy(), &host_path)
-            .ok_or_else(|| {
-                format!(
-                    "bubblewrap ({}) is not installed: apt-get install bubblewrap",
-                    settings.sandbox.bwrap.display()
+        let dir = &settings.sandbox.dir;
+        let launcher = match settings.sandbox.launcher.as_str() {
+            "direct" => Launcher::Direct(dir.join(ROOT)),
+            "bwrap" => {
+                let host_path = std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into());
+                Launcher::Bwrap(
+                    find_program(&settings.sandbox.bwrap.to_string_lossy(), &host_path)
+                        .ok_or_else(|| {
+                            format!(
+                                "bubblewrap ({}) is not installed: apt-get install bubblewrap",
+                                settings.sandbox.bwrap.display()
+                            )
+                        })?,
                 )
-            })?;
+            }
+            other => {
+                return Err(format!(
+                    "[sandbox] launcher = \"{other}\": expected \"direct\" or \"bwrap\""
+                ));
+            }
+        };
         if !rustix::process::geteuid().is_root() {
             return Err(
                 "the sandbox needs root to mount each box's tmpfs and create its cgroups \
@@ -207,16 +231,18 @@ impl Sandbox {
             );
         }
         let mode = Mode::detect(&settings.sandbox.cgroup, &settings.sandbox.cgroup_root)?;
-        let dir = &settings.sandbox.dir;
         std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         // The box user must reach its box's mount point, and list nothing else.
         std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o711))
             .map_err(|e| format!("{}: {e}", dir.display()))?;
         let dev = shared_dev(&dir.join(DEV))?;
+        if let Launcher::Direct(root) = &launcher {
+            empty_root(root)?;
+        }
         let sb = Sandbox {
             settings,
             mode,
-            bwrap,
+            launcher,
             dev,
             seq: AtomicU64::new(0),
         };
@@ -239,7 +265,7 @@ impl Sandbox {
         if let Ok(entries) = std::fs::read_dir(&self.settings.sandbox.dir) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if name != DEV && !pid_alive(&name) {
+                if name != DEV && name != ROOT && !pid_alive(&name) {
                     let _ = rustix::mount::unmount(e.path(), rustix::mount::UnmountFlags::DETACH);
                     let _ = std::fs::remove_dir(e.path());
                 }
@@ -475,7 +501,134 @@ impl Sandbox {
         a
     }
 
-    /// One bubblewrap process; `Err` when the box could not be set up.
+    /// Start a step's box with bubblewrap, as the box user.
+    #[allow(clippy::too_many_arguments)] // the parts of one step
+    fn spawn_bwrap(
+        &self,
+        bwrap: &Path,
+        bx: &BoxDir,
+        lang: &Language,
+        argv: &[String],
+        procs: &[OwnedFd],
+        rlimits: Vec<(libc::__rlimit_resource_t, u64, u64)>,
+        piped_stdin: bool,
+    ) -> Result<Spawned, String> {
+        let seccomp = seccomp_file()?;
+        let mut bwrap_argv = self.bwrap_args(bx, lang, seccomp.as_raw_fd());
+        bwrap_argv.extend(argv.iter().cloned());
+        let mut cmd = Command::new(bwrap);
+        cmd.args(&bwrap_argv)
+            .env_clear()
+            .uid(self.settings.sandbox.uid)
+            .gid(self.settings.sandbox.gid)
+            .current_dir("/")
+            .stdin(if piped_stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let procs_raw: Vec<RawFd> = procs.iter().map(AsRawFd::as_raw_fd).collect();
+        let seccomp_raw = seccomp.as_raw_fd();
+        // SAFETY: the closure runs in the forked child before exec and only makes
+        // async-signal-safe system calls (write, setrlimit, close_range, fcntl) on values
+        // prepared before the fork; it allocates nothing and takes no lock.
+        #[allow(unsafe_code)]
+        unsafe {
+            cmd.pre_exec(move || child_setup(&procs_raw, &rlimits, seccomp_raw));
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", bwrap.display()))?;
+        Ok(Spawned {
+            pid: rustix::process::Pid::from_child(&child),
+            stdout: Box::new(child.stdout.take().expect("piped stdout")),
+            stderr: Box::new(child.stderr.take().expect("piped stderr")),
+            stdin: child
+                .stdin
+                .take()
+                .map(|w| Box::new(w) as Box<dyn std::io::Write + Send>),
+            report: None,
+        })
+    }
+
+    /// Start a step's box with the direct launcher ([`launch`]).
+    #[allow(clippy::too_many_arguments)] // the parts of one step
+    fn spawn_direct(
+        &self,
+        root: &Path,
+        bx: &BoxDir,
+        lang: &Language,
+        argv: &[String],
+        procs: &[OwnedFd],
+        rlimits: Vec<(libc::__rlimit_resource_t, u64, u64)>,
+        piped_stdin: bool,
+    ) -> Result<Spawned, String> {
+        let sb = &self.settings.sandbox;
+        let seccomp = crate::seccomp::program()?;
+        let plan = launch::Plan::new(&launch::Spec {
+            root,
+            dev: &self.dev,
+            box_dir: &bx.path,
+            binds: sb
+                .binds
+                .iter()
+                .chain(&lang.binds)
+                .map(PathBuf::as_path)
+                .collect(),
+            uid: sb.uid,
+            gid: sb.gid,
+            path: &sb.path,
+            env: lang
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            argv,
+            seccomp: &seccomp,
+            rlimits,
+        })?;
+        let pipe = || {
+            rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+                .map_err(|e| format!("a pipe: {e}"))
+        };
+        let (stdin_r, stdin_w) = if piped_stdin {
+            let (r, w) = pipe()?;
+            (r, Some(w))
+        } else {
+            let null = rustix::fs::open(
+                "/dev/null",
+                rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )
+            .map_err(|e| format!("/dev/null: {e}"))?;
+            (null, None)
+        };
+        let (stdout_r, stdout_w) = pipe()?;
+        let (stderr_r, stderr_w) = pipe()?;
+        let (report_r, report_w) = pipe()?;
+        let pid = launch::launch(
+            &plan,
+            &launch::Fds {
+                stdin: &stdin_r,
+                stdout: &stdout_w,
+                stderr: &stderr_w,
+                report: &report_w,
+                procs,
+            },
+        )?;
+        Ok(Spawned {
+            pid,
+            stdout: Box::new(std::fs::File::from(stdout_r)),
+            stderr: Box::new(std::fs::File::from(stderr_r)),
+            stdin: stdin_w
+                .map(|w| Box::new(std::fs::File::from(w)) as Box<dyn std::io::Write + Send>),
+            report: Some((plan, std::fs::File::from(report_r))),
+        })
+    }
+
+    /// One step in its own box; `Err` when the box could not be set up.
     #[allow(clippy::too_many_arguments)] // one call site per step kind
     fn step(
         &self,
@@ -493,40 +646,19 @@ impl Sandbox {
             .map_err(|e| format!("setting up the box's cgroup: {e}"))?;
         let t_cgroup = t0.elapsed();
         let procs = group.procs_files()?;
-        let seccomp = seccomp_file()?;
-        let mut bwrap_argv = self.bwrap_args(bx, lang, seccomp.as_raw_fd());
-        bwrap_argv.extend(argv.iter().cloned());
-        let mut cmd = Command::new(&self.bwrap);
-        cmd.args(&bwrap_argv)
-            .env_clear()
-            .uid(self.settings.sandbox.uid)
-            .gid(self.settings.sandbox.gid)
-            .current_dir("/")
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let procs_raw: Vec<RawFd> = procs.iter().map(AsRawFd::as_raw_fd).collect();
-        let seccomp_raw = seccomp.as_raw_fd();
         let rlimits = rlimits(limits, &self.mode);
-        // SAFETY: the closure runs in the forked child before exec and only makes
-        // async-signal-safe system calls (write, setrlimit, close_range, fcntl) on values
-        // prepared before the fork; it allocates nothing and takes no lock.
-        #[allow(unsafe_code)]
-        unsafe {
-            cmd.pre_exec(move || child_setup(&procs_raw, &rlimits, seccomp_raw));
-        }
         let started = Instant::now();
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("starting {}: {e}", self.bwrap.display()))?;
+        let mut sp = match &self.launcher {
+            Launcher::Bwrap(bwrap) => {
+                self.spawn_bwrap(bwrap, bx, lang, argv, &procs, rlimits, stdin.is_some())?
+            }
+            Launcher::Direct(root) => {
+                self.spawn_direct(root, bx, lang, argv, &procs, rlimits, stdin.is_some())?
+            }
+        };
         drop(procs);
-        drop(seccomp);
         let t_spawned = t0.elapsed();
-        let pid = rustix::process::Pid::from_child(&child);
+        let pid = sp.pid;
         let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok();
         let (tx, rx) = mpsc::channel::<Event>();
         let cap = usize::try_from(limits.output_kib * 1024).unwrap_or(usize::MAX);
@@ -536,9 +668,9 @@ impl Sandbox {
             let over = over.clone();
             std::thread::spawn(move || read_capped(stream, cap, &over, &tx))
         };
-        let out = reader(Box::new(child.stdout.take().expect("piped stdout")));
-        let err = reader(Box::new(child.stderr.take().expect("piped stderr")));
-        if let (Some(mut w), Some(data)) = (child.stdin.take(), stdin) {
+        let out = reader(sp.stdout);
+        let err = reader(sp.stderr);
+        if let (Some(mut w), Some(data)) = (sp.stdin.take(), stdin) {
             let data = data.to_vec();
             std::thread::spawn(move || {
                 // The program may not read it all: EPIPE is fine.
@@ -616,24 +748,11 @@ impl Sandbox {
             removed_us = t0.elapsed().as_micros() as u64,
             "step timings (cumulative)"
         );
-        // bubblewrap ends with 128 + N when the program was killed by signal N, and with
-        // 1 and a `bwrap: ` message when it could not build the box.
-        let (mut exit_code, mut signal) = (exited.code, exited.signal);
-        if let Some(c) = exit_code
-            && (129..=128 + 64).contains(&c)
-        {
-            signal = Some(c - 128);
-            exit_code = None;
-        }
-        if killed.is_none() && exit_code == Some(1) && stderr.starts_with(b"bwrap: ") {
-            return Err(format!(
-                "the box could not be set up: {}",
-                lossy(&stderr).trim()
-            ));
-        }
-        if exited.code.is_none() && exited.signal.is_none() && killed.is_none() {
-            return Err("lost the box's process".into());
-        }
+        let (exit_code, signal) = if let Some((plan, report)) = sp.report {
+            direct_status(&plan, report, killed.is_some(), &exited)?
+        } else {
+            bwrap_status(killed.is_some(), &exited, &stderr)?
+        };
         Ok(Step {
             exit_code,
             signal,
@@ -645,6 +764,58 @@ impl Sandbox {
             memory_hit,
         })
     }
+}
+
+/// The exit code and signal of a direct launcher's step: the program's own wait status,
+/// which its init wrote to the report pipe (nothing when init was killed).
+fn direct_status(
+    plan: &launch::Plan,
+    mut report: std::fs::File,
+    killed: bool,
+    exited: &Waited,
+) -> Result<(Option<i32>, Option<i32>), String> {
+    let mut bytes = Vec::new();
+    let _ = report.read_to_end(&mut bytes);
+    match plan.outcome(&bytes) {
+        launch::Outcome::Status(st) => Ok((
+            libc::WIFEXITED(st).then(|| libc::WEXITSTATUS(st)),
+            libc::WIFSIGNALED(st).then(|| libc::WTERMSIG(st)),
+        )),
+        launch::Outcome::Failed(why) if !killed => {
+            Err(format!("the box could not be set up: {why}"))
+        }
+        launch::Outcome::Nothing if !killed && exited.signal.is_none() => {
+            Err("lost the box's process".into())
+        }
+        launch::Outcome::Failed(_) | launch::Outcome::Nothing => Ok((None, exited.signal)),
+    }
+}
+
+/// The exit code and signal of a bubblewrap step: bubblewrap ends with 128 + N when the
+/// program was killed by signal N, and with 1 and a `bwrap: ` message when it could not
+/// build the box.
+fn bwrap_status(
+    killed: bool,
+    exited: &Waited,
+    stderr: &[u8],
+) -> Result<(Option<i32>, Option<i32>), String> {
+    let (mut exit_code, mut signal) = (exited.code, exited.signal);
+    if let Some(c) = exit_code
+        && (129..=128 + 64).contains(&c)
+    {
+        signal = Some(c - 128);
+        exit_code = None;
+    }
+    if !killed && exit_code == Some(1) && stderr.starts_with(b"bwrap: ") {
+        return Err(format!(
+            "the box could not be set up: {}",
+            lossy(stderr).trim()
+        ));
+    }
+    if exited.code.is_none() && exited.signal.is_none() && !killed {
+        return Err("lost the box's process".into());
+    }
+    Ok((exit_code, signal))
 }
 
 fn rand_u32() -> u32 {
@@ -689,6 +860,16 @@ struct Waited {
     signal: Option<i32>,
     cpu_ns: u64,
     maxrss_kib: u64,
+}
+
+/// A started step: its init (direct) or bubblewrap process and its pipes.
+struct Spawned {
+    pid: rustix::process::Pid,
+    stdout: Box<dyn std::io::Read + Send>,
+    stderr: Box<dyn std::io::Read + Send>,
+    stdin: Option<Box<dyn std::io::Write + Send>>,
+    /// The direct launcher's plan and report pipe.
+    report: Option<(launch::Plan, std::fs::File)>,
 }
 
 struct Step {
@@ -855,6 +1036,31 @@ fn seccomp_file() -> Result<std::fs::File, String> {
 
 /// The name of the shared /dev under `[sandbox] dir`.
 const DEV: &str = "dev";
+
+/// The name of the empty directory under `[sandbox] dir` on which the direct launcher
+/// mounts each box's new root, in the box's own mount namespace.
+const ROOT: &str = "root";
+
+/// `root` as an empty directory owned by root, mode 0755, not a mount point (nothing is
+/// ever mounted on it in the host's namespace; what is there is not ours).
+fn empty_root(root: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    match std::fs::create_dir(root) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("creating {}: {e}", root.display())),
+    }
+    let m = std::fs::symlink_metadata(root).map_err(|e| format!("{}: {e}", root.display()))?;
+    if !m.is_dir() || m.uid() != 0 {
+        return Err(format!("{}: not a directory of root's", root.display()));
+    }
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| format!("{}: {e}", root.display()))?;
+    if std::fs::read_dir(root).map_or(true, |mut d| d.next().is_some()) {
+        return Err(format!("{}: not empty", root.display()));
+    }
+    Ok(())
+}
 
 /// The device nodes of a box's /dev: name, major, minor.
 const DEVICES: [(&str, u32, u32); 5] = [

@@ -10,6 +10,7 @@
 pub mod cgroup;
 pub mod config;
 mod exec;
+mod launch;
 pub mod seccomp;
 
 pub use config::{Language, Limits, SandboxConfig, Settings};

@@ -7,6 +7,16 @@ use std::sync::atomic::AtomicBool;
 
 use sandbox::{Limits, Request, Sandbox, Settings, Status};
 
+/// The shipped settings with the launcher under test: `LABRELAY_TEST_SANDBOX_LAUNCHER`
+/// (scripts/test runs this suite once with each), else the default.
+fn settings() -> Settings {
+    let mut s = Settings::shipped();
+    if let Ok(l) = std::env::var("LABRELAY_TEST_SANDBOX_LAUNCHER") {
+        s.sandbox.launcher = l;
+    }
+    s
+}
+
 /// (language, hello world, stdin echo, compile error, runtime error)
 const PROGRAMS: &[(&str, &str, &str, &str, &str)] = &[
     (
@@ -105,7 +115,7 @@ fn run(sb: &Sandbox, lang: &str, src: &str, stdin: Option<&str>) -> sandbox::Rep
 
 #[test]
 fn every_installed_language_runs_compiles_and_fails_as_it_should() {
-    let sb = Sandbox::new(Settings::shipped()).expect("a sandbox on this host");
+    let sb = Sandbox::new(settings()).expect("a sandbox on this host");
     let path = sb.settings().sandbox.path.clone();
     let mut tried = Vec::new();
     for (lang, hello, echo, bad, crash) in PROGRAMS {
@@ -152,7 +162,7 @@ fn every_installed_language_runs_compiles_and_fails_as_it_should() {
 
 #[test]
 fn expected_output_decides_between_accepted_and_wrong_answer() {
-    let sb = Sandbox::new(Settings::shipped()).unwrap();
+    let sb = Sandbox::new(settings()).unwrap();
     let l = sb.settings().language("python").unwrap();
     let go = |expected: &str| {
         sb.run(
@@ -177,14 +187,57 @@ fn expected_output_decides_between_accepted_and_wrong_answer() {
 #[test]
 fn a_missing_bwrap_fails_closed() {
     let mut s = Settings::shipped();
+    s.sandbox.launcher = "bwrap".into();
     s.sandbox.bwrap = "/nonexistent/bwrap".into();
     let e = Sandbox::new(s).unwrap_err();
     assert!(e.contains("bubblewrap"), "{e}");
 }
 
 #[test]
-fn without_cgroups_rlimits_hold_and_the_report_says_weaker() {
+fn an_unknown_launcher_is_refused() {
     let mut s = Settings::shipped();
+    s.sandbox.launcher = "chroot".into();
+    let e = Sandbox::new(s).unwrap_err();
+    assert!(e.contains("[sandbox] launcher = \"chroot\""), "{e}");
+}
+
+#[test]
+fn exit_codes_and_signals_are_reported_as_they_were() {
+    let sb = Sandbox::new(settings()).unwrap();
+    let l = sb.settings().language("python").unwrap();
+    let go = |src: &str| {
+        sb.run(
+            &Request {
+                language: l,
+                source: src.as_bytes(),
+                stdin: None,
+                expected: None,
+                limits: l.limits,
+            },
+            &AtomicBool::new(false),
+        )
+    };
+    let r = go("import os, signal\nos.kill(os.getpid(), signal.SIGABRT)\n");
+    assert_eq!(
+        (r.status, r.exit_code, r.signal),
+        (Status::RuntimeError, None, Some(6)),
+        "{r:?}"
+    );
+    let r = go("import sys\nsys.exit(3)\n");
+    assert_eq!((r.exit_code, r.signal), (Some(3), None), "{r:?}");
+    // An exit code above 128: the direct launcher has the program's own wait status;
+    // bubblewrap's exit code cannot tell it from a signal (docs/code-submit.md).
+    let r = go("import sys\nsys.exit(130)\n");
+    if sb.settings().sandbox.launcher == "bwrap" {
+        assert_eq!((r.exit_code, r.signal), (None, Some(2)), "{r:?}");
+    } else {
+        assert_eq!((r.exit_code, r.signal), (Some(130), None), "{r:?}");
+    }
+}
+
+#[test]
+fn without_cgroups_rlimits_hold_and_the_report_says_weaker() {
+    let mut s = settings();
     s.sandbox.cgroup = "none".into();
     let sb = Sandbox::new(s).unwrap();
     assert_eq!(sb.limits_label(), "rlimits");

@@ -9,8 +9,18 @@ use std::time::{Duration, Instant};
 
 use sandbox::{Limits, Report, Request, Sandbox, Settings, Status};
 
+/// The shipped settings with the launcher under test: `LABRELAY_TEST_SANDBOX_LAUNCHER`
+/// (scripts/test runs this suite once with each), else the default.
+fn settings() -> Settings {
+    let mut s = Settings::shipped();
+    if let Ok(l) = std::env::var("LABRELAY_TEST_SANDBOX_LAUNCHER") {
+        s.sandbox.launcher = l;
+    }
+    s
+}
+
 fn sandbox() -> Sandbox {
-    Sandbox::new(Settings::shipped()).expect("a sandbox on this host (root, bubblewrap)")
+    Sandbox::new(settings()).expect("a sandbox on this host (root, the launcher)")
 }
 
 fn run_with(lang: &str, src: &str, stdin: Option<&str>, f: impl FnOnce(&mut Limits)) -> Report {
@@ -259,7 +269,7 @@ print(open("/proc/self/status").read())
         out.contains("env ['HOME', 'LANG', 'PATH', 'PWD', 'TMPDIR']"),
         "{out}"
     );
-    // Only the box's own processes: bubblewrap's init and the program.
+    // Only the box's own processes: the box's init and the program.
     let pids: usize = out
         .lines()
         .find_map(|l| l.strip_prefix("pids "))
@@ -476,4 +486,68 @@ print(len(os.listdir(".")))
     );
     assert_eq!(r.status, Status::Accepted, "{r:?}");
     assert!(!Path::new("/tmp/pwned").exists());
+}
+
+#[test]
+fn the_box_init_is_out_of_reach() {
+    // The direct launcher's init is a copy of the host process (its memory and
+    // environment): the program must not read it, signal it or trace it.
+    // SAFETY of the test: this test's process only; the box must not see it.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::env::set_var("LABRELAY_TEST_INIT_SECRET", "init-s3cr3t-91");
+    }
+    let r = run(
+        "python",
+        r#"import os, signal
+for f in ["environ", "maps", "mem", "cmdline", "stack", "fd"]:
+    p = "/proc/1/" + f
+    try:
+        data = os.listdir(p) if f == "fd" else open(p, "rb").read(4096)
+        print("READ", f, data[:400])
+    except OSError as e:
+        print("no", f, e.errno)
+for sig in [signal.SIGKILL, signal.SIGTERM, signal.SIGSTOP]:
+    try:
+        os.kill(1, sig)
+        print("signalled", int(sig))
+    except OSError as e:
+        print("no signal", int(sig), e.errno)
+print("alive")
+"#,
+    );
+    assert_eq!(r.status, Status::Accepted, "{r:?}");
+    let out = &r.stdout;
+    assert!(!out.contains("init-s3cr3t-91"), "{out}");
+    assert!(out.contains("alive"), "{out}");
+    if settings().sandbox.launcher == "direct" {
+        for f in ["environ", "maps", "mem", "stack", "fd"] {
+            assert!(out.contains(&format!("no {f} 13")), "{f}: {out}");
+        }
+        for sig in [9, 15, 19] {
+            assert!(out.contains(&format!("no signal {sig} 1")), "{sig}: {out}");
+        }
+    }
+}
+
+#[test]
+fn a_missing_program_fails_closed() {
+    let sb = sandbox();
+    let mut lang = sb.settings().language("python").unwrap().clone();
+    lang.run = vec!["no-such-interpreter-x".into(), "main.py".into()];
+    let r = sb.run(
+        &Request {
+            language: &lang,
+            source: b"print(1)\n",
+            stdin: None,
+            expected: None,
+            limits: lang.limits,
+        },
+        &AtomicBool::new(false),
+    );
+    assert_host_clean();
+    assert_eq!(r.status, Status::InternalError, "{r:?}");
+    let m = r.message.unwrap_or_default();
+    assert!(m.contains("the box could not be set up"), "{m}");
+    assert!(m.contains("No such file"), "{m}");
 }
