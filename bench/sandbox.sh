@@ -3,7 +3,8 @@
 #
 #   1. Python `print('hi')`, RUNS runs each: bare (/usr/bin/python3 -S -B, the argv the
 #      box uses), in plain `bwrap --unshare-all`, and through `code-submit exec` (a fresh
-#      box with every limit: tmpfs mount, cgroups, seccomp, uid, namespaces).
+#      box with every limit: tmpfs mount, cgroups, seccomp, uid, namespaces) with the
+#      default direct launcher and with `[sandbox] launcher = "bwrap"`.
 #   2. A compiled C hello, RUNS runs each: bare, in plain bwrap, and through
 #      `code-submit exec` with the language `elf` (the prebuilt binary run through the
 #      dynamic loader, so the figure is the box, not gcc).
@@ -87,6 +88,7 @@ poll_ms = 50
 source = "main.bin"
 run = ["$LOADER", "./main.bin"]
 TOML
+{ cat config.toml; printf '\n[sandbox]\nlauncher = "bwrap"\n'; } >bwrap.toml
 export LABRELAY_CONFIG=$W/config.toml LABRELAY_SYSTEM_CONFIG=/nonexistent
 BW=(bwrap --unshare-all --die-with-parent --ro-bind /usr /usr --symlink usr/lib /lib
     --symlink usr/lib64 /lib64 --symlink usr/bin /bin --proc /proc --dev /dev
@@ -109,6 +111,8 @@ fi
 say "checking every command once"
 "$BIN/code-submit" exec hi.py --language python >/dev/null || die "code-submit exec hi.py failed"
 "$BIN/code-submit" exec main.bin --language elf >/dev/null || die "code-submit exec main.bin failed"
+"$BIN/code-submit" --config "$W/bwrap.toml" exec hi.py --language python >/dev/null ||
+    die "code-submit exec with launcher = bwrap failed"
 "${BW[@]}" "$PY" -S -B hi.py >/dev/null || die "plain bwrap failed"
 if ((${#FLOOR[@]})); then
     "${FLOOR[@]}" hi.py "$PY" -S -B hi.py >/dev/null || die "the kernel floor (sandbox-floor.c) failed"
@@ -120,16 +124,17 @@ bench() { # NAME CMD... -> results in $W/NAME.json
     hyperfine -N --warmup 5 --runs "$RUNS" --export-json "$W/$name.json" "$@" >"$W/$name.log" 2>&1 ||
         { cat "$W/$name.log" >&2; die "hyperfine $name failed"; }
 }
-say "python: $RUNS runs each of bare, bwrap, code-submit exec, the kernel floor"
+say "python: $RUNS runs each of bare, bwrap, code-submit exec (direct, bwrap), the kernel floor"
 floor_py=() floor_c=()
 if ((${#FLOOR[@]})); then
     floor_py=("${FLOOR[*]} hi.py $PY -S -B hi.py")
     floor_c=("${FLOOR[*]} main.bin $LOADER ./main.bin")
 fi
 bench python "$PY -S -B hi.py" "${BW[*]} $PY -S -B hi.py" "$BIN/code-submit exec hi.py --language python" \
-    "${floor_py[@]}"
-say "C: $RUNS runs each of bare, bwrap, code-submit exec, the kernel floor"
-bench c "./hello" "${BW[*]} ./hello" "$BIN/code-submit exec main.bin --language elf" "${floor_c[@]}"
+    "$BIN/code-submit --config $W/bwrap.toml exec hi.py --language python" "${floor_py[@]}"
+say "C: $RUNS runs each of bare, bwrap, code-submit exec (direct, bwrap), the kernel floor"
+bench c "./hello" "${BW[*]} ./hello" "$BIN/code-submit exec main.bin --language elf" \
+    "$BIN/code-submit --config $W/bwrap.toml exec main.bin --language elf" "${floor_c[@]}"
 
 report() { # NAME -> one line per command: p50 mean, overhead over the first (bare)
     python3 - "$W/$1.json" "$1" "$T_OVERHEAD_MS" <<'PY'
@@ -137,7 +142,8 @@ import json, statistics, sys
 res = json.load(open(sys.argv[1]))["results"]
 name, target = sys.argv[2], float(sys.argv[3])
 p50 = [statistics.median(r["times"]) * 1000 for r in res]
-labels = ["bare", "bwrap --unshare-all", "code-submit exec", "kernel floor (C)"]
+labels = ["bare", "bwrap --unshare-all", "code-submit exec", "exec, launcher bwrap",
+          "kernel floor (C)"]
 for label, r, p in zip(labels, res, p50):
     extra = ""
     if label != "bare":

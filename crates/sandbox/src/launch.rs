@@ -36,7 +36,7 @@ enum Op {
         target: CString,
         link: CString,
     },
-    /// A recursive bind, then remounted read-only, nosuid, nodev.
+    /// A recursive bind, then made read-only, nosuid, nodev with every mount below it.
     BindRo {
         src: CString,
         dst: CString,
@@ -607,17 +607,7 @@ fn init(
                         libc::MS_BIND | libc::MS_REC,
                         null,
                     ) == 0
-                        && m(
-                            null,
-                            dst.as_ptr(),
-                            null,
-                            libc::MS_REMOUNT
-                                | libc::MS_BIND
-                                | libc::MS_RDONLY
-                                | libc::MS_NOSUID
-                                | libc::MS_NODEV,
-                            null,
-                        ) == 0
+                        && read_only(dst)
                 }
                 Op::Bind { src, dst } => {
                     m(src.as_ptr(), dst.as_ptr(), null, libc::MS_BIND, null) == 0
@@ -702,6 +692,47 @@ fn init(
                 libc::_exit(1);
             }
         }
+    }
+}
+
+/// The mount at `dst` (relative to the working directory) and every mount below it
+/// read-only, nosuid and nodev: `mount_setattr` with `AT_RECURSIVE` (Linux 5.12), else a
+/// remount of the top one (older kernels: a mount below it stays as it was).
+fn read_only(dst: &CStr) -> bool {
+    const MOUNT_ATTR_RDONLY: u64 = 0x1;
+    const MOUNT_ATTR_NOSUID: u64 = 0x2;
+    const MOUNT_ATTR_NODEV: u64 = 0x4;
+    const AT_RECURSIVE: libc::c_uint = 0x8000;
+    // struct mount_attr: attr_set, attr_clr, propagation, userns_fd.
+    let attr: [u64; 4] = [
+        MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        0,
+        0,
+        0,
+    ];
+    // SAFETY: system calls on a C string and a local struct.
+    unsafe {
+        let r = libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            dst.as_ptr(),
+            AT_RECURSIVE,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr),
+        );
+        if r == 0 {
+            return true;
+        }
+        if errno() != libc::ENOSYS {
+            return false;
+        }
+        libc::mount(
+            std::ptr::null(),
+            dst.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+            std::ptr::null(),
+        ) == 0
     }
 }
 

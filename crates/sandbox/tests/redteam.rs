@@ -551,3 +551,46 @@ fn a_missing_program_fails_closed() {
     assert!(m.contains("the box could not be set up"), "{m}");
     assert!(m.contains("No such file"), "{m}");
 }
+
+#[test]
+fn a_mount_below_a_read_only_bind_is_read_only_too() {
+    // A host directory bound into every box, with a writable tmpfs mounted inside it.
+    let dir = std::path::PathBuf::from(format!("/var/tmp/labrelay-rec-{}", std::process::id()));
+    let sub = dir.join("sub");
+    std::fs::create_dir_all(&sub).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m,mode=0777", "labrelay-rec"])
+        .arg(&sub)
+        .status()
+        .unwrap();
+    assert!(mounted.success());
+    let mut s = settings();
+    s.sandbox.binds.push(dir.clone());
+    let sb = Sandbox::new(s).unwrap();
+    let l = sb.settings().language("python").unwrap();
+    let src = format!(
+        "import os\nfor d in [{:?}, {:?}]:\n    try:\n        open(d + '/f', 'w').write('x')\n        print('WROTE', d)\n    except OSError as e:\n        print('no', d, e.errno)\n",
+        dir.display().to_string(),
+        sub.display().to_string()
+    );
+    let r = sb.run(
+        &Request {
+            language: l,
+            source: src.as_bytes(),
+            stdin: None,
+            expected: None,
+            limits: l.limits,
+        },
+        &AtomicBool::new(false),
+    );
+    let _ = std::process::Command::new("umount").arg(&sub).status();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(r.status, Status::Accepted, "{r:?}");
+    assert!(!r.stdout.contains("WROTE"), "{}", r.stdout);
+    assert_eq!(
+        r.stdout.matches(" 30\n").count(),
+        2,
+        "EROFS twice: {}",
+        r.stdout
+    );
+}
