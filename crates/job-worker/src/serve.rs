@@ -211,6 +211,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/submissions/{id}/run", post(run_submission))
         .route("/v1/submissions/{id}/enable", post(enable_submission))
         .route("/api/v2/execute", post(piston_execute))
+        .route("/submissions", post(judge0_submit))
+        .route("/languages", get(judge0_languages))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .route("/openapi.json", get(openapi))
@@ -760,6 +762,198 @@ struct PistonFile {
     content: String,
 }
 
+/// Limits a remote caller asked for; they may only lower the language's here.
+struct Asked {
+    wall_secs: Option<f64>,
+    cpu_secs: Option<f64>,
+    memory_bytes: Option<u64>,
+}
+
+/// Run one program of language `key` in this host's sandbox, for an engine request
+/// (Piston's or Judge0's). The language's limits here cap what the request asks for; no
+/// sandbox, or a box that could not be built, is a 503.
+async fn run_here(
+    st: &ApiState,
+    key: &str,
+    source: Vec<u8>,
+    stdin: Option<Vec<u8>>,
+    expected: Option<Vec<u8>>,
+    asked: Asked,
+) -> Result<(sandbox::Report, sandbox::Language), ApiErr> {
+    let lang = st.code.settings.language(key).map_err(bad)?.clone();
+    if lang.remote.is_some() {
+        return Err(bad(format!(
+            "language {} runs on a remote engine here too",
+            lang.key
+        )));
+    }
+    let over = |b: &Option<Vec<u8>>| {
+        b.as_ref()
+            .is_some_and(|b| b.len() > jobs::code::MAX_INPUT_BYTES)
+    };
+    if source.len() > jobs::code::MAX_INPUT_BYTES || over(&stdin) || over(&expected) {
+        return Err(bad("the program, stdin or expected output is over 1 MiB"));
+    }
+    let sb = st.code.sandbox.clone().map_err(|why| {
+        ApiErr::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("no sandbox on this server: {why}"),
+        )
+    })?;
+    let mut limits = lang.limits;
+    if let Some(w) = asked.wall_secs.filter(|w| w.is_finite() && *w > 0.0) {
+        limits.wall_secs = limits.wall_secs.min(w).max(0.001);
+        limits.time_secs = limits.time_secs.min(limits.wall_secs);
+    }
+    if let Some(c) = asked.cpu_secs.filter(|c| c.is_finite() && *c > 0.0) {
+        limits.time_secs = limits.time_secs.min(c).max(0.001);
+    }
+    if let Some(bytes) = asked.memory_bytes.filter(|b| *b > 0) {
+        limits.memory_mib = limits.memory_mib.min((bytes >> 20).max(8));
+    }
+    let report = jobs::engine::execute(
+        Ok(sb),
+        lang.clone(),
+        jobs::engine::Input {
+            source,
+            stdin,
+            expected,
+            limits,
+        },
+        Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    )
+    .await;
+    if report.status == sandbox::Status::InternalError {
+        return Err(ApiErr::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            report.message.unwrap_or_default(),
+        ));
+    }
+    Ok((report, lang))
+}
+
+/// Judge0's `POST /submissions` request (the fields labrelay uses; others ignored).
+#[derive(serde::Deserialize)]
+struct Judge0Request {
+    source_code: String,
+    language_id: u32,
+    #[serde(default)]
+    stdin: Option<String>,
+    #[serde(default)]
+    expected_output: Option<String>,
+    #[serde(default)]
+    cpu_time_limit: Option<f64>,
+    #[serde(default)]
+    wall_time_limit: Option<f64>,
+    /// KiB.
+    #[serde(default)]
+    memory_limit: Option<f64>,
+}
+
+/// A Judge0-compatible engine: run one submission in this host's sandbox while the
+/// request waits (`wait=true` only: nothing is stored to fetch later), and answer with
+/// Judge0's fields, base64-encoded when the request is (`base64_encoded=true`).
+async fn judge0_submit(
+    State(st): State<Arc<ApiState>>,
+    RawQuery(query): RawQuery,
+    body: Bytes,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiErr> {
+    use base64::Engine as _;
+    let flag = |name: &str| {
+        url::form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
+            .any(|(k, v)| k == name && v == "true")
+    };
+    let encoded = flag("base64_encoded");
+    if !flag("wait") {
+        return Err(bad(
+            "wait=true is required: this engine runs the submission while the request waits \
+             and keeps nothing to fetch later",
+        ));
+    }
+    let req: Judge0Request =
+        serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let field = |name: &str, v: Option<String>| -> Result<Option<Vec<u8>>, ApiErr> {
+        match v {
+            Some(t) if encoded => {
+                let compact: String = t.chars().filter(|c| !c.is_whitespace()).collect();
+                b64.decode(compact)
+                    .map(Some)
+                    .map_err(|e| bad(format!("{name}: not base64 ({e})")))
+            }
+            other => Ok(other.map(String::into_bytes)),
+        }
+    };
+    let key = sandbox::config::judge0_language(req.language_id).ok_or_else(|| {
+        bad(format!(
+            "language_id {}: not one of this engine's (GET /languages)",
+            req.language_id
+        ))
+    })?;
+    let source = field("source_code", Some(req.source_code))?.unwrap_or_default();
+    let stdin = field("stdin", req.stdin)?;
+    let expected = field("expected_output", req.expected_output)?;
+    let (report, _) = run_here(
+        &st,
+        key,
+        source,
+        stdin,
+        expected,
+        Asked {
+            wall_secs: req.wall_time_limit,
+            cpu_secs: req.cpu_time_limit,
+            memory_bytes: req
+                .memory_limit
+                .filter(|k| k.is_finite() && *k > 0.0)
+                .map(|k| (k * 1024.0) as u64),
+        },
+    )
+    .await?;
+    let text = |s: &str| -> serde_json::Value {
+        if s.is_empty() {
+            serde_json::Value::Null
+        } else if encoded {
+            b64.encode(s).into()
+        } else {
+            s.into()
+        }
+    };
+    let (id, description) = jobs::engine::judge0_status(&report);
+    let answer = serde_json::json!({
+        "token": uuid::Uuid::new_v4().to_string(),
+        "stdout": text(&report.stdout),
+        "stderr": text(&report.stderr),
+        "compile_output": text(&report.compile_output),
+        "message": text(report.message.as_deref().unwrap_or("")),
+        "exit_code": report.exit_code,
+        "exit_signal": report.signal,
+        "status": {"id": id, "description": description},
+        "time": format!("{:.3}", report.time_ms as f64 / 1000.0),
+        "wall_time": format!("{:.3}", report.wall_ms as f64 / 1000.0),
+        "memory": report.memory_kib,
+        "language_id": req.language_id,
+    });
+    Ok((StatusCode::CREATED, Json(answer)))
+}
+
+/// Judge0's `GET /languages`: the ids this engine answers, for the languages installed
+/// here that run locally.
+async fn judge0_languages(State(st): State<Arc<ApiState>>) -> Json<serde_json::Value> {
+    let mut out = Vec::new();
+    for (key, ids) in sandbox::config::JUDGE0_LANGUAGES {
+        let Ok(lang) = st.code.settings.language(key) else {
+            continue;
+        };
+        if lang.remote.is_some() || lang.installed(&st.code.settings.sandbox.path).is_none() {
+            continue;
+        }
+        for id in *ids {
+            out.push(serde_json::json!({"id": id, "name": format!("{} (labrelay)", lang.name)}));
+        }
+    }
+    Json(serde_json::Value::Array(out))
+}
+
 /// Piston's `POST /api/v2/execute` request (the fields labrelay uses; others ignored).
 #[derive(serde::Deserialize)]
 struct PistonRequest {
@@ -782,63 +976,26 @@ async fn piston_execute(
 ) -> Result<Json<serde_json::Value>, ApiErr> {
     let req: PistonRequest =
         serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
-    let lang = st
-        .code
-        .settings
-        .language(&req.language)
-        .map_err(bad)?
-        .clone();
-    if lang.remote.is_some() {
-        return Err(bad(format!(
-            "language {} runs on a remote engine here too",
-            lang.key
-        )));
-    }
     let Some(file) = req.files.into_iter().next() else {
         return Err(bad("files: at least one file (the program)"));
     };
-    if file.content.len() > jobs::code::MAX_INPUT_BYTES
-        || req
-            .stdin
-            .as_ref()
-            .is_some_and(|s| s.len() > jobs::code::MAX_INPUT_BYTES)
-    {
-        return Err(bad("the program or stdin is over 1 MiB"));
-    }
-    let sb = st.code.sandbox.clone().map_err(|why| {
-        ApiErr::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("no sandbox on this server: {why}"),
-        )
-    })?;
-    let mut limits = lang.limits;
-    if let Some(ms) = req.run_timeout.filter(|ms| *ms > 0) {
-        limits.wall_secs = limits.wall_secs.min(ms as f64 / 1000.0).max(0.001);
-        limits.time_secs = limits.time_secs.min(limits.wall_secs);
-    }
-    if let Some(bytes) = req.run_memory_limit.filter(|b| *b > 0) {
-        limits.memory_mib = limits.memory_mib.min((bytes as u64 >> 20).max(8));
-    }
-    let compiles = lang.compile.is_some();
-    let key = lang.key.clone();
-    let report = jobs::engine::execute(
-        Ok(sb),
-        lang,
-        jobs::engine::Input {
-            source: file.content.into_bytes(),
-            stdin: req.stdin.map(String::into_bytes),
-            expected: None,
-            limits,
+    let (report, lang) = run_here(
+        &st,
+        &req.language,
+        file.content.into_bytes(),
+        req.stdin.map(String::into_bytes),
+        None,
+        Asked {
+            wall_secs: req
+                .run_timeout
+                .filter(|ms| *ms > 0)
+                .map(|ms| ms as f64 / 1000.0),
+            cpu_secs: None,
+            memory_bytes: req.run_memory_limit.filter(|b| *b > 0).map(|b| b as u64),
         },
-        Arc::new(std::sync::atomic::AtomicBool::new(false)),
     )
-    .await;
-    if report.status == sandbox::Status::InternalError {
-        return Err(ApiErr::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            report.message.unwrap_or_default(),
-        ));
-    }
+    .await?;
+    let (compiles, key) = (lang.compile.is_some(), lang.key);
     let status = match report.status {
         sandbox::Status::TimeLimitExceeded => Some("TO"),
         sandbox::Status::OutputLimitExceeded => Some("OL"),

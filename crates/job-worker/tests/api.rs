@@ -1055,6 +1055,132 @@ fn a_language_can_run_on_a_remote_piston_compatible_engine() {
 }
 
 #[test]
+fn a_language_can_run_on_a_remote_judge0_compatible_engine() {
+    // The engine: another labrelay's serve, which answers Judge0's submissions; the
+    // client maps Judge0's fields (no labrelay report in these answers).
+    let engine = Api::home(None, "").start();
+    let url = format!("{}/submissions", engine.base);
+    let client = Api::home(
+        None,
+        &format!(
+            "\n[languages.jpython]\nsource = \"main.py\"\nrun = [\"python3\"]\n\
+             remote = {{ api = \"judge0\", url = \"{url}\", language_id = 71, user = \"alice\", key = \"env:ALICE_KEY\" }}\n\
+             [languages.c]\nsource = \"main.c\"\nrun = [\"./main\"]\n\
+             remote = {{ api = \"judge0\", url = \"{url}\", user = \"alice\", key = \"env:ALICE_KEY\" }}\n\
+             [languages.token]\nsource = \"main.py\"\nrun = [\"python3\"]\n\
+             remote = {{ api = \"judge0\", url = \"{url}\", language_id = 71, key = \"env:ALICE_KEY\" }}\n"
+        ),
+    );
+    let file = |name: &str, text: &str| {
+        let p = client.dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_string_lossy().into_owned()
+    };
+    let exec = |args: &[&str]| {
+        let out = client.command(&SUBMIT, args).output().unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{args:?}: {out:?}"));
+        (out.status.code(), v)
+    };
+    // UTF-8 both ways through base64.
+    let py = file(
+        "a.py",
+        "import sys\nprint(sys.stdin.read().strip()[::-1], '样品')\n",
+    );
+    let input = file("in.txt", "judge\n");
+    let (code, v) = exec(&[
+        "--json",
+        "exec",
+        &py,
+        "--language",
+        "jpython",
+        "--stdin",
+        &input,
+    ]);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(
+        (
+            v["status"].as_str(),
+            v["stdout"].as_str(),
+            v["limits"].as_str()
+        ),
+        (Some("Accepted"), Some("egduj 样品\n"), Some("remote")),
+        "{v}"
+    );
+    // The expected output goes to the engine, which judges.
+    let want = file("want.txt", "something else\n");
+    let (code, v) = exec(&[
+        "--json",
+        "exec",
+        &py,
+        "--language",
+        "jpython",
+        "--stdin",
+        &input,
+        "--expected",
+        &want,
+    ]);
+    assert_eq!(
+        (code, v["status"].as_str()),
+        (Some(1), Some("Wrong Answer")),
+        "{v}"
+    );
+    // A compile error, a non-zero exit and a signal, by Judge0's status ids.
+    let c = file("bad.c", "int main(void) { return nope; }\n");
+    let (_, v) = exec(&["--json", "exec", &c, "--language", "c"]);
+    assert_eq!(v["status"].as_str(), Some("Compilation Error"), "{v}");
+    assert!(
+        v["compile_output"].as_str().unwrap().contains("nope"),
+        "{v}"
+    );
+    let c = file("exit.c", "int main(void) { return 7; }\n");
+    let (_, v) = exec(&["--json", "exec", &c, "--language", "c"]);
+    assert_eq!(
+        (v["status"].as_str(), v["exit_code"].as_i64()),
+        (Some("Runtime Error"), Some(7)),
+        "{v}"
+    );
+    let c = file("segv.c", "int main(void) { return *(volatile int *)0; }\n");
+    let (_, v) = exec(&["--json", "exec", &c, "--language", "c"]);
+    assert_eq!(
+        (v["status"].as_str(), v["signal"].as_i64()),
+        (Some("Runtime Error"), Some(11)),
+        "{v}"
+    );
+    // Judge0's token header is not a labrelay signature: refused, an Internal Error.
+    let (code, v) = exec(&["--json", "exec", &py, "--language", "token"]);
+    assert_eq!(
+        (code, v["status"].as_str()),
+        (Some(1), Some("Internal Error")),
+        "{v}"
+    );
+    assert!(v["message"].as_str().unwrap().contains("401"), "{v}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // The ids it answers, and what it refuses.
+    let (status, langs) =
+        rt.block_on(engine.call("alice", "GET", "/languages", &serde_json::Value::Null));
+    assert_eq!(status, 200, "{langs}");
+    let ids: Vec<i64> = langs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l["id"].as_i64())
+        .collect();
+    assert!(ids.contains(&71) && ids.contains(&50), "{langs}");
+    let body = serde_json::json!({"source_code": "print(1)", "language_id": 71});
+    let (status, v) = rt.block_on(engine.call("alice", "POST", "/submissions", &body));
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("wait=true"), "{v}");
+    let (status, v) = rt.block_on(engine.call("alice", "POST", "/submissions?wait=true", &body));
+    assert_eq!((status, v["stdout"].as_str()), (201, Some("1\n")), "{v}");
+    assert_eq!(v["status"]["id"], 3, "{v}");
+    let unknown = serde_json::json!({"source_code": "x", "language_id": 9999});
+    let (status, v) = rt.block_on(engine.call("alice", "POST", "/submissions?wait=true", &unknown));
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("9999"), "{v}");
+}
+
+#[test]
 fn code_submit_talks_to_a_remote_serve_with_the_users_key() {
     let Some(pg) = test_support::require("PG_URL") else {
         return;

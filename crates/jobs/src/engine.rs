@@ -1,6 +1,7 @@
-//! Where a submission runs: the local sandbox, or a remote Piston-compatible engine
-//! (`[languages.NAME] remote`): Piston's `POST /api/v2/execute`, which another labrelay's
-//! `job-worker serve` also answers (signed, and with its whole report).
+//! Where a submission runs: the local sandbox, or a remote engine
+//! (`[languages.NAME] remote`): Piston's `POST /api/v2/execute` or Judge0's
+//! `POST /submissions`, both of which another labrelay's `job-worker serve` also answers
+//! (signed; Piston's with its whole report).
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -31,7 +32,11 @@ pub async fn execute(
     cancel: Arc<AtomicBool>,
 ) -> Report {
     if let Some(remote) = lang.remote.clone() {
-        return piston(&remote, &lang, &input).await;
+        return if remote.api == "judge0" {
+            judge0(&remote, &lang, &input).await
+        } else {
+            piston(&remote, &lang, &input).await
+        };
     }
     let sb = match local {
         Ok(sb) => sb,
@@ -71,73 +76,93 @@ pub fn piston_request(remote: &RemoteConfig, lang: &Language, input: &Input) -> 
     })
 }
 
-/// Run on a Piston-compatible engine.
-async fn piston(remote: &RemoteConfig, lang: &Language, input: &Input) -> Report {
+/// Post `body` to the engine at `url` (signed as the configured user, or with Judge0's
+/// token) and return its JSON answer; an Internal Error report when there is none.
+async fn post(
+    remote: &RemoteConfig,
+    lang: &Language,
+    input: &Input,
+    url: reqwest::Url,
+    body: String,
+) -> Result<serde_json::Value, Report> {
     let label = "remote";
-    let body = piston_request(remote, lang, input).to_string();
-    let url = match reqwest::Url::parse(&remote.url) {
-        Ok(u) => u,
-        Err(e) => return Report::internal(format!("{}: {e}", remote.url), label),
-    };
     let timeout = remote.timeout_secs.map_or_else(
         || Duration::from_secs_f64(lang.compile_limits.wall_secs + input.limits.wall_secs + 30.0),
         Duration::from_secs,
     );
-    let http = match reqwest::Client::builder().timeout(timeout).build() {
-        Ok(c) => c,
-        Err(e) => return Report::internal(format!("HTTP client: {e}"), label),
-    };
+    let http = reqwest::Client::builder()
+        .timeout(timeout)
+        .build()
+        .map_err(|e| Report::internal(format!("HTTP client: {e}"), label))?;
     let mut req = http
         .post(url.clone())
         .header(reqwest::header::CONTENT_TYPE, "application/json");
-    if let (Some(user), Some(key)) = (&remote.user, &remote.key) {
-        let key = match key.resolve() {
-            Ok(k) => k,
-            Err(e) => return Report::internal(format!("remote engine key: {e}"), label),
-        };
-        let auth = crate::api::authorization(
-            user,
-            &key,
-            &crate::api::Target {
-                method: "POST",
-                path: url.path(),
-                query: url.query().unwrap_or(""),
-                body: body.as_bytes(),
-            },
-            chrono::Utc::now().timestamp(),
-            &crate::api::new_nonce(),
-        );
-        req = req.header(reqwest::header::AUTHORIZATION, auth);
+    if let Some(key) = &remote.key {
+        let key = key
+            .resolve()
+            .map_err(|e| Report::internal(format!("remote engine key: {e}"), label))?;
+        if let Some(user) = &remote.user {
+            let auth = crate::api::authorization(
+                user,
+                &key,
+                &crate::api::Target {
+                    method: "POST",
+                    path: url.path(),
+                    query: url.query().unwrap_or(""),
+                    body: body.as_bytes(),
+                },
+                chrono::Utc::now().timestamp(),
+                &crate::api::new_nonce(),
+            );
+            req = req.header(reqwest::header::AUTHORIZATION, auth);
+        } else {
+            // Judge0's token (checked when the configuration loads: judge0 only).
+            let mut token = reqwest::header::HeaderValue::from_str(key.expose())
+                .map_err(|_| Report::internal("remote engine key: not a header value", label))?;
+            token.set_sensitive(true);
+            req = req.header("X-Auth-Token", token);
+        }
     }
     let shown = format!("{}{}", url.host_str().unwrap_or(""), url.path());
-    let resp = match req.body(body).send().await {
-        Ok(r) => r,
-        Err(e) => {
-            return Report::internal(
-                format!(
-                    "remote engine {shown}: {}",
-                    labrelay::secret::scrub(&e.to_string())
-                ),
-                label,
-            );
-        }
-    };
+    let resp = req.body(body).send().await.map_err(|e| {
+        Report::internal(
+            format!(
+                "remote engine {shown}: {}",
+                labrelay::secret::scrub(&e.to_string())
+            ),
+            label,
+        )
+    })?;
     let status = resp.status();
-    let v: serde_json::Value = match resp.json().await {
-        Ok(v) => v,
-        Err(e) => return Report::internal(format!("remote engine {shown}: {e}"), label),
-    };
+    let v: serde_json::Value = resp
+        .json()
+        .await
+        .map_err(|e| Report::internal(format!("remote engine {shown}: {e}"), label))?;
     if !status.is_success() {
         let why = v
             .get("message")
             .or_else(|| v.get("error"))
             .and_then(serde_json::Value::as_str)
-            .unwrap_or("no reason given");
-        return Report::internal(
+            .map_or_else(|| v.to_string(), str::to_owned);
+        return Err(Report::internal(
             format!("remote engine {shown} answered {status}: {why}"),
             label,
-        );
+        ));
     }
+    Ok(v)
+}
+
+/// Run on a Piston-compatible engine.
+async fn piston(remote: &RemoteConfig, lang: &Language, input: &Input) -> Report {
+    let body = piston_request(remote, lang, input).to_string();
+    let url = match reqwest::Url::parse(&remote.url) {
+        Ok(u) => u,
+        Err(e) => return Report::internal(format!("{}: {e}", remote.url), "remote"),
+    };
+    let v = match post(remote, lang, input, url, body).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
     // Another labrelay sends its whole report.
     if let Some(r) = v
         .get("labrelay")
@@ -148,6 +173,132 @@ async fn piston(remote: &RemoteConfig, lang: &Language, input: &Input) -> Report
         return r;
     }
     from_piston(&v, input)
+}
+
+fn b64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// A base64 field of a Judge0 answer (line breaks allowed, as Judge0 sends them).
+fn unb64(v: &serde_json::Value, k: &str) -> String {
+    use base64::Engine as _;
+    let Some(s) = v.get(k).and_then(serde_json::Value::as_str) else {
+        return String::new();
+    };
+    let compact: String = s.chars().filter(|c| !c.is_whitespace()).collect();
+    match base64::engine::general_purpose::STANDARD.decode(compact) {
+        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+        Err(_) => s.to_owned(),
+    }
+}
+
+/// The Judge0 request for `input` (base64 fields; the limits in Judge0's units).
+pub fn judge0_request(language_id: u32, input: &Input) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "source_code": b64(&input.source),
+        "language_id": language_id,
+        "stdin": b64(input.stdin.as_deref().unwrap_or_default()),
+        "cpu_time_limit": input.limits.time_secs,
+        "wall_time_limit": input.limits.wall_secs,
+        "memory_limit": input.limits.memory_mib * 1024,
+    });
+    if let Some(e) = &input.expected {
+        v["expected_output"] = serde_json::Value::String(b64(e));
+    }
+    v
+}
+
+/// Run on a Judge0-compatible engine: `POST {url}?base64_encoded=true&wait=true`.
+async fn judge0(remote: &RemoteConfig, lang: &Language, input: &Input) -> Report {
+    let Some(id) = remote.judge0_language_id(&lang.key) else {
+        return Report::internal(format!("no Judge0 id for {}", lang.key), "remote");
+    };
+    let mut url = match reqwest::Url::parse(&remote.url) {
+        Ok(u) => u,
+        Err(e) => return Report::internal(format!("{}: {e}", remote.url), "remote"),
+    };
+    url.query_pairs_mut()
+        .append_pair("base64_encoded", "true")
+        .append_pair("wait", "true");
+    let body = judge0_request(id, input).to_string();
+    match post(remote, lang, input, url, body).await {
+        Ok(v) => from_judge0(&v),
+        Err(r) => r,
+    }
+}
+
+/// Judge0's status id and description for a report.
+pub fn judge0_status(r: &Report) -> (u32, &'static str) {
+    match r.status {
+        Status::InQueue => (1, "In Queue"),
+        Status::Processing => (2, "Processing"),
+        Status::Accepted => (3, "Accepted"),
+        Status::WrongAnswer => (4, "Wrong Answer"),
+        Status::TimeLimitExceeded => (5, "Time Limit Exceeded"),
+        Status::CompilationError => (6, "Compilation Error"),
+        Status::RuntimeError | Status::MemoryLimitExceeded | Status::OutputLimitExceeded => {
+            match (r.signal, r.status) {
+                (Some(11), _) => (7, "Runtime Error (SIGSEGV)"),
+                (Some(25), _) => (8, "Runtime Error (SIGXFSZ)"),
+                (Some(8), _) => (9, "Runtime Error (SIGFPE)"),
+                (Some(6), _) => (10, "Runtime Error (SIGABRT)"),
+                (None, Status::RuntimeError) => (11, "Runtime Error (NZEC)"),
+                _ => (12, "Runtime Error (Other)"),
+            }
+        }
+        Status::InternalError => (13, "Internal Error"),
+    }
+}
+
+/// A report from a Judge0 answer with base64 fields (`base64_encoded=true`).
+pub fn from_judge0(v: &serde_json::Value) -> Report {
+    let mut r = Report::internal("", "remote");
+    let id = v
+        .get("status")
+        .and_then(|s| s.get("id"))
+        .and_then(serde_json::Value::as_u64);
+    r.stdout = unb64(v, "stdout");
+    r.stderr = unb64(v, "stderr");
+    r.compile_output = unb64(v, "compile_output");
+    let message = unb64(v, "message");
+    r.message = (!message.is_empty()).then_some(message);
+    r.exit_code = int(v, "exit_code");
+    r.signal = int(v, "exit_signal").filter(|s| *s > 0);
+    // Judge0 gives times as strings of seconds ("0.012") and memory in KiB.
+    let secs = |k: &str| {
+        v.get(k)
+            .and_then(|x| {
+                x.as_str()
+                    .and_then(|s| s.parse::<f64>().ok())
+                    .or(x.as_f64())
+            })
+            .map_or(0, |s| (s * 1000.0).round() as u64)
+    };
+    r.time_ms = secs("time");
+    r.wall_ms = secs("wall_time");
+    r.memory_kib = v
+        .get("memory")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(0);
+    r.status = match id {
+        Some(3) => Status::Accepted,
+        Some(4) => Status::WrongAnswer,
+        Some(5) => Status::TimeLimitExceeded,
+        Some(6) => Status::CompilationError,
+        Some(7..=12) => Status::RuntimeError,
+        Some(1 | 2) => {
+            r.message = Some("the Judge0 engine did not wait for the run (enable its wait)".into());
+            Status::InternalError
+        }
+        _ => {
+            if r.message.is_none() {
+                r.message = Some("the Judge0 engine's answer has no known status".into());
+            }
+            Status::InternalError
+        }
+    };
+    r
 }
 
 fn int(v: &serde_json::Value, k: &str) -> Option<i32> {
@@ -300,5 +451,54 @@ mod tests {
             from_piston(&nothing, &input(None)).status,
             Status::InternalError
         );
+    }
+
+    /// Answers in the shape Judge0's documentation gives for
+    /// `POST /submissions?base64_encoded=true&wait=true`.
+    #[test]
+    fn judge0_answers_map_to_reports() {
+        let ok = serde_json::json!({"stdout": "aGkK\n", "stderr": null, "compile_output": null,
+            "message": null, "exit_code": 0, "exit_signal": null,
+            "status": {"id": 3, "description": "Accepted"}, "time": "0.012",
+            "wall_time": "0.05", "memory": 3456, "token": "x"});
+        let r = from_judge0(&ok);
+        assert_eq!(
+            (
+                r.status,
+                r.stdout.as_str(),
+                r.time_ms,
+                r.wall_ms,
+                r.memory_kib
+            ),
+            (Status::Accepted, "hi\n", 12, 50, 3456)
+        );
+        assert_eq!(r.message, None);
+        let segv = serde_json::json!({"stdout": null, "stderr": null, "exit_code": null,
+            "exit_signal": 11, "status": {"id": 7, "description": "Runtime Error (SIGSEGV)"}});
+        let r = from_judge0(&segv);
+        assert_eq!((r.status, r.signal), (Status::RuntimeError, Some(11)));
+        assert_eq!(judge0_status(&r), (7, "Runtime Error (SIGSEGV)"));
+        let ce = serde_json::json!({"compile_output": "bWFpbi5jOjE6IGVycm9y",
+            "status": {"id": 6, "description": "Compilation Error"}});
+        let r = from_judge0(&ce);
+        assert_eq!(
+            (r.status, r.compile_output.as_str()),
+            (Status::CompilationError, "main.c:1: error")
+        );
+        let queued = serde_json::json!({"token": "x", "status": {"id": 1}});
+        let r = from_judge0(&queued);
+        assert_eq!(r.status, Status::InternalError);
+        assert!(r.message.unwrap().contains("did not wait"));
+        let mut nzec = from_judge0(&ok);
+        nzec.status = Status::RuntimeError;
+        nzec.exit_code = Some(3);
+        assert_eq!(judge0_status(&nzec).0, 11);
+        nzec.status = Status::MemoryLimitExceeded;
+        nzec.signal = Some(9);
+        assert_eq!(judge0_status(&nzec).0, 12);
+        let req = judge0_request(71, &input(Some("x")));
+        assert_eq!(req["language_id"], 71);
+        assert_eq!(req["expected_output"], "eA==");
+        assert_eq!(req["memory_limit"], Limits::RUN.memory_mib * 1024);
     }
 }

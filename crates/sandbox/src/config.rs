@@ -165,24 +165,34 @@ impl Default for SandboxConfig {
     }
 }
 
-/// `remote = { ... }` of a language: run it on a Piston-compatible engine (Piston's
-/// `POST /api/v2/execute`, or another labrelay's `job-worker serve`) instead of the local
-/// sandbox.
+/// `remote = { ... }` of a language: run it on a remote engine instead of the local
+/// sandbox — Piston-compatible (Piston's `POST /api/v2/execute`, or another labrelay's
+/// `job-worker serve`) or Judge0-compatible (`POST /submissions`, Judge0 or another
+/// labrelay's `job-worker serve`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RemoteConfig {
-    /// The execute endpoint, e.g. `http://piston.lab:2000/api/v2/execute`.
+    /// `piston` (the default) or `judge0`: which API the engine speaks.
+    #[serde(default = "default_api")]
+    pub api: String,
+    /// The endpoint: Piston's execute (`http://piston.lab:2000/api/v2/execute`) or
+    /// Judge0's submissions (`http://judge0.lab:2358/submissions`).
     pub url: String,
-    /// The engine's name of the language (default: the language's key).
+    /// The engine's name of the language (Piston; default: the language's key).
     #[serde(default)]
     pub language: Option<String>,
+    /// Judge0's id of the language (default: Judge0 CE's id of the language's key,
+    /// [`judge0_id`]).
+    #[serde(default)]
+    pub language_id: Option<u32>,
     /// The engine's version of it (Piston: `*` takes the newest).
     #[serde(default = "default_version")]
     pub version: String,
     /// Sign requests as this `job-worker serve` user (with `key`); unsigned without.
     #[serde(default)]
     pub user: Option<String>,
-    /// That user's key (`env:NAME`, `file:PATH`).
+    /// That user's key (`env:NAME`, `file:PATH`); with `api = "judge0"` and no `user`,
+    /// Judge0's authentication token (sent as `X-Auth-Token`).
     #[serde(default)]
     pub key: Option<labrelay::secret::SecretSpec>,
     /// Give up on a request after this long (default: the limits' wall times + 30 s).
@@ -194,17 +204,79 @@ fn default_version() -> String {
     "*".into()
 }
 
+fn default_api() -> String {
+    "piston".into()
+}
+
+/// Judge0 CE's language ids of the shipped languages: the first of each is what labrelay
+/// sends for a language without `language_id`; `job-worker serve` accepts them all.
+pub const JUDGE0_LANGUAGES: &[(&str, &[u32])] = &[
+    ("python", &[71, 92, 100]),
+    ("bash", &[46]),
+    ("c", &[50, 48, 49, 75]),
+    ("cpp", &[54, 52, 53, 76]),
+    ("java", &[62, 91]),
+    ("javascript", &[63, 93]),
+    ("go", &[60, 95]),
+    ("csharp", &[51]),
+    ("rust", &[73]),
+    ("r", &[80]),
+];
+
+/// Judge0 CE's id of the language `key`.
+pub fn judge0_id(key: &str) -> Option<u32> {
+    JUDGE0_LANGUAGES
+        .iter()
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, ids)| ids.first().copied())
+}
+
+/// The language key of Judge0's id `id`.
+pub fn judge0_language(id: u32) -> Option<&'static str> {
+    JUDGE0_LANGUAGES
+        .iter()
+        .find(|(_, ids)| ids.contains(&id))
+        .map(|(k, _)| *k)
+}
+
 impl RemoteConfig {
-    fn check(&self) -> Result<(), String> {
+    fn check(&self, key: &str) -> Result<(), String> {
         match url::Url::parse(&self.url) {
             Ok(u) if matches!(u.scheme(), "http" | "https") => {}
             Ok(_) => return Err(format!("`{}`: only http and https", self.url)),
             Err(e) => return Err(format!("`{}`: {e}", self.url)),
         }
-        if self.user.is_some() != self.key.is_some() {
-            return Err("user and key go together".into());
+        match self.api.as_str() {
+            "piston" => {
+                if self.user.is_some() != self.key.is_some() {
+                    return Err("user and key go together".into());
+                }
+                if self.language_id.is_some() {
+                    return Err("language_id is Judge0's (api = \"judge0\")".into());
+                }
+            }
+            "judge0" => {
+                if self.user.is_some() && self.key.is_none() {
+                    return Err("user needs a key".into());
+                }
+                if self.language_id.is_none() && judge0_id(key).is_none() {
+                    return Err(format!(
+                        "language_id: Judge0 has no known id for `{key}`; give one"
+                    ));
+                }
+            }
+            other => {
+                return Err(format!(
+                    "api = \"{other}\": expected \"piston\" or \"judge0\""
+                ));
+            }
         }
         Ok(())
+    }
+
+    /// Judge0's id of the language `key` on this engine.
+    pub fn judge0_language_id(&self, key: &str) -> Option<u32> {
+        self.language_id.or_else(|| judge0_id(key))
     }
 }
 
@@ -347,6 +419,12 @@ impl Settings {
         sandbox: SandboxConfig,
         own: BTreeMap<String, RawLanguage>,
     ) -> Result<Settings, ConfigError> {
+        if !matches!(sandbox.launcher.as_str(), "direct" | "bwrap") {
+            return Err(invalid(
+                "sandbox.launcher",
+                format!("`{}`: expected direct or bwrap", sandbox.launcher),
+            ));
+        }
         if !matches!(sandbox.cgroup.as_str(), "auto" | "v1" | "v2" | "none") {
             return Err(invalid(
                 "sandbox.cgroup",
@@ -417,7 +495,8 @@ impl Settings {
                 .check()
                 .map_err(|m| invalid(format!("{at}.compile_limits"), m))?;
             if let Some(r) = &raw.remote {
-                r.check().map_err(|m| invalid(format!("{at}.remote"), m))?;
+                r.check(&key)
+                    .map_err(|m| invalid(format!("{at}.remote"), m))?;
             }
             languages.insert(
                 key.clone(),
@@ -511,5 +590,46 @@ mod tests {
         let cfg = Config::from_toml("[sandbox.limits]\nmemory_mib = 0\n").unwrap();
         let e = Settings::from_config(&cfg).unwrap_err().to_string();
         assert!(e.contains("memory_mib"), "{e}");
+        let cfg = Config::from_toml("[sandbox]\nlauncher = \"chroot\"\n").unwrap();
+        let e = Settings::from_config(&cfg).unwrap_err().to_string();
+        assert!(e.contains("sandbox.launcher"), "{e}");
+        for (remote, says) in [
+            (
+                "api = \"grpc\", url = \"http://e/x\"",
+                "expected \"piston\" or \"judge0\"",
+            ),
+            (
+                "api = \"judge0\", url = \"http://e/submissions\"",
+                "no known id for `x`",
+            ),
+            (
+                "url = \"http://e/x\", language_id = 71",
+                "language_id is Judge0's",
+            ),
+            (
+                "api = \"judge0\", url = \"http://e/s\", language_id = 71, user = \"u\"",
+                "user needs a key",
+            ),
+        ] {
+            let cfg = Config::from_toml(&format!(
+                "[languages.x]\nsource = \"main.x\"\nrun = [\"x\"]\nremote = {{ {remote} }}\n"
+            ))
+            .unwrap();
+            let e = Settings::from_config(&cfg).unwrap_err().to_string();
+            assert!(
+                e.contains("languages.x.remote") && e.contains(says),
+                "{remote}: {e}"
+            );
+        }
+        // Judge0 with a known key, or with a token only: fine.
+        let cfg = Config::from_toml(
+            "[languages.python]\nsource = \"main.py\"\nrun = [\"python3\"]\n\
+             remote = { api = \"judge0\", url = \"http://e/submissions\", key = \"env:T\" }\n",
+        )
+        .unwrap();
+        let s = Settings::from_config(&cfg).unwrap();
+        let r = s.language("python").unwrap().remote.clone().unwrap();
+        assert_eq!(r.judge0_language_id("python"), Some(71));
+        assert_eq!(judge0_language(50), Some("c"));
     }
 }
