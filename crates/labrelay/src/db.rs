@@ -516,6 +516,14 @@ async fn session_setup(
             if read_only {
                 conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
                     .await?;
+            } else {
+                // labrelay's own statements (state, queues, job rows, LIMS lookups) are
+                // short and many: compiling one with JIT, which PostgreSQL does when a
+                // plan's estimate passes jit_above_cost, costs milliseconds of CPU and
+                // saves nothing (bench/README.md). Read-only sessions run people's
+                // queries (mail-query) and keep the server's setting. A server without
+                // JIT (before 11) refuses the name: fine.
+                let _ = conn.execute("SET jit = off").await;
             }
         }
         Engine::Mysql => {

@@ -63,6 +63,17 @@ async fn contract(url: RedactedUrl, engine: Engine) {
         db.kv_get("delivery", "客户").await.unwrap().as_deref(),
         Some("交付完成 ✓✓")
     );
+    // PostgreSQL: labrelay's own sessions never JIT-compile; read-only ones keep the
+    // server's setting (checked below).
+    if engine == Engine::Postgres {
+        let jit: String = sqlx::query("SHOW jit")
+            .fetch_one(db.pool())
+            .await
+            .unwrap()
+            .try_get(0)
+            .unwrap();
+        assert_eq!(jit, "off");
+    }
     // A statement running past the statement timeout is stopped.
     let slow = match engine {
         Engine::Postgres => "SELECT pg_sleep(5)",
@@ -86,6 +97,21 @@ async fn contract(url: RedactedUrl, engine: Engine) {
         .try_get(0)
         .unwrap();
     assert_eq!(n, 1);
+    if engine == Engine::Postgres {
+        let server: String = sqlx::query("SELECT reset_val FROM pg_settings WHERE name = 'jit'")
+            .fetch_one(ro.pool())
+            .await
+            .unwrap()
+            .try_get(0)
+            .unwrap();
+        let jit: String = sqlx::query("SHOW jit")
+            .fetch_one(ro.pool())
+            .await
+            .unwrap()
+            .try_get(0)
+            .unwrap();
+        assert_eq!(jit, server);
+    }
     let write = ro.kv_set("x", "y", "z").await;
     assert!(write.is_err(), "read-only connection accepted a write");
     ro.close().await;
