@@ -976,12 +976,64 @@ fn code_submit_adds_runs_and_reads_submissions_through_a_remote_serve() {
     );
 }
 
+/// A client home whose languages run on a remote engine: write files in it and run
+/// `code-submit --json exec` there.
+struct EngineClient(Api);
+
+impl EngineClient {
+    fn file(&self, name: &str, text: &str) -> String {
+        let p = self.0.dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_string_lossy().into_owned()
+    }
+
+    fn exec(&self, args: &[&str]) -> (Option<i32>, serde_json::Value) {
+        let out = self.0.command(&SUBMIT, args).output().unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{args:?}: {out:?}"));
+        (out.status.code(), v)
+    }
+
+    /// A C compile error and a non-zero exit through the engine, as language `lang`.
+    fn c_failures(&self, lang: &str) {
+        let c = self.file("bad.c", "int main(void) { return nope; }\n");
+        let (code, v) = self.exec(&["--json", "exec", &c, "--language", lang]);
+        assert_eq!(
+            (code, v["status"].as_str()),
+            (Some(1), Some("Compilation Error")),
+            "{v}"
+        );
+        assert!(
+            v["compile_output"].as_str().unwrap().contains("nope"),
+            "{v}"
+        );
+        let c = self.file("crash.c", "int main(void) { return 7; }\n");
+        let (_, v) = self.exec(&["--json", "exec", &c, "--language", lang]);
+        assert_eq!(
+            (v["status"].as_str(), v["exit_code"].as_i64()),
+            (Some("Runtime Error"), Some(7)),
+            "{v}"
+        );
+    }
+
+    /// The engine refuses the request (401): an Internal Error that says so, no run.
+    fn refused(&self, file: &str, lang: &str) {
+        let (code, v) = self.exec(&["--json", "exec", file, "--language", lang]);
+        assert_eq!(
+            (code, v["status"].as_str()),
+            (Some(1), Some("Internal Error")),
+            "{v}"
+        );
+        assert!(v["message"].as_str().unwrap().contains("401"), "{v}");
+    }
+}
+
 #[test]
 fn a_language_can_run_on_a_remote_piston_compatible_engine() {
     // The engine: another labrelay's serve, which answers Piston's execute request.
     let engine = Api::home(None, "").start();
     let url = format!("{}/api/v2/execute", engine.base);
-    let client = Api::home(
+    let client = EngineClient(Api::home(
         None,
         &format!(
             "\n[languages.rpython]\nsource = \"main.py\"\nrun = [\"python3\"]\n\
@@ -991,24 +1043,13 @@ fn a_language_can_run_on_a_remote_piston_compatible_engine() {
              [languages.unsigned]\nsource = \"main.py\"\nrun = [\"python3\"]\n\
              remote = {{ url = \"{url}\", language = \"python\" }}\n"
         ),
-    );
-    let file = |name: &str, text: &str| {
-        let p = client.dir.path().join(name);
-        std::fs::write(&p, text).unwrap();
-        p.to_string_lossy().into_owned()
-    };
-    let py = file(
+    ));
+    let py = client.file(
         "a.py",
         "import sys\nprint(sys.stdin.read().strip()[::-1])\n",
     );
-    let input = file("in.txt", "remote\n");
-    let exec = |args: &[&str]| {
-        let out = client.command(&SUBMIT, args).output().unwrap();
-        let v: serde_json::Value =
-            serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{args:?}: {out:?}"));
-        (out.status.code(), v)
-    };
-    let (code, v) = exec(&[
+    let input = client.file("in.txt", "remote\n");
+    let (code, v) = client.exec(&[
         "--json",
         "exec",
         &py,
@@ -1024,30 +1065,10 @@ fn a_language_can_run_on_a_remote_piston_compatible_engine() {
         "{v}"
     );
     assert!(v["limits"].as_str().unwrap().ends_with("(remote)"), "{v}");
-    let c = file("bad.c", "int main(void) { return nope; }\n");
-    let (code, v) = exec(&["--json", "exec", &c, "--language", "rc"]);
-    assert_eq!(
-        (code, v["status"].as_str()),
-        (Some(1), Some("Compilation Error")),
-        "{v}"
-    );
-    let c = file("crash.c", "int main(void) { return 7; }\n");
-    let (_, v) = exec(&["--json", "exec", &c, "--language", "rc"]);
-    assert_eq!(
-        (v["status"].as_str(), v["exit_code"].as_i64()),
-        (Some("Runtime Error"), Some(7)),
-        "{v}"
-    );
-    // Without a signature the engine refuses: an Internal Error that says so, no run.
-    let (code, v) = exec(&["--json", "exec", &py, "--language", "unsigned"]);
-    assert_eq!(
-        (code, v["status"].as_str()),
-        (Some(1), Some("Internal Error")),
-        "{v}"
-    );
-    assert!(v["message"].as_str().unwrap().contains("401"), "{v}");
+    client.c_failures("rc");
+    client.refused(&py, "unsigned");
     // `languages` shows where a remote language runs.
-    let out = client.command(&SUBMIT, &["languages"]).output().unwrap();
+    let out = client.0.command(&SUBMIT, &["languages"]).output().unwrap();
     assert!(
         String::from_utf8_lossy(&out.stdout).contains(&url),
         "{out:?}"
@@ -1060,7 +1081,7 @@ fn a_language_can_run_on_a_remote_judge0_compatible_engine() {
     // client maps Judge0's fields (no labrelay report in these answers).
     let engine = Api::home(None, "").start();
     let url = format!("{}/submissions", engine.base);
-    let client = Api::home(
+    let client = EngineClient(Api::home(
         None,
         &format!(
             "\n[languages.jpython]\nsource = \"main.py\"\nrun = [\"python3\"]\n\
@@ -1070,33 +1091,27 @@ fn a_language_can_run_on_a_remote_judge0_compatible_engine() {
              [languages.token]\nsource = \"main.py\"\nrun = [\"python3\"]\n\
              remote = {{ api = \"judge0\", url = \"{url}\", language_id = 71, key = \"env:ALICE_KEY\" }}\n"
         ),
-    );
-    let file = |name: &str, text: &str| {
-        let p = client.dir.path().join(name);
-        std::fs::write(&p, text).unwrap();
-        p.to_string_lossy().into_owned()
-    };
-    let exec = |args: &[&str]| {
-        let out = client.command(&SUBMIT, args).output().unwrap();
-        let v: serde_json::Value =
-            serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{args:?}: {out:?}"));
-        (out.status.code(), v)
-    };
+    ));
     // UTF-8 both ways through base64.
-    let py = file(
+    let py = client.file(
         "a.py",
         "import sys\nprint(sys.stdin.read().strip()[::-1], '样品')\n",
     );
-    let input = file("in.txt", "judge\n");
-    let (code, v) = exec(&[
-        "--json",
-        "exec",
-        &py,
-        "--language",
-        "jpython",
-        "--stdin",
-        &input,
-    ]);
+    let input = client.file("in.txt", "judge\n");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "--json",
+            "exec",
+            &py,
+            "--language",
+            "jpython",
+            "--stdin",
+            &input,
+        ];
+        args.extend_from_slice(extra);
+        client.exec(&args)
+    };
+    let (code, v) = run(&[]);
     assert_eq!(code, Some(0), "{v}");
     assert_eq!(
         (
@@ -1108,53 +1123,24 @@ fn a_language_can_run_on_a_remote_judge0_compatible_engine() {
         "{v}"
     );
     // The expected output goes to the engine, which judges.
-    let want = file("want.txt", "something else\n");
-    let (code, v) = exec(&[
-        "--json",
-        "exec",
-        &py,
-        "--language",
-        "jpython",
-        "--stdin",
-        &input,
-        "--expected",
-        &want,
-    ]);
+    let want = client.file("want.txt", "something else\n");
+    let (code, v) = run(&["--expected", &want]);
     assert_eq!(
         (code, v["status"].as_str()),
         (Some(1), Some("Wrong Answer")),
         "{v}"
     );
     // A compile error, a non-zero exit and a signal, by Judge0's status ids.
-    let c = file("bad.c", "int main(void) { return nope; }\n");
-    let (_, v) = exec(&["--json", "exec", &c, "--language", "c"]);
-    assert_eq!(v["status"].as_str(), Some("Compilation Error"), "{v}");
-    assert!(
-        v["compile_output"].as_str().unwrap().contains("nope"),
-        "{v}"
-    );
-    let c = file("exit.c", "int main(void) { return 7; }\n");
-    let (_, v) = exec(&["--json", "exec", &c, "--language", "c"]);
-    assert_eq!(
-        (v["status"].as_str(), v["exit_code"].as_i64()),
-        (Some("Runtime Error"), Some(7)),
-        "{v}"
-    );
-    let c = file("segv.c", "int main(void) { return *(volatile int *)0; }\n");
-    let (_, v) = exec(&["--json", "exec", &c, "--language", "c"]);
+    client.c_failures("c");
+    let c = client.file("segv.c", "int main(void) { return *(volatile int *)0; }\n");
+    let (_, v) = client.exec(&["--json", "exec", &c, "--language", "c"]);
     assert_eq!(
         (v["status"].as_str(), v["signal"].as_i64()),
         (Some("Runtime Error"), Some(11)),
         "{v}"
     );
-    // Judge0's token header is not a labrelay signature: refused, an Internal Error.
-    let (code, v) = exec(&["--json", "exec", &py, "--language", "token"]);
-    assert_eq!(
-        (code, v["status"].as_str()),
-        (Some(1), Some("Internal Error")),
-        "{v}"
-    );
-    assert!(v["message"].as_str().unwrap().contains("401"), "{v}");
+    // Judge0's token header is not a labrelay signature: refused.
+    client.refused(&py, "token");
     let rt = tokio::runtime::Runtime::new().unwrap();
     // The ids it answers, and what it refuses.
     let (status, langs) =
