@@ -51,26 +51,9 @@ die() { printf 'jobs.sh: %s\n' "$*" >&2; exit 1; }
 calc() { awk "BEGIN { printf \"%.${2:-1}f\", $1 }"; }
 mark() { if awk "BEGIN { exit !($1) }"; then echo PASS; else echo FAIL; fi; }
 now() { date +%s.%N; }
-# CPU accounting (bench/README.md): seconds of CPU a server has used so far, its
-# processes alive now plus what its exited children used (a backend per connection).
-CLK=$(getconf CLK_TCK)
-tree_cpu() { # PID -> utime+stime of PID, its live children, and its reaped children
-    local pid=$1 t=0 p
-    [[ -n $pid ]] || { echo 0; return; }
-    t=$(awk '{ print $14 + $15 + $16 + $17 }' "/proc/$pid/stat")
-    for p in $(pgrep -P "$pid"); do
-        t=$((t + $(awk '{ print $14 + $15 }' "/proc/$p/stat" 2>/dev/null || echo 0)))
-    done
-    echo "$t"
-}
-pg_cpu() { tree_cpu "$(pgrep -o -x postgres)"; }
-mq_cpu() { tree_cpu "$(pgrep -o -x beam.smp)"; }
-# CPU of this shell's waited-for children so far (the workers), in ticks, into KIDS.
-# `times` must run in this shell itself, not in a $(...) subshell.
-kids_cpu() {
-    times > "$WORK/times.txt"
-    KIDS=$(awk -v clk="$CLK" 'NR == 2 { gsub(/[ms]/, " "); split($0, a, " "); print int((a[1] * 60 + a[2] + a[3] * 60 + a[4]) * clk) }' "$WORK/times.txt")
-}
+# CPU accounting: tree_cpu, pg_cpu, mq_cpu, kids_cpu.
+# shellcheck source=bench/cpu.sh
+source "$REPO/bench/cpu.sh"
 command -v psql >/dev/null || die "psql is missing (apt-get install postgresql-client)"
 command -v rabbitmqctl >/dev/null || die "rabbitmqctl is missing (run scripts/services)"
 python3 -c 'import celery' 2>/dev/null || python3 -m pip install -q 'celery>=5,<6' || die "cannot install celery"

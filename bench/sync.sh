@@ -44,6 +44,9 @@ cd "$REPO"
 say() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { printf 'sync.sh: %s\n' "$*" >&2; exit 1; }
 calc() { awk "BEGIN { printf \"%.${2:-1}f\", $1 }"; }
+# CPU accounting: tree_cpu, pg_cpu, my_cpu, mq_cpu, kids_cpu (they use WORK, set below).
+# shellcheck source=bench/cpu.sh
+source "$REPO/bench/cpu.sh"
 mark() { if awk "BEGIN { exit !($1) }"; then echo PASS; else echo FAIL; fi; }
 now() { date +%s.%N; }
 command -v psql >/dev/null || die "psql is missing (apt-get install postgresql-client)"
@@ -146,10 +149,16 @@ RELAY_S=$(calc "$t1 - $t0" 2)
 say "   relay: $RELAY_S s"
 
 say "2. apply at each site"
-t0=$(now); sp consume --site pg --once >/dev/null; t1=$(now)
+t0=$(now); kids_cpu; k0=$KIDS g0=$(pg_cpu) m0=$(my_cpu) q0=$(mq_cpu)
+sp consume --site pg --once >/dev/null
+t1=$(now); kids_cpu
 PG_S=$(calc "$t1 - $t0" 2)
-t0=$(now); sp consume --site maria --once >/dev/null; t1=$(now)
+CPU_PG_SITE="$(calc "($KIDS - $k0) / $CLK" 1) $(calc "($(pg_cpu) - $g0) / $CLK" 1) $(calc "($(my_cpu) - $m0) / $CLK" 1) $(calc "($(mq_cpu) - $q0) / $CLK" 1)"
+t0=$(now); kids_cpu; k0=$KIDS g0=$(pg_cpu) m0=$(my_cpu) q0=$(mq_cpu)
+sp consume --site maria --once >/dev/null
+t1=$(now); kids_cpu
 MY_S=$(calc "$t1 - $t0" 2)
+CPU_MY_SITE="$(calc "($KIDS - $k0) / $CLK" 1) $(calc "($(pg_cpu) - $g0) / $CLK" 1) $(calc "($(my_cpu) - $m0) / $CLK" 1) $(calc "($(mq_cpu) - $q0) / $CLK" 1)"
 [[ $(pg "$PGDST" "SELECT COUNT(*) FROM users") == "$N" ]] || die "PostgreSQL site holds $(pg "$PGDST" "SELECT COUNT(*) FROM users") users, not $N"
 [[ $(my "$MYDST" "SELECT COUNT(*) FROM users") == "$N" ]] || die "MariaDB site holds $(my "$MYDST" "SELECT COUNT(*) FROM users") users, not $N"
 # The bootstrap site's queue got the same messages; empty it by applying (not timed).
@@ -214,6 +223,14 @@ printf '%-34s %10s %12s  %s\n' "apply at MariaDB site" "$MY_S" "$MY_RATE" ">= $T
 printf '%-34s %10s %12s  %s\n' "bootstrap into fresh MariaDB site" "$BOOT_S" "$(calc "$N / $BOOT_S" 0)" "< $T_BOOT_S s $(mark "$BOOT_S < $T_BOOT_S")"
 printf '%-34s %10s %12s  %s\n' "  of which: publish at the source" "$BOOT_PUB_S" "$(calc "$N / $BOOT_PUB_S" 0)" "-"
 printf '%-34s %10s %12s  %s\n' "  of which: apply at the new site" "$BOOT_APPLY_S" "$(calc "$N / $BOOT_APPLY_S" 0)" "-"
+echo
+echo "CPU seconds during each apply (2 cores: an apply takes at least the sum / 2)"
+printf '%-34s %8s %8s %8s %8s %8s %10s\n' "site" "consumer" "Postgres" "MariaDB" "RabbitMQ" "sum" "max ev/s"
+for row in "PostgreSQL site:$CPU_PG_SITE" "MariaDB site:$CPU_MY_SITE"; do
+    read -r c p m q <<<"${row#*:}"
+    sum=$(calc "$c + $p + $m + $q" 1)
+    printf '%-34s %8s %8s %8s %8s %8s %10s\n' "${row%%:*}" "$c" "$p" "$m" "$q" "$sum" "$(calc "$N / ($sum / 2)" 0)"
+done
 echo
 echo "latency commit -> applied at 1,000 changes/s for $LAT_SECS s ($SENT changes relayed)"
 printf '%-34s %8s %8s %8s  %s\n' "site" "p50 ms" "p99 ms" "changes" "target"

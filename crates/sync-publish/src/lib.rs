@@ -516,11 +516,14 @@ async fn handle_batch(
     match apply::apply_batch(s, &events, false).await {
         Ok(results) => {
             let mut created = Vec::new();
+            let mut applied = Vec::with_capacity(good.len());
             for ((delivery, _), (outcome, new)) in good.into_iter().zip(results) {
                 stats.count(&outcome);
-                delivery.ack().await?;
+                applied.push(delivery);
                 created.extend(new);
             }
+            // Committed: the whole batch is settled in one round trip.
+            labrelay::queue::ack_all(applied).await?;
             if !created.is_empty() {
                 stats.unparked += apply::retry_parked(s, created).await?;
             }

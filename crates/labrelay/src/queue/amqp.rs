@@ -861,7 +861,12 @@ struct Session {
     connection: Connection,
     channel: Channel,
     consumer: lapin::Consumer,
+    /// Tags of this channel's deliveries not yet settled ([`ack_many`]).
+    outstanding: Outstanding,
 }
+
+/// The unsettled delivery tags of one channel.
+type Outstanding = Arc<std::sync::Mutex<std::collections::BTreeSet<u64>>>;
 
 impl AmqpConsumer {
     pub(crate) fn queue(&self) -> &str {
@@ -912,6 +917,7 @@ impl AmqpConsumer {
             connection,
             channel,
             consumer,
+            outstanding: Outstanding::default(),
         })
     }
 
@@ -957,7 +963,8 @@ impl AmqpConsumer {
             match item {
                 Some(Ok(d)) => {
                     let channel = session.channel.clone();
-                    return Ok(Some(self.delivery(d, channel)));
+                    let outstanding = session.outstanding.clone();
+                    return Ok(Some(self.delivery(d, channel, outstanding)));
                 }
                 Some(Err(e)) => {
                     tracing::warn!(url = %self.shared.shown, queue = self.queue,
@@ -975,7 +982,15 @@ impl AmqpConsumer {
         }
     }
 
-    fn delivery(&self, d: lapin::message::Delivery, channel: Channel) -> Delivery {
+    fn delivery(
+        &self,
+        d: lapin::message::Delivery,
+        channel: Channel,
+        outstanding: Outstanding,
+    ) -> Delivery {
+        if let Ok(mut o) = outstanding.lock() {
+            o.insert(d.delivery_tag);
+        }
         let mut headers = BTreeMap::new();
         let mut returned = 0u32;
         if let Some(table) = d.properties.headers() {
@@ -1002,6 +1017,8 @@ impl AmqpConsumer {
             delivery_count,
             settle: Some(Settle::Amqp(AmqpSettle {
                 acker: d.acker,
+                tag: d.delivery_tag,
+                outstanding,
                 _channel: channel,
                 queue: self.queue.clone(),
             })),
@@ -1032,6 +1049,8 @@ impl Drop for AmqpConsumer {
 /// How a RabbitMQ delivery is settled.
 pub(crate) struct AmqpSettle {
     acker: lapin::acker::Acker,
+    tag: u64,
+    outstanding: Outstanding,
     /// Keeps the channel open while the delivery is held, even after the consumer is gone.
     _channel: Channel,
     queue: String,
@@ -1049,14 +1068,63 @@ impl AmqpSettle {
         }
     }
 
+    /// No longer outstanding: it is being settled.
+    fn settling(&self) {
+        if let Ok(mut o) = self.outstanding.lock() {
+            o.remove(&self.tag);
+        }
+    }
+
     pub(crate) async fn ack(self) -> Result<(), QueueError> {
+        self.settling();
         self.acker
             .ack(BasicAckOptions::default())
             .await
             .map_err(|e| self.error(&e))
     }
 
+    /// Acknowledge `settles` (all of one consumer): when they are all of their channel's
+    /// unsettled deliveries up to the newest of them, one `basic.ack` with `multiple`
+    /// for that newest; otherwise one each (a `multiple` ack would also settle an older
+    /// delivery still held elsewhere).
+    pub(crate) async fn ack_many(mut settles: Vec<AmqpSettle>) -> Result<(), QueueError> {
+        let Some(newest) = settles.iter().map(|s| s.tag).max() else {
+            return Ok(());
+        };
+        let one_channel = settles
+            .iter()
+            .all(|s| Arc::ptr_eq(&s.outstanding, &settles[0].outstanding));
+        let together = one_channel
+            && settles.len() > 1
+            && settles[0].outstanding.lock().is_ok_and(|mut o| {
+                let ours: std::collections::BTreeSet<u64> = settles.iter().map(|s| s.tag).collect();
+                let all_ours = o.range(..=newest).all(|t| ours.contains(t));
+                if all_ours {
+                    for t in &ours {
+                        o.remove(t);
+                    }
+                }
+                all_ours
+            });
+        if together {
+            settles.sort_by_key(|s| s.tag);
+            let last = settles.pop().expect("at least two");
+            // The others are settled by this one ack; their ackers go unused.
+            drop(settles);
+            return last
+                .acker
+                .ack(BasicAckOptions { multiple: true })
+                .await
+                .map_err(|e| last.error(&e));
+        }
+        for s in settles {
+            s.ack().await?;
+        }
+        Ok(())
+    }
+
     pub(crate) async fn nack_requeue(self) -> Result<(), QueueError> {
+        self.settling();
         self.acker
             .nack(BasicNackOptions {
                 multiple: false,
@@ -1067,6 +1135,7 @@ impl AmqpSettle {
     }
 
     pub(crate) async fn reject(self) -> Result<(), QueueError> {
+        self.settling();
         self.acker
             .reject(BasicRejectOptions { requeue: false })
             .await

@@ -753,6 +753,25 @@ impl Delivery {
     }
 }
 
+/// Acknowledge `deliveries` together, once their effect is committed: on RabbitMQ one
+/// `basic.ack` with `multiple` when they are the oldest unsettled deliveries of their
+/// channel (one each otherwise), on the embedded queue one DELETE. A consumer that
+/// applies a batch in one transaction settles it with one round trip instead of one per
+/// message.
+pub async fn ack_all(deliveries: Vec<Delivery>) -> Result<(), QueueError> {
+    let mut amqp = Vec::new();
+    let mut sqlite = Vec::new();
+    for mut d in deliveries {
+        match d.settle.take() {
+            Some(Settle::Amqp(s)) => amqp.push(s),
+            Some(Settle::Sqlite(s)) => sqlite.push(s),
+            None => {}
+        }
+    }
+    amqp::AmqpSettle::ack_many(amqp).await?;
+    sqlite::SqliteSettle::ack_many(sqlite).await
+}
+
 impl Drop for Delivery {
     fn drop(&mut self) {
         let Some(settle) = self.settle.take() else {

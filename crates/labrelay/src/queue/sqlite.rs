@@ -865,6 +865,42 @@ impl SqliteSettle {
         }
     }
 
+    /// Acknowledge `settles` in one statement per 400 (one each when they come from
+    /// different brokers); a delivery whose lease lapsed meanwhile makes it an error, as
+    /// [`SqliteSettle::ack`] does, after the others are gone.
+    pub(crate) async fn ack_many(settles: Vec<SqliteSettle>) -> Result<(), QueueError> {
+        let Some(first) = settles.first() else {
+            return Ok(());
+        };
+        if !settles
+            .iter()
+            .all(|s| Arc::ptr_eq(&s.broker.inner, &first.broker.inner))
+        {
+            for s in settles {
+                s.ack().await?;
+            }
+            return Ok(());
+        }
+        for s in &settles {
+            s.renewal.abort();
+        }
+        let b = first.broker.clone();
+        let mut lost = None;
+        for chunk in settles.chunks(400) {
+            let pairs = vec!["(id = ? AND lease = ?)"; chunk.len()].join(" OR ");
+            let sql = format!("DELETE FROM queue_messages WHERE {pairs}");
+            let mut q = sqlx::query(&sql);
+            for s in chunk {
+                q = q.bind(s.id).bind(&s.token);
+            }
+            let done = q.execute(&b.inner.pool).await.map_err(|e| b.err(e))?;
+            if done.rows_affected() != chunk.len() as u64 {
+                lost = Some(chunk[0].lost());
+            }
+        }
+        lost.map_or(Ok(()), Err)
+    }
+
     pub(crate) async fn nack_requeue(self) -> Result<(), QueueError> {
         self.settle(false).await
     }

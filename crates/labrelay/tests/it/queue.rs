@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use labrelay::Exit;
 use labrelay::queue::{
     AnyBroker, Broker, BrokerSettings, Consumer, Delivery, ExchangeKind, FIRST_DEATH_QUEUE,
-    FIRST_DEATH_REASON, PublishOptions, QueueError, QueueSpec,
+    FIRST_DEATH_REASON, PublishOptions, QueueError, QueueSpec, ack_all,
 };
 use labrelay::secret::RedactedUrl;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -264,7 +264,40 @@ contract!(
     two_consumers_share_without_double_delivery,
     two_processes_consume_one_queue_at_once,
     batch_publish_keeps_order_and_reports_unroutable_messages,
+    ack_all_settles_a_batch_and_never_an_older_held_delivery,
 );
+
+async fn ack_all_settles_a_batch_and_never_an_older_held_delivery(fx: &Fixture) {
+    let b = fx.broker().await;
+    let q = fx.queue("ackall");
+    b.declare_queue(&QueueSpec::new(&q)).await.unwrap();
+    for i in 1..=5 {
+        b.publish("", &q, format!("m{i}").as_bytes(), &id(format!("a-{i}")))
+            .await
+            .unwrap();
+    }
+    let mut c = b.consume(&q, 10).await.unwrap();
+    let mut ds = Vec::new();
+    for i in 1..=5 {
+        let d = next(&mut c).await;
+        assert_eq!(d.message_id, Some(format!("a-{i}")));
+        ds.push(d);
+    }
+    let (d5, d4, d3) = (ds.pop().unwrap(), ds.pop().unwrap(), ds.pop().unwrap());
+    // The two oldest together (on RabbitMQ: one ack with `multiple`).
+    ack_all(ds).await.unwrap();
+    // Newer ones while an older one is still held: that one must stay unsettled.
+    ack_all(vec![d5, d4]).await.unwrap();
+    drop(d3);
+    let again = next(&mut c).await;
+    assert_eq!(again.message_id.as_deref(), Some("a-3"));
+    assert_eq!(again.delivery_count, 2);
+    ack_all(vec![again]).await.unwrap();
+    nothing(&mut c).await;
+    drop(c);
+    let mut c = b.consume(&q, 10).await.unwrap();
+    nothing(&mut c).await;
+}
 
 async fn batch_publish_keeps_order_and_reports_unroutable_messages(fx: &Fixture) {
     let b = fx.broker().await;
