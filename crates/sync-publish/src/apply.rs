@@ -213,8 +213,7 @@ pub async fn apply_batch(
     end_applying(site, &mut tx).await?;
     tx.commit().await.map_err(|e| site.db.err(e))?;
     drop(conn);
-    site.wrote(u64::try_from(events.len()).unwrap_or(u64::MAX))
-        .await;
+    site.wrote(u64::try_from(events.len()).unwrap_or(u64::MAX));
     Ok(results)
 }
 

@@ -593,8 +593,7 @@ pub async fn relay_pass(site: &Site, publisher: &Publisher<'_>) -> anyhow::Resul
         // Rows left `ready` by an earlier run go first, in their order.
         let sent_rows = publish_ready(site, publisher, &mut stats).await?;
         let prepared = prepare_batch(site, &mut stats).await?;
-        site.wrote(u64::try_from(prepared).unwrap_or(u64::MAX))
-            .await;
+        site.wrote(u64::try_from(prepared).unwrap_or(u64::MAX));
         if sent_rows == 0 && prepared == 0 {
             return Ok(stats);
         }

@@ -60,6 +60,8 @@ pub struct Site {
     pub db: Db,
     /// Bookkeeping rows written since the planner statistics were last refreshed.
     written: Arc<std::sync::atomic::AtomicU64>,
+    /// An ANALYZE runs in the background.
+    analyzing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Refresh the planner statistics of the bookkeeping tables after this many rows were
@@ -99,6 +101,7 @@ impl Site {
             plan,
             db,
             written: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            analyzing: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
     }
 
@@ -552,8 +555,11 @@ impl Site {
 
     /// Note `n` bookkeeping rows written; every [`ANALYZE_EVERY`] rows (and the first
     /// time past a tenth of that) refresh the planner statistics of the bookkeeping
-    /// tables. Best effort: a failure is logged, never fatal.
-    pub async fn wrote(&self, n: u64) {
+    /// tables (PostgreSQL and SQLite; InnoDB does it itself), in the background (an ANALYZE of large tables takes hundreds of
+    /// milliseconds, which the changes waiting behind it would feel as latency), one at
+    /// a time. Best effort: a failure is logged, never fatal; a run that ends first
+    /// leaves it to the next.
+    pub fn wrote(&self, n: u64) {
         use std::sync::atomic::Ordering;
         let before = self.written.fetch_add(n, Ordering::Relaxed);
         let after = before + n;
@@ -565,14 +571,28 @@ impl Site {
             "labrelay_sync_ids, labrelay_sync_fields, labrelay_sync_inbox, labrelay_sync_outbox";
         let sql = match self.engine() {
             Engine::Postgres => format!("ANALYZE {tables}"),
-            Engine::Mysql => format!("ANALYZE TABLE {tables}"),
+            // InnoDB recalculates its persistent statistics by itself when a tenth of a
+            // table changed (innodb_stats_auto_recalc), in a background thread; an
+            // ANALYZE TABLE would hold the tables' locks while writers wait.
+            Engine::Mysql => return,
             Engine::Sqlite => "ANALYZE".to_owned(),
         };
-        let started = std::time::Instant::now();
-        match sqlx::query(&sql).fetch_all(self.db.pool()).await {
-            Ok(_) => tracing::debug!(took = ?started.elapsed(), "planner statistics refreshed"),
-            Err(e) => tracing::warn!("refreshing planner statistics failed: {}", self.db.err(e)),
+        if self.analyzing.swap(true, Ordering::AcqRel) {
+            return;
         }
+        let pool = self.db.pool().clone();
+        let busy = self.analyzing.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            match sqlx::query(&sql).fetch_all(&pool).await {
+                Ok(_) => tracing::debug!(took = ?started.elapsed(), "planner statistics refreshed"),
+                Err(e) => tracing::warn!(
+                    "refreshing planner statistics failed: {}",
+                    labrelay::secret::scrub(&e.to_string())
+                ),
+            }
+            busy.store(false, Ordering::Release);
+        });
     }
 
     /// All recorded identities of a type: local key -> ref.
