@@ -1,7 +1,7 @@
 //! Running one submission: a fresh box (a tmpfs of its own, mounted by the host with a
-//! size and an inode limit), an optional compile step and the run step, each a
-//! bubblewrap process in new namespaces, under the seccomp filter, in a cgroup of its
-//! own. The host writes the source before anything untrusted runs and afterwards never
+//! size and an inode limit), an optional compile step and the run step, each in new
+//! namespaces (built by [`launch`], or by bubblewrap), under the seccomp filter, in a
+//! cgroup of its own. The host writes the source before anything untrusted runs and afterwards never
 //! opens a path inside the box: outputs come from pipes, the box goes by unmounting it.
 
 use std::io::{Read as _, Seek as _, Write as _};
@@ -199,7 +199,8 @@ fn pid_alive(name: &str) -> bool {
 }
 
 impl Sandbox {
-    /// Check that boxes can be built here (bubblewrap, root for the tmpfs, cgroups) and
+    /// Check that boxes can be built here (root for the tmpfs, cgroups, bubblewrap with
+    /// that launcher) and
     /// remove what boxes of dead workers left behind.
     pub fn new(settings: Settings) -> Result<Sandbox, String> {
         let dir = &settings.sandbox.dir;

@@ -65,6 +65,7 @@ enum Fixed {
     Hostname,
     Loopback,
     Fork,
+    Workdir,
     Session,
     Creds,
     UserNs,
@@ -76,7 +77,7 @@ enum Fixed {
 }
 
 impl Fixed {
-    const ALL: [Fixed; 20] = [
+    const ALL: [Fixed; 21] = [
         Fixed::Cgroup,
         Fixed::CgroupNs,
         Fixed::Fds,
@@ -89,6 +90,7 @@ impl Fixed {
         Fixed::Hostname,
         Fixed::Loopback,
         Fixed::Fork,
+        Fixed::Workdir,
         Fixed::Session,
         Fixed::Creds,
         Fixed::UserNs,
@@ -113,6 +115,7 @@ impl Fixed {
             Fixed::Hostname => "setting the host name",
             Fixed::Loopback => "bringing up the loopback interface",
             Fixed::Fork => "forking the program",
+            Fixed::Workdir => "entering /box",
             Fixed::Session => "a new session",
             Fixed::Creds => "dropping to the box user",
             Fixed::UserNs => "a user namespace",
@@ -773,7 +776,7 @@ fn program(
         check(
             libc::c_long::from(libc::chdir(c"/box".as_ptr())),
             REPORT,
-            Fixed::Chdir,
+            Fixed::Workdir,
         );
         let (u, g) = (plan.uid, plan.gid);
         check(

@@ -2,10 +2,12 @@
 //! of it with Judge0's statuses. Usable without a queue or a database
 //! (`code-submit exec`); the job platform runs code jobs through it.
 //!
-//! Each box: new user, mount, PID, IPC, UTS, cgroup and network namespaces (bubblewrap),
-//! no capabilities, NO_NEW_PRIVS, a seccomp filter ([`seccomp`]), an unprivileged
-//! uid/gid, the toolchain read-only, a size- and inode-limited tmpfs as the only
-//! writable place, a fixed environment; limits and accounting by cgroups ([`cgroup`]).
+//! Each box: new user, mount, PID, IPC, UTS, cgroup and network namespaces (built by
+//! system calls of our own between clone and exec by default, `[sandbox] launcher =
+//! "bwrap"` for bubblewrap), no capabilities, NO_NEW_PRIVS, a seccomp filter
+//! ([`seccomp`]), an unprivileged uid/gid, the toolchain read-only, a size- and
+//! inode-limited tmpfs as the only writable place, a fixed environment; limits and
+//! accounting by cgroups ([`cgroup`]).
 
 pub mod cgroup;
 pub mod config;
