@@ -228,7 +228,13 @@ impl Plan {
                 Err(_) => {}
             }
         }
+        let mut bound: Vec<&Path> = vec![Path::new("/usr")];
         for b in &spec.binds {
+            // Once each; a path below one bound already is there (read-only) already.
+            if bound.iter().any(|have| b.starts_with(have)) {
+                continue;
+            }
+            bound.push(b);
             bind_ro(&mut ops, b)?;
         }
         for d in ["proc", "dev", "box"] {
@@ -592,11 +598,11 @@ fn init(
         );
         for (n, op) in plan.ops.iter().enumerate() {
             let ok = match op {
-                Op::Mkdir(p) => libc::mkdir(p.as_ptr(), 0o755) == 0,
+                Op::Mkdir(p) => libc::mkdir(p.as_ptr(), 0o755) == 0 || errno() == libc::EEXIST,
                 Op::Touch(p) => {
                     let fd = libc::open(
                         p.as_ptr(),
-                        libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
+                        libc::O_RDONLY | libc::O_CREAT | libc::O_CLOEXEC,
                         0o644,
                     );
                     fd >= 0 && libc::close(fd) == 0
@@ -876,7 +882,12 @@ mod tests {
             root: Path::new("/run/x/root"),
             dev: Path::new("/run/x/dev"),
             box_dir: Path::new("/run/x/1-0-ab"),
-            binds: vec![Path::new("/etc/ld.so.cache"), Path::new("/nonexistent/x")],
+            binds: vec![
+                Path::new("/etc/ld.so.cache"),
+                Path::new("/nonexistent/x"),
+                Path::new("/etc/ld.so.cache"),
+                Path::new("/usr/lib"),
+            ],
             uid: 65534,
             gid: 65534,
             path: "/usr/local/bin:/usr/bin:relative",
@@ -906,6 +917,12 @@ mod tests {
             !shown.iter().any(|s| s.contains("nonexistent")),
             "{shown:?}"
         );
+        // Each path once; nothing below /usr again.
+        let binds = shown
+            .iter()
+            .filter(|s| s.starts_with("binding /etc/ld.so.cache"));
+        assert_eq!(binds.count(), 1, "{shown:?}");
+        assert!(!shown.iter().any(|s| s.contains("/usr/lib")), "{shown:?}");
         assert!(shown.contains(&"binding /run/x/1-0-ab on /box".to_owned()));
         let cands: Vec<_> = p.candidates.iter().map(|c| c.to_str().unwrap()).collect();
         assert_eq!(cands, ["/usr/local/bin/python3", "/usr/bin/python3"]);

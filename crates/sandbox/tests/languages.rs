@@ -276,3 +276,28 @@ fn without_cgroups_rlimits_hold_and_the_report_says_weaker() {
     assert_eq!(r.status, Status::RuntimeError, "{r:?}");
     assert!(r.stderr.contains("MemoryError"), "{r:?}");
 }
+
+#[test]
+fn binds_twice_or_below_usr_still_build_a_box() {
+    let mut s = settings();
+    s.sandbox.binds.push("/etc/ld.so.cache".into());
+    s.sandbox.binds.push("/usr/share".into());
+    let sb = Sandbox::new(s).unwrap();
+    let mut lang = sb.settings().language("python").unwrap().clone();
+    lang.binds = vec!["/etc/alternatives".into(), "/usr/lib".into()];
+    let r = sb.run(
+        &Request {
+            language: &lang,
+            source: b"import os\nprint(os.path.exists('/etc/ld.so.cache'), os.path.isdir('/usr/share'))\n",
+            stdin: None,
+            expected: None,
+            limits: lang.limits,
+        },
+        &AtomicBool::new(false),
+    );
+    assert_eq!(
+        (r.status, r.stdout.as_str()),
+        (Status::Accepted, "True True\n"),
+        "{r:?}"
+    );
+}
