@@ -204,19 +204,7 @@ fn an_unknown_launcher_is_refused() {
 #[test]
 fn exit_codes_and_signals_are_reported_as_they_were() {
     let sb = Sandbox::new(settings()).unwrap();
-    let l = sb.settings().language("python").unwrap();
-    let go = |src: &str| {
-        sb.run(
-            &Request {
-                language: l,
-                source: src.as_bytes(),
-                stdin: None,
-                expected: None,
-                limits: l.limits,
-            },
-            &AtomicBool::new(false),
-        )
-    };
+    let go = |src: &str| run(&sb, "python", src, None);
     let r = go("import os, signal\nos.kill(os.getpid(), signal.SIGABRT)\n");
     assert_eq!(
         (r.status, r.exit_code, r.signal),
