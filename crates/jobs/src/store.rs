@@ -1087,11 +1087,35 @@ impl Store {
         } else {
             ""
         };
+        let chosen = if self.db.engine() == Engine::Postgres && queues.len() > 1 {
+            // A list of queues cannot walk the claim index in its order: PostgreSQL would
+            // read and sort every ready row of those queues for each claim. One
+            // index-ordered branch per queue instead, each taking (and locking) at most
+            // `take`, then the best `take` of them all.
+            let branches: Vec<String> = (0..queues.len())
+                .map(|i| {
+                    // Row locks are not allowed in a UNION's own branches, only in
+                    // the subqueries they read.
+                    format!(
+                        "SELECT * FROM (SELECT id, priority, run_at_ms FROM labrelay_jobs \
+                         WHERE {filter} AND queue = {} {order} LIMIT {take}{lock}) AS q{i}",
+                        self.p(i + 3)
+                    )
+                })
+                .collect();
+            format!(
+                "SELECT id FROM ({}) AS ready {order} LIMIT {take}",
+                branches.join(" UNION ALL ")
+            )
+        } else {
+            format!(
+                "SELECT id FROM labrelay_jobs WHERE {} {order} LIMIT {take}{lock}",
+                self.in_queues(filter, queues)
+            )
+        };
         let sql = format!(
-            "UPDATE labrelay_jobs SET {} WHERE id IN \
-             (SELECT id FROM labrelay_jobs WHERE {} {order} LIMIT {take}{lock}) RETURNING {COLUMNS}",
-            self.claim_set(),
-            self.in_queues(filter, queues)
+            "UPDATE labrelay_jobs SET {} WHERE id IN ({chosen}) RETURNING {COLUMNS}",
+            self.claim_set()
         );
         let mut q = sqlx::query(&sql).bind(worker.to_owned()).bind(lease_until);
         for queue in queues {

@@ -492,6 +492,65 @@ async fn contract_mariadb() {
 }
 
 /// Two workers claiming at once never get the same job.
+/// A worker of several queues claims the best jobs of all of them, in one order (on
+/// PostgreSQL through one index-ordered branch per queue).
+async fn claims_over_queues(engine: Engine) {
+    let Some(f) = Fresh::new(engine).await else {
+        return;
+    };
+    let s = &f.store;
+    let mut ids = std::collections::BTreeMap::new();
+    for (task, queue, priority) in [
+        ("q-1", "q", 1),
+        ("other-7", "other", 7),
+        ("other-0", "other", 0),
+        ("q-3", "q", 3),
+        ("third-9", "third", 9),
+    ] {
+        let mut j = job(task);
+        j.queue = queue.into();
+        j.priority = priority;
+        ids.insert(task, s.submit(&j).await.unwrap().0);
+    }
+    let both = vec!["q".to_owned(), "other".to_owned()];
+    let claim = |n: usize| async move {
+        let both = vec!["q".to_owned(), "other".to_owned()];
+        s.claim("w", &both, n, 60_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|j| j.task)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(claim(1).await, ["other-7"]);
+    assert_eq!(claim(2).await, ["q-3", "q-1"]);
+    assert_eq!(claim(5).await, ["other-0"]);
+    assert!(claim(5).await.is_empty(), "the third queue is not ours");
+    let third = s
+        .claim("w", &["third".to_owned()], 5, 60_000)
+        .await
+        .unwrap();
+    assert_eq!(third.len(), 1);
+    assert_eq!(third[0].id, ids["third-9"]);
+    drop(both);
+    f.drop().await;
+}
+
+#[tokio::test]
+async fn claims_over_queues_sqlite() {
+    claims_over_queues(Engine::Sqlite).await;
+}
+
+#[tokio::test]
+async fn claims_over_queues_postgres() {
+    claims_over_queues(Engine::Postgres).await;
+}
+
+#[tokio::test]
+async fn claims_over_queues_mariadb() {
+    claims_over_queues(Engine::Mysql).await;
+}
+
 async fn concurrent_claims(engine: Engine) {
     let Some(f) = Fresh::new(engine).await else {
         return;
