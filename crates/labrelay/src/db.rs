@@ -242,15 +242,33 @@ impl Db {
             Engine::Mysql => mysql_get_lock(&mut conn).await,
             Engine::Sqlite => Ok(()),
         };
+        let locked_ok = locked.is_ok();
         let result = match locked {
             Ok(()) => m.run_direct(&mut *conn).await.map_err(|e| e.to_string()),
             Err(e) => Err(e),
         };
         if self.engine != Engine::Sqlite {
-            // Closing the session releases its locks whatever happened above; the pool
-            // opens a new connection when one is needed. (Not for SQLite: the last
-            // connection of an in-memory database is the database.)
-            let _ = conn.close().await;
+            // After a clean run the lock is released and the session goes back to the
+            // pool (a new connection would cost the next statement a few milliseconds);
+            // otherwise closing the session releases its locks whatever happened above.
+            // (Not for SQLite: the last connection of an in-memory database is the
+            // database.)
+            let release = match self.engine {
+                Engine::Postgres => format!("SELECT pg_advisory_unlock({PG_MIGRATE_LOCK_KEY})"),
+                _ => "SELECT RELEASE_LOCK(SHA1(CONCAT('labrelay migrate ', DATABASE())))".into(),
+            };
+            let released = result.is_ok()
+                && locked_ok
+                && sqlx::query(&release)
+                    .fetch_one(&mut *conn)
+                    .await
+                    .is_ok_and(|r| {
+                        r.try_get::<Option<bool>, _>(0).ok().flatten() == Some(true)
+                            || r.try_get::<Option<i64>, _>(0).ok().flatten() == Some(1)
+                    });
+            if !released {
+                let _ = conn.close().await;
+            }
         }
         result.map_err(failed)?;
         tracing::debug!(url = %self.url, migrations = m.iter().count(), "schema up to date");
