@@ -482,8 +482,16 @@ impl Store {
                 Err(e) => Err(e),
             }
         } else {
-            match query.fetch_one(self.db.pool()).await {
-                Ok(row) => Ok(row.try_get::<i64, _>(0).map_err(|e| self.err(e))?),
+            // The NOTIFY goes on the same connection: the pool takes a moment to get a
+            // released one back, and a second connection would cost the wake-up a few
+            // milliseconds.
+            let mut conn = self.db.pool().acquire().await.map_err(|e| self.err(e))?;
+            match query.fetch_one(&mut *conn).await {
+                Ok(row) => {
+                    let id = row.try_get::<i64, _>(0).map_err(|e| self.err(e))?;
+                    self.db.notify_on(&mut conn, crate::NOTIFY_CHANNEL).await;
+                    return Ok((id, true));
+                }
                 Err(e) => Err(e),
             }
         };

@@ -266,7 +266,11 @@ impl Db {
                         r.try_get::<Option<bool>, _>(0).ok().flatten() == Some(true)
                             || r.try_get::<Option<i64>, _>(0).ok().flatten() == Some(1)
                     });
-            if !released {
+            if released {
+                // Back in the pool before the next statement asks for a connection (a
+                // dropped one is returned by a background task, which may come too late).
+                conn.return_to_pool().await;
+            } else {
                 let _ = conn.close().await;
             }
         }
@@ -309,6 +313,19 @@ impl Db {
                 }
             }
             Engine::Mysql => {}
+        }
+    }
+
+    /// [`Db::notify`] on a connection the caller holds (the one that just wrote the
+    /// work): no second connection is taken from the pool for it.
+    pub async fn notify_on(&self, conn: &mut sqlx::AnyConnection, channel: &str) {
+        if self.engine == Engine::Postgres {
+            let _ = sqlx::query("SELECT pg_notify($1, '')")
+                .bind(channel)
+                .execute(&mut *conn)
+                .await;
+        } else {
+            self.notify(channel).await;
         }
     }
 
