@@ -149,16 +149,18 @@ RELAY_S=$(calc "$t1 - $t0" 2)
 say "   relay: $RELAY_S s"
 
 say "2. apply at each site"
-t0=$(now); kids_cpu; k0=$KIDS g0=$(pg_cpu) m0=$(my_cpu) q0=$(mq_cpu)
-sp consume --site pg --once >/dev/null
-t1=$(now); kids_cpu
-PG_S=$(calc "$t1 - $t0" 2)
-CPU_PG_SITE="$(calc "($KIDS - $k0) / $CLK" 1) $(calc "($(pg_cpu) - $g0) / $CLK" 1) $(calc "($(my_cpu) - $m0) / $CLK" 1) $(calc "($(mq_cpu) - $q0) / $CLK" 1)"
-t0=$(now); kids_cpu; k0=$KIDS g0=$(pg_cpu) m0=$(my_cpu) q0=$(mq_cpu)
-sp consume --site maria --once >/dev/null
-t1=$(now); kids_cpu
-MY_S=$(calc "$t1 - $t0" 2)
-CPU_MY_SITE="$(calc "($KIDS - $k0) / $CLK" 1) $(calc "($(pg_cpu) - $g0) / $CLK" 1) $(calc "($(my_cpu) - $m0) / $CLK" 1) $(calc "($(mq_cpu) - $q0) / $CLK" 1)"
+# Runs in this shell (kids_cpu must): sets APPLY_S and APPLY_CPU ("consumer postgres
+# mariadb rabbitmq" CPU seconds) for `consume --site SITE --once`.
+timed_apply() {
+    local t0 t1 k0 g0 m0 q0
+    t0=$(now); kids_cpu; k0=$KIDS g0=$(pg_cpu) m0=$(my_cpu) q0=$(mq_cpu)
+    sp consume --site "$1" --once >/dev/null
+    t1=$(now); kids_cpu
+    APPLY_S=$(calc "$t1 - $t0" 2)
+    APPLY_CPU="$(calc "($KIDS - $k0) / $CLK" 1) $(calc "($(pg_cpu) - $g0) / $CLK" 1) $(calc "($(my_cpu) - $m0) / $CLK" 1) $(calc "($(mq_cpu) - $q0) / $CLK" 1)"
+}
+timed_apply pg; PG_S=$APPLY_S CPU_PG_SITE=$APPLY_CPU
+timed_apply maria; MY_S=$APPLY_S CPU_MY_SITE=$APPLY_CPU
 [[ $(pg "$PGDST" "SELECT COUNT(*) FROM users") == "$N" ]] || die "PostgreSQL site holds $(pg "$PGDST" "SELECT COUNT(*) FROM users") users, not $N"
 [[ $(my "$MYDST" "SELECT COUNT(*) FROM users") == "$N" ]] || die "MariaDB site holds $(my "$MYDST" "SELECT COUNT(*) FROM users") users, not $N"
 # The bootstrap site's queue got the same messages; empty it by applying (not timed).

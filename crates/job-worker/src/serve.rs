@@ -185,6 +185,11 @@ fn bad(message: impl Into<String>) -> ApiErr {
     ApiErr::new(StatusCode::BAD_REQUEST, message)
 }
 
+/// A request body as `T`; a 400 naming what is wrong otherwise.
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiErr> {
+    serde_json::from_slice(body).map_err(|e| bad(format!("request body: {e}")))
+}
+
 fn not_found(id: &str) -> ApiErr {
     ApiErr::new(StatusCode::NOT_FOUND, format!("no such job: {id}"))
 }
@@ -367,8 +372,7 @@ async fn submit(
     Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> Result<Response, ApiErr> {
-    let req: SubmitRequest =
-        serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
+    let req: SubmitRequest = json_body(&body)?;
     let job = st.registry.new_job(&req, &caller.name).map_err(bad)?;
     if let Some(to) = &req.email {
         jobs::notify::check_address(st.mail_from.as_deref(), to)
@@ -406,8 +410,7 @@ async fn submit_batch(
     Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> Result<Response, ApiErr> {
-    let req: jobs::api::BatchRequest =
-        serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
+    let req: jobs::api::BatchRequest = json_body(&body)?;
     if req.jobs.is_empty() || req.jobs.len() > jobs::api::MAX_BATCH {
         return Err(bad(format!(
             "jobs: {} given, 1 to {} allowed",
@@ -640,8 +643,7 @@ async fn add_submission(
     Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> Result<Response, ApiErr> {
-    let req: jobs::code::AddRequest =
-        serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
+    let req: jobs::code::AddRequest = json_body(&body)?;
     let sub = jobs::code::add(
         &st.code.submissions,
         &st.code.storage,
@@ -870,8 +872,7 @@ async fn judge0_submit(
              and keeps nothing to fetch later",
         ));
     }
-    let req: Judge0Request =
-        serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
+    let req: Judge0Request = json_body(&body)?;
     let b64 = base64::engine::general_purpose::STANDARD;
     let field = |name: &str, v: Option<String>| -> Result<Option<Vec<u8>>, ApiErr> {
         match v {
@@ -974,8 +975,7 @@ async fn piston_execute(
     State(st): State<Arc<ApiState>>,
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiErr> {
-    let req: PistonRequest =
-        serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
+    let req: PistonRequest = json_body(&body)?;
     let Some(file) = req.files.into_iter().next() else {
         return Err(bad("files: at least one file (the program)"));
     };

@@ -255,7 +255,7 @@ impl Db {
             // database.)
             let release = match self.engine {
                 Engine::Postgres => format!("SELECT pg_advisory_unlock({PG_MIGRATE_LOCK_KEY})"),
-                _ => "SELECT RELEASE_LOCK(SHA1(CONCAT('labrelay migrate ', DATABASE())))".into(),
+                _ => format!("SELECT RELEASE_LOCK({MYSQL_MIGRATE_LOCK})"),
             };
             let released = result.is_ok()
                 && locked_ok
@@ -455,13 +455,15 @@ const PG_MIGRATE_LOCK_KEY: i64 = 0x6c61_6272_656c_6179;
 
 /// How long a process waits for another one's migrations on MariaDB/MySQL.
 const MYSQL_MIGRATE_LOCK_WAIT_SECS: u32 = 300;
+/// The name of the MariaDB/MySQL migration lock: one per database.
+const MYSQL_MIGRATE_LOCK: &str = "SHA1(CONCAT('labrelay migrate ', DATABASE()))";
 
 /// Take labrelay's migration lock for the current database on this MariaDB/MySQL
 /// session. Named locks are server-wide, so the name includes the database (hashed:
 /// MySQL limits names to 64 characters).
 async fn mysql_get_lock(conn: &mut sqlx::AnyConnection) -> Result<(), String> {
     let row = sqlx::query(&format!(
-        "SELECT GET_LOCK(SHA1(CONCAT('labrelay migrate ', DATABASE())), \
+        "SELECT GET_LOCK({MYSQL_MIGRATE_LOCK}, \
          {MYSQL_MIGRATE_LOCK_WAIT_SECS})"
     ))
     .fetch_one(&mut *conn)
